@@ -1,0 +1,202 @@
+"""Every job's configuration, as frozen dataclasses.
+
+One definition each: the tyro CLI, the pipeline file (TOML) and the Dagster layer all build these classes.
+Field docstrings become the CLI's ``--help``.
+"""
+
+import dataclasses
+import os
+import typing
+from typing import Literal
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image sources (the ``data:...`` subcommands of ``activations``)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolderDataset:
+    """Images in a folder; the class of an image is its first sub-folder (images at the top level get class '')."""
+
+    root: str = "./images"
+    """Folder to read images from (searched recursively; files chosen by image extension, dotfiles ignored)."""
+    skip_bad: bool = False
+    """Skip files that fail to decode (they are recorded in the store) instead of stopping with an error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedDataset:
+    """The embedded default: >= 256 crops of the real photographs shipped inside scikit-image, scikit-learn and
+    matplotlib, generated on first use into a cache folder."""
+
+    cache_dir: str = ""
+    """Where the generated images go; empty means $SAEV_CACHE/embedded or ~/.cache/saev/embedded."""
+    n_imgs_per_photo: int = 16
+    """Crops, scales and flips made per source photograph."""
+
+
+DatasetConfig = ImageFolderDataset | EmbeddedDataset
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recording activations
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+    """Record a ViT's residual-stream activations for chosen layers into a zarr activation store."""
+
+    data: DatasetConfig = dataclasses.field(default_factory=EmbeddedDataset)
+    """Which images to record."""
+    vit_family: str = "clip"
+    """ViT family: clip (open_clip), siglip (open_clip timm towers) or dinov2 (timm ViTs, registers allowed)."""
+    vit_ckpt: str = "ViT-L-14/openai"
+    """Checkpoint: 'ARCH/TAG' or 'ARCH/path/to/weights' for clip/siglip; 'TIMM_NAME' or 'TIMM_NAME/path' for dinov2."""
+    d_vit: int | None = None
+    """Residual-stream width of the ViT; checked against the model (None: take the model's)."""
+    n_patches_per_img: int | None = None
+    """Patches per image (e.g. 49 for ViT-B/32 at 224 px); checked against the model (None: take the model's)."""
+    vit_layers: tuple[int, ...] = (-2,)
+    """Which residual blocks to record (the block's output); negative counts from the end: -2 of 12 is block 10."""
+    cls_token: bool = True
+    """Record the CLS token as token 0 (not available for siglip: pass --no-cls-token)."""
+    dump_to: str = "./shards"
+    """Root folder (or fsspec URL) of activation stores; the store goes to <dump_to>/<key>."""
+    n_patches_per_shard: int = 2_400_000
+    """Patch vectors per shard (a shard is one block, written whole): images per shard =
+    n_patches_per_shard // (n_layers * n_tokens). Recording holds one shard in memory."""
+    vit_batch_size: int = 256
+    """Images per ViT forward pass."""
+    n_workers: int = 2
+    """Image-decoding worker processes (0 decodes in the main process)."""
+    n_imgs: int | None = None
+    """Record only the first N images of the source (None: all)."""
+    dtype: Literal["float32", "float16"] = "float32"
+    """Storage dtype; the ViT always computes in float32 on CPU."""
+    device: Device = "auto"
+    """Where the ViT runs: auto picks cuda when available."""
+    seed: int = 42
+    """Random seed (recorded in the store; recording itself is deterministic)."""
+    dry_run: bool = False
+    """Print the store's path and size and check the free disk space, then stop without recording."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SAEs and training
+# ----------------------------------------------------------------------------------------------------------------
+
+SaeArch = Literal["relu", "relu-decnorm", "topk", "batchtopk", "jumprelu"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseAutoencoder:
+    """One flat SAE config: ``arch`` picks the variant; fields a variant does not use are ignored by it."""
+
+    d_vit: int = 1024
+    """Input width: the ViT's residual-stream width."""
+    exp_factor: int = 16
+    """d_sae = d_vit * exp_factor."""
+    arch: SaeArch = "relu"
+    """relu (saev 0.1.0: L1, unit-norm decoder), relu-decnorm (L1 weighted by decoder norms), topk (+AuxK),
+    batchtopk (global threshold at inference), jumprelu (straight-through threshold)."""
+    sparsity_coeff: float = 4e-4
+    """L1 (relu, relu-decnorm) or L0 (jumprelu) coefficient."""
+    k: int = 32
+    """Active latents per vector (topk, batchtopk)."""
+    n_prefixes: int = 1
+    """Matryoshka: number of nested prefixes (> 1 turns it on; topk and batchtopk only)."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK dead-latent loss (topk, batchtopk)."""
+    k_aux: int = 512
+    """Dead latents used by AuxK."""
+    dead_after_n_patches: int = 10_000_000
+    """A latent that has not fired for this many patches counts as dead for AuxK."""
+    jumprelu_init_threshold: float = 0.001
+    """Initial JumpReLU threshold (raw, not log)."""
+    jumprelu_bandwidth: float = 0.001
+    """Width of the straight-through estimator's window."""
+    decoder_init_norm: float = 0.1
+    """Initial decoder row norm (relu-decnorm)."""
+    seed: int = 0
+    """Weight-initialisation seed; a sweep gives member i the seed base + i."""
+
+    @property
+    def d_sae(self) -> int:
+        return self.d_vit * self.exp_factor
+
+
+@dataclasses.dataclass(frozen=True)
+class DataLoad:
+    """Which activations to train on and how to normalise them."""
+
+    shard_root: str = "./shards"
+    """Activation store path or URL (the last line `activations` prints)."""
+    layer: int = -2
+    """Layer to read, as recorded (-2) or resolved (10)."""
+    patches: Literal["patches", "cls", "meanpool"] = "patches"
+    """patches: every patch vector; cls: the CLS token; meanpool: the mean of an image's patches."""
+    scale_mean: bool = True
+    """Subtract the training mean (stored in the store and in every SAE checkpoint)."""
+    scale_norm: bool = True
+    """Scale so that E||x - mean||^2 = d_vit (stored like the mean)."""
+    val_frac: float = 0.1
+    """Fraction of images (not patches) held out for evaluation."""
+    buffer_chunks: int = 32
+    """Store chunks held in the shuffle buffer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+    """Train one SAE, or a sweep of SAEs in one pass over the data."""
+
+    data: DataLoad = dataclasses.field(default_factory=DataLoad)
+    sae: SparseAutoencoder = dataclasses.field(default_factory=SparseAutoencoder)
+    n_patches: int = 100_000_000
+    """Training vectors to read (capped by the store's size times n_epochs)."""
+    sae_batch_size: int = 16_384
+    """Vectors per SAE step."""
+    lr: float = 4e-4
+    """Peak learning rate."""
+    n_lr_warmup: int = 500
+    """Linear learning-rate warm-up steps (then linear decay to 0)."""
+    n_sparsity_warmup: int = 0
+    """Linear sparsity-coefficient warm-up steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global norm per SAE)."""
+    sweep: str | None = None
+    """A TOML file of lists to sweep over ([sae], [data] tables and top-level keys)."""
+    ckpt_path: str = "./checkpoints"
+    """Where checkpoints go: <ckpt_path>/<member_id>/sae.pt."""
+    ckpt_every: int = 1000
+    """Steps between periodic checkpoints (for resuming)."""
+    log_every: int = 50
+    """Steps between metric logs."""
+    device: Device = "auto"
+    seed: int = 42
+    """Data-order seed and base of the SAE seeds."""
+
+
+def resolve_device(device: Device) -> str:
+    """auto -> cuda when available, else cpu. Imports torch lazily (Dagster imports this module)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cache_dir() -> str:
+    """Where generated data lives: $SAEV_CACHE, else ~/.cache/saev."""
+    return os.environ.get("SAEV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "saev")
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def field_types(cls: type) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
