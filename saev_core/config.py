@@ -68,7 +68,7 @@ class Activations:
     """Root folder (or fsspec URL) of activation stores; the store goes to <dump_to>/<key>."""
     n_patches_per_shard: int = 2_400_000
     """Patch vectors per shard (a shard is one block, written whole): images per shard =
-    n_patches_per_shard // (n_layers * n_tokens). Recording holds one shard in memory."""
+    n_patches_per_shard // (n_layers * n_tokens). Recording holds up to three shards in memory."""
     vit_batch_size: int = 256
     """Images per ViT forward pass."""
     n_workers: int = 2

@@ -1,0 +1,79 @@
+"""The command line: ``python -m saev_core activations|train|pipeline``.
+
+Flags keep the original saev's names. Bad input prints one error line that says what to fix and exits 2.
+"""
+
+import dataclasses
+import logging
+import sys
+from typing import Annotated
+
+import tyro
+
+from saev_core import config
+from saev_core.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPipeline:
+    """Run every stage of a pipeline file (TOML): for now, record its [activations]."""
+
+    path: str | None = None
+    """Pipeline file; None means $SAEV_PIPELINE, else the embedded demo pipeline."""
+
+
+Command = (
+    Annotated[config.Activations, tyro.conf.subcommand("activations", prefix_name=False)]
+    | Annotated[RunPipeline, tyro.conf.subcommand("pipeline", prefix_name=False)]
+)
+
+
+def run_activations(cfg: config.Activations) -> str:
+    from saev_core import recording
+
+    if cfg.dry_run:
+        plan = recording.dry_run(cfg)
+        print(
+            f"would write {plan.nbytes / 1e9:.3f} GB ({len(cfg.vit_layers)} layers x "
+            f"{plan.metadata['n_imgs']} images x {plan.n_tokens} tokens x {plan.d_vit} x {cfg.dtype}); "
+            f"recording holds up to 3 blocks of {plan.block_bytes / 1e6:.1f} MB in memory; the disk has room."
+        )
+        return plan.path
+    result = recording.record_activations(cfg)
+    print(
+        f"recorded {result.n_imgs_written} images in {result.seconds:.1f} s ({result.imgs_per_s:.1f} img/s), "
+        f"{result.bytes_written / 1e6:.1f} MB, {result.n_skipped} skipped; store shape {result.shape} per layer",
+        file=sys.stderr,
+    )
+    return result.path
+
+
+def run_pipeline(cmd: RunPipeline) -> str:
+    from saev_core import pipeline
+
+    pipe = pipeline.load_pipeline(cmd.path)
+    pipeline.prepare_demo_checkpoint(pipe)
+    return run_activations(pipe.activations)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse argv (sys.argv[1:] when None), run the command, print its main result last on stdout."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    cmd = tyro.cli(
+        Command, args=argv, prog="python -m saev_core", config=(tyro.conf.CascadeSubcommandArgs,),
+        description="Record ViT activations to a zarr store and train sparse autoencoders on them.",
+    )
+    try:
+        if isinstance(cmd, config.Activations):
+            out = run_activations(cmd)
+        else:
+            out = run_pipeline(cmd)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(out, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The pipeline file: one TOML describing an experiment, parsed into the same config classes the CLI uses.
+
+Tables: ``[activations]`` (with ``[activations.data]``, whose ``kind`` picks the image source), ``[train]`` and
+``[sweep]`` (later issues), ``[demo]``. Keys are the CLI's field names. Importing this module imports no torch.
+"""
+
+import dataclasses
+import difflib
+import importlib.resources
+import os
+import tomllib
+import typing
+
+from saev_core import config
+from saev_core.errors import UserError
+
+DATA_KINDS: dict[str, type] = {
+    "embedded-dataset": config.EmbeddedDataset,
+    "image-folder-dataset": config.ImageFolderDataset,
+}
+TABLES = ("activations", "train", "sweep", "visuals", "demo")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    path: str
+    activations: config.Activations
+    random_vit: bool = False
+    """[demo] random_vit: create random weights at vit_ckpt's local path when the file is missing."""
+
+    def activations_for(self, layers: tuple[int, ...], **overrides) -> config.Activations:
+        """The [activations] config restricted to some of its layers (one Dagster run records the selected
+        partitions), with run-time overrides."""
+        unknown = [layer for layer in layers if layer not in self.activations.vit_layers]
+        if unknown:
+            raise UserError(
+                f"Layers {unknown} are not in {self.path}'s vit_layers {list(self.activations.vit_layers)}. "
+                "Add them to [activations] vit_layers, or pick partitions among those layers."
+            )
+        return dataclasses.replace(self.activations, vit_layers=tuple(layers), **overrides)
+
+    def fingerprints(self) -> dict[str, str]:
+        """Content fingerprints of the ViT checkpoint and the image list (the Dagster sources' data versions)."""
+        from saev_core import recording
+
+        return recording.fingerprints(self.activations)
+
+
+def default_pipeline_path() -> str:
+    return os.environ.get("SAEV_PIPELINE") or str(importlib.resources.files("saev_core") / "pipelines" / "demo.toml")
+
+
+def load_pipeline(path: str | None = None) -> Pipeline:
+    """Parse a pipeline file (None: $SAEV_PIPELINE, else the embedded demo). Unknown keys and wrong types raise
+    a UserError naming the key and the file."""
+    path = path or default_pipeline_path()
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as err:
+        raise UserError(f"Cannot read pipeline file {path!r}: {err}. Set $SAEV_PIPELINE or pass a valid path.") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"Pipeline file {path!r} is not valid TOML: {err}.") from None
+    for table in doc:
+        if table not in TABLES:
+            raise UserError(f"Unknown table [{table}] in {path}; allowed: {', '.join(TABLES)}.")
+    acts_table = dict(doc.get("activations", {}))
+    data_table = dict(acts_table.pop("data", {"kind": "embedded-dataset"}))
+    kind = data_table.pop("kind", None)
+    if kind not in DATA_KINDS:
+        raise UserError(
+            f"[activations.data] kind = {kind!r} in {path}: expected one of {', '.join(map(repr, DATA_KINDS))}."
+        )
+    data = from_table(DATA_KINDS[kind](), data_table, "activations.data", path)
+    activations = from_table(config.Activations(data=data), acts_table, "activations", path)
+    demo = doc.get("demo", {})
+    return Pipeline(path=path, activations=activations, random_vit=bool(demo.get("random_vit", False)))
+
+
+def from_table(base, table: dict, where: str, source: str):
+    """``base`` with the values of a TOML table (no sweeping: lists are values), every key and type checked."""
+    from saev_core import sweep
+
+    hints = typing.get_type_hints(type(base))
+    names = [f.name for f in dataclasses.fields(base)]
+    changes = {}
+    for key, value in table.items():
+        if key not in names or dataclasses.is_dataclass(hints[key]) or key == "data":
+            close = difflib.get_close_matches(key, names, n=2)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise UserError(f"Unknown key {key!r} in [{where}] of {source}.{hint} Allowed: {', '.join(names)}.")
+        try:
+            changes[key] = sweep.coerce(value, hints[key])
+        except TypeError:
+            raise UserError(
+                f"{where}.{key} = {value!r} in {source}: expected {sweep.describe_type(hints[key])}."
+            ) from None
+    return dataclasses.replace(base, **changes)
+
+
+def prepare_demo_checkpoint(pipe: Pipeline) -> None:
+    """With [demo] random_vit, create the random-weight checkpoint the pipeline names when it is missing."""
+    from saev_core import vit
+
+    if not pipe.random_vit:
+        return
+    arch, path = vit.split_local_ckpt(pipe.activations.vit_family, pipe.activations.vit_ckpt)
+    if path is not None and not os.path.exists(path):
+        vit.save_random_weights(pipe.activations.vit_family, arch, path, seed=pipe.activations.seed)

@@ -1,0 +1,268 @@
+"""The recording loop: image source -> ViT with hooks -> activation store, resumable.
+
+Batches never straddle blocks and always start at a block's first image, so a resumed run computes exactly the
+same batches (and so exactly the same numbers) as an uninterrupted one. A background thread writes finished
+blocks while the ViT works on the next one.
+"""
+
+import dataclasses
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from saev_core import config
+from saev_core.errors import UserError
+from saev_core.store import ActivationStore, join, plan_layout, store_key
+
+logger = logging.getLogger("saev_core.recording")
+
+BAD_IMAGE = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordResult:
+    """What a recording run did; the Dagster asset reports these fields as metadata."""
+
+    path: str
+    shape: tuple[int, int, int]
+    layers: list[int]
+    n_blocks_written: int
+    n_imgs_written: int
+    bytes_written: int
+    seconds: float
+    n_skipped: int
+
+    @property
+    def imgs_per_s(self) -> float:
+        return self.n_imgs_written / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordingPlan:
+    """Everything decided before any activation is computed: the dry run prints this."""
+
+    path: str
+    metadata: dict
+    n_tokens: int
+    d_vit: int
+    nbytes: int
+    block_bytes: int
+
+
+def data_metadata(data: config.DatasetConfig) -> dict:
+    """The image-source fields that decide the content (the cache location of the embedded set does not)."""
+    if isinstance(data, config.EmbeddedDataset):
+        return {"kind": "embedded-dataset", "n_imgs_per_photo": data.n_imgs_per_photo}
+    return {"kind": "image-folder-dataset", "root": data.root, "skip_bad": data.skip_bad}
+
+
+def fingerprints(cfg: config.Activations, source=None) -> dict[str, str]:
+    """Content fingerprints of the checkpoint file and of the image list: part of the store key, and the data
+    versions of the Dagster sources."""
+    from saev_core import images, vit as vitlib
+
+    if source is None:
+        source = images.make_image_source(cfg.data, None, cfg.n_imgs)
+    return {
+        "vit_ckpt": vitlib.checkpoint_fingerprint(cfg.vit_family, cfg.vit_ckpt),
+        "images": images.image_list_fingerprint(source),
+    }
+
+
+def plan_recording(cfg: config.Activations, vit, recorder, source) -> RecordingPlan:
+    n_tokens = recorder.n_patches_per_img + int(recorder.cls_token)
+    metadata = {
+        "vit_family": cfg.vit_family,
+        "vit_ckpt": cfg.vit_ckpt,
+        "d_vit": vit.d_vit,
+        "layers": list(cfg.vit_layers),
+        "resolved_layers": list(recorder.resolved_layers),
+        "n_blocks_in_vit": vit.n_blocks,
+        "n_patches_per_img": recorder.n_patches_per_img,
+        "cls_token": recorder.cls_token,
+        "n_imgs": len(source),
+        "n_patches_per_shard": cfg.n_patches_per_shard,
+        "data": data_metadata(cfg.data),
+        "image_root": os.path.abspath(source.root),
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "fingerprints": fingerprints(cfg, source),
+    }
+    itemsize = np.dtype(cfg.dtype).itemsize
+    layout = plan_layout(len(source), n_tokens, vit.d_vit, len(cfg.vit_layers), cfg.n_patches_per_shard, itemsize)
+    layer_bytes = len(source) * n_tokens * vit.d_vit * itemsize
+    block_bytes = layout.imgs_per_shard * n_tokens * vit.d_vit * itemsize * len(cfg.vit_layers)
+    return RecordingPlan(
+        path=join(cfg.dump_to, store_key(metadata)),
+        metadata=metadata,
+        n_tokens=n_tokens,
+        d_vit=vit.d_vit,
+        nbytes=layer_bytes * len(cfg.vit_layers),
+        block_bytes=block_bytes,
+    )
+
+
+def check_disk_space(root: str, nbytes: int) -> None:
+    """Refuse to start when the disk under a local --dump-to lacks the room."""
+    if "://" in root:
+        return
+    probe = os.path.abspath(root)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if free < nbytes:
+        raise UserError(
+            f"The store needs {nbytes / 1e9:.2f} GB but {probe} has {free / 1e9:.2f} GB free. Free some space, "
+            "pass another --dump-to, record fewer --vit-layers or images (--n-imgs), or use --dtype float16."
+        )
+
+
+def block_batches(layout, blocks: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of image indices aligned to block starts, never straddling two blocks."""
+    batches = []
+    for block in blocks:
+        start, end = layout.block_range(block)
+        batches.extend(list(range(i, min(i + batch_size, end))) for i in range(start, end, batch_size))
+    return batches
+
+
+class BlockWriter:
+    """Writes finished blocks on a background thread so the ViT never waits on the disk.
+
+    At most one block waits in the queue: memory is at most three blocks (filling, waiting, writing).
+    """
+
+    def __init__(self, store: ActivationStore):
+        self.store = store
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="saev-block-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.store.write_block(*item)
+                except BaseException as err:  # re-raised on the main thread
+                    self.error = err
+
+    def put(self, block: int, acts: np.ndarray, valid: np.ndarray) -> None:
+        self._raise()
+        self.queue.put((block, acts, valid))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def record_activations(
+    cfg: config.Activations,
+    show_progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> RecordResult:
+    """Record cfg.vit_layers of the ViT for every image of cfg.data into <dump_to>/<key>; resumable.
+
+    on_progress(done, total) is called after every batch (Dagster logs it; the CLI shows a tqdm bar)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    recorder, source, plan = prepare(cfg, with_transform=True)
+
+    store = ActivationStore.create(cfg.dump_to, plan.metadata, source.paths, source.labels, source.class_names)
+    missing = store.missing_blocks()
+    device = config.resolve_device(cfg.device)
+    recorder = recorder.to(device).eval()
+    batches = block_batches(store.layout, missing, cfg.vit_batch_size)
+    loader = torch.utils.data.DataLoader(
+        source, batch_sampler=batches, num_workers=cfg.n_workers, pin_memory=device == "cuda",
+        persistent_workers=False,
+    )
+    n_imgs_todo = sum(len(b) for b in batches)
+    logger.info("recording %d images (%d blocks) into %s", n_imgs_todo, len(missing), store.path)
+
+    dtype = np.dtype(cfg.dtype)
+    n_layers, n_tokens, d_vit = len(store.layers), store.n_tokens, store.d_vit
+    writer = BlockWriter(store)
+    t0 = time.perf_counter()
+    n_skipped = n_done = 0
+    block_iter = iter(missing)
+    block, buf, valid, start, end = None, None, None, 0, 0
+    try:
+        with tqdm(total=n_imgs_todo, unit="img", desc="activations", disable=not show_progress) as bar:
+            for pixels, index, labels in loader:
+                if block is None or int(index[0]) >= end:
+                    block = next(block_iter)
+                    start, end = store.layout.block_range(block)
+                    buf = np.empty((n_layers, end - start, n_tokens, d_vit), dtype=dtype)
+                    valid = np.ones(end - start, dtype=bool)
+                with torch.inference_mode():
+                    _, acts = recorder(pixels.to(device, non_blocking=True))
+                rows = slice(int(index[0]) - start, int(index[-1]) + 1 - start)
+                buf[:, rows] = acts.transpose(0, 1).to("cpu", torch.float32).numpy().astype(dtype, copy=False)
+                bad = (labels == BAD_IMAGE).nonzero().flatten().tolist()
+                for j in bad:
+                    i = int(index[j])
+                    reason = source.decode_error(i)
+                    if not isinstance(cfg.data, config.ImageFolderDataset) or not cfg.data.skip_bad:
+                        raise UserError(
+                            f"Cannot decode image {source.paths[i]!r} (index {i}) in {source.root}: {reason}. "
+                            "Fix or remove the file, or pass --data.skip-bad to skip bad files (they are "
+                            "recorded as invalid in the store)."
+                        )
+                    logger.warning("skipping undecodable image %s: %s", source.paths[i], reason)
+                    valid[i - start] = False
+                    buf[:, i - start] = 0
+                    n_skipped += 1
+                if int(index[-1]) + 1 == end:
+                    writer.put(block, buf, valid)
+                bar.update(len(index))
+                n_done += len(index)
+                if on_progress is not None:
+                    on_progress(n_done, n_imgs_todo)
+    finally:
+        writer.close()
+    seconds = time.perf_counter() - t0
+    return RecordResult(
+        path=store.path,
+        shape=(store.n_imgs, n_tokens, d_vit),
+        layers=store.layers,
+        n_blocks_written=len(missing),
+        n_imgs_written=n_imgs_todo,
+        bytes_written=n_imgs_todo * n_tokens * d_vit * n_layers * dtype.itemsize,
+        seconds=seconds,
+        n_skipped=n_skipped,
+    )
+
+
+def prepare(cfg: config.Activations, with_transform: bool):
+    """Build the recorder and the image source and plan the store; every input check happens here, before any
+    store exists, so bad input never leaves a store behind."""
+    from saev_core import images, vit as vitlib
+
+    vit = vitlib.make_vit(cfg.vit_family, cfg.vit_ckpt)
+    vitlib.check_d_vit(vit, cfg.d_vit)
+    recorder = vitlib.RecordedVisionTransformer(
+        vit, cfg.n_patches_per_img or vit.n_patches_per_img, cfg.cls_token, list(cfg.vit_layers)
+    )
+    transform = vitlib.make_img_transform(cfg.vit_family, cfg.vit_ckpt) if with_transform else None
+    source = images.make_image_source(cfg.data, transform, cfg.n_imgs)
+    plan = plan_recording(cfg, vit, recorder, source)
+    check_disk_space(cfg.dump_to, plan.nbytes)
+    return recorder, source, plan
+
+
+def dry_run(cfg: config.Activations) -> RecordingPlan:
+    """Plan the store without recording: path, size, and whether the disk has room (raises when not)."""
+    return prepare(cfg, with_transform=False)[2]

@@ -1,0 +1,26 @@
+"""Run config: flat, primitive fields only. The pipeline file is parsed by saev_core into its own config classes;
+these fields only point at it and override a few values. Automated runs pass no config, so all have defaults."""
+
+import dagster as dg
+
+
+class PipelineRunConfig(dg.Config):
+    pipeline: str = ""
+    """Pipeline file (TOML); empty means $SAEV_PIPELINE, else the embedded demo pipeline."""
+
+
+class ActivationsRunConfig(PipelineRunConfig):
+    n_imgs: int = 0
+    """Record only the first N images (0: as the pipeline file says)."""
+    device: str = ""
+    """auto, cpu or cuda (empty: as the pipeline file says)."""
+    vit_batch_size: int = 0
+    """Images per ViT forward pass (0: as the pipeline file says)."""
+
+    def overrides(self) -> dict:
+        """The fields the user set, as saev_core.config.Activations field values."""
+        return {
+            key: value
+            for key, value in {"n_imgs": self.n_imgs, "device": self.device, "vit_batch_size": self.vit_batch_size}.items()
+            if value
+        }
