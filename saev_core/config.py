@@ -200,3 +200,4 @@ def field_names(cls: type) -> list[str]:
 
 def field_types(cls: type) -> dict[str, typing.Any]:
     return typing.get_type_hints(cls)
+from saev_core.sweep import expand, grid, load_sweep, member_id, split_cfgs  # noqa: E402,F401  (re-export)
