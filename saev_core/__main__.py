@@ -5,6 +5,7 @@ Flags keep the original saev's names. Bad input prints one error line that says 
 
 import dataclasses
 import logging
+import os
 import sys
 from typing import Annotated
 
@@ -24,6 +25,7 @@ class RunPipeline:
 
 Command = (
     Annotated[config.Activations, tyro.conf.subcommand("activations", prefix_name=False)]
+    | Annotated[config.Train, tyro.conf.subcommand("train", prefix_name=False)]
     | Annotated[RunPipeline, tyro.conf.subcommand("pipeline", prefix_name=False)]
 )
 
@@ -48,6 +50,19 @@ def run_activations(cfg: config.Activations) -> str:
     return result.path
 
 
+def run_train(cfg: config.Train) -> str:
+    from saev_core import training
+
+    results = training.train_main(cfg)
+    for result in results:
+        m = result.metrics
+        print(
+            f"{result.member_id}: {result.cfg.sae.arch} d_sae={result.cfg.sae.d_sae} lr={result.cfg.lr:g} "
+            f"NMSE={m['nmse']:.4f} L0={m['l0']:.1f} dead={m['frac_dead']:.1%} -> {result.ckpt_path}"
+        )
+    return os.path.join(cfg.ckpt_path, "sweep.csv")
+
+
 def run_pipeline(cmd: RunPipeline) -> str:
     from saev_core import pipeline
 
@@ -66,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if isinstance(cmd, config.Activations):
             out = run_activations(cmd)
+        elif isinstance(cmd, config.Train):
+            out = run_train(cmd)
         else:
             out = run_pipeline(cmd)
     except UserError as err:

@@ -12,7 +12,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -176,33 +176,61 @@ def record_activations(
 
     on_progress(done, total) is called after every batch (Dagster logs it; the CLI shows a tqdm bar)."""
     import torch
-    from tqdm.auto import tqdm
 
     recorder, source, plan = prepare(cfg, with_transform=True)
-
     store = ActivationStore.create(cfg.dump_to, plan.metadata, source.paths, source.labels, source.class_names)
     missing = store.missing_blocks()
     device = config.resolve_device(cfg.device)
-    recorder = recorder.to(device).eval()
     batches = block_batches(store.layout, missing, cfg.vit_batch_size)
     loader = torch.utils.data.DataLoader(
-        source, batch_sampler=batches, num_workers=cfg.n_workers, pin_memory=device == "cuda",
-        persistent_workers=False,
+        source, batch_sampler=batches, num_workers=cfg.n_workers, pin_memory=device == "cuda"
     )
-    n_imgs_todo = sum(len(b) for b in batches)
-    logger.info("recording %d images (%d blocks) into %s", n_imgs_todo, len(missing), store.path)
+    logger.info("recording %d images (%d blocks) into %s", sum(map(len, batches)), len(missing), store.path)
 
-    dtype = np.dtype(cfg.dtype)
+    def on_bad_image(i: int) -> None:
+        reason = source.decode_error(i)
+        if not isinstance(cfg.data, config.ImageFolderDataset) or not cfg.data.skip_bad:
+            raise UserError(
+                f"Cannot decode image {source.paths[i]!r} (index {i}) in {source.root}: {reason}. Fix or remove "
+                "the file, or pass --data.skip-bad to skip bad files (they are recorded as invalid in the store)."
+            )
+        logger.warning("skipping undecodable image %s: %s", source.paths[i], reason)
+
+    return record_batches(
+        store, recorder.to(device).eval(), loader, missing, device, on_bad_image, show_progress, on_progress
+    )
+
+
+def record_batches(
+    store: ActivationStore,
+    recorder,
+    batches: Iterable,
+    blocks: list[int],
+    device: str,
+    on_bad_image: Callable[[int], None] = lambda i: None,
+    show_progress: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> RecordResult:
+    """The hot loop: (pixels, index, label) batches aligned to ``blocks`` -> recorder -> block buffers -> writer.
+
+    An image whose label is BAD_IMAGE gets zero activations and valid=False after ``on_bad_image(index)``
+    (which raises to stop instead)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    dtype = np.dtype(store.metadata["dtype"])
     n_layers, n_tokens, d_vit = len(store.layers), store.n_tokens, store.d_vit
+    n_todo = sum(end - start for start, end in map(store.layout.block_range, blocks))
     writer = BlockWriter(store)
     t0 = time.perf_counter()
     n_skipped = n_done = 0
-    block_iter = iter(missing)
-    block, buf, valid, start, end = None, None, None, 0, 0
+    block_iter = iter(blocks)
+    buf = valid = None
+    start = end = 0
     try:
-        with tqdm(total=n_imgs_todo, unit="img", desc="activations", disable=not show_progress) as bar:
-            for pixels, index, labels in loader:
-                if block is None or int(index[0]) >= end:
+        with tqdm(total=n_todo, unit="img", desc="activations", disable=not show_progress) as bar:
+            for pixels, index, labels in batches:
+                if buf is None or int(index[0]) >= end:
                     block = next(block_iter)
                     start, end = store.layout.block_range(block)
                     buf = np.empty((n_layers, end - start, n_tokens, d_vit), dtype=dtype)
@@ -211,37 +239,28 @@ def record_activations(
                     _, acts = recorder(pixels.to(device, non_blocking=True))
                 rows = slice(int(index[0]) - start, int(index[-1]) + 1 - start)
                 buf[:, rows] = acts.transpose(0, 1).to("cpu", torch.float32).numpy().astype(dtype, copy=False)
-                bad = (labels == BAD_IMAGE).nonzero().flatten().tolist()
-                for j in bad:
-                    i = int(index[j])
-                    reason = source.decode_error(i)
-                    if not isinstance(cfg.data, config.ImageFolderDataset) or not cfg.data.skip_bad:
-                        raise UserError(
-                            f"Cannot decode image {source.paths[i]!r} (index {i}) in {source.root}: {reason}. "
-                            "Fix or remove the file, or pass --data.skip-bad to skip bad files (they are "
-                            "recorded as invalid in the store)."
-                        )
-                    logger.warning("skipping undecodable image %s: %s", source.paths[i], reason)
+                for i in index[labels == BAD_IMAGE].tolist():
+                    on_bad_image(i)
                     valid[i - start] = False
                     buf[:, i - start] = 0
                     n_skipped += 1
                 if int(index[-1]) + 1 == end:
                     writer.put(block, buf, valid)
+                    buf = None
                 bar.update(len(index))
                 n_done += len(index)
                 if on_progress is not None:
-                    on_progress(n_done, n_imgs_todo)
+                    on_progress(n_done, n_todo)
     finally:
         writer.close()
-    seconds = time.perf_counter() - t0
     return RecordResult(
         path=store.path,
         shape=(store.n_imgs, n_tokens, d_vit),
         layers=store.layers,
-        n_blocks_written=len(missing),
-        n_imgs_written=n_imgs_todo,
-        bytes_written=n_imgs_todo * n_tokens * d_vit * n_layers * dtype.itemsize,
-        seconds=seconds,
+        n_blocks_written=len(blocks),
+        n_imgs_written=n_done,
+        bytes_written=n_done * n_tokens * d_vit * n_layers * dtype.itemsize,
+        seconds=time.perf_counter() - t0,
         n_skipped=n_skipped,
     )
 
