@@ -104,6 +104,6 @@ def prepare_demo_checkpoint(pipe: Pipeline) -> None:
 
     if not pipe.random_vit:
         return
-    arch, path = vit.split_local_ckpt(pipe.activations.vit_family, pipe.activations.vit_ckpt)
-    if path is not None and not os.path.exists(path):
-        vit.save_random_weights(pipe.activations.vit_family, arch, path, seed=pipe.activations.seed)
+    ref = vit.parse_ckpt(pipe.activations.vit_family, pipe.activations.vit_ckpt, must_exist=False)
+    if ref.path is not None and not os.path.exists(ref.path):
+        vit.save_random_weights(ref.family, ref.arch, ref.path, seed=pipe.activations.seed)
