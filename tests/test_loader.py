@@ -1,0 +1,330 @@
+"""The loader against planted stores: every vector of a split once per epoch, shuffled, resumable; statistics
+against numpy. Planted vectors carry their identity: x[img, tok, 0] = img and x[img, tok, 1] = tok."""
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from saev_core import config, store as store_mod
+from saev_core.errors import UserError
+from saev_core.loader import ActivationLoader, compute_stats, normalization, split_images
+from saev_core.store import ActivationStore
+
+D = 8
+N_PATCHES = 4
+
+
+def plant(root: str, n_imgs: int = 40, cls_token: bool = True, imgs_per_shard: int = 4, valid=None,
+          offset: float = 0.0, seed: int = 0) -> tuple[ActivationStore, np.ndarray]:
+    """A one-layer store (layer -2) of identifiable vectors; returns the store and its data [n_imgs, tokens, d]."""
+    n_tokens = N_PATCHES + int(cls_token)
+    meta = {
+        "vit_family": "clip", "vit_ckpt": "planted/none", "d_vit": D, "layers": [-2], "resolved_layers": [3],
+        "n_patches_per_img": N_PATCHES, "cls_token": cls_token, "n_imgs": n_imgs,
+        "n_patches_per_shard": imgs_per_shard * n_tokens, "data": {"kind": "planted", "seed": seed}, "seed": 0,
+        "dtype": "float32", "fingerprints": {"vit_ckpt": "a", "images": "b"},
+    }
+    store = ActivationStore.create(root, meta, [f"img{i:03d}.png" for i in range(n_imgs)], [0] * n_imgs, ["c"])
+    acts = np.random.default_rng(seed).normal(size=(n_imgs, n_tokens, D)).astype(np.float32) + np.float32(offset)
+    acts[:, :, 0] = np.arange(n_imgs)[:, None]
+    acts[:, :, 1] = np.arange(n_tokens)[None, :]
+    for block in range(store.layout.n_blocks):
+        start, end = store.layout.block_range(block)
+        store.write_block(block, acts[None, start:end], None if valid is None else valid[start:end])
+    return store, acts
+
+
+def data_cfg(**changes) -> config.DataLoad:
+    return dataclasses.replace(config.DataLoad(layer=-2, val_frac=0.1, buffer_chunks=3), **changes)
+
+
+def one_epoch(loader: ActivationLoader) -> list[torch.Tensor]:
+    batches = list(loader)
+    assert all(b.dtype == torch.float32 and b.shape[1] == D for b in batches)
+    return batches
+
+
+def sorted_rows(x: np.ndarray) -> np.ndarray:
+    return x[np.lexsort((x[:, 1], x[:, 0]))]
+
+
+def reference(acts: np.ndarray, images: np.ndarray, patches: str, cls_token: bool = True) -> np.ndarray:
+    first = int(cls_token)
+    x = acts[images]
+    if patches == "patches":
+        return x[:, first:].reshape(-1, D)
+    if patches == "cls":
+        return x[:, 0]
+    return x[:, first:].astype(np.float64).mean(axis=1)
+
+
+@pytest.fixture
+def planted(tmp_path):
+    return plant(str(tmp_path))
+
+
+@pytest.mark.parametrize("patches", ["patches", "cls", "meanpool"])
+def test_one_epoch_yields_every_train_vector_exactly_once(planted, patches):
+    store, acts = planted
+    loader = ActivationLoader(store, data_cfg(patches=patches), batch_size=7, seed=3)
+    got = torch.cat(one_epoch(loader)).numpy()
+    train, _ = split_images(store, 0.1, 3)
+    want = reference(acts, train, patches)
+    assert len(got) == len(want) == loader.n_vectors
+    if patches == "meanpool":  # image index survives the mean (every token carries it)
+        np.testing.assert_allclose(sorted_rows(got), want, rtol=1e-6, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(sorted_rows(got), sorted_rows(want))
+
+
+def test_store_without_cls_token_yields_all_tokens_as_patches(tmp_path):
+    store, acts = plant(str(tmp_path), cls_token=False)
+    loader = ActivationLoader(store, data_cfg(val_frac=0.0), batch_size=16, seed=0)
+    got = torch.cat(one_epoch(loader)).numpy()
+    np.testing.assert_array_equal(sorted_rows(got), sorted_rows(acts.reshape(-1, D)))
+
+
+def test_chunks_smaller_than_shards_and_val_split(tmp_path, monkeypatch):
+    # 2 images per inner chunk, 4 per shard: the split and reads follow chunks, not shards.
+    monkeypatch.setattr(store_mod, "CHUNK_TARGET_BYTES", 2 * 5 * D * 4)
+    store, acts = plant(str(tmp_path), n_imgs=30)
+    assert (store.layout.imgs_per_chunk, store.layout.imgs_per_shard) == (2, 4)
+    cfg = data_cfg(val_frac=0.25)
+    for split in ["train", "val"]:
+        loader = ActivationLoader(store, cfg, batch_size=5, seed=1, split=split)
+        got = torch.cat(one_epoch(loader)).numpy()
+        np.testing.assert_array_equal(sorted_rows(got), sorted_rows(reference(acts, loader.images, "patches")))
+
+
+def test_last_batch_is_short_and_counted(planted):
+    store, _ = planted
+    loader = ActivationLoader(store, data_cfg(), batch_size=10, seed=0)
+    sizes = [len(b) for b in one_epoch(loader)]
+    assert loader.n_vectors % 10 != 0  # 36 train images x 4 patches = 144
+    assert sizes == [10] * (loader.n_vectors // 10) + [loader.n_vectors % 10]
+    assert len(sizes) == len(loader)
+    assert loader.state_dict() == {"epoch": 1, "n_vectors_done": 0}
+
+
+# -- splits -------------------------------------------------------------------------------------------------------
+
+
+def test_split_is_disjoint_covers_valid_images_and_excludes_invalid_ones(tmp_path):
+    valid = np.ones(40, bool)
+    valid[[3, 17, 18, 39]] = False
+    store, _ = plant(str(tmp_path), valid=valid)
+    train, val = split_images(store, 0.25, seed=5)
+    assert set(train).isdisjoint(val)
+    assert sorted([*train, *val]) == list(np.flatnonzero(valid))
+    assert len(val) == round(0.25 * 36)
+    again = split_images(store, 0.25, seed=5)
+    assert np.array_equal(again[1], val) and np.array_equal(again[0], train)
+    assert not np.array_equal(split_images(store, 0.25, seed=6)[1], val)
+
+
+def test_split_holds_out_whole_chunks_except_at_most_one(planted):
+    store, _ = planted
+    for seed in range(5):
+        _, val = split_images(store, 0.3, seed)
+        per_chunk = np.bincount(val // store.layout.imgs_per_chunk, minlength=10)
+        assert len(val) == 12
+        assert np.sum((per_chunk > 0) & (per_chunk < 4)) <= 1
+
+
+def test_loaders_never_mix_split_images(planted):
+    store, _ = planted
+    seen = {}
+    for split in ["train", "val"]:
+        batches = one_epoch(ActivationLoader(store, data_cfg(), batch_size=8, seed=2, split=split))
+        seen[split] = set(torch.cat(batches)[:, 0].int().tolist())
+    assert seen["train"].isdisjoint(seen["val"]) and len(seen["train"] | seen["val"]) == 40
+
+
+def test_empty_val_split_is_a_clear_error(planted):
+    store, _ = planted
+    with pytest.raises(UserError, match=r"val split .* is empty.*--data.val-frac"):
+        ActivationLoader(store, data_cfg(val_frac=0.0), batch_size=8, seed=0, split="val")
+
+
+def test_all_invalid_images_is_a_clear_error(tmp_path):
+    store, _ = plant(str(tmp_path), n_imgs=8, valid=np.zeros(8, bool))
+    with pytest.raises(UserError, match="marked invalid"):
+        ActivationLoader(store, data_cfg(), batch_size=8, seed=0)
+
+
+def test_incomplete_store_is_refused(tmp_path):
+    store, acts = plant(str(tmp_path))
+    store.group["progress"][2] = 0
+    with pytest.raises(UserError, match=r"incomplete: blocks \[2\]"):
+        ActivationLoader(store, data_cfg(), batch_size=8, seed=0)
+
+
+def test_unknown_layer_and_cls_without_cls_token_are_user_errors(tmp_path):
+    store, _ = plant(str(tmp_path), cls_token=False)
+    with pytest.raises(UserError, match="Layer 7 is not in the store"):
+        ActivationLoader(store, data_cfg(layer=7), batch_size=8, seed=0)
+    with pytest.raises(UserError, match="without one.*patches patches or --data.patches meanpool"):
+        ActivationLoader(store, data_cfg(patches="cls"), batch_size=8, seed=0)
+
+
+# -- order --------------------------------------------------------------------------------------------------------
+
+
+def test_batches_mix_images_from_several_blocks(planted):
+    store, _ = planted
+    loader = ActivationLoader(store, data_cfg(buffer_chunks=4), batch_size=16, seed=0)
+    batches = one_epoch(loader)
+    first = batches[0][:, 0].int().numpy()
+    assert len(set(first)) >= 7  # 16 vectors from a window of 16 images x 4 patches
+    assert len(set(first // store.layout.imgs_per_shard)) > 1
+    stream = torch.cat(batches)[:, 0].int().numpy()
+    same_image_in_a_row = np.mean(stream[1:] == stream[:-1])
+    assert same_image_in_a_row < 0.2  # in chunk order it would be 0.75
+
+
+@pytest.mark.parametrize("buffer_chunks", [3, 100])  # 100: the whole split in one window
+def test_order_depends_on_seed_and_epoch_only(planted, buffer_chunks):
+    store, _ = planted
+    cfg = data_cfg(buffer_chunks=buffer_chunks)
+
+    def order(seed, epoch):
+        return torch.cat(one_epoch(ActivationLoader(store, cfg, batch_size=9, seed=seed, epoch=epoch)))
+
+    assert torch.equal(order(0, 0), order(0, 0))
+    assert not torch.equal(order(0, 0), order(0, 1))
+    assert not torch.equal(order(0, 0), order(1, 0))
+    loader = ActivationLoader(store, cfg, batch_size=9, seed=0)
+    one_epoch(loader)  # epoch 0; the next iteration is epoch 1
+    assert loader.epoch == 1 and torch.equal(torch.cat(one_epoch(loader)), order(0, 1))
+
+
+class CountingReader:
+    """Wraps the loader's chunk reader and counts the chunks read."""
+
+    def __init__(self, reader, fail: bool = False):
+        self.reader, self.fail, self.reads = reader, fail, 0
+
+    def read(self, start, dest):
+        if self.fail:
+            raise OSError("planted read failure")
+        self.reads += 1
+        self.reader.read(start, dest)
+
+
+@pytest.mark.parametrize("patches", ["patches", "meanpool"])
+def test_resume_from_state_dict_yields_exactly_the_remaining_batches(planted, patches):
+    store, _ = planted
+    cfg = data_cfg(patches=patches, buffer_chunks=2)
+    bs = 5 if patches == "patches" else 3
+    full = one_epoch(ActivationLoader(store, cfg, batch_size=bs, seed=4, epoch=1))
+
+    first = ActivationLoader(store, cfg, batch_size=bs, seed=4, epoch=1)
+    it = iter(first)
+    n_before = 9
+    head = [next(it) for _ in range(n_before)]
+    state = first.state_dict()
+    del it
+    assert state == {"epoch": 1, "n_vectors_done": n_before * bs}
+
+    resumed = ActivationLoader(store, cfg, batch_size=bs, seed=4)
+    resumed.load_state_dict(state)
+    resumed._reader = counter = CountingReader(resumed._reader)
+    tail = one_epoch(resumed)
+    assert len(head) + len(tail) == len(full)
+    for got, want in zip(head + tail, full):
+        assert torch.equal(got, want)
+    # Windows already consumed are not read: only chunks of the window holding the resume point and after it.
+    windows = resumed.windows(1)
+    ends = np.cumsum([resumed._counts[w].sum() for w in windows])
+    first_window = int(np.searchsorted(ends, n_before * bs, side="right"))
+    assert first_window > 0
+    assert counter.reads == sum(len(w) for w in windows[first_window:])
+
+
+def test_reader_exception_reaches_the_consumer(planted):
+    store, _ = planted
+    loader = ActivationLoader(store, data_cfg(), batch_size=8, seed=0)
+    loader._reader = CountingReader(loader._reader, fail=True)
+    with pytest.raises(OSError, match="planted read failure"):
+        list(loader)
+
+
+def test_stopping_early_ends_the_producer_thread(planted):
+    store, _ = planted
+    loader = ActivationLoader(store, data_cfg(), batch_size=1, seed=0, prefetch_batches=1)
+    for i, _ in enumerate(loader):
+        if i == 2:
+            break
+    assert not any(t.name == "saev-loader" for t in threading.enumerate())
+    assert loader.state_dict() == {"epoch": 0, "n_vectors_done": 3}
+
+
+def test_memory_url_store_loads(tmp_path):
+    store, acts = plant("memory://saev-loader-test")
+    reopened = ActivationStore.open(store.path)
+    loader = ActivationLoader(reopened, data_cfg(val_frac=0.0), batch_size=32, seed=0)
+    got = torch.cat(one_epoch(loader)).numpy()
+    np.testing.assert_array_equal(sorted_rows(got), sorted_rows(acts[:, 1:].reshape(-1, D)))
+
+
+# -- statistics ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("patches", ["patches", "cls", "meanpool"])
+def test_compute_stats_matches_numpy_even_with_a_large_offset(tmp_path, patches):
+    valid = np.ones(40, bool)
+    valid[[0, 21]] = False
+    store, acts = plant(str(tmp_path), valid=valid, offset=1000.0)
+    mean, scale = compute_stats(store, -2, patches)
+    x = reference(acts, np.flatnonzero(valid), patches).astype(np.float64)
+    if patches == "meanpool":
+        x = acts[valid][:, 1:].mean(axis=1, dtype=np.float32).astype(np.float64)  # the loader's float32 vectors
+    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-12)
+    energy = np.mean(np.sum(((x - mean) * scale) ** 2, axis=1))
+    assert energy == pytest.approx(D, rel=1e-6)
+
+
+def test_normalization_flags_and_cache(planted, monkeypatch):
+    store, acts = planted
+    x = acts[:, 1:].reshape(-1, D).astype(np.float64)
+    assert store.read_stats(-2, "patches") is None
+    mean, scale = normalization(store, data_cfg())
+    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-12)
+    assert np.mean(np.sum(((x - mean) * scale) ** 2, axis=1)) == pytest.approx(D, rel=1e-6)
+    cached_mean, cached_scale = store.read_stats(-2, "patches")
+    np.testing.assert_array_equal(cached_mean, mean)
+    assert cached_scale == scale
+
+    # From now on the statistics come from the cache: reading the data would fail.
+    def no_reads(*args, **kwargs):
+        raise AssertionError("the data was read again")
+
+    monkeypatch.setattr(ActivationStore, "array", no_reads)
+    mean2, scale2 = normalization(ActivationStore.open(store.path), data_cfg())
+    np.testing.assert_array_equal(mean2, mean)
+    assert scale2 == scale
+    zero, s_raw = normalization(store, data_cfg(scale_mean=False))
+    assert not zero.any()
+    assert np.mean(np.sum((x * s_raw) ** 2, axis=1)) == pytest.approx(D, rel=1e-6)
+    mean3, one = normalization(store, data_cfg(scale_norm=False))
+    np.testing.assert_array_equal(mean3, mean)
+    assert one == 1.0
+
+
+def test_normalization_of_a_read_only_store_still_caches(planted):
+    store, _ = planted
+    read_only = ActivationStore.open(store.path)  # mode "r"
+    normalization(read_only, data_cfg(patches="cls"))
+    assert ActivationStore.open(store.path).read_stats(-2, "cls") is not None
+
+
+def test_nan_in_the_data_names_the_store_layer_and_image(planted):
+    store, _ = planted
+    store.array(-2)[13, 2, 5] = np.nan
+    with pytest.raises(UserError, match=rf"{store.path}, layer -2.* image 13 \(img013.png\)"):
+        compute_stats(store, -2, "patches")
+    # The CLS token of image 13 is fine: cls statistics do not see the bad patch.
+    compute_stats(store, -2, "cls")
