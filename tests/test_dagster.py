@@ -1,0 +1,162 @@
+"""The Dagster layer: the code location loads without torch, the asset graph is right, a backfill of every layer is
+one run and one store, and new checkpoint weights make the activations stale and re-requested."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import dagster as dg
+import pytest
+from dagster._core.definitions.observe import observe  # not exported by dagster 1.13's top level
+
+from saev_core.store import ActivationStore
+from saev_dagster.assets.activations import build_activations_asset
+from saev_dagster.assets.sources import image_source, vit_checkpoint
+from saev_dagster.automation import automation_sensor
+from saev_dagster.partitions import layer_partitions
+from tests.test_activations import write_images
+
+LAYERS = [0, -1]
+
+
+@pytest.fixture
+def pipeline_file(tmp_path, tiny_clip_ckpt, monkeypatch):
+    write_images(tmp_path / "imgs", 6)
+    path = tmp_path / "pipeline.toml"
+    path.write_text(f"""
+[activations]
+vit_family = "clip"
+vit_ckpt = "{tiny_clip_ckpt}"
+vit_layers = {LAYERS}
+dump_to = "{tmp_path / 'acts'}"
+n_patches_per_shard = {4 * 50 * 2}
+n_workers = 0
+
+[activations.data]
+kind = "image-folder-dataset"
+root = "{tmp_path / 'imgs'}"
+""")
+    monkeypatch.setenv("SAEV_PIPELINE", str(path))
+    return path
+
+
+def test_definitions_import_no_torch():
+    code = "import sys, saev_dagster.definitions as d; d.defs; print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_asset_graph_of_the_demo_pipeline():
+    from saev_core.pipeline import load_pipeline
+    from saev_dagster.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"vit_checkpoint", "image_source", "activations"} <= keys
+    acts = defs.resolve_assets_def("activations")
+    assert acts.partitions_def.get_partition_keys() == [str(x) for x in load_pipeline().activations.vit_layers]
+    assert acts.backfill_policy == dg.BackfillPolicy.single_run()
+    parents = {k.to_user_string() for k in graph.get(dg.AssetKey("activations")).parent_keys}
+    assert parents == {"vit_checkpoint", "image_source"}
+
+
+def _materialize_all_layers(instance, config=None):
+    asset = build_activations_asset(layer_partitions(LAYERS))
+    return dg.materialize(
+        [asset, vit_checkpoint, image_source],
+        selection=[asset.key],
+        instance=instance,
+        tags={"dagster/asset_partition_range_start": str(LAYERS[0]),
+              "dagster/asset_partition_range_end": str(LAYERS[-1])},
+        run_config={"ops": {"activations": {"config": config or {}}}},
+    )
+
+
+def test_backfill_of_every_layer_is_one_run_and_one_store(pipeline_file):
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize_all_layers(instance)
+    assert result.success
+    mats = result.asset_materializations_for_node("activations")
+    assert sorted(m.partition for m in mats) == sorted(str(x) for x in LAYERS)
+    paths = {m.metadata["store_path"].value for m in mats}
+    assert len(paths) == 1
+    store = ActivationStore.open(paths.pop())
+    assert store.layers == LAYERS and store.is_complete and store.n_imgs == 6
+    assert len(instance.get_run_records()) == 1
+    observations = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+    assert sorted(e.event_specific_data.asset_observation.partition for e in observations) == ["-1", "0"]
+
+
+def test_run_config_override_and_clear_failure(pipeline_file):
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize_all_layers(instance, {"n_imgs": 2})
+    store = ActivationStore.open(result.asset_materializations_for_node("activations")[0].metadata["store_path"].value)
+    assert store.n_imgs == 2
+    with pytest.raises(dg.Failure, match="vit_layers"):
+        asset = build_activations_asset(layer_partitions([5]))
+        dg.materialize([asset], instance=instance, partition_key="5")
+
+
+def test_new_checkpoint_weights_request_new_activations(pipeline_file, tiny_clip_ckpt, tmp_path):
+    from saev_core.vit import save_random_weights
+
+    defs = dg.Definitions(
+        assets=[vit_checkpoint, image_source, build_activations_asset(layer_partitions(LAYERS))],
+        sensors=[automation_sensor],
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    observe([vit_checkpoint, image_source], instance=instance)
+    assert _materialize_all_layers(instance).success
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    nothing = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    assert nothing.get_requested_partitions(dg.AssetKey("activations")) == set()
+
+    weights = tiny_clip_ckpt.split("/", 1)[1]
+    save_random_weights("clip", "saev-tiny-clip", tmp_path / "new.pt", seed=5)
+    os.replace(tmp_path / "new.pt", weights)
+    observe([vit_checkpoint, image_source], instance=instance)
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=nothing.cursor)
+    assert after.get_requested_partitions(dg.AssetKey("activations")) == {"0", "-1"}
+
+
+def test_dagster_dev_serves_the_asset_graph(tmp_path):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    port = 3000 + os.getpid() % 2000
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "dagster"), "dev", "-w", "workspace.yaml",
+         "-h", "127.0.0.1", "-p", str(port)],
+        cwd=os.path.dirname(os.path.dirname(__file__)), env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/server_info", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, "dagster dev did not start"
+                time.sleep(1)
+        query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
+        nodes = None
+        while nodes is None or not nodes.get("data", {}).get("assetNodes"):
+            assert time.time() < deadline, nodes
+            req = urllib.request.Request(f"{url}/graphql", data=query, headers={"Content-Type": "application/json"})
+            nodes = json.load(urllib.request.urlopen(req, timeout=10))
+            time.sleep(1)
+        keys = {"/".join(n["assetKey"]["path"]) for n in nodes["data"]["assetNodes"]}
+        assert {"activations", "vit_checkpoint", "image_source"} <= keys
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
