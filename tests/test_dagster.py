@@ -3,6 +3,7 @@ one run and one store, and new checkpoint weights make the activations stale and
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,13 +25,20 @@ LAYERS = [0, -1]
 
 
 @pytest.fixture
-def pipeline_file(tmp_path, tiny_clip_ckpt, monkeypatch):
+def own_ckpt(tmp_path, tiny_clip_ckpt) -> str:
+    """A private copy of the tiny checkpoint: tests here overwrite it."""
+    shutil.copy(tiny_clip_ckpt.split("/", 1)[1], tmp_path / "tiny.pt")
+    return f"saev-tiny-clip/{tmp_path / 'tiny.pt'}"
+
+
+@pytest.fixture
+def pipeline_file(tmp_path, own_ckpt, monkeypatch):
     write_images(tmp_path / "imgs", 6)
     path = tmp_path / "pipeline.toml"
     path.write_text(f"""
 [activations]
 vit_family = "clip"
-vit_ckpt = "{tiny_clip_ckpt}"
+vit_ckpt = "{own_ckpt}"
 vit_layers = {LAYERS}
 dump_to = "{tmp_path / 'acts'}"
 n_patches_per_shard = {4 * 50 * 2}
@@ -101,7 +109,7 @@ def test_run_config_override_and_clear_failure(pipeline_file):
         dg.materialize([asset], instance=instance, partition_key="5")
 
 
-def test_new_checkpoint_weights_request_new_activations(pipeline_file, tiny_clip_ckpt, tmp_path):
+def test_new_checkpoint_weights_request_new_activations(pipeline_file, own_ckpt, tmp_path):
     from saev_core.vit import save_random_weights
 
     defs = dg.Definitions(
@@ -115,7 +123,7 @@ def test_new_checkpoint_weights_request_new_activations(pipeline_file, tiny_clip
     nothing = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert nothing.get_requested_partitions(dg.AssetKey("activations")) == set()
 
-    weights = tiny_clip_ckpt.split("/", 1)[1]
+    weights = own_ckpt.split("/", 1)[1]
     save_random_weights("clip", "saev-tiny-clip", tmp_path / "new.pt", seed=5)
     os.replace(tmp_path / "new.pt", weights)
     observe([vit_checkpoint, image_source], instance=instance)

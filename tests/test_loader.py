@@ -7,10 +7,11 @@ import threading
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from saev_core import config, store as store_mod
 from saev_core.errors import UserError
-from saev_core.loader import ActivationLoader, compute_stats, normalization, split_images
+from saev_core.loader import ActivationLoader, ChunkReader, compute_stats, normalization, split_images
 from saev_core.store import ActivationStore
 
 D = 8
@@ -18,17 +19,17 @@ N_PATCHES = 4
 
 
 def plant(root: str, n_imgs: int = 40, cls_token: bool = True, imgs_per_shard: int = 4, valid=None,
-          offset: float = 0.0, seed: int = 0) -> tuple[ActivationStore, np.ndarray]:
+          offset: float = 0.0, seed: int = 0, dtype: str = "float32") -> tuple[ActivationStore, np.ndarray]:
     """A one-layer store (layer -2) of identifiable vectors; returns the store and its data [n_imgs, tokens, d]."""
     n_tokens = N_PATCHES + int(cls_token)
     meta = {
         "vit_family": "clip", "vit_ckpt": "planted/none", "d_vit": D, "layers": [-2], "resolved_layers": [3],
         "n_patches_per_img": N_PATCHES, "cls_token": cls_token, "n_imgs": n_imgs,
         "n_patches_per_shard": imgs_per_shard * n_tokens, "data": {"kind": "planted", "seed": seed}, "seed": 0,
-        "dtype": "float32", "fingerprints": {"vit_ckpt": "a", "images": "b"},
+        "dtype": dtype, "fingerprints": {"vit_ckpt": "a", "images": "b"},
     }
     store = ActivationStore.create(root, meta, [f"img{i:03d}.png" for i in range(n_imgs)], [0] * n_imgs, ["c"])
-    acts = np.random.default_rng(seed).normal(size=(n_imgs, n_tokens, D)).astype(np.float32) + np.float32(offset)
+    acts = (np.random.default_rng(seed).normal(size=(n_imgs, n_tokens, D)) + offset).astype(dtype)
     acts[:, :, 0] = np.arange(n_imgs)[:, None]
     acts[:, :, 1] = np.arange(n_tokens)[None, :]
     for block in range(store.layout.n_blocks):
@@ -85,6 +86,16 @@ def test_store_without_cls_token_yields_all_tokens_as_patches(tmp_path):
     loader = ActivationLoader(store, data_cfg(val_frac=0.0), batch_size=16, seed=0)
     got = torch.cat(one_epoch(loader)).numpy()
     np.testing.assert_array_equal(sorted_rows(got), sorted_rows(acts.reshape(-1, D)))
+
+
+@pytest.mark.parametrize("patches", ["patches", "meanpool"])
+def test_float16_store_yields_float32_vectors(tmp_path, patches):
+    store, acts = plant(str(tmp_path), dtype="float16")
+    loader = ActivationLoader(store, data_cfg(patches=patches, val_frac=0.0), batch_size=16, seed=0)
+    got = torch.cat(one_epoch(loader)).numpy()
+    want = acts[:, 1:].astype(np.float32).reshape(-1, D) if patches == "patches" else \
+        acts[:, 1:].mean(axis=1, dtype=np.float32)
+    np.testing.assert_array_equal(sorted_rows(got), sorted_rows(want))
 
 
 def test_chunks_smaller_than_shards_and_val_split(tmp_path, monkeypatch):
@@ -168,6 +179,40 @@ def test_unknown_layer_and_cls_without_cls_token_are_user_errors(tmp_path):
         ActivationLoader(store, data_cfg(layer=7), batch_size=8, seed=0)
     with pytest.raises(UserError, match="without one.*patches patches or --data.patches meanpool"):
         ActivationLoader(store, data_cfg(patches="cls"), batch_size=8, seed=0)
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+
+
+def read_all_chunks(reader: ChunkReader, n_imgs: int, ipc: int) -> np.ndarray:
+    out = []
+    for start in range(0, n_imgs, ipc):
+        dest = np.full((min(ipc, n_imgs - start), *reader.arr.shape[1:]), -7, reader.arr.dtype)
+        reader.read(start, dest)
+        out.append(dest)
+    return np.concatenate(out)
+
+
+def test_raw_chunk_reads_match_zarr_for_edge_and_empty_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_mod, "CHUNK_TARGET_BYTES", 2 * 5 * D * 4)
+    store, _ = plant(str(tmp_path), n_imgs=29)  # 2-image chunks, 4-image shards; the last chunk holds 1 image
+    arr = store.array(-2)
+    arr[8:10] = 0  # one inner chunk of fill values: not stored, its index entry is empty
+    arr[12:16] = 0  # a whole shard of them
+    reader = ChunkReader(arr)
+    assert reader._shard_dir is not None  # the raw path is taken on a local store
+    np.testing.assert_array_equal(read_all_chunks(reader, 29, 2), arr[:])
+
+
+def test_other_codecs_and_urls_read_through_zarr(tmp_path):
+    group = zarr.open_group(str(tmp_path / "z"), mode="w")
+    arr = group.create_array("a", shape=(10, 5, D), dtype="float32", chunks=(2, 5, D), shards=(4, 5, D))  # zstd
+    arr[:] = np.random.default_rng(0).normal(size=(10, 5, D))
+    reader = ChunkReader(arr)
+    assert reader._shard_dir is None
+    np.testing.assert_array_equal(read_all_chunks(reader, 10, 2), arr[:])
+    memory_store, _ = plant("memory://saev-loader-reader")
+    assert ChunkReader(memory_store.array(-2))._shard_dir is None
 
 
 # -- order --------------------------------------------------------------------------------------------------------
@@ -260,6 +305,17 @@ def test_stopping_early_ends_the_producer_thread(planted):
             break
     assert not any(t.name == "saev-loader" for t in threading.enumerate())
     assert loader.state_dict() == {"epoch": 0, "n_vectors_done": 3}
+
+
+def test_two_iterations_at_once_are_refused(planted):
+    store, _ = planted
+    loader = ActivationLoader(store, data_cfg(), batch_size=8, seed=0)
+    first = iter(loader)
+    next(first)
+    with pytest.raises(RuntimeError, match="already being iterated"):
+        next(iter(loader))
+    first.close()
+    assert len(next(iter(loader))) == 8
 
 
 def test_memory_url_store_loads(tmp_path):

@@ -1,0 +1,160 @@
+"""Loader throughput against a sequential numpy read of the same bytes, on a planted store of realistic shape.
+
+    .venv/bin/python benchmarks/bench_loader.py [--n-imgs 10000] [--batch-size 16384] [--buffer-chunks 32]
+
+Plants one ViT-B/32-like layer (50 tokens = CLS + 49 patches, d_vit 768, float32; 10,000 images = 1.5 GB) in a
+temporary folder on local disk, with the store's own layout (~4 MB inner chunks of whole images, 16 chunks per
+shard), then measures in one run:
+
+  (a) the shuffled loader, patches mode, one full epoch (no val split): patches/s and MB/s of store bytes read
+      (every token is read; the CLS token is dropped after the read, so 49/50 of the bytes are handed out);
+  (b) np.fromfile of every shard file of the layer, in order: the same bytes, read sequentially.
+
+Both run in two page-cache states. hot: every file was read just before, so both read from memory; (b) runs before
+and after (a) and the faster is the reference; the loader runs two epochs (the first pays one-time costs: the
+process's first large allocations, thread start-up). cold: before each run the files' pages are dropped from the
+page cache with posix_fadvise(DONTNEED) (no root needed), so both read from the disk. The ratio is (a) over the (b)
+of the same state; the goal is >= 0.9. compute_stats (one float64 pass, hot) is timed too.
+"""
+
+import argparse
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from saev_core import config  # noqa: E402
+from saev_core.loader import ActivationLoader, compute_stats  # noqa: E402
+from saev_core.store import ActivationStore  # noqa: E402
+
+N_PATCHES, D_VIT, CHUNKS_PER_SHARD = 49, 768, 16
+
+
+def plant(root: str, n_imgs: int) -> ActivationStore:
+    n_tokens = N_PATCHES + 1
+    imgs_per_chunk = (4 * 1024 * 1024) // (n_tokens * D_VIT * 4)
+    meta = {
+        "vit_family": "clip", "vit_ckpt": "bench/none", "d_vit": D_VIT, "layers": [-2], "resolved_layers": [10],
+        "n_patches_per_img": N_PATCHES, "cls_token": True, "n_imgs": n_imgs,
+        "n_patches_per_shard": CHUNKS_PER_SHARD * imgs_per_chunk * n_tokens, "data": {"kind": "bench"}, "seed": 0,
+        "dtype": "float32", "fingerprints": {"vit_ckpt": "bench", "images": "bench"},
+    }
+    store = ActivationStore.create(root, meta, [f"img{i}" for i in range(n_imgs)], [0] * n_imgs, ["bench"])
+    rng = np.random.default_rng(0)
+    for block in range(store.layout.n_blocks):
+        start, end = store.layout.block_range(block)
+        store.write_block(block, rng.standard_normal((1, end - start, n_tokens, D_VIT), dtype=np.float32))
+    return store
+
+
+def shard_files(store: ActivationStore) -> list[str]:
+    folder = os.path.join(store.path, "layer_-2")
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f != "zarr.json")
+
+
+def sequential_read(files: list[str]) -> float:
+    start = time.perf_counter()
+    for path in files:
+        np.fromfile(path, dtype=np.uint8)
+    return time.perf_counter() - start
+
+
+def drop_page_cache(files: list[str]) -> None:
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def loader_epoch(loader: ActivationLoader) -> tuple[int, float, float]:
+    """Vectors, seconds for the epoch, seconds to the first batch."""
+    start, n, first = time.perf_counter(), 0, None
+    for batch in loader:
+        n += len(batch)
+        first = first or time.perf_counter() - start
+    return n, time.perf_counter() - start, first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-imgs", type=int, default=10_000, help="images to plant (153.6 kB each)")
+    parser.add_argument("--batch-size", type=int, default=16_384)
+    parser.add_argument("--buffer-chunks", type=int, default=32)
+    parser.add_argument("--n-read-threads", type=int, default=2)
+    parser.add_argument("--dir", default=None, help="where the temporary store goes (default: the system temp dir)")
+    args = parser.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="bench-loader-", dir=args.dir)
+    try:
+        t0 = time.perf_counter()
+        store = plant(tmp, args.n_imgs)
+        files = shard_files(store)
+        gb = store.n_imgs * store.n_tokens * D_VIT * 4 / 1e9
+        chunk_mb = store.layout.imgs_per_chunk * store.n_tokens * D_VIT * 4 / 1e6
+        print(f"planted {store.n_imgs} images x {store.n_tokens} tokens x {D_VIT} float32 = {gb:.2f} GB in "
+              f"{len(files)} shards of {store.layout.imgs_per_shard} images, chunks of {store.layout.imgs_per_chunk} "
+              f"images ({chunk_mb:.1f} MB), in {time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs.")
+        cfg = config.DataLoad(shard_root=store.path, layer=-2, patches="patches", val_frac=0.0,
+                              buffer_chunks=args.buffer_chunks)
+        loader = ActivationLoader(store, cfg, batch_size=args.batch_size, seed=0, n_read_threads=args.n_read_threads)
+        n_patches = store.n_imgs * N_PATCHES
+
+        def epoch() -> tuple[float, float]:
+            n, seconds, first = loader_epoch(loader)
+            assert n == n_patches, n
+            return seconds, first
+
+        sequential_read(files)  # hot: everything read once before timing
+        seq_hot = [sequential_read(files)]
+        hot = [epoch(), epoch()]
+        seq_hot.append(sequential_read(files))
+
+        drop_page_cache(files)
+        seq_cold = [sequential_read(files)]
+        drop_page_cache(files)
+        cold = epoch()
+        drop_page_cache(files)
+        seq_cold.append(sequential_read(files))
+
+        sequential_read(files)
+        t0 = time.perf_counter()
+        compute_stats(store, -2, "patches")
+        t_stats = time.perf_counter() - t0
+
+        ref_hot, ref_cold = min(seq_hot), min(seq_cold)
+        rows = [
+            ("(b) np.fromfile in order, hot (best of 2)", ref_hot, None, ref_hot),
+            ("(a) loader, hot, epoch 0", *hot[0], ref_hot),
+            ("(a) loader, hot, epoch 1", *hot[1], ref_hot),
+            ("(b) np.fromfile in order, cold (best of 2)", ref_cold, None, ref_cold),
+            ("(a) loader, cold, epoch 2", *cold, ref_cold),
+            ("compute_stats, hot (float64, one pass)", t_stats, None, ref_hot),
+        ]
+        table = [("measurement", "s", "1st batch s", "patches/s", "MB/s", "ratio")]
+        for name, seconds, first, ref in rows:
+            patches = "" if name.startswith("(b)") else f"{n_patches / seconds:,.0f}"
+            first = "" if first is None else f"{first:.2f}"
+            table.append((name, f"{seconds:.2f}", first, patches, f"{gb * 1e3 / seconds:,.0f}", f"{ref / seconds:.2f}"))
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        table.insert(1, tuple("-" * w for w in widths))
+        print()
+        for r in table:
+            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        print(f"\nMB/s: store bytes read per second ({gb:.2f} GB; the loader hands out 49/50 of them). ratio: over "
+              f"(b) in the same cache state; goal >= 0.9. Loader: batch {args.batch_size}, buffer "
+              f"{args.buffer_chunks} chunks, {args.n_read_threads} read threads.")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
