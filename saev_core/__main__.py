@@ -17,7 +17,7 @@ from saev_core.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class RunPipeline:
-    """Run every stage of a pipeline file (TOML): for now, record its [activations]."""
+    """Run every stage of a pipeline file (TOML): record its [activations], then train its [sweep] on every layer."""
 
     path: str | None = None
     """Pipeline file; None means $SAEV_PIPELINE, else the embedded demo pipeline."""
@@ -53,22 +53,40 @@ def run_activations(cfg: config.Activations) -> str:
 def run_train(cfg: config.Train) -> str:
     from saev_core import training
 
-    results = training.train_main(cfg)
+    report_members(training.train_main(cfg))
+    return os.path.join(cfg.ckpt_path, "sweep.csv")
+
+
+def report_members(results) -> None:
     for result in results:
         m = result.metrics
         print(
             f"{result.member_id}: {result.cfg.sae.arch} d_sae={result.cfg.sae.d_sae} lr={result.cfg.lr:g} "
             f"NMSE={m['nmse']:.4f} L0={m['l0']:.1f} dead={m['frac_dead']:.1%} -> {result.ckpt_path}"
         )
-    return os.path.join(cfg.ckpt_path, "sweep.csv")
 
 
 def run_pipeline(cmd: RunPipeline) -> str:
     from saev_core import pipeline
 
+    import pandas as pd
+
+    from saev_core import plots, training
+
     pipe = pipeline.load_pipeline(cmd.path)
     pipeline.prepare_demo_checkpoint(pipe)
-    return run_activations(pipe.activations)
+    store_path = run_activations(pipe.activations)
+    print(store_path)
+    for layer in pipe.activations.vit_layers:
+        cfgs = pipe.sweep_for(layer, store_path)
+        report_members(training.train_sweep(cfgs))
+        csv = os.path.join(cfgs[0].ckpt_path, "sweep.csv")
+        png = os.path.join(cfgs[0].ckpt_path, "l0_vs_nmse.png")
+        with open(png, "wb") as f:
+            f.write(plots.l0_vs_nmse_png(pd.read_csv(csv), f"layer {layer}"))
+        print(csv)
+        print(png)
+    return pipe.train.ckpt_path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -156,7 +156,7 @@ class Train:
     data: DataLoad = dataclasses.field(default_factory=DataLoad)
     sae: SparseAutoencoder = dataclasses.field(default_factory=SparseAutoencoder)
     n_patches: int = 100_000_000
-    """Training vectors to read (capped by the store's size times n_epochs)."""
+    """Training vectors to read (sae_batch_size per step; epochs over the store cycle as needed)."""
     sae_batch_size: int = 16_384
     """Vectors per SAE step."""
     lr: float = 4e-4

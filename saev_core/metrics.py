@@ -123,3 +123,16 @@ class ReconstructionMetrics:
             "frac_almost_dead": n_almost_dead / d_sae,
             "frac_dense": n_dense / d_sae,
         }
+
+
+def sweep_problems(rows: list[dict], max_frac_dead: float) -> list[str]:
+    """What is wrong with a trained sweep, one line per problem (empty when healthy): NaN metrics, or more dead
+    latents than ``max_frac_dead``. rows: one dict per member with ``member_id`` and the held-out metrics."""
+    problems = []
+    for row in rows:
+        values = [row.get(k) for k in ("nmse", "ev", "mse", "l0", "l1", "frac_dead")]
+        if any(v is None or v != v for v in values):
+            problems.append(f"{row['member_id']}: NaN in its held-out metrics")
+        elif row["frac_dead"] > max_frac_dead:
+            problems.append(f"{row['member_id']}: {row['frac_dead']:.1%} dead latents (bound {max_frac_dead:.0%})")
+    return problems

@@ -11,22 +11,38 @@ import os
 import tomllib
 import typing
 
-from saev_core import config
+from saev_core import config, sweep
 from saev_core.errors import UserError
 
 DATA_KINDS: dict[str, type] = {
     "embedded-dataset": config.EmbeddedDataset,
     "image-folder-dataset": config.ImageFolderDataset,
 }
-TABLES = ("activations", "train", "sweep", "visuals", "demo")
+TABLES = ("activations", "train", "sweep", "checks", "visuals", "demo")
 
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
     path: str
     activations: config.Activations
+    train: config.Train = dataclasses.field(default_factory=config.Train)
+    """[train]: the base of every layer's sweep (data.shard_root and data.layer are filled in per layer)."""
+    sweep: dict = dataclasses.field(default_factory=dict)
+    """[sweep]: lists to sweep over, as in `train --sweep` (tables [sweep.sae], [sweep.data], top-level keys)."""
     random_vit: bool = False
     """[demo] random_vit: create random weights at vit_ckpt's local path when the file is missing."""
+    max_frac_dead: float = 0.5
+    """[checks] max_frac_dead: a sweep member with more dead latents than this fails the sweep's check."""
+
+    def sweep_for(self, layer: int, store_path: str) -> list[config.Train]:
+        """Every member config of one layer's sweep, trained on that layer of the given store. Checkpoints go to
+        <train.ckpt_path>/layer_<layer>/<member_id>."""
+        base = dataclasses.replace(
+            self.train,
+            data=dataclasses.replace(self.train.data, shard_root=store_path, layer=layer),
+            ckpt_path=os.path.join(self.train.ckpt_path, f"layer_{layer}"),
+        )
+        return sweep.grid(base, self.sweep, source=f"[sweep] of {self.path}")
 
     def activations_for(self, layers: tuple[int, ...], **overrides) -> config.Activations:
         """The [activations] config restricted to some of its layers (one Dagster run records the selected
@@ -73,18 +89,25 @@ def load_pipeline(path: str | None = None) -> Pipeline:
         )
     data = from_table(DATA_KINDS[kind](), data_table, "activations.data", path)
     activations = from_table(config.Activations(data=data), acts_table, "activations", path)
-    demo = doc.get("demo", {})
-    return Pipeline(path=path, activations=activations, random_vit=bool(demo.get("random_vit", False)))
+    train = from_table(config.Train(), doc.get("train", {}), "train", path)
+    pipe = Pipeline(
+        path=path, activations=activations, train=train, sweep=doc.get("sweep", {}),
+        random_vit=bool(doc.get("demo", {}).get("random_vit", False)),
+        max_frac_dead=_checks_fraction(doc.get("checks", {}), "max_frac_dead", 0.5, path),
+    )
+    pipe.sweep_for(activations.vit_layers[0], "<store>")  # check the [sweep] table now, not at training time
+    return pipe
 
 
 def from_table(base, table: dict, where: str, source: str):
     """``base`` with the values of a TOML table (no sweeping: lists are values), every key and type checked."""
-    from saev_core import sweep
-
     hints = typing.get_type_hints(type(base))
     names = [f.name for f in dataclasses.fields(base)]
     changes = {}
     for key, value in table.items():
+        if key in names and dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            changes[key] = from_table(getattr(base, key), value, f"{where}.{key}", source)
+            continue
         if key not in names or dataclasses.is_dataclass(hints[key]) or key == "data":
             close = difflib.get_close_matches(key, names, n=2)
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
@@ -96,6 +119,16 @@ def from_table(base, table: dict, where: str, source: str):
                 f"{where}.{key} = {value!r} in {source}: expected {sweep.describe_type(hints[key])}."
             ) from None
     return dataclasses.replace(base, **changes)
+
+
+def _checks_fraction(table: dict, key: str, default: float, source: str) -> float:
+    unknown = set(table) - {key}
+    if unknown:
+        raise UserError(f"Unknown key(s) {sorted(unknown)} in [checks] of {source}; allowed: {key}.")
+    value = table.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise UserError(f"checks.{key} = {value!r} in {source}: expected a fraction between 0 and 1.")
+    return float(value)
 
 
 def prepare_demo_checkpoint(pipe: Pipeline) -> None:

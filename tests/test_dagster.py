@@ -16,6 +16,7 @@ from dagster._core.definitions.observe import observe  # not exported by dagster
 
 from saev_core.store import ActivationStore
 from saev_dagster.assets.activations import build_activations_asset
+from saev_dagster.assets.sae_sweep import build_sae_sweep_asset
 from saev_dagster.assets.sources import image_source, vit_checkpoint
 from saev_dagster.automation import automation_sensor
 from saev_dagster.partitions import layer_partitions
@@ -32,7 +33,12 @@ def own_ckpt(tmp_path, tiny_clip_ckpt) -> str:
 
 
 @pytest.fixture
-def pipeline_file(tmp_path, own_ckpt, monkeypatch):
+def max_frac_dead() -> float:
+    return 1.0
+
+
+@pytest.fixture
+def pipeline_file(tmp_path, own_ckpt, monkeypatch, max_frac_dead):
     write_images(tmp_path / "imgs", 6)
     path = tmp_path / "pipeline.toml"
     path.write_text(f"""
@@ -47,6 +53,28 @@ n_workers = 0
 [activations.data]
 kind = "image-folder-dataset"
 root = "{tmp_path / 'imgs'}"
+
+[train]
+n_patches = 2048
+sae_batch_size = 64
+lr = 1e-3
+n_lr_warmup = 2
+ckpt_path = "{tmp_path / 'ckpts'}"
+
+[train.data]
+val_frac = 0.2
+
+[train.sae]
+d_vit = 64
+exp_factor = 2
+arch = "topk"
+k = 4
+
+[sweep]
+lr = [1e-3, 3e-3]
+
+[checks]
+max_frac_dead = {max_frac_dead}
 """)
     monkeypatch.setenv("SAEV_PIPELINE", str(path))
     return path
@@ -168,3 +196,43 @@ def test_dagster_dev_serves_the_asset_graph(tmp_path):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _materialize_sweep(instance, partition: str):
+    parts = layer_partitions(LAYERS)
+    acts, sweep = build_activations_asset(parts), build_sae_sweep_asset(parts)
+    return dg.materialize([acts, sweep], selection=[sweep.key], instance=instance, partition_key=partition,
+                          raise_on_error=False)
+
+
+def test_sae_sweep_trains_the_pipelines_grid_on_the_recorded_layer(pipeline_file, tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    assert _materialize_all_layers(instance).success
+    result = _materialize_sweep(instance, "-1")
+    assert result.success
+    (mat,) = result.asset_materializations_for_node("sae_sweep")
+    assert mat.partition == "-1" and mat.metadata["n_members"].value == 2
+    assert "data:image/png;base64," in mat.metadata["l0_vs_nmse"].value
+    csv = mat.metadata["sweep_csv"].value
+    assert csv == str(tmp_path / "ckpts" / "layer_-1" / "sweep.csv")
+    import pandas as pd
+
+    rows = pd.read_csv(csv)
+    assert sorted(rows["lr"]) == [1e-3, 3e-3] and (rows["data.layer"] == -1).all()
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed
+
+
+@pytest.mark.parametrize("max_frac_dead", [0.0])
+def test_sae_sweep_check_fails_when_too_many_latents_are_dead(pipeline_file):
+    instance = dg.DagsterInstance.ephemeral()
+    assert _materialize_all_layers(instance).success
+    result = _materialize_sweep(instance, "0")
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and "dead latents" in check.metadata["problems"].value
+
+
+def test_sae_sweep_before_activations_is_a_clear_failure(pipeline_file):
+    result = _materialize_sweep(dg.DagsterInstance.ephemeral(), "0")
+    assert not result.success
+    assert "activations[0] has never been materialized" in str(result.failure_data_for_node("sae_sweep").error)

@@ -26,6 +26,8 @@ from saev_core.loader import ActivationLoader, normalization, split_images
 from saev_core.store import ActivationStore
 
 D = 16
+DEVICE = os.environ.get("SAEV_TEST_DEVICE", "cpu")
+"""SAEV_TEST_DEVICE=cuda runs these tests on a GPU (equalities hold there too: each member repeats the same kernels)."""
 
 
 def plant(root, acts: np.ndarray, imgs_per_shard: int = 50, key: str = "x") -> ActivationStore:
@@ -59,7 +61,7 @@ def train_cfg(store: ActivationStore, ckpt, **kw) -> config.Train:
                                       "dead_after_n_patches": 2000, **kw.pop("sae", {})})
     base = dict(data=config.DataLoad(shard_root=store.path, layer=-2), sae=sae, n_patches=40 * 128,
                 sae_batch_size=128, lr=1e-3, n_lr_warmup=5, ckpt_path=str(ckpt), ckpt_every=10, log_every=5,
-                device="cpu")
+                device=DEVICE)
     return config.Train(**{**base, **kw})
 
 
@@ -190,7 +192,9 @@ def test_outputs_sweep_csv_provenance_and_finished_members_are_not_retrained(sto
     assert sorted(os.listdir(folder)) == ["config.json", "latent_stats.npz", "metrics.json", "metrics.jsonl", "sae.pt"]
     assert not glob.glob(str(tmp_path / "group-*.json"))
     with open(os.path.join(folder, "config.json")) as f:
-        assert f.read() and json.load(open(os.path.join(folder, "config.json")))["sae"]["arch"] == "topk"
+        assert json.load(f) == json.loads(json.dumps(dataclasses.asdict(results[0].cfg)))
+    with open(os.path.join(folder, "metrics.json")) as f:
+        assert json.load(f) == results[0].metrics
     prov = nn.load(results[0].ckpt_path).provenance
     assert prov["store"] == store.path and prov["layer"] == -2 and prov["token_mode"] == "patches"
     assert prov["member_id"] == results[0].member_id and prov["steps"] == 12 and prov["vit_family"] == "clip"
@@ -222,9 +226,9 @@ def test_topk_sae_recovers_a_planted_dictionary_through_the_cli(tmp_path, capsys
 
     rc = main(["train", "--data.shard-root", store.path, "--data.layer", "-2", "--sae.d-vit", str(d),
                "--sae.arch", "topk", "--sae.k", str(k), "--sae.exp-factor", str(2 * n_atoms // d),
-               "--sae.dead-after-n-patches", "20000", "--lr", "1e-3", "--n-lr-warmup", "50",
-               "--n-patches", str(1000 * 1024), "--sae-batch-size", "1024", "--ckpt-path", str(tmp_path / "ckpt"),
-               "--device", "cpu", "--log-every", "200"])
+               "--sae.dead-after-n-patches", "20000", "--lr", "3e-3", "--n-lr-warmup", "50",
+               "--n-patches", str(600 * 256), "--sae-batch-size", "256", "--ckpt-path", str(tmp_path / "ckpt"),
+               "--device", DEVICE, "--log-every", "200"])
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and out[-1] == str(tmp_path / "ckpt" / "sweep.csv")
     [ckpt] = glob.glob(str(tmp_path / "ckpt" / "*" / "sae.pt"))
@@ -323,7 +327,7 @@ def test_sae_d_vit_that_differs_from_the_store_is_refused(store, tmp_path, capsy
 
     with pytest.raises(UserError) as err:
         training.train_sweep([train_cfg(store, tmp_path, sae={"d_vit": 512})], show_progress=False)
-    assert str(err.value) == (f"--sae.d-vit 512 does not match the store's d_vit {D} ({store.path}); "
+    assert str(err.value).rstrip(".") == (f"--sae.d-vit 512 does not match the store's d_vit {D} ({store.path}); "
                               f"pass --sae.d-vit {D}")
     rc = main(["train", "--data.shard-root", store.path, "--sae.d-vit", "512", "--ckpt-path", str(tmp_path)])
     assert rc == 2 and "--sae.d-vit 512 does not match" in capsys.readouterr().err

@@ -1,0 +1,32 @@
+"""Pictures of results: people would rather look at these than at tables."""
+
+import io
+
+import pandas as pd
+
+
+def l0_vs_nmse_png(sweep: pd.DataFrame, title: str = "") -> bytes:
+    """The sparsity / reconstruction trade-off of a sweep (one point per member, coloured by architecture), as PNG.
+
+    sweep: rows as in sweep.csv (columns ``l0``, ``nmse``, ``sae.arch``, ``member_id``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
+    for arch, rows in sweep.groupby("sae.arch"):
+        ax.scatter(rows["l0"], rows["nmse"], label=arch, s=30)
+        for _, row in rows.iterrows():
+            ax.annotate(str(row["member_id"])[:6], (row["l0"], row["nmse"]), fontsize=6, alpha=0.7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("L0 (active latents per vector)")
+    ax.set_ylabel("NMSE (held out)")
+    ax.set_title(title or "SAE sweep: sparsity vs reconstruction", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

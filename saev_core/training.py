@@ -1,0 +1,500 @@
+"""Train a sweep of SAEs: every group of configs that can share a data pass trains in ONE pass over the store.
+
+``split_cfgs`` groups the configs; each group gets one ``ActivationLoader`` and every batch goes to the device
+once and then through each member in turn. Members share nothing but that batch (own weights, own Adam, own
+schedule, no shared random state), so training K SAEs together gives the weights each would get alone.
+
+Per member and step: lr = ``lr_at(step)`` (linear warm-up over ``n_lr_warmup`` steps, then linear decay that
+reaches 0 just after the last step), ``sae.sparsity_scale = min(1, step / n_sparsity_warmup)``, backward,
+``before_optimizer_step()``, gradient clipping to ``max_grad_norm`` (off when <= 0), Adam step,
+``after_optimizer_step()``. Steps = ``n_patches // sae_batch_size``; epochs cycle and an epoch's short last batch
+is skipped, so every step sees a full batch.
+
+Files, per member ``<ckpt_path>/<member_id>/``: ``config.json``, ``metrics.jsonl`` (one line per log step),
+``train_state-<step>.pt`` while training, and when done ``sae.pt``, ``latent_stats.npz`` (firing frequency and
+mean value per latent on held-out data) and ``metrics.json`` (written last: its presence with ``sae.pt`` marks the
+member finished, and a rerun skips it). ``<ckpt_path>/sweep.csv`` has one row per member.
+
+Resume: every ``ckpt_every`` steps (before the last) each member writes ``train_state-<step>.pt`` (weights,
+buffers, Adam state, step, loader position, schedule values), each atomically, and only then the group pointer
+``<ckpt_path>/group-<hash of the member ids>.json`` naming that step is replaced; older state files go after
+that. A kill at any moment leaves the pointer naming a step whose files all exist. A rerun of the same command
+loads them and continues; the result equals an uninterrupted run's.
+"""
+
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from saev_core import config, nn
+from saev_core.errors import UserError
+from saev_core.loader import ActivationLoader, normalization
+from saev_core.metrics import ReconstructionMetrics
+from saev_core.store import ActivationStore
+from saev_core.sweep import grid, load_sweep, member_id, split_cfgs
+
+logger = logging.getLogger(__name__)
+
+OnLog = Callable[[int, str, dict], None]
+"""``on_log(step, member_id, record)``: called at every log step of every member with its metrics.jsonl record."""
+
+SUMMARY_METRICS = ("nmse", "ev", "mse", "l0", "l1", "frac_dead", "frac_dense")
+"""The held-out metrics that go in sweep.csv."""
+
+STATE_RE = re.compile(r"train_state-(\d+)\.pt$")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberResult:
+    member_id: str
+    """12 hex digits naming the member's settings (``sweep.member_id``)."""
+    cfg: config.Train
+    """The member's full config."""
+    ckpt_path: str
+    """Its checkpoint file ``<ckpt_path>/<member_id>/sae.pt`` (load with ``nn.load``)."""
+    metrics: dict
+    """Held-out metrics (scalars: nmse, ev, mse, l0, l1, frac_dead, frac_dense, ...) as in metrics.json."""
+
+
+@dataclasses.dataclass
+class _Member:
+    cfg: config.Train
+    id: str
+    folder: str
+    sae: nn.SparseAutoencoder
+    optimizer: torch.optim.Optimizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_main(cfg: config.Train) -> list[MemberResult]:
+    """The ``train`` command: one SAE, or the grid that ``cfg.sweep`` (a TOML file) expands to around ``cfg``."""
+    cfgs = grid(cfg, load_sweep(cfg.sweep), source=cfg.sweep) if cfg.sweep else [cfg]
+    return train_sweep(cfgs)
+
+
+def train_sweep(
+    cfgs: list[config.Train], show_progress: bool = True, on_log: OnLog | None = None
+) -> list[MemberResult]:
+    """Train every config, one data pass per group; returns one result per config, in input order."""
+    by_id: dict[str, MemberResult] = {}
+    groups = split_cfgs(cfgs)
+    for i, group in enumerate(groups):
+        unique = list({member_id(c): c for c in group}.values())  # identical configs train once
+        desc = f"group {i + 1}/{len(groups)} ({len(unique)} SAEs)"
+        for result in train_group(unique, show_progress=show_progress, on_log=on_log, desc=desc):
+            by_id[result.member_id] = result
+    results = [by_id[member_id(c)] for c in cfgs]
+    for folder in dict.fromkeys(c.ckpt_path for c in cfgs):
+        write_sweep_csv([r for r in results if r.cfg.ckpt_path == folder], os.path.join(folder, "sweep.csv"))
+    return results
+
+
+def train_group(
+    cfgs: list[config.Train], show_progress: bool = True, on_log: OnLog | None = None, desc: str = ""
+) -> list[MemberResult]:
+    """Train configs that share every data-pass field in one pass; finished members are read back, not retrained."""
+    base = cfgs[0]
+    store = ActivationStore.open(base.data.shard_root)
+    store.array(base.data.layer)  # a missing layer: the store's UserError
+    for cfg in cfgs:
+        if cfg.sae.d_vit != store.d_vit:
+            raise UserError(
+                f"--sae.d-vit {cfg.sae.d_vit} does not match the store's d_vit {store.d_vit} ({store.path}); "
+                f"pass --sae.d-vit {store.d_vit}."
+            )
+    n_steps = base.n_patches // base.sae_batch_size
+    if n_steps < 1:
+        raise UserError(
+            f"--n-patches {base.n_patches} is less than one batch (--sae-batch-size {base.sae_batch_size}): "
+            "nothing to train. Raise --n-patches or lower --sae-batch-size."
+        )
+    folders = {member_id(c): os.path.join(base.ckpt_path, member_id(c)) for c in cfgs}
+    todo = [c for c in cfgs if not _is_finished(folders[member_id(c)])]
+    for c in cfgs:
+        if c not in todo:
+            logger.info("%s is already trained (%s); not training it again.", member_id(c), folders[member_id(c)])
+    if todo:
+        _train_members(todo, store, n_steps, show_progress, on_log, desc, _group_file(base.ckpt_path, folders))
+    return [_read_result(c, folders[member_id(c)]) for c in cfgs]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training one group
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _train_members(
+    cfgs: list[config.Train], store: ActivationStore, n_steps: int, show_progress: bool,
+    on_log: OnLog | None, desc: str, group_file: str,
+) -> None:
+    base = cfgs[0]
+    device = config.resolve_device(base.device)
+    train_loader = ActivationLoader(store, base.data, base.sae_batch_size, base.seed, "train",
+                                    pin_memory=device == "cuda")
+    val_loader = ActivationLoader(store, base.data, base.sae_batch_size, base.seed, "val")
+    if train_loader.n_vectors < base.sae_batch_size:
+        raise UserError(
+            f"The training split of {store.path} has {train_loader.n_vectors} vectors, fewer than one batch "
+            f"(--sae-batch-size {base.sae_batch_size}). Lower --sae-batch-size or record more images."
+        )
+    mean, scale, b_dec = _normalization(store, base.data)
+    members = [_make_member(c, mean, scale, b_dec, device) for c in cfgs]
+    start, loader_state = _load_train_state(group_file, members, device)
+    if loader_state is not None:
+        train_loader.load_state_dict(loader_state)
+        logger.info("Resuming %d SAEs from step %d of %d (%s).", len(members), start, n_steps, group_file)
+    for m in members:
+        _prepare_log_file(m, cfg_json=dataclasses.asdict(m.cfg), keep_before=start)
+
+    def save(done: int) -> None:
+        _save_train_state(group_file, members, done, n_steps, train_loader.state_dict())
+
+    progress = _progress(show_progress, desc, n_steps, start, base.sae_batch_size)
+    with contextlib.closing(_full_batches(train_loader, base.sae_batch_size)) as batches, progress:
+        _run_steps(members, batches, start, n_steps, device, progress, on_log, save, group_file, store)
+
+    metrics = evaluate([m.sae for m in members], val_loader, device)
+    provenance = _provenance(store, base, n_steps)
+    for m, result in zip(members, metrics):
+        _write_member(m, result, {**provenance, "member_id": m.id})
+    _remove(group_file)
+
+
+def _run_steps(
+    members: list[_Member], batches: Iterator[Tensor], start: int, n_steps: int, device: str, progress,
+    on_log: OnLog | None, save: Callable[[int], None], group_file: str, store: ActivationStore,
+) -> None:
+    """The hot loop: each batch goes to the device once and through every member; logs, NaN checks, checkpoints."""
+    ckpt_every = max(1, min(m.cfg.ckpt_every for m in members))
+    first_bad = torch.full((len(members) + 1,), -1, dtype=torch.long, device=device)  # members..., data
+    t_last, n_since = time.perf_counter(), 0
+    for step in range(start, n_steps):
+        x: Float[Tensor, "batch d_vit"] = next(batches).to(device, non_blocking=True)
+        logging_now = [step % max(1, m.cfg.log_every) == 0 or step == n_steps - 1 for m in members]
+        stats = [train_step(m, x, step, n_steps, want) for m, want in zip(members, logging_now)]
+        first_bad = _track_nonfinite(first_bad, step, x, [s["loss"] for s in stats])
+        n_since += len(x)
+        progress.update(len(x))
+        done = step + 1
+        ckpt_now = done % ckpt_every == 0 and done < n_steps  # after the last step come the final files
+        if any(logging_now) or ckpt_now:
+            _raise_if_nonfinite(first_bad, members, group_file, store)
+            rate, t_last, n_since = n_since / max(time.perf_counter() - t_last, 1e-9), time.perf_counter(), 0
+            for m, s, want in zip(members, stats, logging_now):
+                if want:
+                    _log(m, step, s, rate, on_log)
+            if logging_now[0]:
+                progress.set_postfix(loss=f"{stats[0]['loss'].item():.4g}", refresh=False)
+        if ckpt_now:
+            save(done)
+
+
+def train_step(
+    m: _Member, x: Float[Tensor, "batch d_vit"], step: int, n_steps: int, with_stats: bool = False
+) -> dict[str, Tensor]:
+    """One optimiser step of one SAE; returns detached scalars: loss parts (and l0, l1 when ``with_stats``)."""
+    lr = lr_at(step, m.cfg.lr, m.cfg.n_lr_warmup, n_steps)
+    for group in m.optimizer.param_groups:
+        group["lr"] = lr
+    m.sae.sparsity_scale = sparsity_scale_at(step, m.cfg.n_sparsity_warmup)
+    _, f_x, loss = m.sae(x)
+    loss.total.backward()
+    m.sae.before_optimizer_step()
+    if m.cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(m.sae.parameters(), m.cfg.max_grad_norm)
+    m.optimizer.step()
+    m.sae.after_optimizer_step()
+    m.optimizer.zero_grad(set_to_none=True)
+    out = {"loss": loss.total.detach(), "mse": loss.mse.detach(), "sparsity": loss.sparsity.detach(),
+           "aux": loss.aux.detach()}
+    if with_stats:
+        f_x = f_x.detach()
+        out["l0"] = (f_x != 0).sum(dim=-1).float().mean()
+        out["l1"] = f_x.abs().sum(dim=-1).mean()
+    return out
+
+
+def lr_at(step: int, peak: float, n_warmup: int, n_steps: int) -> float:
+    """Learning rate of 0-based ``step``: peak * (step + 1) / n_warmup while warming up, then linear decay
+    peak * (n_steps - step) / (n_steps - n_warmup), which would reach 0 at step n_steps (one past the last)."""
+    if step < n_warmup:
+        return peak * (step + 1) / n_warmup
+    return peak * (n_steps - step) / max(1, n_steps - n_warmup)
+
+
+def sparsity_scale_at(step: int, n_warmup: int) -> float:
+    """Sparsity-coefficient warm-up factor: min(1, step / n_warmup); 1 without warm-up."""
+    return 1.0 if n_warmup <= 0 else min(1.0, step / n_warmup)
+
+
+@torch.no_grad()
+def evaluate(saes: list[nn.SparseAutoencoder], val_loader: ActivationLoader, device: str) -> list[dict]:
+    """One pass over the held-out split, every batch through every SAE (eval mode); metrics in raw space."""
+    accs = [ReconstructionMetrics() for _ in saes]
+    for sae in saes:
+        sae.eval()
+    for x in val_loader:
+        x = x.to(device, non_blocking=True)
+        for sae, acc in zip(saes, accs):
+            f_x = sae.encode(x)
+            acc.update(x, sae.decode(f_x), f_x)
+    return [acc.compute() for acc in accs]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces of the group pass
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _normalization(store: ActivationStore, data: config.DataLoad) -> tuple[np.ndarray, float, np.ndarray]:
+    """(mean, scale) for the SAE, and the data mean in normalised space (b_dec's start: 0 when scale_mean)."""
+    mean, scale = normalization(store, data)
+    if data.scale_mean:
+        return mean, scale, np.zeros(store.d_vit)
+    raw_mean, _ = normalization(store, dataclasses.replace(data, scale_mean=True, scale_norm=True))  # cached
+    return mean, scale, raw_mean * scale
+
+
+def _make_member(
+    cfg: config.Train, mean: np.ndarray, scale: float, b_dec: np.ndarray, device: str
+) -> _Member:
+    sae = nn.make_sae(cfg.sae)  # initialised on the CPU from cfg.sae.seed alone
+    sae.set_normalization(torch.from_numpy(mean), scale)
+    sae.init_b_dec(torch.from_numpy(b_dec))
+    sae = sae.to(device).train()
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    mid = member_id(cfg)
+    return _Member(cfg, mid, os.path.join(cfg.ckpt_path, mid), sae, optimizer)
+
+
+def _full_batches(loader: ActivationLoader, batch_size: int) -> Iterator[Tensor]:
+    """Full batches, epoch after epoch (each epoch's short last batch is skipped)."""
+    while True:
+        it = iter(loader)
+        try:
+            for x in it:
+                if len(x) == batch_size:
+                    yield x
+        finally:
+            it.close()
+
+
+def _track_nonfinite(first_bad: Tensor, step: int, x: Tensor, losses: list[Tensor]) -> Tensor:
+    """Record ``step`` as the first non-finite step of each member (and of the data); no device sync."""
+    bad = torch.stack([*(~torch.isfinite(loss) for loss in losses), ~torch.isfinite(x).all()])
+    return torch.where((first_bad < 0) & bad, step, first_bad)
+
+
+def _raise_if_nonfinite(first_bad: Tensor, members: list[_Member], group_file: str, store: ActivationStore):
+    steps = first_bad.tolist()
+    if max(steps) < 0:
+        return
+    kept = _read_json(group_file)
+    where = (f"the last good checkpoint is kept: {group_file} (step {kept['step']}; member files "
+             f"<member>/train_state-{kept['step']}.pt)" if kept else "no checkpoint had been written yet")
+    data_step = steps[-1]
+    if data_step >= 0 and data_step <= min((s for s in steps[:-1] if s >= 0), default=data_step):
+        raise UserError(
+            f"The activations of step {data_step} contain NaN or Inf ({store.path}, layer "
+            f"{members[0].cfg.data.layer}); every SAE of the group ({', '.join(m.id for m in members)}) stopped "
+            f"there, and {where}. Record the layer again (check the ViT checkpoint and --dtype)."
+        )
+    i = min((s, i) for i, s in enumerate(steps[:-1]) if s >= 0)[1]
+    m = members[i]
+    raise UserError(
+        f"SAE {m.id} ({m.cfg.sae.arch}, d_sae={m.cfg.sae.d_sae}, lr={m.cfg.lr:g}) got a non-finite loss at step "
+        f"{steps[i]}; training stopped and {where}. Lower --lr, raise --n-lr-warmup or lower --max-grad-norm."
+    )
+
+
+def _log(m: _Member, step: int, stats: dict[str, Tensor], patches_per_s: float, on_log: OnLog | None) -> None:
+    record = {
+        "step": step,
+        "lr": m.optimizer.param_groups[0]["lr"],
+        "sparsity_scale": m.sae.sparsity_scale,
+        **{k: float(v) for k, v in stats.items()},
+        "patches_per_s": patches_per_s,
+    }
+    with open(os.path.join(m.folder, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if on_log is not None:
+        on_log(step, m.id, record)
+
+
+def _progress(show: bool, desc: str, n_steps: int, start: int, batch_size: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n_steps * batch_size, initial=start * batch_size, unit="patch", unit_scale=True,
+                desc=desc or "train", disable=not show, dynamic_ncols=True)
+
+
+def _provenance(store: ActivationStore, cfg: config.Train, n_steps: int) -> dict:
+    meta = store.metadata
+    return {
+        "store": store.path, "store_key": meta.get("key"), "layer": cfg.data.layer,
+        "recorded_layer": store.recorded_layer(cfg.data.layer), "token_mode": cfg.data.patches,
+        "vit_family": meta.get("vit_family"), "vit_ckpt": meta.get("vit_ckpt"), "d_vit": store.d_vit,
+        "scale_mean": cfg.data.scale_mean, "scale_norm": cfg.data.scale_norm, "steps": n_steps,
+        "n_patches_seen": n_steps * cfg.sae_batch_size, "data_seed": cfg.seed,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files: train state (resume), logs, results
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _group_file(ckpt_path: str, folders: dict[str, str]) -> str:
+    digest = hashlib.sha256(",".join(sorted(folders)).encode()).hexdigest()[:12]
+    return os.path.join(ckpt_path, f"group-{digest}.json")
+
+
+def _save_train_state(group_file: str, members: list[_Member], done: int, n_steps: int, loader_state: dict):
+    """Every member's state file first, then the pointer, then the old files: a kill leaves a usable pointer."""
+    for m in members:
+        state = {
+            "member_id": m.id, "step": done, "n_steps": n_steps, "model": m.sae.state_dict(),
+            "optimizer": m.optimizer.state_dict(), "loader": loader_state,
+            "schedule": {"lr": m.optimizer.param_groups[0]["lr"], "sparsity_scale": m.sae.sparsity_scale},
+        }
+        _atomic_write(os.path.join(m.folder, f"train_state-{done}.pt"), lambda f, s=state: torch.save(s, f))
+    _write_json(group_file, {"step": done, "n_steps": n_steps, "members": [m.id for m in members],
+                             "time": time.time()})
+    for m in members:
+        for path in glob.glob(os.path.join(m.folder, "train_state-*.pt")):
+            if int(STATE_RE.search(path).group(1)) != done:
+                _remove(path)
+
+
+def _load_train_state(group_file: str, members: list[_Member], device: str) -> tuple[int, dict | None]:
+    """(first step to run, loader state) from the group pointer; (0, None) when there is nothing to resume."""
+    pointer = _read_json(group_file)
+    if pointer is None:
+        return 0, None
+    step = pointer["step"]
+    paths = [os.path.join(m.folder, f"train_state-{step}.pt") for m in members]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        logger.warning("Checkpoint %s names step %d but %s is missing; training from the start.",
+                       group_file, step, missing[0])
+        return 0, None
+    loader_state = None
+    for m, path in zip(members, paths):
+        state = torch.load(path, map_location=device, weights_only=True)
+        m.sae.load_state_dict(state["model"])
+        m.optimizer.load_state_dict(state["optimizer"])
+        loader_state = state["loader"]
+    return step, loader_state
+
+
+def _prepare_log_file(m: _Member, cfg_json: dict, keep_before: int) -> None:
+    """config.json, and metrics.jsonl without the lines of steps that will run again (all of them when fresh)."""
+    os.makedirs(m.folder, exist_ok=True)
+    _write_json(os.path.join(m.folder, "config.json"), cfg_json)
+    path = os.path.join(m.folder, "metrics.jsonl")
+    kept = []
+    if keep_before > 0 and os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if _logged_step(line) < keep_before]
+    _atomic_write(path, lambda f: f.write("".join(kept).encode()))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line a kill cut short (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def _write_member(m: _Member, metrics: dict, provenance: dict) -> None:
+    """sae.pt, latent_stats.npz, then metrics.json (last: marks the member finished), then drop the train state."""
+    nn.dump(m.folder, m.sae, provenance)
+    _atomic_write(os.path.join(m.folder, "latent_stats.npz"), lambda f: np.savez(
+        f, firing_freq=metrics["firing_freq"], mean_value=metrics["mean_value"]))
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, np.ndarray)}
+    _write_json(os.path.join(m.folder, "metrics.json"), scalars)
+    for path in glob.glob(os.path.join(m.folder, "train_state-*.pt")):
+        _remove(path)
+
+
+def _is_finished(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, nn.CKPT_NAME)) and os.path.isfile(os.path.join(folder, "metrics.json"))
+
+
+def _read_result(cfg: config.Train, folder: str) -> MemberResult:
+    metrics = _read_json(os.path.join(folder, "metrics.json"))
+    return MemberResult(member_id(cfg), cfg, os.path.join(folder, nn.CKPT_NAME), metrics)
+
+
+def write_sweep_csv(results: list[MemberResult], path: str) -> None:
+    """One row per member: member_id, the flattened config (``sae.arch``, ``lr``, ...), metrics, ckpt."""
+    import pandas as pd
+
+    rows = [
+        {"member_id": r.member_id, **_flatten(dataclasses.asdict(r.cfg)),
+         **{k: r.metrics.get(k, math.nan) for k in SUMMARY_METRICS}, "ckpt": r.ckpt_path}
+        for r in results
+    ]
+    _atomic_write(path, lambda f: f.write(pd.DataFrame(rows).to_csv(index=False).encode()))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _atomic_write(path: str, write: Callable) -> None:
+    """write(binary file) to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + "-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _write_json(path: str, obj) -> None:
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, default=str) + "\n").encode()))
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
