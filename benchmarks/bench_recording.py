@@ -3,13 +3,16 @@
 1. Throughput (images/s) of the full recording path (hooks + block buffers + zarr writes, including the final
    flush and completion marks) vs a bare forward pass of the same model on the same in-memory batches.
    Goal: >= 0.95.
-2. zarr write MB/s of the store's layout vs writing the same bytes with numpy to a raw file. Goal: >= 0.9.
+2. Store write MB/s (write_block) vs writing the same bytes with numpy to a raw file, both up to the disk
+   (os.sync() inside the timing: without it the first GB lands in the page cache at memory speed and the figure
+   measures copies, not writes); the median ratio of back-to-back pairs. Goal: >= 0.9.
 
     .venv/bin/python benchmarks/bench_recording.py [--arch ViT-B-32] [--n-imgs 128] [--device auto]
 """
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 
@@ -83,27 +86,47 @@ def bench_zarr_vs_numpy(args, tmp: str) -> None:
         ckpt, d_vit, n_blocks, n_patches_per_img = "none", 768, 12, 49
 
     def zarr_write() -> float:
-        store = make_store(os.path.join(tmp, f"z{time.time_ns()}"), FakeViT, args.write_imgs, [-2], [10],
-                           args.imgs_per_shard * n_tokens)
+        os.sync()
+        root = os.path.join(tmp, "z")
+        store = make_store(root, FakeViT, args.write_imgs, [-2], [10], args.imgs_per_shard * n_tokens)
         t0 = time.perf_counter()
         for block in range(store.layout.n_blocks):
             start, end = store.layout.block_range(block)
             store.write_block(block, data[None, start:end])
-        return time.perf_counter() - t0
+        os.sync()
+        elapsed = time.perf_counter() - t0
+        shutil.rmtree(root)  # every write starts from the same empty folder and a disk no fuller
+        return elapsed
 
     def numpy_write() -> float:
+        os.sync()
+        path = os.path.join(tmp, "raw.bin")
         t0 = time.perf_counter()
-        with open(os.path.join(tmp, f"raw{time.time_ns()}.bin"), "wb") as f:
+        with open(path, "wb") as f:
             data.tofile(f)
-        return time.perf_counter() - t0
+        os.sync()
+        elapsed = time.perf_counter() - t0
+        os.remove(path)
+        return elapsed
 
     zarr_write(), numpy_write()
-    times = [(zarr_write(), numpy_write()) for _ in range(args.repeats)]
-    t_zarr, t_np = min(t for t, _ in times), min(t for _, t in times)
-    print(f"\n== store writes vs raw numpy ({mb:.0f} MB, shards of {args.imgs_per_shard} images) ==")
-    print(f"numpy tofile      {mb / t_np:8.1f} MB/s")
-    print(f"zarr write_block  {mb / t_zarr:8.1f} MB/s")
-    print(f"ratio             {t_np / t_zarr:8.3f}   (goal >= 0.9)")
+    # The virtual disk's speed swings by 5x within a minute (bursts into the page cache, then throttled
+    # writeback), so best-of figures taken at different moments compare different disks. Instead each repeat is a
+    # back-to-back pair, in alternating order, and the ratio is the median of the pairs' ratios.
+    times = []
+    for k in range(args.write_repeats):
+        if k % 2:
+            t_np = numpy_write()
+            times.append((zarr_write(), t_np))
+        else:
+            times.append((zarr_write(), numpy_write()))
+    ratios = sorted(t_np / t_zarr for t_zarr, t_np in times)
+    print(f"\n== store writes vs raw numpy ({mb:.0f} MB, shards of {args.imgs_per_shard} images, "
+          f"{args.write_repeats} pairs) ==")
+    print(f"numpy tofile      {mb / np.median([t for _, t in times]):8.1f} MB/s (median)")
+    print(f"store write_block {mb / np.median([t for t, _ in times]):8.1f} MB/s (median)")
+    print(f"ratio             {np.median(ratios):8.3f}   (median of pairs; range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
+          "goal >= 0.9)")
 
 
 def main() -> None:
@@ -113,7 +136,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--imgs-per-shard", type=int, default=64)
     parser.add_argument("--write-imgs", type=int, default=2048, help="images in the write benchmark (x 153.6 kB)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="pairs of the recording benchmark")
+    parser.add_argument("--write-repeats", type=int, default=7, help="pairs of the write benchmark")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -154,7 +154,9 @@ class Train:
     """Train one SAE, or a sweep of SAEs in one pass over the data."""
 
     data: DataLoad = dataclasses.field(default_factory=DataLoad)
+    """Which activations to train on (--data.*)."""
     sae: SparseAutoencoder = dataclasses.field(default_factory=SparseAutoencoder)
+    """The SAE (--sae.*); a sweep varies these per member."""
     n_patches: int = 100_000_000
     """Training vectors to read (sae_batch_size per step; epochs over the store cycle as needed)."""
     sae_batch_size: int = 16_384
@@ -176,6 +178,7 @@ class Train:
     log_every: int = 50
     """Steps between metric logs."""
     device: Device = "auto"
+    """Where the SAEs train: auto picks cuda when available."""
     seed: int = 42
     """Data-order seed and base of the SAE seeds."""
 

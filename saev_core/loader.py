@@ -30,11 +30,9 @@ split seed or ``val_frac``; the held-out images lend the SAE two summary numbers
 
 import collections
 import concurrent.futures
-import json
 import math
 import os
 import queue
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -43,12 +41,11 @@ import numpy as np
 import torch
 import zarr
 import zarr.buffer.cpu
-import zarr.storage
 from jaxtyping import Float
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.store import ActivationStore
+from saev_core.store import EMPTY_CHUNK, ActivationStore, PlainShardLayout
 
 TOKEN_MODES = ("patches", "cls", "meanpool")
 
@@ -142,62 +139,42 @@ def _vectors(x: np.ndarray, patches: str, first_patch: int) -> Float[np.ndarray,
 # Reading whole chunks
 # ----------------------------------------------------------------------------------------------------------------
 
-_EMPTY = np.uint64(2**64 - 1)  # shard index entry of a chunk that was never stored (all fill value)
-
 
 class ChunkReader:
     """Reads whole inner chunks of a layer array (images [start, start + n)) into a caller's buffer.
 
-    On a local disk, when the array has exactly the codecs ``ActivationStore.create`` writes (a shard of
-    uncompressed little-endian inner chunks, index at the end), a chunk's bytes are the array's bytes: they are read
-    with one ``os.preadv`` straight into the buffer, as fast as ``np.fromfile`` (~10 GB/s from the page cache
-    here); zarr's own read path makes two more copies and ran at 4-4.7 GB/s. Anything else (other codecs, fsspec
-    URLs), or a shard index that does not look right, goes through zarr.
+    On a local disk, when the array has exactly the codecs ``ActivationStore.create`` writes
+    (``PlainShardLayout``), a chunk's bytes are the array's bytes: they are read with one ``os.preadv`` straight
+    into the buffer, as fast as ``np.fromfile`` (~10 GB/s from the page cache here); zarr's own read path makes two
+    more copies and ran at 4-4.7 GB/s. Anything else (other codecs, fsspec URLs), or a shard index that does not
+    look right (wrong size or checksum), goes through zarr.
     """
 
     def __init__(self, arr: zarr.Array):
         self.arr = arr
-        self._shard_dir: str | None = None
+        self._plain = PlainShardLayout.of(arr)
+        self._shard_dir = self._plain.folder if self._plain is not None else None
         self._indexes: dict[int, np.ndarray] = {}
-        shards, chunks = arr.shards, arr.chunks
-        little = {"name": "bytes", "configuration": {"endian": "little"}}
-        expected = [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": list(chunks), "codecs": [little], "index_codecs": [little, {"name": "crc32c"}],
-            "index_location": "end",
-        }}]
-        if (
-            isinstance(arr.store, zarr.storage.LocalStore)
-            and sys.byteorder == "little"
-            and shards is not None
-            and tuple(chunks[1:]) == tuple(arr.shape[1:]) == tuple(shards[1:])
-            and _plain(arr.metadata.to_dict()["codecs"]) == expected
-        ):
-            self._shard_dir = os.path.join(str(arr.store.root), arr.path)
-            self._chunks_per_shard = shards[0] // chunks[0]
-            self._chunk_bytes = math.prod(chunks) * arr.dtype.itemsize
 
     def read(self, start: int, dest: np.ndarray) -> None:
         """Fill dest [n, tokens, d] (C-contiguous, the array's dtype) with images start..start+n-1 of one chunk."""
-        if self._shard_dir is None or not self._read_raw(start, dest):
+        if self._plain is None or not self._read_raw(start, dest):
             self.arr.get_basic_selection((slice(start, start + len(dest)),),
                                          out=zarr.buffer.cpu.NDBuffer.from_numpy_array(dest))
 
     def _open(self, start: int) -> tuple[int, int, int]:
         """(fd of the chunk's shard file, shard, inner chunk); FileNotFoundError when the shard was never stored."""
         chunk = start // self.arr.chunks[0]
-        shard, inner = divmod(chunk, self._chunks_per_shard)
-        path = os.path.join(self._shard_dir, self.arr.metadata.encode_chunk_key((shard, 0, 0)))
-        return os.open(path, os.O_RDONLY), shard, inner
+        shard, inner = divmod(chunk, self._plain.chunks_per_shard)
+        return os.open(self._plain.shard_path(shard), os.O_RDONLY), shard, inner
 
     def _index(self, fd: int, shard: int) -> np.ndarray:
-        """[chunks_per_shard, 2] (offset, nbytes) of the inner chunks; ValueError when the file is too short."""
+        """[chunks_per_shard, 2] (offset, nbytes) of the inner chunks; ValueError when it does not check out."""
         if shard not in self._indexes:
-            size = os.fstat(fd).st_size
-            index_bytes = 16 * self._chunks_per_shard + 4  # uint64 pairs, then a crc32c
-            if size < index_bytes:
+            size, n = os.fstat(fd).st_size, self._plain.index_nbytes
+            if size < n:
                 raise ValueError(f"shard {shard} is shorter than its index")
-            index = np.frombuffer(os.pread(fd, index_bytes, size - index_bytes)[:-4], dtype="<u8")
-            self._indexes[shard] = index.reshape(-1, 2)
+            self._indexes[shard] = self._plain.decode_index(os.pread(fd, n, size - n))
         return self._indexes[shard]
 
     def _read_raw(self, start: int, dest: np.ndarray) -> bool:
@@ -208,10 +185,10 @@ class ChunkReader:
             return True
         try:
             offset, nbytes = self._index(fd, shard)[inner]
-            if offset == _EMPTY and nbytes == _EMPTY:
+            if offset == EMPTY_CHUNK and nbytes == EMPTY_CHUNK:
                 dest[...] = self.arr.fill_value
                 return True
-            if nbytes != self._chunk_bytes or not dest.flags.c_contiguous or dest.dtype != self.arr.dtype:
+            if nbytes != self._plain.chunk_bytes or not dest.flags.c_contiguous or dest.dtype != self.arr.dtype:
                 return False
             view, done = memoryview(dest).cast("B"), 0  # an edge chunk is stored whole: read only dest's images
             while done < dest.nbytes:
@@ -224,11 +201,6 @@ class ChunkReader:
             return False
         finally:
             os.close(fd)
-
-
-def _plain(codecs: list) -> list:
-    """Codec metadata as plain lists and dicts (to_dict keeps tuples)."""
-    return json.loads(json.dumps(codecs))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,15 @@
 """The activation store on its own: planted data written with create/write_block, read back with zarr alone."""
 
+import os
+import pathlib
+
 import numpy as np
 import pytest
 import zarr
 
+from saev_core import store as store_mod
 from saev_core.errors import UserError
+from saev_core.loader import ChunkReader
 from saev_core.store import ActivationStore, plan_layout, store_key
 
 
@@ -144,3 +149,86 @@ def test_stats_round_trip(tmp_path):
     got_mean, got_scale = ActivationStore.open(store.path).read_stats(10 - 8, "patches")
     np.testing.assert_array_equal(got_mean, mean)
     assert got_scale == 0.5
+
+
+# -- the direct shard writer ---------------------------------------------------------------------------------------
+
+
+def tree(root) -> dict[str, bytes]:
+    """Every file under root: relative path -> bytes."""
+    root = pathlib.Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_two_chunk_store(root: str, acts: np.ndarray, monkeypatch) -> ActivationStore:
+    """A store of 10 images in shards of 4 and inner chunks of 2 (blocks 0, 1 whole, block 2 of 2 images)."""
+    dtype = np.dtype(acts.dtype)
+    monkeypatch.setattr(store_mod, "CHUNK_TARGET_BYTES", 2 * 5 * 8 * dtype.itemsize)
+    store = ActivationStore.create(root, planted_metadata(dtype=dtype.name), [f"i{i}" for i in range(10)],
+                                   [0] * 10, [""])
+    assert (store.layout.imgs_per_chunk, store.layout.imgs_per_shard) == (2, 4)
+    for block in range(store.layout.n_blocks):
+        start, end = store.layout.block_range(block)
+        store.write_block(block, acts[:, start:end])
+    return store
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_direct_shard_writes_are_byte_identical_to_zarr_and_read_back_with_plain_zarr(tmp_path, monkeypatch, dtype):
+    acts = np.random.default_rng(1).normal(size=(2, 10, 5, 8)).astype(dtype)
+    acts[0, 0:2] = 0  # an inner chunk of fill values: zarr leaves it out of the shard
+    acts[0, 6:8] = -0.0  # not the fill value bit for bit: zarr stores it
+    acts[1, 4:8] = 0  # a whole shard of fill values: zarr stores no file
+    direct_calls = []
+    original = store_mod.PlainShardLayout.write_shard
+    monkeypatch.setattr(store_mod.PlainShardLayout, "write_shard",
+                        lambda self, shard, data: (direct_calls.append(shard), original(self, shard, data)))
+    direct = write_two_chunk_store(str(tmp_path / "direct"), acts, monkeypatch)
+    assert sorted(direct_calls) == [0, 0, 1, 1]  # whole blocks of both layers; the partial last one went to zarr
+
+    monkeypatch.setattr(store_mod.PlainShardLayout, "of", classmethod(lambda cls, arr: None))
+    through_zarr = write_two_chunk_store(str(tmp_path / "zarr"), acts, monkeypatch)
+    assert direct.path.endswith(through_zarr.path.split("/")[-1])
+
+    got, want = tree(direct.path), tree(through_zarr.path)
+    assert "layer_-2/c/0/0/0" in got and "layer_-1/c/1/0/0" not in got
+    assert got.keys() == want.keys()  # no temporary file left behind either
+    for name in want:
+        assert got[name] == want[name], name
+    group = zarr.open_group(direct.path, mode="r")
+    np.testing.assert_array_equal(group["layer_-2"][:], acts[0])
+    np.testing.assert_array_equal(group["layer_-1"][:], acts[1])
+    assert np.signbit(group["layer_-2"][6:8]).all()
+    assert group["progress"][:].tolist() == [1, 1, 1]
+
+
+def test_a_wrong_shard_index_checksum_is_caught_by_zarr_and_the_reader(tmp_path, monkeypatch):
+    acts = np.random.default_rng(2).normal(size=(2, 10, 5, 8)).astype(np.float32)
+    store = write_two_chunk_store(str(tmp_path), acts, monkeypatch)
+    shard = pathlib.Path(store.path) / "layer_-2" / "c" / "1" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[-36] ^= 1  # the first chunk's offset (0 -> 1): readable, but the index's crc32c no longer matches
+    shard.write_bytes(bytes(raw))
+    arr = zarr.open_group(store.path, mode="r")["layer_-2"]
+    with pytest.raises(ValueError, match="checksum"):
+        arr[4:8]
+    with pytest.raises(ValueError, match="checksum"):
+        ChunkReader(arr).read(4, np.empty((2, 5, 8), np.float32))  # the raw path declines; zarr raises
+    np.testing.assert_array_equal(arr[0:4], acts[0, 0:4])  # other shards are untouched
+
+
+def test_a_shard_write_that_fails_midway_leaves_the_old_shard_and_no_mark(tmp_path, monkeypatch):
+    acts = np.random.default_rng(3).normal(size=(2, 10, 5, 8)).astype(np.float32)
+    store = write_two_chunk_store(str(tmp_path), acts, monkeypatch)
+    store.group["progress"][1] = 0
+    before = tree(store.path)
+
+    def write_half_then_die(fd, pieces):
+        os.write(fd, bytes(pieces[0][:100]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "_write_all", write_half_then_die)
+    with pytest.raises(OSError, match="No space"):
+        store.write_block(1, acts[:, 4:8] + 1)
+    assert tree(store.path) == before  # the old shard whole, no *.partial file
+    assert store.missing_blocks() == [1]
