@@ -35,35 +35,36 @@ def run(args, tmp: str) -> None:
         Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(f"{tmp}/imgs/c{i % 4}/{i}.png")
     weights = save_random_weights("clip", "ViT-B-32", f"{tmp}/vit.pt", seed=0)
     stores = {}
-    for device in ("cuda", "cpu"):
+    for device in (args.device, "cpu"):
         t0 = time.perf_counter()
         stores[device] = last_line(lambda: main([
             "activations", "--vit-ckpt", f"ViT-B-32/{weights}", "--vit-layers", "-2", "-1", "--device", device,
-            "--dump-to", f"{tmp}/acts-{device}", "--n-patches-per-shard", str(32 * 50 * 2), "--vit-batch-size", "32",
+            "--dump-to", f"{tmp}/acts-{device}-{len(stores)}", "--n-patches-per-shard", str(32 * 50 * 2), "--vit-batch-size", "32",
             "data:image-folder-dataset", "--data.root", f"{tmp}/imgs"]))
         print(f"recorded on {device} in {time.perf_counter() - t0:.1f} s")
-    gpu, cpu = (ActivationStore.open(stores[d]) for d in ("cuda", "cpu"))
+    gpu, cpu = (ActivationStore.open(stores[d]) for d in (args.device, "cpu"))
     for layer in (-2, -1):
         a, b = gpu.array(layer)[:], cpu.array(layer)[:]
         rel = np.abs(a - b).max() / np.abs(b).max()
-        print(f"layer {layer}: cuda vs cpu max |diff| {np.abs(a - b).max():.2e}, relative to max |x| {rel:.2e}")
+        print(f"layer {layer}: {args.device} vs cpu max |diff| {np.abs(a - b).max():.2e}, relative to max |x| {rel:.2e}")
     csv = last_line(lambda: main([
-        "train", "--data.shard-root", stores["cuda"], "--data.layer", "-2", "--sae.d-vit", "768",
+        "train", "--data.shard-root", stores[args.device], "--data.layer", "-2", "--sae.d-vit", "768",
         "--sae.arch", "topk", "--sae.k", "16", "--sae.exp-factor", "8", "--n-patches", "20000",
-        "--sae-batch-size", "1024", "--lr", "1e-3", "--n-lr-warmup", "2", "--device", "cuda",
+        "--sae-batch-size", "256", "--lr", "1e-3", "--n-lr-warmup", "2", "--device", args.device,
         "--ckpt-path", f"{tmp}/ckpts"]))
     print(open(csv).read())
     import pandas as pd
 
     from saev_core import nn
 
-    sae = nn.load(pd.read_csv(csv)["ckpt"][0], device="cuda")
+    sae = nn.load(pd.read_csv(csv)["ckpt"][0], device=args.device)
     print("loaded", type(sae).__name__, "on", next(sae.parameters()).device)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--n-imgs", type=int, default=64)
+    parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run(args, tmp)

@@ -201,6 +201,45 @@ def record_activations(
     )
 
 
+class HostCopier:
+    """Moves each batch's activations to the host without stalling the GPU.
+
+    On CUDA the copy goes asynchronously into one of two pinned staging buffers and is collected one batch later,
+    after the next forward has been queued: the copy and the host-side work overlap the next batch's compute.
+    On CPU it is a plain view."""
+
+    def __init__(self, device: str, dtype: np.dtype):
+        import torch
+
+        self.cuda = device.startswith("cuda")
+        self.dtype = getattr(torch, np.dtype(dtype).name)
+        self.staging: list = [None, None]
+        self.turn = 0
+
+    def start(self, acts) -> tuple:
+        """acts [batch, n_layers, n_tokens, d_vit] on the device -> a handle for ``finish``."""
+        import torch
+
+        acts = acts.transpose(0, 1).to(self.dtype)
+        if not self.cuda:
+            return acts, None
+        k, self.turn = self.turn, 1 - self.turn
+        if self.staging[k] is None or self.staging[k].shape != acts.shape:
+            self.staging[k] = torch.empty(acts.shape, dtype=self.dtype, pin_memory=True)
+        self.staging[k].copy_(acts, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return self.staging[k], event
+
+    @staticmethod
+    def finish(handle: tuple) -> np.ndarray:
+        """The host array [n_layers, batch, n_tokens, d_vit] of a started copy (valid until two more starts)."""
+        host, event = handle
+        if event is not None:
+            event.synchronize()
+        return host.numpy()
+
+
 def record_batches(
     store: ActivationStore,
     recorder,
@@ -213,6 +252,8 @@ def record_batches(
 ) -> RecordResult:
     """The hot loop: (pixels, index, label) batches aligned to ``blocks`` -> recorder -> block buffers -> writer.
 
+    Each batch is finished (copied into its block buffer, bad images zeroed, a full block handed to the writer)
+    one iteration late, so that on a GPU the next forward pass runs while the host does this work.
     An image whose label is BAD_IMAGE gets zero activations and valid=False after ``on_bad_image(index)``
     (which raises to stop instead)."""
     import torch
@@ -222,11 +263,28 @@ def record_batches(
     n_layers, n_tokens, d_vit = len(store.layers), store.n_tokens, store.d_vit
     n_todo = sum(end - start for start, end in map(store.layout.block_range, blocks))
     writer = BlockWriter(store)
+    copier = HostCopier(device, dtype)
     t0 = time.perf_counter()
-    n_skipped = n_done = 0
+    counts = {"done": 0, "skipped": 0}
     block_iter = iter(blocks)
-    buf = valid = None
+    block = buf = valid = pending = None
     start = end = 0
+
+    def finish(pending) -> None:
+        block, buf, valid, start, end, index, labels, handle = pending
+        buf[:, int(index[0]) - start:int(index[-1]) + 1 - start] = copier.finish(handle)
+        for i in index[labels == BAD_IMAGE].tolist():
+            on_bad_image(i)
+            valid[i - start] = False
+            buf[:, i - start] = 0
+            counts["skipped"] += 1
+        if int(index[-1]) + 1 == end:
+            writer.put(block, buf, valid)
+        counts["done"] += len(index)
+        bar.update(len(index))
+        if on_progress is not None:
+            on_progress(counts["done"], n_todo)
+
     try:
         with tqdm(total=n_todo, unit="img", desc="activations", disable=not show_progress) as bar:
             for pixels, index, labels in batches:
@@ -237,20 +295,12 @@ def record_batches(
                     valid = np.ones(end - start, dtype=bool)
                 with torch.inference_mode():
                     _, acts = recorder(pixels.to(device, non_blocking=True))
-                rows = slice(int(index[0]) - start, int(index[-1]) + 1 - start)
-                buf[:, rows] = acts.transpose(0, 1).to("cpu", torch.float32).numpy().astype(dtype, copy=False)
-                for i in index[labels == BAD_IMAGE].tolist():
-                    on_bad_image(i)
-                    valid[i - start] = False
-                    buf[:, i - start] = 0
-                    n_skipped += 1
-                if int(index[-1]) + 1 == end:
-                    writer.put(block, buf, valid)
-                    buf = None
-                bar.update(len(index))
-                n_done += len(index)
-                if on_progress is not None:
-                    on_progress(n_done, n_todo)
+                    handle = copier.start(acts)
+                if pending is not None:
+                    finish(pending)
+                pending = (block, buf, valid, start, end, index, labels, handle)
+            if pending is not None:
+                finish(pending)
     finally:
         writer.close()
     return RecordResult(
@@ -258,10 +308,10 @@ def record_batches(
         shape=(store.n_imgs, n_tokens, d_vit),
         layers=store.layers,
         n_blocks_written=len(blocks),
-        n_imgs_written=n_done,
-        bytes_written=n_done * n_tokens * d_vit * n_layers * dtype.itemsize,
+        n_imgs_written=counts["done"],
+        bytes_written=counts["done"] * n_tokens * d_vit * n_layers * dtype.itemsize,
         seconds=time.perf_counter() - t0,
-        n_skipped=n_skipped,
+        n_skipped=counts["skipped"],
     )
 
 

@@ -59,7 +59,8 @@ def independent_acts(family: str, ckpt: str, root: str, rels: list[str], blocks:
 def test_clip_vit_b32_store_equals_independent_hooks(capsys, tmp_path, vit_b32_ckpt):
     rels = write_images(tmp_path / "imgs", 6)
     path = record(capsys, vit_b32_ckpt, tmp_path / "imgs", tmp_path / "acts", "--vit-layers", "-2", "3",
-                  "--d-vit", "768", "--n-patches-per-img", "49", "--n-patches-per-shard", str(4 * 50 * 2))
+                  "--d-vit", "768", "--n-patches-per-img", "49", "--n-patches-per-shard", str(4 * 50 * 2),
+                  "--vit-batch-size", "3")  # batches of 3 in blocks of 4: partial batches and block changes
     store = ActivationStore.open(path)
     want = independent_acts("clip", vit_b32_ckpt, str(tmp_path / "imgs"), sorted(rels), [10, 3], lambda o: o)
     np.testing.assert_allclose(store.array(-2)[:], want[0], atol=1e-5, rtol=0)
