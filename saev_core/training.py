@@ -417,7 +417,7 @@ def _prepare_log_file(m: _Member, cfg_json: dict, keep_before: int) -> None:
     _atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
-def _logged_step(line: str) -> float:
+def _logged_step(line: str) -> int | float:
     """The step of a metrics.jsonl line; inf for a line a kill cut short (it is dropped)."""
     try:
         return json.loads(line)["step"]

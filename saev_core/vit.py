@@ -17,7 +17,7 @@ import difflib
 import hashlib
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -126,7 +126,7 @@ class VisionTransformer(nn.Module):
         family: str,
         ckpt: str,
         arch: str,
-        residual_blocks: Sequence[nn.Module],
+        residual_blocks: Iterable[nn.Module],
         d_vit: int,
         grid: tuple[int, int],
         has_cls: bool,

@@ -159,10 +159,11 @@ def test_tokens_first_block_outputs_are_transposed_to_batch_first():
     class TokensFirst(torch.nn.Module):
         def __init__(self):
             super().__init__()
+            self.embed = torch.nn.Linear(3, 8)  # RGB pixel -> token, as a patch embedding would
             self.blocks = blocks
 
         def forward(self, x):
-            t = x.flatten(2).transpose(1, 2)[..., :8]  # [B, 5 tokens, 8]
+            t = self.embed(x.flatten(2).transpose(1, 2))  # [B, 5 tokens, 8]
             t = t.transpose(0, 1)  # [5, B, 8]
             for b in self.blocks:
                 t = b(t)
@@ -172,7 +173,7 @@ def test_tokens_first_block_outputs_are_transposed_to_batch_first():
         TokensFirst(), family="clip", ckpt="toy", arch="toy", residual_blocks=blocks, d_vit=8, grid=(2, 2),
         has_cls=True, n_prefix_tokens=1, tokens_first=True,
     )
-    x = torch.randn(3, 8, 1, 5)
+    x = torch.randn(3, 3, 1, 5)  # 3 RGB images of 1x5 pixels
     _, acts = RecordedVisionTransformer(vit, 4, True, [1])(x)
     outs = _hooked_outputs(blocks, [1], lambda: vit.model(x))
     torch.testing.assert_close(acts[:, 0], outs[1].transpose(0, 1))
