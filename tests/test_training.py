@@ -400,3 +400,18 @@ def test_non_finite_loss_of_one_member_names_it_and_its_step(store, tmp_path, mo
     relu_id = training.member_id(cfgs[1])
     assert f"SAE {relu_id} (relu" in msg and "non-finite loss at step 7" in msg and "(step 5;" in msg
     assert json.load(open(glob.glob(str(tmp_path / "group-*.json"))[0]))["step"] == 5
+
+
+def test_train_cli_subprocess_prints_the_sweep_csv_last(store, tmp_path):
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text("[sae]\nk = [2, 4]\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "saev_core", "train", "--data.shard-root", store.path, "--data.layer", "-2",
+         "--sae.d-vit", str(D), "--sae.arch", "topk", "--sae.exp-factor", "2", "--n-patches", "1024",
+         "--sae-batch-size", "128", "--ckpt-path", str(tmp_path / "ckpts"), "--sweep", str(sweep)],
+        capture_output=True, text=True, check=True,
+    )
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == str(tmp_path / "ckpts" / "sweep.csv")
+    rows = pd.read_csv(lines[-1])
+    assert sorted(rows["sae.k"]) == [2, 4] and all(os.path.exists(p) for p in rows["ckpt"])
