@@ -99,13 +99,19 @@ def plan_recording(cfg: config.Activations, vit, recorder, source) -> RecordingP
     layer_bytes = len(source) * n_tokens * vit.d_vit * itemsize
     block_bytes = layout.imgs_per_shard * n_tokens * vit.d_vit * itemsize * len(cfg.vit_layers)
     return RecordingPlan(
-        path=join(cfg.dump_to, store_key(metadata)),
+        path=join(store_root(cfg.dump_to), store_key(metadata)),
         metadata=metadata,
         n_tokens=n_tokens,
         d_vit=vit.d_vit,
         nbytes=layer_bytes * len(cfg.vit_layers),
         block_bytes=block_bytes,
     )
+
+
+def store_root(dump_to: str) -> str:
+    """--dump-to as an absolute path (URLs unchanged): the printed store path then works from any folder, and
+    Dagster's lineage metadata from any run worker."""
+    return dump_to if "://" in dump_to else os.path.abspath(dump_to)
 
 
 def check_disk_space(root: str, nbytes: int) -> None:
@@ -178,7 +184,7 @@ def record_activations(
     import torch
 
     recorder, source, plan = prepare(cfg, with_transform=True)
-    store = ActivationStore.create(cfg.dump_to, plan.metadata, source.paths, source.labels, source.class_names)
+    store = ActivationStore.create(store_root(cfg.dump_to), plan.metadata, source.paths, source.labels, source.class_names)
     missing = store.missing_blocks()
     device = config.resolve_device(cfg.device)
     batches = block_batches(store.layout, missing, cfg.vit_batch_size)
