@@ -19,9 +19,14 @@ into batches of ``batch_size``. Batches run on across window boundaries, and the
 short (every vector is seen exactly once per epoch; ``len(loader)`` counts it). Resuming at ``n_vectors_done``
 skips the windows before it without reading them and yields exactly the batches an uninterrupted run would.
 
-**Reading.** A producer thread reads whole chunks (``imgs_per_chunk`` images, straight into a window buffer;
-``ChunkReader``) with a small thread pool, reading the next window while it cuts the batches of the current one,
-and hands batches over through a bounded queue; an exception there is raised again in the consumer.
+**Reading.** A producer thread reads whole chunks (``imgs_per_chunk`` images; ``ChunkReader``) with a small thread
+pool, reading the next window while it hands out the batches of the current one through a bounded queue; an
+exception there is raised again in the consumer. The window's permutation is applied while reading, not after: each
+vector is read straight into its row of its batch (a scatter read, ``Scatter``), so a batch costs one copy of its
+bytes, as a sequential read does. Token modes that compute (``meanpool``) and stores the raw path cannot read (other
+codecs, fsspec URLs, float16) read the chunk whole and place the vectors with numpy. Batches are handed out as
+views of arrays the loader reuses once nothing refers to a batch any more (no tensor, slice or view of it left), so
+a batch stays valid for as long as the consumer keeps it.
 
 **Statistics** (``compute_stats``, ``normalization``) are computed over every valid image of the store, train and
 val alike: the store caches one mean and one scale per (layer, token mode), which therefore cannot depend on a
@@ -30,12 +35,16 @@ split seed or ``val_frac``; the held-out images lend the SAE two summary numbers
 
 import collections
 import concurrent.futures
+import ctypes
+import errno
 import math
 import os
 import queue
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,6 +61,19 @@ TOKEN_MODES = ("patches", "cls", "meanpool")
 # Every random stream gets its own tag and a key of fixed length: numpy's SeedSequence treats [a, b] and [a, b, 0]
 # alike, so keys of different purposes must not differ only by trailing zeros.
 _SPLIT, _ORDER, _WINDOW = 1, 2, 3
+
+# libc's preadv(fd, iovecs, count, offset), called on an array of (address, length) pairs that numpy computes for a
+# whole chunk at once. os.preadv wants one Python buffer object per destination: making them (42 K per window of
+# the benchmark) held the GIL for a third of the time the kernel took to copy, and the loader reached 0.6 of a
+# sequential read instead of 0.9-1.2.
+try:
+    _preadv = ctypes.CDLL(None, use_errno=True).preadv
+    _preadv.restype, _preadv.argtypes = ctypes.c_ssize_t, [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+except (OSError, AttributeError):  # no preadv (Windows): every read goes through zarr
+    _preadv = None
+_IOV_MAX = 1024  # (address, length) pairs per preadv call: Linux's and macOS's IOV_MAX
+# Up to this many unwanted vectors between wanted ones (a CLS token) are read into a junk row: one call, not two.
+_JUNK_GAP = 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,26 +163,33 @@ def _vectors(x: np.ndarray, patches: str, first_patch: int) -> Float[np.ndarray,
 
 
 class ChunkReader:
-    """Reads whole inner chunks of a layer array (images [start, start + n)) into a caller's buffer.
+    """Reads whole inner chunks of a layer array (images [start, start + n)) into a caller's buffer or ``Scatter``.
 
     On a local disk, when the array has exactly the codecs ``ActivationStore.create`` writes
-    (``PlainShardLayout``), a chunk's bytes are the array's bytes: they are read with one ``os.preadv`` straight
-    into the buffer, as fast as ``np.fromfile`` (~10 GB/s from the page cache here); zarr's own read path makes two
-    more copies and ran at 4-4.7 GB/s. Anything else (other codecs, fsspec URLs), or a shard index that does not
-    look right (wrong size or checksum), goes through zarr.
+    (``PlainShardLayout``), a chunk's bytes are the array's bytes: they are read with one ``preadv`` straight into
+    the buffer, as fast as ``np.fromfile`` (~10 GB/s from the page cache here), or each vector into its own batch
+    row (one (address, length) pair per vector: 13 GB/s into reused memory). zarr's own read path makes two more
+    copies and ran at 4-4.7 GB/s. Anything else (other codecs, fsspec URLs), or a shard index that does not look
+    right (wrong size or checksum), goes through zarr.
     """
 
     def __init__(self, arr: zarr.Array):
         self.arr = arr
-        self._plain = PlainShardLayout.of(arr)
+        self._plain = PlainShardLayout.of(arr) if _preadv is not None else None
         self._shard_dir = self._plain.folder if self._plain is not None else None
         self._indexes: dict[int, np.ndarray] = {}
+        self._vector_bytes = arr.shape[-1] * arr.dtype.itemsize
+        self._junk = np.empty(self._vector_bytes, np.uint8)  # unwanted vectors land here (any thread); never read
 
-    def read(self, start: int, dest: np.ndarray) -> None:
-        """Fill dest [n, tokens, d] (C-contiguous, the array's dtype) with images start..start+n-1 of one chunk."""
-        if self._plain is None or not self._read_raw(start, dest):
-            self.arr.get_basic_selection((slice(start, start + len(dest)),),
-                                         out=zarr.buffer.cpu.NDBuffer.from_numpy_array(dest))
+    def read(self, start: int, dest: "np.ndarray | Scatter") -> None:
+        """Fill dest with images start..start+n-1 of one chunk: an array [n, tokens, d] (C-contiguous, the array's
+        dtype), or a Scatter [n, tokens] that says where each vector goes."""
+        if self._plain is not None and self._read_raw(start, dest):
+            return
+        x = dest if isinstance(dest, np.ndarray) else np.empty((len(dest.pos), *self.arr.shape[1:]), self.arr.dtype)
+        self.arr.get_basic_selection((slice(start, start + len(x)),), out=zarr.buffer.cpu.NDBuffer.from_numpy_array(x))
+        if isinstance(dest, Scatter):
+            dest.put(x)
 
     def _open(self, start: int) -> tuple[int, int, int]:
         """(fd of the chunk's shard file, shard, inner chunk); FileNotFoundError when the shard was never stored."""
@@ -177,30 +206,91 @@ class ChunkReader:
             self._indexes[shard] = self._plain.decode_index(os.pread(fd, n, size - n))
         return self._indexes[shard]
 
-    def _read_raw(self, start: int, dest: np.ndarray) -> bool:
+    def _read_raw(self, start: int, dest: "np.ndarray | Scatter") -> bool:
+        """Read from the shard file; False where zarr has to (a chunk stored otherwise, an index that does not check
+        out, a file shorter than its index says)."""
         try:
             fd, shard, inner = self._open(start)
         except FileNotFoundError:  # a shard never stored holds only the fill value
-            dest[...] = self.arr.fill_value
-            return True
+            return self._fill(dest)
         try:
             offset, nbytes = self._index(fd, shard)[inner]
             if offset == EMPTY_CHUNK and nbytes == EMPTY_CHUNK:
-                dest[...] = self.arr.fill_value
-                return True
-            if nbytes != self._plain.chunk_bytes or not dest.flags.c_contiguous or dest.dtype != self.arr.dtype:
+                return self._fill(dest)
+            if nbytes != self._plain.chunk_bytes:
                 return False
-            view, done = memoryview(dest).cast("B"), 0  # an edge chunk is stored whole: read only dest's images
-            while done < dest.nbytes:
-                n = os.preadv(fd, [view[done:]], int(offset) + done)
-                if n == 0:
-                    return False
-                done += n
-            return True
+            if isinstance(dest, Scatter):
+                return dest.batches.dtype == self.arr.dtype and self._scatter(fd, int(offset), dest)
+            if not (dest.flags.c_contiguous and dest.flags.writeable) or dest.dtype != self.arr.dtype:
+                return False
+            # An edge chunk is stored whole: read only dest's images.
+            return _preadv_all(fd, np.array([[dest.ctypes.data, dest.nbytes]], np.uint64), int(offset))
         except ValueError:
             return False
         finally:
             os.close(fd)
+
+    def _scatter(self, fd: int, offset: int, dest: "Scatter") -> bool:
+        """Read the wanted vectors of the chunk at offset straight into their batch rows, one call per run of them."""
+        flat = dest.pos.ravel()
+        wanted = np.flatnonzero(flat >= 0)
+        if len(wanted) == 0:
+            return True
+        lo, size = int(wanted[0]), self._vector_bytes
+        iovecs = dest.batches.iovecs(flat[lo:wanted[-1] + 1], self._junk)
+        cuts = np.flatnonzero(np.diff(wanted) > _JUNK_GAP + 1)
+        for first, last in zip([lo, *wanted[cuts + 1].tolist()], [*wanted[cuts].tolist(), int(wanted[-1])]):
+            if not _preadv_all(fd, iovecs[first - lo:last - lo + 1], offset + first * size):
+                return False
+        return True
+
+    def _fill(self, dest: "np.ndarray | Scatter") -> bool:
+        if isinstance(dest, Scatter):
+            dest.put(np.full((*dest.pos.shape, self.arr.shape[-1]), self.arr.fill_value, self.arr.dtype))
+        else:
+            dest[...] = self.arr.fill_value
+        return True
+
+
+def _preadv_all(fd: int, iovecs: np.ndarray, offset: int) -> bool:
+    """Fill the buffers iovecs [n, 2] uint64 (address, length), all of one length, with the file's bytes from
+    offset on, in order; False when the file ends first. The caller keeps the buffers alive."""
+    address, size, i = iovecs.ctypes.data, int(iovecs[0, 1]), 0
+    while i < len(iovecs):
+        n = _preadv(fd, address + 16 * i, min(_IOV_MAX, len(iovecs) - i), offset)
+        if n < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            raise OSError(err, os.strerror(err))
+        if n == 0:
+            return False
+        done, part = divmod(n, size)
+        i, offset = i + done, offset + n
+        if part:  # a short read stopped inside a buffer: finish that one alone
+            if not _preadv_all(fd, np.array([[iovecs[i, 0] + part, size - part]], np.uint64), offset):
+                return False
+            i, offset = i + 1, offset + size - part
+    return True
+
+
+class Scatter(NamedTuple):
+    """A destination for ``ChunkReader.read`` that spreads the vectors of one chunk over batches: token t of image i
+    of the chunk goes to stream position ``pos[i, t]`` of ``batches`` (negative: not wanted; it is read only when
+    that saves a call)."""
+
+    pos: np.ndarray
+    """int64 [n_imgs, n_tokens]."""
+    batches: "_Batches"
+
+    @property
+    def nbytes(self) -> int:
+        """Store bytes of the images it covers (what a whole-chunk read moves)."""
+        return self.pos.size * self.batches.row_bytes
+
+    def put(self, x: np.ndarray) -> None:
+        """Place the wanted vectors of x [n_imgs, n_tokens, d], the chunk's images."""
+        self.batches.put(self.pos.ravel(), x.reshape(self.pos.size, -1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,6 +300,94 @@ class ChunkReader:
 
 class _Stopped(Exception):
     """The consumer went away; the producer unwinds."""
+
+
+class _BatchPool:
+    """Batch arrays [batch_size, d] for reuse. Each batch is handed out as a view of its array; the array is taken
+    again only once that view is gone, i.e. no tensor, slice or numpy view of the batch is left anywhere. Fresh
+    arrays cost page faults: reading into them ran at 7.6 GB/s here (2.5 GB/s into memory the process had never
+    touched), into reused ones at 13 GB/s."""
+
+    def __init__(self, shape: tuple[int, int], keep: int):
+        self.shape, self.keep = shape, keep
+        self._free: list[np.ndarray] = []
+        self._lent: collections.deque = collections.deque()  # (array, weak reference to the view handed out)
+
+    def take(self) -> np.ndarray:
+        self._collect()
+        return self._free.pop() if self._free else np.empty(self.shape, np.float32)
+
+    def lend(self, arr: np.ndarray, view: np.ndarray) -> None:
+        self._lent.append((arr, weakref.ref(view)))
+        if len(self._lent) > self.keep:
+            self._collect()
+            if len(self._lent) > self.keep:  # a consumer that keeps its batches keeps their memory: forget the oldest
+                self._lent.popleft()
+
+    def _collect(self) -> None:
+        """Move the arrays whose batches are gone to the free list."""
+        for _ in range(len(self._lent)):
+            arr, view = self._lent.popleft()
+            if view() is None:
+                self._free.append(arr)
+            else:
+                self._lent.append((arr, view))
+
+    def give_back(self, arr: np.ndarray) -> None:
+        self._free.append(arr)
+
+
+class _Batches:
+    """The rest of an epoch, ``n`` vectors, as consecutive batches of ``size``: stream position p is row p % size of
+    batch p // size. The producer thread makes the arrays of a range of positions (``prepare``) before reads into
+    them start, and hands out each batch once every read into it has finished (``emit_until``); reads (any thread)
+    only write rows."""
+
+    def __init__(self, n: int, size: int, pool: _BatchPool):
+        self.n, self.size, self.pool = n, size, pool
+        self.dtype = np.dtype(np.float32)
+        self.row_bytes = pool.shape[1] * self.dtype.itemsize
+        self._arrays: dict[int, np.ndarray] = {}
+        self._address = np.zeros(math.ceil(n / size), np.int64)  # of each batch array being filled
+        self._next = 0  # the first batch not handed out yet
+
+    def prepare(self, lo: int, hi: int) -> None:
+        for b in range(max(lo, 0) // self.size, math.ceil(min(hi, self.n) / self.size)):
+            if b not in self._arrays:
+                self._arrays[b] = self.pool.take()
+                self._address[b] = self._arrays[b].ctypes.data
+
+    def iovecs(self, pos: np.ndarray, junk: np.ndarray) -> np.ndarray:
+        """[len(pos), 2] uint64 (address, length) of the row of each position (negative: of junk); for preadv."""
+        batch, row = np.divmod(pos, self.size)
+        iovecs = np.empty((len(pos), 2), np.int64)
+        address = self._address[np.maximum(batch, 0)] + row * self.row_bytes
+        iovecs[:, 0] = np.where(pos >= 0, address, junk.ctypes.data)
+        iovecs[:, 1] = self.row_bytes
+        return iovecs.view(np.uint64)
+
+    def put(self, pos: np.ndarray, vectors: np.ndarray) -> None:
+        """Write vectors[i] at position pos[i] (negative: dropped)."""
+        keep = np.flatnonzero(pos >= 0)
+        batch, row = np.divmod(pos[keep], self.size)
+        for b in np.unique(batch):
+            here = batch == b
+            self._arrays[int(b)][row[here]] = vectors[keep[here]]
+
+    def emit_until(self, end: int, emit: Callable[[np.ndarray], None]) -> None:
+        """Hand out, in order, every batch that lies below position ``end`` (the last one once end reaches n)."""
+        while self._next * self.size < self.n and min((self._next + 1) * self.size, self.n) <= end:
+            arr = self._arrays.pop(self._next)
+            view = arr[:min(self.size, self.n - self._next * self.size)]
+            self.pool.lend(arr, view)
+            self._next += 1
+            emit(view)
+
+    def give_back(self) -> None:
+        """Return the arrays of batches never handed out (the iteration stopped early) to the pool."""
+        for arr in self._arrays.values():
+            self.pool.give_back(arr)
+        self._arrays.clear()
 
 
 class ActivationLoader:
@@ -265,15 +443,17 @@ class ActivationLoader:
         # The split's images inside each chunk, as offsets from the chunk's first image.
         self._local = [imgs - c * ipc for c, imgs in zip(self._chunks, np.split(self.images, first[1:]))]
         self._counts = np.array([len(loc) for loc in self._local]) * self._vpi
-        self._row_tokens = (np.arange(self._first_patch, store.n_tokens) if self.patches == "patches"
-                            else np.zeros(1, dtype=np.int64))
-        self._rows_per_img = store.n_tokens if self.patches == "patches" else 1
-        # Patch mode reads float32 chunks straight into the window buffer; the other modes reduce each chunk.
-        self._direct = self.patches == "patches" and self._arr.dtype == np.float32
+        self._tokens = (np.arange(self._first_patch, store.n_tokens) if self.patches == "patches"
+                        else np.zeros(1, dtype=np.int64))  # the tokens an image's vectors are, in meanpool its mean's
+        # Patches and CLS vectors of a float32 store are read straight into their batch rows; meanpool computes.
+        self._direct = self.patches != "meanpool" and self._arr.dtype == np.float32
+        # Batch arrays worth tracking for reuse: two windows' worth being read, the queue, the one the producer is
+        # putting, and two in the consumer's hands.
+        window_batches = math.ceil(data_cfg.buffer_chunks * ipc * self._vpi / batch_size) + 1
+        self._pool = _BatchPool((batch_size, store.d_vit), keep=2 * window_batches + self.prefetch_batches + 3)
 
         self.epoch = epoch
         self.n_vectors_done = 0
-        self._buffers: list[np.ndarray] | None = None  # the two window buffers, made on first use
         self._iterating = False
 
     def __len__(self) -> int:
@@ -363,75 +543,62 @@ class ActivationLoader:
     def _produce(self, epoch: int, start: int, emit: Callable[[np.ndarray], None]) -> None:
         windows = self.windows(epoch)
         sizes = np.array([self._counts[w].sum() for w in windows])
-        ends = np.cumsum(sizes)
-        first = int(np.searchsorted(ends, start, side="right"))  # windows before it were consumed: never read
-        if first == len(windows):
-            return
-        skip = start - int(ends[first] - sizes[first])
-        img_shape = (self.store.n_tokens, self.store.d_vit) if self.patches == "patches" else (self.store.d_vit,)
-        if self._buffers is None:  # kept across epochs: a fresh 100 MB allocation cost up to 0.5 s here
-            n_imgs = min(len(self._chunks), self.data_cfg.buffer_chunks) * self.store.layout.imgs_per_chunk
-            self._buffers = [np.empty((n_imgs, *img_shape), np.float32) for _ in range(2)]  # current, next window
-            for buffer in self._buffers:
-                # Fault the pages in from user space: random gathers over fresh pages that the kernel faulted in
-                # itself (preadv into new memory) ran 3-5x slower here.
-                buffer.fill(0)
-        buffers = self._buffers
-        carry = np.empty((0, self.store.d_vit), np.float32)
-        with concurrent.futures.ThreadPoolExecutor(self.n_read_threads, thread_name_prefix="saev-read") as pool:
-            nxt = self._read_window(pool, windows[first], buffers[first % 2])
-            try:
-                for w in range(first, len(windows)):
-                    rows, futures = nxt
-                    if w + 1 < len(windows):
-                        nxt = self._read_window(pool, windows[w + 1], buffers[(w + 1) % 2])
-                    for future in futures:
-                        future.result()
-                    order = rows[np.random.default_rng([_WINDOW, self.seed, epoch, w]).permutation(len(rows))]
-                    vectors = buffers[w % 2].reshape(-1, self.store.d_vit)
-                    carry = self._cut(vectors, order[skip if w == first else 0:], carry, emit)
-            finally:
-                for future in nxt[1]:
-                    future.cancel()
-        if len(carry):
-            emit(carry)
+        ends = np.cumsum(sizes) - start  # stream positions from the resume point: earlier windows end at <= 0
+        first = int(np.searchsorted(ends, 0, side="right"))  # windows before it were consumed: never read
+        batches = _Batches(self.n_vectors - start, self.batch_size, self._pool)
+        pending: collections.deque = collections.deque()  # (end position, futures) of the windows being read
+        try:
+            with concurrent.futures.ThreadPoolExecutor(self.n_read_threads, thread_name_prefix="saev-read") as pool:
+                try:
+                    for w in range(first, len(windows)):
+                        futures = self._read_window(pool, epoch, w, windows[w], int(ends[w] - sizes[w]), batches)
+                        pending.append((int(ends[w]), futures))
+                        if len(pending) == 2:  # one window is read ahead while the batches of the other go out
+                            self._hand_out(*pending.popleft(), batches, emit)
+                    while pending:
+                        self._hand_out(*pending.popleft(), batches, emit)
+                finally:
+                    for _, futures in pending:
+                        for future in futures:
+                            future.cancel()
+        finally:  # the executor has waited for every read: nothing writes into the batches any more
+            batches.give_back()
 
-    def _read_window(self, pool, window: np.ndarray, buffer: np.ndarray) -> tuple[np.ndarray, list]:
-        """Start reading a window's chunks into buffer; return the buffer rows of its vectors and the futures."""
-        rows, futures, offset = [], [], 0
-        for k in window:
-            n = int(self._chunk_imgs[k])
-            futures.append(pool.submit(self._read_chunk, int(k), buffer[offset:offset + n]))
-            imgs = offset + self._local[k]
-            rows.append((imgs[:, None] * self._rows_per_img + self._row_tokens[None, :]).ravel())
-            offset += n
-        return np.concatenate(rows), futures
+    @staticmethod
+    def _hand_out(end: int, futures: list, batches: _Batches, emit: Callable[[np.ndarray], None]) -> None:
+        for future in futures:
+            future.result()
+        batches.emit_until(end, emit)
 
-    def _read_chunk(self, k: int, dest: np.ndarray) -> None:
+    def _read_window(self, pool, epoch: int, w: int, window: np.ndarray, base: int, batches: _Batches) -> list:
+        """Start reading window w (its vectors at stream positions base.. after the shuffle); return the futures.
+
+        The window's vectors, chunk after chunk in window order, then image and token order, are permuted: vector i
+        lands at window position inv[i], where perm[inv[i]] = i, which is position base + inv[i] of the stream.
+        """
+        counts = self._counts[window]
+        perm = np.random.default_rng([_WINDOW, self.seed, epoch, w]).permutation(int(counts.sum()))
+        pos = np.empty_like(perm)
+        pos[perm] = np.arange(base, base + len(perm))
+        batches.prepare(base, base + len(perm))
+        return [pool.submit(self._read_chunk, int(k), chunk_pos, batches)
+                for k, chunk_pos in zip(window, np.split(pos, np.cumsum(counts)[:-1]))]
+
+    def _read_chunk(self, k: int, pos: np.ndarray, batches: _Batches) -> None:
+        """Read chunk k, the vectors of its split images going to stream positions pos (negative: skipped)."""
         start = int(self._chunks[k]) * self.store.layout.imgs_per_chunk
-        if self._direct:
-            self._reader.read(start, dest)
+        n, local = int(self._chunk_imgs[k]), self._local[k]
+        pos = pos.reshape(len(local), self._vpi)
+        if self._direct:  # the position of every token of the chunk's images
+            grid = np.full((n, self.store.n_tokens), -1, np.int64)
+            grid[local[:, None], self._tokens[None, :]] = pos
+            self._reader.read(start, Scatter(grid, batches))
             return
-        x = np.empty((len(dest), self.store.n_tokens, self.store.d_vit), self._arr.dtype)
+        grid = np.full((n, self._vpi), -1, np.int64)  # the position of every vector of the chunk's images
+        grid[local] = pos
+        x = np.empty((n, self.store.n_tokens, self.store.d_vit), self._arr.dtype)
         self._reader.read(start, x)
-        if self.patches == "patches":
-            dest[...] = x
-        else:
-            _image_vectors(x, self.patches, self._first_patch, out=dest)
-
-    def _cut(self, vectors: np.ndarray, order: np.ndarray, carry: np.ndarray, emit) -> np.ndarray:
-        """Emit the full batches of carry + vectors[order]; return what is left (copied out of the buffer)."""
-        pos, bs = 0, self.batch_size
-        if len(carry):
-            pos = min(bs - len(carry), len(order))
-            carry = np.concatenate([carry, np.take(vectors, order[:pos], axis=0)])
-            if len(carry) < bs:
-                return carry
-            emit(carry)
-        while len(order) - pos >= bs:
-            emit(np.take(vectors, order[pos:pos + bs], axis=0))
-            pos += bs
-        return np.take(vectors, order[pos:], axis=0)
+        batches.put(grid.ravel(), _vectors(x, self.patches, self._first_patch))
 
 
 # ----------------------------------------------------------------------------------------------------------------

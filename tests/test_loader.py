@@ -1,6 +1,7 @@
 """The loader against planted stores: every vector of a split once per epoch, shuffled, resumable; statistics
 against numpy. Planted vectors carry their identity: x[img, tok, 0] = img and x[img, tok, 1] = tok."""
 
+import ctypes
 import dataclasses
 import threading
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from saev_core import config, store as store_mod
+from saev_core import config, loader as loader_mod, store as store_mod
 from saev_core.errors import UserError
 from saev_core.loader import ActivationLoader, ChunkReader, compute_stats, normalization, split_images
 from saev_core.store import ActivationStore
@@ -215,6 +216,64 @@ def test_other_codecs_and_urls_read_through_zarr(tmp_path):
     assert ChunkReader(memory_store.array(-2))._shard_dir is None
 
 
+def zarr_only(loader: ActivationLoader) -> ActivationLoader:
+    """The same loader reading every chunk through zarr, as for other codecs and fsspec URLs."""
+    loader._reader._plain = None
+    return loader
+
+
+@pytest.mark.parametrize("patches", ["patches", "cls"])
+def test_scatter_reads_give_exactly_the_batches_of_the_zarr_path(tmp_path, monkeypatch, patches):
+    # 2-image chunks in 4-image shards, an edge chunk of one image, a chunk and a whole shard never stored (fill
+    # values), and a val split that cuts one chunk: every kind of chunk the raw scatter read meets.
+    monkeypatch.setattr(store_mod, "CHUNK_TARGET_BYTES", 2 * 5 * D * 4)
+    store, _ = plant(str(tmp_path), n_imgs=29)
+    store.array(-2)[8:10] = 0
+    store.array(-2)[12:16] = 0
+    cfg = data_cfg(patches=patches, val_frac=0.3)
+    for split, bs in [("train", 7), ("val", 3)]:
+        direct = ActivationLoader(store, cfg, batch_size=bs, seed=5, split=split)
+        assert direct._direct and direct._reader._plain is not None
+        via_zarr = zarr_only(ActivationLoader(store, cfg, batch_size=bs, seed=5, split=split))
+        got, want = one_epoch(direct), one_epoch(via_zarr)
+        assert len(got) == len(want) == len(direct)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_short_reads_are_continued_where_they_stopped(planted, monkeypatch):
+    store, acts = planted
+    want = one_epoch(ActivationLoader(store, data_cfg(), batch_size=7, seed=1))
+    real = loader_mod._preadv
+
+    def at_most_20_bytes(fd, address, n_iov, offset):  # every call stops inside a 32-byte vector
+        iov = np.frombuffer((ctypes.c_uint64 * 2).from_address(address), np.uint64).copy()
+        iov[1] = min(int(iov[1]), 20)
+        return real(fd, iov.ctypes.data, 1, offset)
+
+    monkeypatch.setattr(loader_mod, "_preadv", at_most_20_bytes)
+    got = one_epoch(ActivationLoader(store, data_cfg(), batch_size=7, seed=1))
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    np.testing.assert_array_equal(read_all_chunks(ChunkReader(store.array(-2)), 40, 4), acts)
+
+
+def test_a_held_batch_stays_valid_and_dropped_batches_memory_is_reused(planted, monkeypatch):
+    store, _ = planted
+    arrays = []  # every array the pool hands out (kept alive here, so ids stay distinct)
+    take = loader_mod._BatchPool.take
+    monkeypatch.setattr(loader_mod._BatchPool, "take", lambda pool: arrays.append(take(pool)) or arrays[-1])
+    loader = ActivationLoader(store, data_cfg(val_frac=0.0), batch_size=8, seed=0)
+    it = iter(loader)
+    held = next(it)
+    snapshot = held.clone()
+    n_batches = 0
+    for _ in range(4):  # the rest of epoch 0, then three more, each batch dropped once seen
+        n_batches += sum(1 for _ in it)
+        it = iter(loader)
+    assert torch.equal(held, snapshot)
+    assert n_batches == 4 * len(loader) - 1
+    assert len({id(a) for a in arrays}) <= loader._pool.keep + 1 < n_batches
+
+
 # -- order --------------------------------------------------------------------------------------------------------
 
 
@@ -244,6 +303,24 @@ def test_order_depends_on_seed_and_epoch_only(planted, buffer_chunks):
     loader = ActivationLoader(store, cfg, batch_size=9, seed=0)
     one_epoch(loader)  # epoch 0; the next iteration is epoch 1
     assert loader.epoch == 1 and torch.equal(torch.cat(one_epoch(loader)), order(0, 1))
+
+
+def test_batches_follow_the_documented_order(planted):
+    """Windows of the epoch's chunk order, each window's vectors (chunk, image, token order) permuted by its own
+    generator, concatenated and cut into batches."""
+    store, acts = planted
+    cfg = data_cfg(buffer_chunks=3)
+    for patches in ["patches", "cls"]:
+        loader = ActivationLoader(store, dataclasses.replace(cfg, patches=patches), batch_size=9, seed=7, epoch=2)
+        chunk_of = loader.images // store.layout.imgs_per_chunk
+        chunks = np.unique(chunk_of)
+        stream = []
+        for w, window in enumerate(loader.windows(2)):
+            vectors = np.concatenate([reference(acts, loader.images[chunk_of == chunks[k]], patches) for k in window])
+            stream.append(vectors[np.random.default_rng([loader_mod._WINDOW, 7, 2, w]).permutation(len(vectors))])
+        batches = one_epoch(loader)
+        np.testing.assert_array_equal(torch.cat(batches).numpy(), np.concatenate(stream))
+        assert all(len(b) == 9 for b in batches[:-1])
 
 
 class CountingReader:
@@ -287,6 +364,18 @@ def test_resume_from_state_dict_yields_exactly_the_remaining_batches(planted, pa
     first_window = int(np.searchsorted(ends, n_before * bs, side="right"))
     assert first_window > 0
     assert counter.reads == sum(len(w) for w in windows[first_window:])
+
+
+@pytest.mark.parametrize("patches", ["patches", "cls", "meanpool"])
+def test_resume_a_few_vectors_before_the_end_of_one_large_window(planted, patches):
+    # Everything is one window, and all but the last 19 vectors of it were consumed: the resumed iteration reads
+    # the whole window and keeps the last vectors of the uninterrupted run.
+    store, _ = planted
+    cfg = data_cfg(patches=patches, buffer_chunks=100)
+    full = torch.cat(one_epoch(ActivationLoader(store, cfg, batch_size=20, seed=2)))
+    resumed = ActivationLoader(store, cfg, batch_size=20, seed=2)
+    resumed.start_at(len(full) - 19)
+    assert torch.equal(torch.cat(one_epoch(resumed)), full[-19:])
 
 
 def test_reader_exception_reaches_the_consumer(planted):
