@@ -262,14 +262,16 @@ def test_matryoshka_decode_prefix_uses_only_first_m_latents():
 def test_relu_normalize_w_dec_gives_unit_rows_and_remove_parallel_grads_leaves_orthogonal_grad():
     sae = make("relu")
     with torch.no_grad():
-        sae.W_dec.mul_(torch.rand(D_SAE, 1) * 3 + 0.1)
+        sae.W_dec.mul_(torch.rand(D_SAE, 1, generator=torch.Generator().manual_seed(0)) * 3 + 0.1)
     sae.normalize_w_dec()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
 
     sae(acts()).loss.total.backward()
     assert (sae.W_dec.grad * sae.W_dec).sum(dim=1).abs().max() > 1e-3
     sae.remove_parallel_grads()
-    torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(dim=1), torch.zeros(D_SAE), atol=1e-6, rtol=0)
+    # What is left of the parallel part is float32 rounding: relative to each row's gradient, not absolute.
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1).abs()
+    assert (parallel <= 1e-5 * sae.W_dec.grad.norm(dim=1) + 1e-9).all(), parallel.max()
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
