@@ -232,3 +232,17 @@ def test_a_shard_write_that_fails_midway_leaves_the_old_shard_and_no_mark(tmp_pa
         store.write_block(1, acts[:, 4:8] + 1)
     assert tree(store.path) == before  # the old shard whole, no *.partial file
     assert store.missing_blocks() == [1]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_every_non_finite_value_is_refused_but_huge_finite_values_pass(tmp_path, bad):
+    meta = planted_metadata()
+    store = ActivationStore.create(str(tmp_path), meta, [f"i{i}" for i in range(10)], [0] * 10, [""])
+    huge = np.full((2, 4, 5, 8), 3e38, np.float32)  # its sum of squares overflows: must not be taken for Inf
+    store.write_block(0, huge)
+    np.testing.assert_array_equal(store.array(-2)[0:4], huge[0])
+    block = huge.copy()
+    block[0, 3, 4, 7] = bad
+    with pytest.raises(UserError, match="NaN or Inf"):
+        store.write_block(1, block)
+    assert store.missing_blocks() == [1, 2]
