@@ -54,7 +54,7 @@ def run_train(cfg: config.Train) -> str:
     from saev_core import training
 
     report_members(training.train_main(cfg))
-    return os.path.join(cfg.ckpt_path, "sweep.csv")
+    return training.sweep_csv_path(cfg.ckpt_path)
 
 
 def report_members(results) -> None:
@@ -67,11 +67,9 @@ def report_members(results) -> None:
 
 
 def run_pipeline(cmd: RunPipeline) -> str:
-    from saev_core import pipeline
-
     import pandas as pd
 
-    from saev_core import plots, training
+    from saev_core import pipeline, plots, training
 
     pipe = pipeline.load_pipeline(cmd.path)
     pipeline.prepare_demo_checkpoint(pipe)
@@ -80,7 +78,7 @@ def run_pipeline(cmd: RunPipeline) -> str:
     for layer in pipe.activations.vit_layers:
         cfgs = pipe.sweep_for(layer, store_path)
         report_members(training.train_sweep(cfgs))
-        csv = os.path.join(cfgs[0].ckpt_path, "sweep.csv")
+        csv = training.sweep_csv_path(cfgs[0].ckpt_path)
         png = os.path.join(cfgs[0].ckpt_path, "l0_vs_nmse.png")
         with open(png, "wb") as f:
             f.write(plots.l0_vs_nmse_png(pd.read_csv(csv), f"layer {layer}"))

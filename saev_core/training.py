@@ -103,7 +103,7 @@ def train_sweep(
             by_id[result.member_id] = result
     results = [by_id[member_id(c)] for c in cfgs]
     for folder in dict.fromkeys(c.ckpt_path for c in cfgs):
-        write_sweep_csv([r for r in results if r.cfg.ckpt_path == folder], os.path.join(folder, "sweep.csv"))
+        write_sweep_csv([r for r in results if r.cfg.ckpt_path == folder], sweep_csv_path(folder))
     return results
 
 
@@ -443,6 +443,11 @@ def _is_finished(folder: str) -> bool:
 def _read_result(cfg: config.Train, folder: str) -> MemberResult:
     metrics = _read_json(os.path.join(folder, "metrics.json"))
     return MemberResult(member_id(cfg), cfg, os.path.join(folder, nn.CKPT_NAME), metrics)
+
+
+def sweep_csv_path(ckpt_path: str) -> str:
+    """Where a sweep's table goes: one row per member (config, held-out metrics, checkpoint path)."""
+    return os.path.join(ckpt_path, "sweep.csv")
 
 
 def write_sweep_csv(results: list[MemberResult], path: str) -> None:

@@ -1,7 +1,5 @@
 """sae_sweep[layer]: the pipeline's whole [sweep] grid trained on one layer in one pass over its activations."""
 
-import os
-
 import dagster as dg
 
 from saev_dagster.config import PipelineRunConfig
@@ -36,14 +34,15 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsD
             results = training.train_sweep(cfgs, show_progress=False, on_log=_log_to(context))
         except UserError as err:
             raise dg.Failure(description=str(err)) from None
-        table = pd.read_csv(os.path.join(cfgs[0].ckpt_path, "sweep.csv"))
+        csv = training.sweep_csv_path(cfgs[0].ckpt_path)
+        table = pd.read_csv(csv)
         problems = metrics.sweep_problems(table.to_dict("records"), pipe.max_frac_dead)
         shown = ["member_id", "sae.arch", "sae.exp_factor", "sae.k", "lr", "nmse", "l0", "frac_dead"]
         return dg.MaterializeResult(
             metadata={
                 "members": dg.MetadataValue.md(table[[c for c in shown if c in table]].to_markdown(index=False)),
                 "l0_vs_nmse": png_markdown(plots.l0_vs_nmse_png(table, f"layer {layer}"), "L0 vs NMSE"),
-                "sweep_csv": dg.MetadataValue.path(os.path.join(cfgs[0].ckpt_path, "sweep.csv")),
+                "sweep_csv": dg.MetadataValue.path(csv),
                 "n_members": len(results),
                 "best_nmse": float(table["nmse"].min()),
             },
