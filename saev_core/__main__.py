@@ -67,22 +67,23 @@ def report_members(results) -> None:
 
 
 def run_pipeline(cmd: RunPipeline) -> str:
-    import pandas as pd
-
-    from saev_core import pipeline, plots, training
+    from saev_core import pipeline
 
     pipe = pipeline.load_pipeline(cmd.path)
     pipeline.prepare_demo_checkpoint(pipe)
     store_path = run_activations(pipe.activations)
     print(store_path)
     for layer in pipe.activations.vit_layers:
-        cfgs = pipe.sweep_for(layer, store_path)
-        report_members(training.train_sweep(cfgs))
-        csv = training.sweep_csv_path(cfgs[0].ckpt_path)
-        png = os.path.join(cfgs[0].ckpt_path, "l0_vs_nmse.png")
-        with open(png, "wb") as f:
-            f.write(plots.l0_vs_nmse_png(pd.read_csv(csv), f"layer {layer}"))
-        print(csv)
+        sweep = pipeline.train_layer(pipe, layer, store_path)
+        report_members(sweep.results)
+        for problem in sweep.problems:
+            print(f"warning: layer {layer}: {problem}", file=sys.stderr)
+        png = os.path.join(os.path.dirname(sweep.csv_path), "l0_vs_nmse.png")
+        tmp = f"{png}.partial"
+        with open(tmp, "wb") as f:
+            f.write(sweep.l0_vs_nmse_png)
+        os.replace(tmp, png)
+        print(sweep.csv_path)
         print(png)
     return pipe.train.ckpt_path
 

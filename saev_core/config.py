@@ -6,7 +6,6 @@ Field docstrings become the CLI's ``--help``.
 
 import dataclasses
 import os
-import typing
 from typing import Literal
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -68,7 +67,8 @@ class Activations:
     """Root folder (or fsspec URL) of activation stores; the store goes to <dump_to>/<key>."""
     n_patches_per_shard: int = 2_400_000
     """Patch vectors per shard (a shard is one block, written whole): images per shard =
-    n_patches_per_shard // (n_layers * n_tokens). Recording holds up to three shards in memory."""
+    n_patches_per_shard // (n_layers * n_tokens), capped at the number of images and rounded down to a whole number
+    of ~4 MB inner chunks. Recording holds up to three shards in memory."""
     vit_batch_size: int = 256
     """Images per ViT forward pass."""
     n_workers: int = 2
@@ -140,7 +140,7 @@ class DataLoad:
     patches: Literal["patches", "cls", "meanpool"] = "patches"
     """patches: every patch vector; cls: the CLS token; meanpool: the mean of an image's patches."""
     scale_mean: bool = True
-    """Subtract the training mean (stored in the store and in every SAE checkpoint)."""
+    """Subtract the mean over all valid images of the layer (cached in the store, saved in every SAE checkpoint)."""
     scale_norm: bool = True
     """Scale so that E||x - mean||^2 = d_vit (stored like the mean)."""
     val_frac: float = 0.1
@@ -185,22 +185,18 @@ class Train:
 
 def resolve_device(device: Device) -> str:
     """auto -> cuda when available, else cpu. Imports torch lazily (Dagster imports this module)."""
-    if device != "auto":
-        return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        from saev_core.errors import UserError
+
+        raise UserError("--device cuda was asked for, but torch sees no CUDA GPU here; pass --device cpu or auto.")
+    return device
 
 
 def cache_dir() -> str:
     """Where generated data lives: $SAEV_CACHE, else ~/.cache/saev."""
     return os.environ.get("SAEV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "saev")
-
-
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def field_types(cls: type) -> dict[str, typing.Any]:
-    return typing.get_type_hints(cls)
 from saev_core.sweep import expand, grid, load_sweep, member_id, split_cfgs  # noqa: E402,F401  (re-export)

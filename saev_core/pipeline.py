@@ -1,7 +1,7 @@
 """The pipeline file: one TOML describing an experiment, parsed into the same config classes the CLI uses.
 
 Tables: ``[activations]`` (with ``[activations.data]``, whose ``kind`` picks the image source), ``[train]`` and
-``[sweep]`` (later issues), ``[demo]``. Keys are the CLI's field names. Importing this module imports no torch.
+``[sweep]``, ``[checks]``, ``[demo]``. Keys are the CLI's field names. Importing this module imports no torch.
 """
 
 import dataclasses
@@ -18,7 +18,7 @@ DATA_KINDS: dict[str, type] = {
     "embedded-dataset": config.EmbeddedDataset,
     "image-folder-dataset": config.ImageFolderDataset,
 }
-TABLES = ("activations", "train", "sweep", "checks", "visuals", "demo")
+TABLES = ("activations", "train", "sweep", "checks", "demo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +55,51 @@ class Pipeline:
             )
         return dataclasses.replace(self.activations, vit_layers=tuple(layers), **overrides)
 
-    def fingerprints(self) -> dict[str, str]:
-        """Content fingerprints of the ViT checkpoint and the image list (the Dagster sources' data versions)."""
-        from saev_core import recording
+    def checkpoint_fingerprint(self) -> str:
+        """Content fingerprint of the ViT checkpoint (part of the store key; a Dagster source's data version)."""
+        from saev_core import vit
 
-        return recording.fingerprints(self.activations)
+        return vit.checkpoint_fingerprint(self.activations.vit_family, self.activations.vit_ckpt)
+
+    def images_fingerprint(self) -> str:
+        """Fingerprint of the image list: (path, size, mtime) of every image (part of the store key)."""
+        from saev_core import images
+
+        cfg = self.activations
+        return images.image_list_fingerprint(images.make_image_source(cfg.data, None, cfg.n_imgs))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSweep:
+    """One layer's trained sweep, as the CLI and the Dagster asset report it."""
+
+    results: list
+    """training.MemberResult per member."""
+    csv_path: str
+    table: typing.Any
+    """sweep.csv: one row per member (config, held-out metrics, checkpoint path)."""
+    l0_vs_nmse_png: bytes
+    problems: list[str]
+    """What fails the sweep's health rule ([checks] max_frac_dead, NaN); empty when healthy."""
+
+
+def train_layer(pipe: Pipeline, layer: int, store_path: str, show_progress: bool = True, on_log=None) -> LayerSweep:
+    """Train the pipeline's [sweep] on one layer of a store (one pass), then summarise it."""
+    import pandas as pd
+
+    from saev_core import metrics, plots, training
+
+    cfgs = pipe.sweep_for(layer, store_path)
+    results = training.train_sweep(cfgs, show_progress=show_progress, on_log=on_log)
+    csv_path = training.sweep_csv_path(cfgs[0].ckpt_path)
+    table = pd.read_csv(csv_path)
+    return LayerSweep(
+        results=results,
+        csv_path=csv_path,
+        table=table,
+        l0_vs_nmse_png=plots.l0_vs_nmse_png(table, f"layer {layer}"),
+        problems=metrics.sweep_problems(table.to_dict("records"), pipe.max_frac_dead),
+    )
 
 
 def default_pipeline_path() -> str:
@@ -95,6 +135,8 @@ def load_pipeline(path: str | None = None) -> Pipeline:
         random_vit=bool(doc.get("demo", {}).get("random_vit", False)),
         max_frac_dead=_checks_fraction(doc.get("checks", {}), "max_frac_dead", 0.5, path),
     )
+    if not activations.vit_layers:
+        raise UserError(f"[activations] vit_layers in {path} is empty; list the layers to record, e.g. [-2].")
     pipe.sweep_for(activations.vit_layers[0], "<store>")  # check the [sweep] table now, not at training time
     return pipe
 

@@ -18,11 +18,11 @@ import numpy as np
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.store import ActivationStore, join, plan_layout, store_key
+from saev_core.images import BAD_IMAGE
+from saev_core.store import ActivationStore, join, open_if_complete_creation, plan_layout, store_key
 
 logger = logging.getLogger("saev_core.recording")
 
-BAD_IMAGE = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +62,11 @@ def data_metadata(data: config.DatasetConfig) -> dict:
     return {"kind": "image-folder-dataset", "root": data.root, "skip_bad": data.skip_bad}
 
 
-def fingerprints(cfg: config.Activations, source=None) -> dict[str, str]:
-    """Content fingerprints of the checkpoint file and of the image list: part of the store key, and the data
-    versions of the Dagster sources."""
+def fingerprints(cfg: config.Activations, source) -> dict[str, str]:
+    """Content fingerprints of the checkpoint file and of the image list: part of the store key (the Dagster sources
+    report the same two, through saev_core.pipeline, as data versions)."""
     from saev_core import images, vit as vitlib
 
-    if source is None:
-        source = images.make_image_source(cfg.data, None, cfg.n_imgs)
     return {
         "vit_ckpt": vitlib.checkpoint_fingerprint(cfg.vit_family, cfg.vit_ckpt),
         "images": images.image_list_fingerprint(source),
@@ -326,6 +324,9 @@ def prepare(cfg: config.Activations, with_transform: bool):
     store exists, so bad input never leaves a store behind."""
     from saev_core import images, vit as vitlib
 
+    if cfg.vit_batch_size < 1:
+        raise UserError(f"--vit-batch-size {cfg.vit_batch_size} must be at least 1.")
+
     vit = vitlib.make_vit(cfg.vit_family, cfg.vit_ckpt)
     vitlib.check_d_vit(vit, cfg.d_vit)
     recorder = vitlib.RecordedVisionTransformer(
@@ -334,7 +335,9 @@ def prepare(cfg: config.Activations, with_transform: bool):
     transform = vitlib.make_img_transform(cfg.vit_family, cfg.vit_ckpt) if with_transform else None
     source = images.make_image_source(cfg.data, transform, cfg.n_imgs)
     plan = plan_recording(cfg, vit, recorder, source)
-    check_disk_space(cfg.dump_to, plan.nbytes)
+    existing = open_if_complete_creation(plan.path)
+    missing = plan.nbytes if existing is None else existing.missing_bytes()
+    check_disk_space(cfg.dump_to, missing)  # a resumed store needs room for its missing blocks only
     return recorder, source, plan
 
 

@@ -384,6 +384,11 @@ class ActivationStore:
     def is_complete(self) -> bool:
         return bool(self.completed_blocks().all())
 
+    def missing_bytes(self) -> int:
+        """Bytes of the blocks not yet complete (what a resumed recording still writes)."""
+        per_img = self.n_tokens * self.d_vit * len(self.layers) * np.dtype(self.metadata["dtype"]).itemsize
+        return sum(end - start for start, end in map(self.layout.block_range, self.missing_blocks())) * per_img
+
     def nbytes(self) -> int:
         return self.n_imgs * self.n_tokens * self.d_vit * len(self.layers) * np.dtype(self.metadata["dtype"]).itemsize
 
@@ -462,6 +467,11 @@ def all_finite(x: np.ndarray) -> bool:
         flat = flat.astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         return bool(np.isfinite(np.dot(flat, flat))) or bool(np.isfinite(x).all())
+
+
+def open_if_complete_creation(path: str) -> "ActivationStore | None":
+    """The store at path when it exists and its creation finished (to resume into it); None otherwise."""
+    return _try_open(path)
 
 
 def _try_open(path: str) -> ActivationStore | None:

@@ -120,6 +120,8 @@ def train_group(
                 f"--sae.d-vit {cfg.sae.d_vit} does not match the store's d_vit {store.d_vit} ({store.path}); "
                 f"pass --sae.d-vit {store.d_vit}."
             )
+    if base.sae_batch_size < 1:
+        raise UserError(f"--sae-batch-size {base.sae_batch_size} must be at least 1.")
     n_steps = base.n_patches // base.sae_batch_size
     if n_steps < 1:
         raise UserError(

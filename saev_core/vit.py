@@ -197,7 +197,7 @@ def _build_open_clip(ref: CheckpointRef) -> nn.Module:
     if ref.path is not None:
         try:
             return open_clip.create_model(ref.arch, pretrained=ref.path)
-        except RuntimeError as err:
+        except Exception as err:  # a wrong or corrupt file: RuntimeError, UnpicklingError, EOFError, ...
             raise UserError(
                 f"could not load {ref.path} as {ref.arch} weights: {err}; check that the file holds a full "
                 f"open_clip {ref.arch} model (both towers)"
@@ -286,7 +286,7 @@ def _build_timm(ref: CheckpointRef) -> nn.Module:
         overlay = dict(file=ref.path)
         try:
             return timm.create_model(ref.arch, pretrained=True, pretrained_cfg_overlay=overlay, img_size=TIMM_IMG_SIZE)
-        except RuntimeError as err:
+        except Exception as err:  # a wrong or corrupt file: RuntimeError, UnpicklingError, EOFError, ...
             raise UserError(f"could not load {ref.path} as {ref.arch} weights: {err}") from err
     try:
         return timm.create_model(ref.arch, pretrained=True, img_size=TIMM_IMG_SIZE)

@@ -104,3 +104,30 @@ def test_dump_to_is_a_file(capsys, folder, tmp_path, tiny_clip_ckpt):
 def test_missing_checkpoint_file(capsys, folder, tmp_path):
     err = run(capsys, argv("ViT-B-32/nowhere/weights.pt", folder, tmp_path / "acts"))
     assert "nowhere/weights.pt" in err and "does not exist" in err
+
+
+def test_zero_batch_size(capsys, folder, tmp_path, tiny_clip_ckpt):
+    err = run(capsys, argv(tiny_clip_ckpt, folder, tmp_path / "acts", "--vit-batch-size", "0"))
+    assert "--vit-batch-size 0" in err
+    assert no_complete_store(tmp_path / "acts") and not os.path.exists(tmp_path / "acts")
+
+
+def test_cuda_asked_for_without_a_gpu(capsys, folder, tmp_path, tiny_clip_ckpt, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = run(capsys, argv(tiny_clip_ckpt, folder, tmp_path / "acts", "--device", "cuda"))
+    assert "--device cuda" in err and "--device cpu" in err
+
+
+def test_corrupt_checkpoint_file(capsys, folder, tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"\x80\x04 not a pickle at all")
+    err = run(capsys, argv(f"saev-tiny-clip/{tmp_path / 'broken.pt'}", folder, tmp_path / "acts"))
+    assert "broken.pt" in err and "could not load" in err
+
+
+def test_pipeline_with_no_layers(capsys, tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text("[activations]\nvit_layers = []\n")
+    err = run(capsys, ["pipeline", "--path", str(path)])
+    assert "vit_layers" in err and str(path) in err

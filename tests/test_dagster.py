@@ -99,6 +99,15 @@ def test_asset_graph_of_the_demo_pipeline():
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("activations")).parent_keys}
     assert parents == {"vit_checkpoint", "image_source"}
 
+    assert "sae_sweep" in keys
+    sweep = defs.resolve_assets_def("sae_sweep")
+    assert sweep.partitions_def.get_partition_keys() == acts.partitions_def.get_partition_keys()
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("sae_sweep")).parent_keys} == {"activations"}
+    checks = {spec.name: spec for spec in sweep.check_specs}
+    assert "sweep_is_healthy" in checks
+    assert checks["sweep_is_healthy"].blocking is True
+    assert checks["sweep_is_healthy"].asset_key == dg.AssetKey("sae_sweep")
+
 
 def _materialize_all_layers(instance, config=None):
     asset = build_activations_asset(layer_partitions(LAYERS))

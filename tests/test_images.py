@@ -296,16 +296,18 @@ def _all_files(root: str) -> list[str]:
     )
 
 
-def test_embedded_set_has_256_rgb_224px_images_in_13_photo_classes(embedded):
+def test_embedded_set_has_336_rgb_224px_images_in_21_photo_classes(embedded):
+    """docs/embedded-images.md: with the default config, 21 photos x 16 crops = 336 images in 21 classes."""
     cfg, folder = embedded
+    assert cfg.n_imgs_per_photo == 16
     src = images.make_image_source(cfg)
     assert src.root == folder
-    assert len(src) >= 256
-    assert len(src.class_names) >= 13
+    assert len(src) == 336 >= 256
+    assert len(src.class_names) == 21
     assert "" not in src.class_names
-    assert set(src.class_names) <= {name for name, _ in images.EMBEDDED_PHOTOS}
+    assert set(src.class_names) == {name for name, _ in images.EMBEDDED_PHOTOS}
     counts = np.bincount(src.labels, minlength=len(src.class_names))
-    assert counts.min() >= 1
+    assert counts.tolist() == [16] * 21
     for i in range(len(src)):
         with Image.open(src.abspath(i)) as img:
             assert img.format == "PNG" and img.mode == "RGB" and img.size == (224, 224)

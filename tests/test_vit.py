@@ -1,6 +1,8 @@
 """The ViT registry and recorder, checked against independent forward hooks on the raw open_clip / timm models."""
 
+import hashlib
 import os
+import re
 
 import numpy as np
 import open_clip
@@ -342,7 +344,9 @@ def test_fingerprint_hashes_file_bytes_or_the_tag(tmp_path):
     assert checkpoint_fingerprint("clip", ckpt) != first
     assert checkpoint_fingerprint("clip", "ViT-B-32/openai") != checkpoint_fingerprint("clip", "ViT-B-32/laion2b_e16")
     assert checkpoint_fingerprint("clip", "ViT-B-32/openai") != checkpoint_fingerprint("siglip", "ViT-B-32/openai")
-    assert len(first) == 32 and int(first, 16) >= 0
+    for fp in [first, checkpoint_fingerprint("clip", ckpt), checkpoint_fingerprint("clip", "ViT-B-32/openai")]:
+        assert re.fullmatch(r"[0-9a-f]{32}", fp), fp  # blake2b, 16-byte digest, lowercase hex
+    assert checkpoint_fingerprint("clip", ckpt) == hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------

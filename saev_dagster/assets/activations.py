@@ -20,6 +20,7 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition) -> dg.Asset
     def activations(context: dg.AssetExecutionContext, config: ActivationsRunConfig) -> dg.MaterializeResult:
         from saev_core import pipeline, recording
         from saev_core.errors import UserError
+        from saev_core.store import join, layer_name
 
         layers = layers_of(context.partition_keys)
         try:
@@ -33,7 +34,7 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition) -> dg.Asset
         for layer, key in zip(layers, context.partition_keys):
             context.log_event(dg.AssetObservation(
                 asset_key=context.asset_key, partition=key,
-                metadata={"layer": layer, "array": f"{result.path}/layer_{layer}", "shape": str(result.shape)},
+                metadata={"layer": layer, "array": join(result.path, layer_name(layer)), "shape": str(result.shape)},
             ))
         return dg.MaterializeResult(metadata={
             "store_path": dg.MetadataValue.path(result.path),

@@ -22,28 +22,24 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsD
         description="Every SAE of the pipeline's [sweep], trained together from one pass over this layer.",
     )
     def sae_sweep(context: dg.AssetExecutionContext, config: PipelineRunConfig) -> dg.MaterializeResult:
-        import pandas as pd
-
-        from saev_core import metrics, pipeline, plots, training
+        from saev_core import pipeline
         from saev_core.errors import UserError
 
         layer = int(context.partition_key)
         try:
             pipe = pipeline.load_pipeline(config.pipeline or None)
-            cfgs = pipe.sweep_for(layer, latest_store_path(context, context.partition_key))
-            results = training.train_sweep(cfgs, show_progress=False, on_log=_log_to(context))
+            store_path = latest_store_path(context, context.partition_key)
+            sweep = pipeline.train_layer(pipe, layer, store_path, show_progress=False, on_log=_log_to(context))
         except UserError as err:
             raise dg.Failure(description=str(err)) from None
-        csv = training.sweep_csv_path(cfgs[0].ckpt_path)
-        table = pd.read_csv(csv)
-        problems = metrics.sweep_problems(table.to_dict("records"), pipe.max_frac_dead)
+        table, problems = sweep.table, sweep.problems
         shown = ["member_id", "sae.arch", "sae.exp_factor", "sae.k", "lr", "nmse", "l0", "frac_dead"]
         return dg.MaterializeResult(
             metadata={
                 "members": dg.MetadataValue.md(table[[c for c in shown if c in table]].to_markdown(index=False)),
-                "l0_vs_nmse": png_markdown(plots.l0_vs_nmse_png(table, f"layer {layer}"), "L0 vs NMSE"),
-                "sweep_csv": dg.MetadataValue.path(csv),
-                "n_members": len(results),
+                "l0_vs_nmse": png_markdown(sweep.l0_vs_nmse_png, "L0 vs NMSE"),
+                "sweep_csv": dg.MetadataValue.path(sweep.csv_path),
+                "n_members": len(sweep.results),
                 "best_nmse": float(table["nmse"].min()),
             },
             check_results=[dg.AssetCheckResult(
@@ -57,7 +53,6 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsD
 
 def _log_to(context: dg.AssetExecutionContext):
     def log(step: int, member_id: str, record: dict) -> None:
-        loss = record.get("loss", record.get("total"))
-        context.log.info(f"step {step} {member_id}: loss {loss} l0 {record.get('l0')}")
+        context.log.info(f"step {step} {member_id}: loss {record['loss']:.4g} l0 {record['l0']:.1f}")
 
     return log

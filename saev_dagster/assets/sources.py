@@ -12,8 +12,12 @@ OBSERVE_EVERY = "*/5 * * * *"
 )
 def vit_checkpoint() -> dg.DataVersion:
     from saev_core import pipeline
+    from saev_core.errors import UserError
 
-    return dg.DataVersion(pipeline.load_pipeline().fingerprints()["vit_ckpt"])
+    try:
+        return dg.DataVersion(pipeline.load_pipeline().checkpoint_fingerprint())
+    except UserError as err:
+        raise dg.Failure(description=str(err)) from None
 
 
 @dg.observable_source_asset(
@@ -22,5 +26,9 @@ def vit_checkpoint() -> dg.DataVersion:
 )
 def image_source() -> dg.DataVersion:
     from saev_core import pipeline
+    from saev_core.errors import UserError
 
-    return dg.DataVersion(pipeline.load_pipeline().fingerprints()["images"])
+    try:
+        return dg.DataVersion(pipeline.load_pipeline().images_fingerprint())
+    except UserError as err:
+        raise dg.Failure(description=str(err)) from None
