@@ -12,9 +12,10 @@ one belongs entirely to one split and reads stay chunk-aligned; the last chunk d
 needed (its first ones), and both splits read that one chunk and keep their own images. Invalid images (failed to
 decode) are in neither split. A store with unwritten blocks is refused.
 
-**Order of one epoch** (a pure function of ``seed`` and ``epoch``): the split's chunks are permuted by a generator
-seeded with (seed, epoch); consecutive groups of ``buffer_chunks`` chunks form windows; each window's vectors are
-permuted by a generator seeded with (seed, epoch, window index); the concatenation of the permuted windows is cut
+**Order of one epoch** (a pure function of ``seed`` and ``epoch``): the split's chunks are permuted by
+``np.random.default_rng([_ORDER, seed, epoch])``; consecutive groups of ``buffer_chunks`` chunks form windows; each
+window's vectors are permuted by ``default_rng([_WINDOW, seed, epoch, window index])`` (the split uses
+``[_SPLIT, seed]``; the tags keep the three streams apart); the concatenation of the permuted windows is cut
 into batches of ``batch_size``. Batches run on across window boundaries, and the last batch of an epoch is yielded
 short (every vector is seen exactly once per epoch; ``len(loader)`` counts it). Resuming at ``n_vectors_done``
 skips the windows before it without reading them and yields exactly the batches an uninterrupted run would.
