@@ -150,7 +150,7 @@ def from_table(base, table: dict, where: str, source: str):
         if key in names and dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
             changes[key] = from_table(getattr(base, key), value, f"{where}.{key}", source)
             continue
-        if key not in names or dataclasses.is_dataclass(hints[key]) or key == "data":
+        if key not in names or dataclasses.is_dataclass(hints[key]):
             close = difflib.get_close_matches(key, names, n=2)
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise UserError(f"Unknown key {key!r} in [{where}] of {source}.{hint} Allowed: {', '.join(names)}.")

@@ -19,7 +19,7 @@ import numpy as np
 from saev_core import config
 from saev_core.errors import UserError
 from saev_core.images import BAD_IMAGE
-from saev_core.store import ActivationStore, join, open_if_complete_creation, plan_layout, store_key
+from saev_core.store import ActivationStore, join, open_if_created, plan_layout, store_key
 
 logger = logging.getLogger("saev_core.recording")
 
@@ -335,7 +335,7 @@ def prepare(cfg: config.Activations, with_transform: bool):
     transform = vitlib.make_img_transform(cfg.vit_family, cfg.vit_ckpt) if with_transform else None
     source = images.make_image_source(cfg.data, transform, cfg.n_imgs)
     plan = plan_recording(cfg, vit, recorder, source)
-    existing = open_if_complete_creation(plan.path)
+    existing = open_if_created(plan.path)
     missing = plan.nbytes if existing is None else existing.missing_bytes()
     check_disk_space(cfg.dump_to, missing)  # a resumed store needs room for its missing blocks only
     return recorder, source, plan

@@ -291,7 +291,7 @@ class ActivationStore:
         )
         key = store_key(metadata)
         path = join(root, key)
-        existing = _try_open(path)
+        existing = open_if_created(path)
         if existing is not None:
             existing.check_image_index(image_paths, image_labels)
             return existing
@@ -469,13 +469,8 @@ def all_finite(x: np.ndarray) -> bool:
         return bool(np.isfinite(np.dot(flat, flat))) or bool(np.isfinite(x).all())
 
 
-def open_if_complete_creation(path: str) -> "ActivationStore | None":
+def open_if_created(path: str) -> ActivationStore | None:
     """The store at path when it exists and its creation finished (to resume into it); None otherwise."""
-    return _try_open(path)
-
-
-def _try_open(path: str) -> ActivationStore | None:
-    """The store at path when it exists and was fully created; None otherwise."""
     try:
         group = zarr.open_group(path, mode="r+")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):

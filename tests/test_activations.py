@@ -7,13 +7,13 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import torch
 import zarr
 from PIL import Image
 
 from saev_core import images, vit as vitlib
 from saev_core.__main__ import main
+from saev_core.config import ImageFolderDataset
 from saev_core.store import ActivationStore
 
 
@@ -231,6 +231,5 @@ def test_cli_subprocess_prints_store_path_last(tmp_path, tiny_clip_ckpt):
     )
     last = out.stdout.strip().splitlines()[-1]
     assert ActivationStore.open(last).is_complete
-    assert images.image_list_fingerprint(images.make_image_source(
-        __import__("saev_core.config", fromlist=["x"]).ImageFolderDataset(root=str(tmp_path / "imgs"))
-    )) == ActivationStore.open(last).metadata["fingerprints"]["images"]
+    source = images.make_image_source(ImageFolderDataset(root=str(tmp_path / "imgs")))
+    assert images.image_list_fingerprint(source) == ActivationStore.open(last).metadata["fingerprints"]["images"]

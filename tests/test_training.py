@@ -383,7 +383,7 @@ def test_nan_in_the_data_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         training.train_sweep([cfg], show_progress=False)
     msg = str(err.value)
     assert f"activations of step {bad_step} contain NaN" in msg and training.member_id(cfg) in msg
-    assert f"last good checkpoint is kept" in msg and f"(step {kept};" in msg
+    assert "last good checkpoint is kept" in msg and f"(step {kept};" in msg
     [pointer] = glob.glob(str(tmp_path / "ckpt" / "group-*.json"))
     assert pointer in msg and json.load(open(pointer))["step"] == kept
     folder = tmp_path / "ckpt" / training.member_id(cfg)

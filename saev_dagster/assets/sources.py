@@ -11,13 +11,7 @@ OBSERVE_EVERY = "*/5 * * * *"
     automation_condition=dg.AutomationCondition.cron_tick_passed(OBSERVE_EVERY),
 )
 def vit_checkpoint() -> dg.DataVersion:
-    from saev_core import pipeline
-    from saev_core.errors import UserError
-
-    try:
-        return dg.DataVersion(pipeline.load_pipeline().checkpoint_fingerprint())
-    except UserError as err:
-        raise dg.Failure(description=str(err)) from None
+    return _data_version("checkpoint_fingerprint")
 
 
 @dg.observable_source_asset(
@@ -25,10 +19,16 @@ def vit_checkpoint() -> dg.DataVersion:
     automation_condition=dg.AutomationCondition.cron_tick_passed(OBSERVE_EVERY),
 )
 def image_source() -> dg.DataVersion:
+    return _data_version("images_fingerprint")
+
+
+def _data_version(fingerprint: str) -> dg.DataVersion:
+    """The pipeline file's fingerprint (a saev_core.pipeline.Pipeline method name) as a data version; bad input is
+    a clear Dagster failure, not a traceback."""
     from saev_core import pipeline
     from saev_core.errors import UserError
 
     try:
-        return dg.DataVersion(pipeline.load_pipeline().images_fingerprint())
+        return dg.DataVersion(getattr(pipeline.load_pipeline(), fingerprint)())
     except UserError as err:
         raise dg.Failure(description=str(err)) from None
