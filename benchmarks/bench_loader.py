@@ -34,8 +34,9 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from saev_core import config  # noqa: E402
-from saev_core.loader import ActivationLoader, compute_stats  # noqa: E402
-from saev_core.store import ActivationStore  # noqa: E402
+from saev_core.loader import ActivationLoader  # noqa: E402
+from saev_core.stats import compute_stats  # noqa: E402
+from saev_core.store import ActivationStore, write_store  # noqa: E402
 
 N_PATCHES, D_VIT, CHUNKS_PER_SHARD = 49, 768, 16
 
@@ -43,18 +44,12 @@ N_PATCHES, D_VIT, CHUNKS_PER_SHARD = 49, 768, 16
 def plant(root: str, n_imgs: int) -> ActivationStore:
     n_tokens = N_PATCHES + 1
     imgs_per_chunk = (4 * 1024 * 1024) // (n_tokens * D_VIT * 4)
-    meta = {
-        "vit_family": "clip", "vit_ckpt": "bench/none", "d_vit": D_VIT, "layers": [-2], "resolved_layers": [10],
-        "n_patches_per_img": N_PATCHES, "cls_token": True, "n_imgs": n_imgs,
-        "n_patches_per_shard": CHUNKS_PER_SHARD * imgs_per_chunk * n_tokens, "data": {"kind": "bench"}, "seed": 0,
-        "dtype": "float32", "fingerprints": {"vit_ckpt": "bench", "images": "bench"},
-    }
-    store = ActivationStore.create(root, meta, [f"img{i}" for i in range(n_imgs)], [0] * n_imgs, ["bench"])
     rng = np.random.default_rng(0)
-    for block in range(store.layout.n_blocks):
-        start, end = store.layout.block_range(block)
-        store.write_block(block, rng.standard_normal((1, end - start, n_tokens, D_VIT), dtype=np.float32))
-    return store
+    return write_store(
+        root, lambda start, end: rng.standard_normal((1, end - start, n_tokens, D_VIT), dtype=np.float32),
+        shape=(n_imgs, n_tokens, D_VIT), imgs_per_shard=CHUNKS_PER_SHARD * imgs_per_chunk, fingerprint="bench",
+        resolved_layers=(10,),
+    )
 
 
 def shard_files(store: ActivationStore) -> list[str]:
@@ -108,7 +103,7 @@ def main() -> None:
         print(f"planted {store.n_imgs} images x {store.n_tokens} tokens x {D_VIT} float32 = {gb:.2f} GB in "
               f"{len(files)} shards of {store.layout.imgs_per_shard} images, chunks of {store.layout.imgs_per_chunk} "
               f"images ({chunk_mb:.1f} MB), in {time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs.")
-        cfg = config.DataLoad(shard_root=store.path, layer=-2, patches=args.patches, val_frac=0.0,
+        cfg = config.DataLoadConfig(shard_root=store.path, layer=-2, patches=args.patches, val_frac=0.0,
                               buffer_chunks=args.buffer_chunks)
         loader = ActivationLoader(store, cfg, batch_size=args.batch_size, seed=0, n_read_threads=args.n_read_threads)
         n_vectors = store.n_imgs * (N_PATCHES if args.patches == "patches" else 1)

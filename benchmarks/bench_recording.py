@@ -21,17 +21,16 @@ import torch
 
 from saev_core import config, vit as vitlib
 from saev_core.recording import block_batches, record_batches
-from saev_core.store import ActivationStore
+from saev_core.store import ActivationStore, arrays_metadata
 
 
 def make_store(root: str, vit, n_imgs: int, layers: list[int], resolved: list[int], n_patches_per_shard: int):
-    meta = {
-        "vit_family": "clip", "vit_ckpt": vit.ckpt, "d_vit": vit.d_vit, "layers": layers,
-        "resolved_layers": resolved, "n_blocks_in_vit": vit.n_blocks, "n_patches_per_img": vit.n_patches_per_img,
-        "cls_token": True, "n_imgs": n_imgs, "n_patches_per_shard": n_patches_per_shard,
-        "data": {"kind": "benchmark"}, "image_root": "", "seed": 0, "dtype": "float32",
-        "fingerprints": {"vit_ckpt": str(time.time()), "images": "random"},
-    }
+    n_tokens = vit.n_patches_per_img + 1
+    meta = arrays_metadata(
+        n_imgs, n_tokens, vit.d_vit, layers, imgs_per_shard=n_patches_per_shard // (len(layers) * n_tokens),
+        fingerprint="random", vit_ckpt=vit.ckpt, resolved_layers=tuple(resolved), n_blocks_in_vit=vit.n_blocks,
+        fingerprints={"vit_ckpt": str(time.time()), "images": "random"},
+    )
     return ActivationStore.create(root, meta, [f"{i}.png" for i in range(n_imgs)], [0] * n_imgs, ["random"])
 
 

@@ -24,19 +24,19 @@ import time
 import numpy as np
 import torch
 
-from saev_core import config, loader, nn, training
-from saev_core.loader import normalization
-from saev_core.store import ActivationStore
+from saev_core import config, nn, shards, training
+from saev_core.stats import normalization
+from saev_core.store import ActivationStore, write_store
 
 
 class ReadCounter:
-    """Counts the bytes the loader reads from the store: wraps ``loader.ChunkReader.read`` (every chunk read, the
+    """Counts the bytes the loader reads from the store: wraps ``shards.ChunkReader.read`` (every chunk read, the
     raw-file path and the zarr path alike, goes through it)."""
 
     n_bytes = 0
 
     def __init__(self):
-        self.original = loader.ChunkReader.read
+        self.original = shards.ChunkReader.read
 
     def __enter__(self):
         original = self.original
@@ -45,34 +45,27 @@ class ReadCounter:
             original(reader, start, dest)
             ReadCounter.n_bytes += dest.nbytes
 
-        loader.ChunkReader.read = read
+        shards.ChunkReader.read = read
         return self
 
     def __exit__(self, *exc):
-        loader.ChunkReader.read = self.original
+        shards.ChunkReader.read = self.original
 
 
 def plant_store(root: str, args) -> ActivationStore:
     n_imgs, n_tokens, d = args.n_imgs, args.n_tokens, args.d_vit
-    meta = {
-        "vit_family": "clip", "vit_ckpt": "benchmark/none", "d_vit": d, "layers": [-2], "resolved_layers": [10],
-        "n_patches_per_img": n_tokens, "cls_token": False, "n_imgs": n_imgs, "n_patches_per_shard": 2_400_000,
-        "data": {"kind": "benchmark"}, "seed": 0, "dtype": "float32",
-        "fingerprints": {"vit_ckpt": "none", "images": str(time.time())},
-    }
-    store = ActivationStore.create(root, meta, [f"{i}.png" for i in range(n_imgs)], [0] * n_imgs, [""])
     rng = np.random.default_rng(0)
-    for block in store.missing_blocks():
-        start, end = store.layout.block_range(block)
-        acts = rng.standard_normal((1, end - start, n_tokens, d), dtype=np.float32) + 1.0
-        store.write_block(block, acts)
-    return store
+    return write_store(
+        root, lambda start, end: rng.standard_normal((1, end - start, n_tokens, d), dtype=np.float32) + 1.0,
+        shape=(n_imgs, n_tokens, d), cls_token=False, imgs_per_shard=2_400_000 // n_tokens,
+        fingerprint=str(time.time()), resolved_layers=(10,),
+    )
 
 
-def member_cfgs(store: ActivationStore, args, k: int, ckpt: str) -> list[config.Train]:
-    base = config.Train(
-        data=config.DataLoad(shard_root=store.path, layer=-2),
-        sae=config.SparseAutoencoder(d_vit=args.d_vit, exp_factor=args.exp_factor, arch=args.arch, k=32),
+def member_cfgs(store: ActivationStore, args, k: int, ckpt: str) -> list[config.TrainConfig]:
+    base = config.TrainConfig(
+        data=config.DataLoadConfig(shard_root=store.path, layer=-2),
+        sae=config.SparseAutoencoderConfig(d_vit=args.d_vit, exp_factor=args.exp_factor, arch=args.arch, k=32),
         n_patches=args.n_steps * args.batch_size, sae_batch_size=args.batch_size, lr=1e-4, n_lr_warmup=2,
         ckpt_path=ckpt, ckpt_every=10**9, log_every=10**9, device=args.device,
     )
@@ -84,7 +77,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_sweep(cfgs: list[config.Train]) -> tuple[float, float, int]:
+def time_sweep(cfgs: list[config.TrainConfig]) -> tuple[float, float, int]:
     """(end-to-end seconds, loop seconds for steps 1..n-1, bytes read) of one train_sweep call."""
     stamps: list[float] = []
 
@@ -98,7 +91,7 @@ def time_sweep(cfgs: list[config.Train]) -> tuple[float, float, int]:
     return time.perf_counter() - t0, stamps[-1] - stamps[0], ReadCounter.n_bytes
 
 
-def time_in_memory(cfgs: list[config.Train], batches: list[torch.Tensor], device: str) -> float:
+def time_in_memory(cfgs: list[config.TrainConfig], batches: list[torch.Tensor], device: str) -> float:
     """Seconds for steps 1..n-1 of every member on batches already on the device (step 0 is a warm-up)."""
     members = []
     for cfg in cfgs:
@@ -162,7 +155,7 @@ def bench_flops(args) -> None:
     print(f"\n== SAE training-step FLOP/s vs a plain fp32 matmul [{b}, {d}] @ [{d}, {s}] ({device}) ==")
     print(f"{'arch':>10} {'step ms':>9} {'SAE GFLOP/s':>12} {'matmul ms':>10} {'matmul GFLOP/s':>15} {'ratio':>6}")
     for arch in dict.fromkeys([args.arch, "relu"]):
-        cfg = config.Train(sae=config.SparseAutoencoder(d_vit=d, exp_factor=args.exp_factor, arch=arch, k=32))
+        cfg = config.TrainConfig(sae=config.SparseAutoencoderConfig(d_vit=d, exp_factor=args.exp_factor, arch=arch, k=32))
         sae = nn.make_sae(cfg.sae).to(device).train()
         member = training._Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=1e-4))
 
@@ -218,7 +211,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         store = plant_store(os.path.join(tmp, "store"), args)
-        normalization(store, config.DataLoad(shard_root=store.path, layer=-2))  # cache the statistics once
+        normalization(store, config.DataLoadConfig(shard_root=store.path, layer=-2))  # cache the statistics once
         training.train_sweep(member_cfgs(store, args, 1, os.path.join(tmp, "warmup")), show_progress=False)
         with ReadCounter():
             bench_sweep(args, store, tmp)

@@ -13,6 +13,7 @@ import tyro
 
 from saev_core import config
 from saev_core.errors import UserError
+from saev_core.files import atomic_write_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,20 +25,20 @@ class RunPipeline:
 
 
 Command = (
-    Annotated[config.Activations, tyro.conf.subcommand("activations", prefix_name=False)]
-    | Annotated[config.Train, tyro.conf.subcommand("train", prefix_name=False)]
+    Annotated[config.ActivationsConfig, tyro.conf.subcommand("activations", prefix_name=False)]
+    | Annotated[config.TrainConfig, tyro.conf.subcommand("train", prefix_name=False)]
     | Annotated[RunPipeline, tyro.conf.subcommand("pipeline", prefix_name=False)]
 )
 
 
-def run_activations(cfg: config.Activations) -> str:
+def run_activations(cfg: config.ActivationsConfig) -> str:
     from saev_core import recording
 
     if cfg.dry_run:
         plan = recording.dry_run(cfg)
         print(
             f"would write {plan.nbytes / 1e9:.3f} GB ({len(cfg.vit_layers)} layers x "
-            f"{plan.metadata['n_imgs']} images x {plan.n_tokens} tokens x {plan.d_vit} x {cfg.dtype}); "
+            f"{plan.metadata.n_imgs} images x {plan.metadata.n_tokens} tokens x {plan.metadata.d_vit} x {cfg.dtype}); "
             f"recording holds up to 3 blocks of {plan.block_bytes / 1e6:.1f} MB in memory; the disk has room."
         )
         return plan.path
@@ -50,7 +51,7 @@ def run_activations(cfg: config.Activations) -> str:
     return result.path
 
 
-def run_train(cfg: config.Train) -> str:
+def run_train(cfg: config.TrainConfig) -> str:
     from saev_core import training
 
     report_members(training.train_main(cfg))
@@ -79,10 +80,7 @@ def run_pipeline(cmd: RunPipeline) -> str:
         for problem in sweep.problems:
             print(f"warning: layer {layer}: {problem}", file=sys.stderr)
         png = os.path.join(os.path.dirname(sweep.csv_path), "l0_vs_nmse.png")
-        tmp = f"{png}.partial"
-        with open(tmp, "wb") as f:
-            f.write(sweep.l0_vs_nmse_png)
-        os.replace(tmp, png)
+        atomic_write_bytes(png, sweep.l0_vs_nmse_png)
         print(sweep.csv_path)
         print(png)
     return pipe.train.ckpt_path
@@ -96,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Record ViT activations to a zarr store and train sparse autoencoders on them.",
     )
     try:
-        if isinstance(cmd, config.Activations):
+        if isinstance(cmd, config.ActivationsConfig):
             out = run_activations(cmd)
-        elif isinstance(cmd, config.Train):
+        elif isinstance(cmd, config.TrainConfig):
             out = run_train(cmd)
         else:
             out = run_pipeline(cmd)

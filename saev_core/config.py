@@ -46,7 +46,7 @@ DatasetConfig = ImageFolderDataset | EmbeddedDataset
 
 
 @dataclasses.dataclass(frozen=True)
-class Activations:
+class ActivationsConfig:
     """Record a ViT's residual-stream activations for chosen layers into a zarr activation store."""
 
     data: DatasetConfig = dataclasses.field(default_factory=EmbeddedDataset)
@@ -93,7 +93,7 @@ SaeArch = Literal["relu", "relu-decnorm", "topk", "batchtopk", "jumprelu"]
 
 
 @dataclasses.dataclass(frozen=True)
-class SparseAutoencoder:
+class SparseAutoencoderConfig:
     """One flat SAE config: ``arch`` picks the variant; fields a variant does not use are ignored by it."""
 
     d_vit: int = 1024
@@ -130,7 +130,7 @@ class SparseAutoencoder:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataLoad:
+class DataLoadConfig:
     """Which activations to train on and how to normalise them."""
 
     shard_root: str = "./shards"
@@ -150,12 +150,12 @@ class DataLoad:
 
 
 @dataclasses.dataclass(frozen=True)
-class Train:
+class TrainConfig:
     """Train one SAE, or a sweep of SAEs in one pass over the data."""
 
-    data: DataLoad = dataclasses.field(default_factory=DataLoad)
+    data: DataLoadConfig = dataclasses.field(default_factory=DataLoadConfig)
     """Which activations to train on (--data.*)."""
-    sae: SparseAutoencoder = dataclasses.field(default_factory=SparseAutoencoder)
+    sae: SparseAutoencoderConfig = dataclasses.field(default_factory=SparseAutoencoderConfig)
     """The SAE (--sae.*); a sweep varies these per member."""
     n_patches: int = 100_000_000
     """Training vectors to read (sae_batch_size per step; epochs over the store cycle as needed)."""
@@ -199,4 +199,3 @@ def resolve_device(device: Device) -> str:
 def cache_dir() -> str:
     """Where generated data lives: $SAEV_CACHE, else ~/.cache/saev."""
     return os.environ.get("SAEV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "saev")
-from saev_core.sweep import expand, grid, load_sweep, member_id, split_cfgs  # noqa: E402,F401  (re-export)

@@ -1,9 +1,7 @@
 """Shuffled batches of activation vectors from one layer of an activation store, for SAE training.
 
-Vectors are raw activations (float32); the SAE normalises them itself with the statistics from ``normalization``.
-
-**Token modes.** ``patches``: every patch vector of an image (tokens 1.. when the store has a CLS token, all tokens
-otherwise); ``cls``: token 0; ``meanpool``: the mean of an image's patch tokens.
+Vectors are raw activations (float32) of a token mode (``saev_core.tokens``); the SAE normalises them itself with the
+statistics from ``saev_core.stats.normalization``.
 
 **Train/val split** (``split_images``). Whole images are held out, never single patches: exactly
 ``round(val_frac * n_valid)`` valid images (at least one when ``val_frac > 0``, never all of them). They are taken
@@ -20,78 +18,46 @@ into batches of ``batch_size``. Batches run on across window boundaries, and the
 short (every vector is seen exactly once per epoch; ``len(loader)`` counts it). Resuming at ``n_vectors_done``
 skips the windows before it without reading them and yields exactly the batches an uninterrupted run would.
 
-**Reading.** A producer thread reads whole chunks (``imgs_per_chunk`` images; ``ChunkReader``) with a small thread
-pool, reading the next window while it hands out the batches of the current one through a bounded queue; an
+**Reading.** A producer thread reads whole chunks (``imgs_per_chunk`` images; ``shards.ChunkReader``) with a small
+thread pool, reading the next window while it hands out the batches of the current one through a bounded queue; an
 exception there is raised again in the consumer. The window's permutation is applied while reading, not after: each
-vector is read straight into its row of its batch (a scatter read, ``Scatter``), so a batch costs one copy of its
-bytes, as a sequential read does. Token modes that compute (``meanpool``) and stores the raw path cannot read (other
-codecs, fsspec URLs, float16) read the chunk whole and place the vectors with numpy. Batches are handed out as
+vector is read straight into its row of its batch (a scatter read, ``shards.Scatter``), so a batch costs one copy of
+its bytes, as a sequential read does. Token modes that compute (``meanpool``) and stores the raw path cannot read
+(other codecs, fsspec URLs, float16) read the chunk whole and place the vectors with numpy. Batches are handed out as
 views of arrays the loader reuses once nothing refers to a batch any more (no tensor, slice or view of it left), so
 a batch stays valid for as long as the consumer keeps it.
 
-**Statistics** (``compute_stats``, ``normalization``) are computed over every valid image of the store, train and
-val alike: the store caches one mean and one scale per (layer, token mode), which therefore cannot depend on a
-split seed or ``val_frac``; the held-out images lend the SAE two summary numbers of unlabelled data, nothing more.
+Normalisation statistics live in ``saev_core.stats``; token modes in ``saev_core.tokens``.
 """
 
 import collections
 import concurrent.futures
-import ctypes
-import errno
 import math
-import os
 import queue
 import threading
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 import numpy as np
 import torch
-import zarr
-import zarr.buffer.cpu
 from jaxtyping import Float
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.store import EMPTY_CHUNK, ActivationStore, PlainShardLayout
+from saev_core.shards import ChunkReader, Scatter
+from saev_core.store import ActivationStore
+from saev_core.tokens import check_token_mode, first_patch, vectors, vectors_per_image
 
-TOKEN_MODES = ("patches", "cls", "meanpool")
 
 # Every random stream gets its own tag and a key of fixed length: numpy's SeedSequence treats [a, b] and [a, b, 0]
 # alike, so keys of different purposes must not differ only by trailing zeros.
 _SPLIT, _ORDER, _WINDOW = 1, 2, 3
 
-# libc's preadv(fd, iovecs, count, offset), called on an array of (address, length) pairs that numpy computes for a
-# whole chunk at once. os.preadv wants one Python buffer object per destination: making them (42 K per window of
-# the benchmark) held the GIL for a third of the time the kernel took to copy, and the loader reached 0.6 of a
-# sequential read instead of 0.9-1.2.
-try:
-    _preadv = ctypes.CDLL(None, use_errno=True).preadv
-    _preadv.restype, _preadv.argtypes = ctypes.c_ssize_t, [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
-except (OSError, AttributeError):  # no preadv (Windows): every read goes through zarr
-    _preadv = None
-_IOV_MAX = 1024  # (address, length) pairs per preadv call: Linux's and macOS's IOV_MAX
-# Up to this many unwanted vectors between wanted ones (a CLS token) are read into a junk row: one call, not two.
-_JUNK_GAP = 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Splits and token modes
+# Splits
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def usable_images(store: ActivationStore) -> np.ndarray:
-    """bool [n_imgs]: the valid images of a complete store (UserError when blocks are missing)."""
-    missing = store.missing_blocks()
-    if missing:
-        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise UserError(
-            f"The store {store.path} is incomplete: blocks {missing[:10]}{more} of {store.layout.n_blocks} were "
-            "never written. Run `python -m saev_core activations` again with the same settings to finish it."
-        )
-    return store.valid_images()
 
 
 def split_images(store: ActivationStore, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +66,7 @@ def split_images(store: ActivationStore, val_frac: float, seed: int) -> tuple[np
         raise UserError(f"--data.val-frac {val_frac} is outside [0, 1). Pass the fraction of images to hold out, "
                         "e.g. 0.1.")
     _check_seed(seed)
-    valid = usable_images(store)
+    valid = store.usable_images()
     n_valid = int(valid.sum())
     if n_valid == 0:
         raise UserError(f"Every image of the store {store.path} is marked invalid (failed to decode); there is "
@@ -118,180 +84,9 @@ def split_images(store: ActivationStore, val_frac: float, seed: int) -> tuple[np
     return np.flatnonzero(valid & ~is_val), np.flatnonzero(is_val)
 
 
-def check_token_mode(store: ActivationStore, patches: str) -> None:
-    if patches not in TOKEN_MODES:
-        raise UserError(f"--data.patches {patches!r} is not a token mode; use one of {list(TOKEN_MODES)}.")
-    if patches == "cls" and not store.metadata["cls_token"]:
-        raise UserError(
-            f"--data.patches cls needs a CLS token, but the store {store.path} was recorded without one "
-            "(--no-cls-token). Use --data.patches patches or --data.patches meanpool."
-        )
-
-
-def vectors_per_image(store: ActivationStore, patches: str) -> int:
-    return store.n_tokens - _first_patch(store) if patches == "patches" else 1
-
-
-def _first_patch(store: ActivationStore) -> int:
-    return int(bool(store.metadata["cls_token"]))
-
-
 def _check_seed(seed: int) -> None:
     if seed < 0:
         raise UserError(f"--seed {seed} is negative; pass a seed >= 0.")
-
-
-def _image_vectors(x: np.ndarray, patches: str, first_patch: int, out: np.ndarray | None = None) -> np.ndarray:
-    """One vector per image of x [imgs, tokens, d]: the CLS token or the mean of the patch tokens (float32)."""
-    if patches == "cls":
-        if out is None:
-            return x[:, 0].astype(np.float32)
-        out[...] = x[:, 0]
-        return out
-    return np.mean(x[:, first_patch:], axis=1, dtype=np.float32, out=out)
-
-
-def _vectors(x: np.ndarray, patches: str, first_patch: int) -> Float[np.ndarray, "n d_vit"]:
-    """The vectors of a token mode for images x [imgs, tokens, d], as float32."""
-    if patches == "patches":
-        return x[:, first_patch:].reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
-    return _image_vectors(x, patches, first_patch)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading whole chunks
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class ChunkReader:
-    """Reads whole inner chunks of a layer array (images [start, start + n)) into a caller's buffer or ``Scatter``.
-
-    On a local disk, when the array has exactly the codecs ``ActivationStore.create`` writes
-    (``PlainShardLayout``), a chunk's bytes are the array's bytes: they are read with one ``preadv`` straight into
-    the buffer, as fast as ``np.fromfile`` (~10 GB/s from the page cache here), or each vector into its own batch
-    row (one (address, length) pair per vector: 13 GB/s into reused memory). zarr's own read path makes two more
-    copies and ran at 4-4.7 GB/s. Anything else (other codecs, fsspec URLs), or a shard index that does not look
-    right (wrong size or checksum), goes through zarr.
-    """
-
-    def __init__(self, arr: zarr.Array):
-        self.arr = arr
-        self._plain = PlainShardLayout.of(arr) if _preadv is not None else None
-        self._shard_dir = self._plain.folder if self._plain is not None else None
-        self._indexes: dict[int, np.ndarray] = {}
-        self._vector_bytes = arr.shape[-1] * arr.dtype.itemsize
-        self._junk = np.empty(self._vector_bytes, np.uint8)  # unwanted vectors land here (any thread); never read
-
-    def read(self, start: int, dest: "np.ndarray | Scatter") -> None:
-        """Fill dest with images start..start+n-1 of one chunk: an array [n, tokens, d] (C-contiguous, the array's
-        dtype), or a Scatter [n, tokens] that says where each vector goes."""
-        if self._plain is not None and self._read_raw(start, dest):
-            return
-        x = dest if isinstance(dest, np.ndarray) else np.empty((len(dest.pos), *self.arr.shape[1:]), self.arr.dtype)
-        self.arr.get_basic_selection((slice(start, start + len(x)),), out=zarr.buffer.cpu.NDBuffer.from_numpy_array(x))
-        if isinstance(dest, Scatter):
-            dest.put(x)
-
-    def _open(self, start: int) -> tuple[int, int, int]:
-        """(fd of the chunk's shard file, shard, inner chunk); FileNotFoundError when the shard was never stored."""
-        chunk = start // self.arr.chunks[0]
-        shard, inner = divmod(chunk, self._plain.chunks_per_shard)
-        return os.open(self._plain.shard_path(shard), os.O_RDONLY), shard, inner
-
-    def _index(self, fd: int, shard: int) -> np.ndarray:
-        """[chunks_per_shard, 2] (offset, nbytes) of the inner chunks; ValueError when it does not check out."""
-        if shard not in self._indexes:
-            size, n = os.fstat(fd).st_size, self._plain.index_nbytes
-            if size < n:
-                raise ValueError(f"shard {shard} is shorter than its index")
-            self._indexes[shard] = self._plain.decode_index(os.pread(fd, n, size - n))
-        return self._indexes[shard]
-
-    def _read_raw(self, start: int, dest: "np.ndarray | Scatter") -> bool:
-        """Read from the shard file; False where zarr has to (a chunk stored otherwise, an index that does not check
-        out, a file shorter than its index says)."""
-        try:
-            fd, shard, inner = self._open(start)
-        except FileNotFoundError:  # a shard never stored holds only the fill value
-            return self._fill(dest)
-        try:
-            offset, nbytes = self._index(fd, shard)[inner]
-            if offset == EMPTY_CHUNK and nbytes == EMPTY_CHUNK:
-                return self._fill(dest)
-            if nbytes != self._plain.chunk_bytes:
-                return False
-            if isinstance(dest, Scatter):
-                return dest.batches.dtype == self.arr.dtype and self._scatter(fd, int(offset), dest)
-            if not (dest.flags.c_contiguous and dest.flags.writeable) or dest.dtype != self.arr.dtype:
-                return False
-            # An edge chunk is stored whole: read only dest's images.
-            return _preadv_all(fd, np.array([[dest.ctypes.data, dest.nbytes]], np.uint64), int(offset))
-        except ValueError:
-            return False
-        finally:
-            os.close(fd)
-
-    def _scatter(self, fd: int, offset: int, dest: "Scatter") -> bool:
-        """Read the wanted vectors of the chunk at offset straight into their batch rows, one call per run of them."""
-        flat = dest.pos.ravel()
-        wanted = np.flatnonzero(flat >= 0)
-        if len(wanted) == 0:
-            return True
-        lo, size = int(wanted[0]), self._vector_bytes
-        iovecs = dest.batches.iovecs(flat[lo:wanted[-1] + 1], self._junk)
-        cuts = np.flatnonzero(np.diff(wanted) > _JUNK_GAP + 1)
-        for first, last in zip([lo, *wanted[cuts + 1].tolist()], [*wanted[cuts].tolist(), int(wanted[-1])]):
-            if not _preadv_all(fd, iovecs[first - lo:last - lo + 1], offset + first * size):
-                return False
-        return True
-
-    def _fill(self, dest: "np.ndarray | Scatter") -> bool:
-        if isinstance(dest, Scatter):
-            dest.put(np.full((*dest.pos.shape, self.arr.shape[-1]), self.arr.fill_value, self.arr.dtype))
-        else:
-            dest[...] = self.arr.fill_value
-        return True
-
-
-def _preadv_all(fd: int, iovecs: np.ndarray, offset: int) -> bool:
-    """Fill the buffers iovecs [n, 2] uint64 (address, length), all of one length, with the file's bytes from
-    offset on, in order; False when the file ends first. The caller keeps the buffers alive."""
-    address, size, i = iovecs.ctypes.data, int(iovecs[0, 1]), 0
-    while i < len(iovecs):
-        n = _preadv(fd, address + 16 * i, min(_IOV_MAX, len(iovecs) - i), offset)
-        if n < 0:
-            err = ctypes.get_errno()
-            if err == errno.EINTR:
-                continue
-            raise OSError(err, os.strerror(err))
-        if n == 0:
-            return False
-        done, part = divmod(n, size)
-        i, offset = i + done, offset + n
-        if part:  # a short read stopped inside a buffer: finish that one alone
-            if not _preadv_all(fd, np.array([[iovecs[i, 0] + part, size - part]], np.uint64), offset):
-                return False
-            i, offset = i + 1, offset + size - part
-    return True
-
-
-class Scatter(NamedTuple):
-    """A destination for ``ChunkReader.read`` that spreads the vectors of one chunk over batches: token t of image i
-    of the chunk goes to stream position ``pos[i, t]`` of ``batches`` (negative: not wanted; it is read only when
-    that saves a call)."""
-
-    pos: np.ndarray
-    """int64 [n_imgs, n_tokens]."""
-    batches: "_Batches"
-
-    @property
-    def nbytes(self) -> int:
-        """Store bytes of the images it covers (what a whole-chunk read moves)."""
-        return self.pos.size * self.batches.row_bytes
-
-    def put(self, x: np.ndarray) -> None:
-        """Place the wanted vectors of x [n_imgs, n_tokens, d], the chunk's images."""
-        self.batches.put(self.pos.ravel(), x.reshape(self.pos.size, -1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,7 +197,7 @@ class ActivationLoader:
     def __init__(
         self,
         store: ActivationStore,
-        data_cfg: config.DataLoad,
+        data_cfg: config.DataLoadConfig,
         batch_size: int,
         seed: int,
         split: str = "train",
@@ -424,7 +219,7 @@ class ActivationLoader:
         self._arr = store.array(data_cfg.layer)
         self._reader = ChunkReader(self._arr)
         self.patches = data_cfg.patches
-        self._first_patch = _first_patch(store)
+        self._first_patch = first_patch(store)
         self._vpi = vectors_per_image(store, self.patches)
 
         train, val = split_images(store, data_cfg.val_frac, seed)
@@ -599,114 +394,4 @@ class ActivationLoader:
         grid[local] = pos
         x = np.empty((n, self.store.n_tokens, self.store.d_vit), self._arr.dtype)
         self._reader.read(start, x)
-        batches.put(grid.ravel(), _vectors(x, self.patches, self._first_patch))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Normalisation statistics
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def compute_stats(
-    store: ActivationStore, layer: int, patches: str, images: np.ndarray | None = None
-) -> tuple[np.ndarray, float]:
-    """(mean [d_vit] float64, scale) with E||(x - mean) * scale||^2 = d_vit over the vectors of a token mode.
-
-    ``images`` defaults to every valid image of the store. One pass over whole chunks in order; sums in float64,
-    chunk statistics merged with Chan et al.'s parallel update, so a large common offset costs no digits.
-    """
-    check_token_mode(store, patches)
-    arr = store.array(layer)
-    if images is None:
-        images = np.flatnonzero(usable_images(store))
-    ipc, first = store.layout.imgs_per_chunk, _first_patch(store)
-    tokens = slice(first, None) if patches != "cls" else slice(0, 1)
-    chunks, starts = np.unique(images // ipc, return_index=True)
-    n, mean, m2 = 0, np.zeros(store.d_vit), 0.0
-    for c, imgs, x in _stream_chunks(ChunkReader(arr), chunks, np.split(images, starts[1:]), ipc, store.n_imgs):
-        x = x[imgs - c * ipc]
-        finite = np.isfinite(x[:, tokens]).reshape(len(x), -1).all(axis=1)
-        if not finite.all():
-            bad = int(imgs[np.argmin(finite)])
-            raise UserError(
-                f"The store {store.path}, layer {layer}, has NaN or Inf activations in image {bad} "
-                f"({store.image_paths()[bad]}). Record the layer again (check the ViT checkpoint, and --dtype: "
-                "float16 overflows on large activations)."
-            )
-        v = _vectors(x, patches, first).astype(np.float64)
-        mean_c = v.mean(axis=0)
-        m2_c = float(np.square(v - mean_c).sum())
-        delta, total = mean_c - mean, n + len(v)
-        mean += delta * (len(v) / total)
-        m2 += m2_c + float(delta @ delta) * n * len(v) / total
-        n = total
-    if n == 0:
-        raise UserError(f"No vectors to compute statistics on in the store {store.path}, layer {layer}.")
-    if m2 == 0:
-        raise UserError(
-            f"All {n} {patches} vectors of the store {store.path}, layer {layer}, are identical: the store looks "
-            "broken. Record it again, or train with --data.no-scale-norm."
-        )
-    return mean, math.sqrt(store.d_vit * n / m2)
-
-
-def _stream_chunks(reader: ChunkReader, chunks, chunk_images, ipc: int, n_imgs: int, n_ahead: int = 2):
-    """Yield (chunk, its images, chunk array) in order, reading up to n_ahead chunks ahead in a thread."""
-
-    def read(c: int) -> np.ndarray:
-        start = c * ipc
-        x = np.empty((min(ipc, n_imgs - start), *reader.arr.shape[1:]), reader.arr.dtype)
-        reader.read(start, x)
-        return x
-
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="saev-stats") as pool:
-        ahead: collections.deque = collections.deque()
-        todo = iter(zip(chunks, chunk_images))
-        try:
-            while True:
-                while len(ahead) < n_ahead and (nxt := next(todo, None)) is not None:
-                    c = int(nxt[0])
-                    ahead.append((c, nxt[1], pool.submit(read, c)))
-                if not ahead:
-                    return
-                c, imgs, future = ahead.popleft()
-                yield c, imgs, future.result()
-        finally:
-            for *_, future in ahead:
-                future.cancel()
-
-
-def normalization(store: ActivationStore, data_cfg: config.DataLoad) -> tuple[np.ndarray, float]:
-    """(mean [d_vit] float64, scale) for the SAE: x_n = (x - mean) * scale, as the flags of data_cfg ask.
-
-    scale_mean and scale_norm: E||(x - mean) * scale||^2 = d_vit. No scale_mean: mean = 0 and E||x * scale||^2 =
-    d_vit. No scale_norm: scale = 1. The raw statistics are computed once per (layer, token mode) and cached in the
-    store (``stats/``); the uncentred scale follows from them, since E||x||^2 = E||x - mean||^2 + ||mean||^2.
-    """
-    check_token_mode(store, data_cfg.patches)
-    d = store.d_vit
-    if not data_cfg.scale_mean and not data_cfg.scale_norm:
-        return np.zeros(d), 1.0
-    cached = store.read_stats(data_cfg.layer, data_cfg.patches)
-    if cached is None:
-        mean, scale = compute_stats(store, data_cfg.layer, data_cfg.patches)
-        n = int(usable_images(store).sum()) * vectors_per_image(store, data_cfg.patches)
-        _cache_stats(store, data_cfg.layer, data_cfg.patches, mean, scale, n)
-    else:
-        mean, scale = cached
-    if not data_cfg.scale_mean:
-        mean, scale = np.zeros(d), math.sqrt(d / (d / scale**2 + float(mean @ mean)))
-    return mean, scale if data_cfg.scale_norm else 1.0
-
-
-def _cache_stats(store: ActivationStore, layer: int, patches: str, mean: np.ndarray, scale: float, n: int) -> None:
-    try:
-        store.write_stats(layer, patches, mean, scale, n)
-        return
-    except ValueError:  # opened read-only: open it again for writing
-        pass
-    try:
-        ActivationStore.open(store.path, mode="r+").write_stats(layer, patches, mean, scale, n)
-    except (OSError, ValueError) as err:
-        warnings.warn(f"Could not cache the statistics of layer {layer} ({patches}) in {store.path}: {err}. "
-                      "They will be computed again next time.", stacklevel=2)
+        batches.put(grid.ravel(), vectors(x, self.patches, self._first_patch))

@@ -14,11 +14,9 @@ Checkpoint (``sae.pt``): one line of JSON header, ``{"schema": 1, "arch", "cfg",
 then ``torch.save(state_dict)`` in the same file. saev 0.1.0 files (header without "schema") load as ``relu``.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from typing import NamedTuple
 
 import torch
@@ -27,6 +25,7 @@ from torch import Tensor
 
 from . import config
 from .errors import UserError
+from .files import atomic_write
 
 SCHEMA = 1
 CKPT_NAME = "sae.pt"
@@ -70,7 +69,7 @@ class SparseAutoencoder(torch.nn.Module):
 
     init_decoder_norm: float = 1.0
 
-    def __init__(self, cfg: config.SparseAutoencoder):
+    def __init__(self, cfg: config.SparseAutoencoderConfig):
         super().__init__()
         check_config(cfg)
         self.cfg = cfg
@@ -239,7 +238,7 @@ class TopKSAE(UnitNormDecoder):
     a latent is dead for AuxK once it reaches ``dead_after_n_patches``.
     """
 
-    def __init__(self, cfg: config.SparseAutoencoder):
+    def __init__(self, cfg: config.SparseAutoencoderConfig):
         super().__init__(cfg)
         self.register_buffer("n_patches_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
         self.prefix_sizes = matryoshka_prefix_sizes(cfg.d_sae, cfg.n_prefixes)
@@ -286,7 +285,7 @@ class BatchTopKSAE(TopKSAE):
     act as JumpReLU with one global ``threshold`` buffer, a running mean (weight ``THRESHOLD_EMA``) of the smallest
     kept activation per training batch (the first batch sets it)."""
 
-    def __init__(self, cfg: config.SparseAutoencoder):
+    def __init__(self, cfg: config.SparseAutoencoderConfig):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))
 
@@ -348,7 +347,7 @@ class JumpReluSAE(UnitNormDecoder):
     """Rajamanoharan et al. 2024: ``f = relu(pre) * H(pre - threshold)`` with a learned raw ``threshold [d_sae]``
     (a parameter); L0 penalty ``sum H(pre - threshold)``; straight-through estimator of width jumprelu_bandwidth."""
 
-    def __init__(self, cfg: config.SparseAutoencoder):
+    def __init__(self, cfg: config.SparseAutoencoderConfig):
         super().__init__(cfg)
         self.threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), float(cfg.jumprelu_init_threshold)))
 
@@ -373,7 +372,7 @@ def matryoshka_prefix_sizes(d_sae: int, n_prefixes: int) -> tuple[int, ...]:
     return tuple(d_sae >> (n_prefixes - i) for i in range(1, n_prefixes + 1))
 
 
-def check_config(cfg: config.SparseAutoencoder) -> None:
+def check_config(cfg: config.SparseAutoencoderConfig) -> None:
     """Raise UserError for settings no variant can train with."""
 
     def bad(field: str, value, fix: str) -> UserError:
@@ -409,7 +408,7 @@ def check_config(cfg: config.SparseAutoencoder) -> None:
         raise bad("decoder_init_norm", cfg.decoder_init_norm, "use a positive norm such as 0.1.")
 
 
-def make_sae(cfg: config.SparseAutoencoder) -> SparseAutoencoder:
+def make_sae(cfg: config.SparseAutoencoderConfig) -> SparseAutoencoder:
     """The variant ``cfg.arch`` names, initialised on the CPU from ``cfg.seed`` (same seed, same weights)."""
     check_config(cfg)
     return ARCHS[cfg.arch](cfg)
@@ -432,8 +431,6 @@ def dump(path: str | os.PathLike, sae: SparseAutoencoder, provenance: dict | Non
     JSON are written as strings.
     """
     path = _ckpt_file(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     header = {
         "schema": SCHEMA,
         "arch": sae.cfg.arch,
@@ -443,18 +440,11 @@ def dump(path: str | os.PathLike, sae: SparseAutoencoder, provenance: dict | Non
         "provenance": {**sae.provenance, **(provenance or {})},
     }
     state = {key: value.detach().cpu() for key, value in sae.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sae-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write((json.dumps(header, default=str) + "\n").encode())
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    def write(f) -> None:
+        f.write((json.dumps(header, default=str) + "\n").encode())
+        torch.save(state, f)
+
+    atomic_write(path, write)
     return path
 
 
@@ -498,21 +488,21 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseA
     return sae.to(device).eval()
 
 
-def _cfg_from_header(header: dict, not_ckpt) -> tuple[config.SparseAutoencoder, bool]:
+def _cfg_from_header(header: dict, not_ckpt) -> tuple[config.SparseAutoencoderConfig, bool]:
     """The config a header describes, and whether it is a saev 0.1.0 header."""
     if "schema" in header:
         if header["schema"] != SCHEMA:
             raise not_ckpt(f"schema {header['schema']!r} is not supported (this version reads schema {SCHEMA})")
         try:
-            return config.SparseAutoencoder(**header["cfg"]), False
+            return config.SparseAutoencoderConfig(**header["cfg"]), False
         except (KeyError, TypeError) as err:
             raise not_ckpt(f"the header's cfg does not fit this version's SAE config: {err}") from None
     if "d_vit" in header and "exp_factor" in header:  # saev 0.1.0: the relu recipe, identity normalisation.
-        legacy = config.SparseAutoencoder(
+        legacy = config.SparseAutoencoderConfig(
             d_vit=int(header["d_vit"]),
             exp_factor=int(header["exp_factor"]),
             arch="relu",
-            sparsity_coeff=float(header.get("sparsity_coeff", config.SparseAutoencoder.sparsity_coeff)),
+            sparsity_coeff=float(header.get("sparsity_coeff", config.SparseAutoencoderConfig.sparsity_coeff)),
             seed=int(header.get("seed", 0)),
         )
         return legacy, True

@@ -24,8 +24,8 @@ TABLES = ("activations", "train", "sweep", "checks", "demo")
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
     path: str
-    activations: config.Activations
-    train: config.Train = dataclasses.field(default_factory=config.Train)
+    activations: config.ActivationsConfig
+    train: config.TrainConfig = dataclasses.field(default_factory=config.TrainConfig)
     """[train]: the base of every layer's sweep (data.shard_root and data.layer are filled in per layer)."""
     sweep: dict = dataclasses.field(default_factory=dict)
     """[sweep]: lists to sweep over, as in `train --sweep` (tables [sweep.sae], [sweep.data], top-level keys)."""
@@ -34,7 +34,7 @@ class Pipeline:
     max_frac_dead: float = 0.5
     """[checks] max_frac_dead: a sweep member with more dead latents than this fails the sweep's check."""
 
-    def sweep_for(self, layer: int, store_path: str) -> list[config.Train]:
+    def sweep_for(self, layer: int, store_path: str) -> list[config.TrainConfig]:
         """Every member config of one layer's sweep, trained on that layer of the given store. Checkpoints go to
         <train.ckpt_path>/layer_<layer>/<member_id>."""
         base = dataclasses.replace(
@@ -44,7 +44,7 @@ class Pipeline:
         )
         return sweep.grid(base, self.sweep, source=f"[sweep] of {self.path}")
 
-    def activations_for(self, layers: tuple[int, ...], **overrides) -> config.Activations:
+    def activations_for(self, layers: tuple[int, ...], **overrides) -> config.ActivationsConfig:
         """The [activations] config restricted to some of its layers (one Dagster run records the selected
         partitions), with run-time overrides."""
         unknown = [layer for layer in layers if layer not in self.activations.vit_layers]
@@ -128,8 +128,8 @@ def load_pipeline(path: str | None = None) -> Pipeline:
             f"[activations.data] kind = {kind!r} in {path}: expected one of {', '.join(map(repr, DATA_KINDS))}."
         )
     data = from_table(DATA_KINDS[kind](), data_table, "activations.data", path)
-    activations = from_table(config.Activations(data=data), acts_table, "activations", path)
-    train = from_table(config.Train(), doc.get("train", {}), "train", path)
+    activations = from_table(config.ActivationsConfig(data=data), acts_table, "activations", path)
+    train = from_table(config.TrainConfig(), doc.get("train", {}), "train", path)
     pipe = Pipeline(
         path=path, activations=activations, train=train, sweep=doc.get("sweep", {}),
         random_vit=bool(doc.get("demo", {}).get("random_vit", False)),

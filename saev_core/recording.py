@@ -15,14 +15,17 @@ import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from saev_core import config
+from saev_core import config, images, vit as vitlib
 from saev_core.errors import UserError
+from saev_core.files import absolute, is_url, join
 from saev_core.images import BAD_IMAGE
-from saev_core.store import ActivationStore, join, open_if_created, plan_layout, store_key
+from saev_core.store import ActivationStore, open_if_created
+from saev_core.store_metadata import Layout, StoreMetadata
 
 logger = logging.getLogger("saev_core.recording")
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +51,17 @@ class RecordingPlan:
     """Everything decided before any activation is computed: the dry run prints this."""
 
     path: str
-    metadata: dict
-    n_tokens: int
-    d_vit: int
-    nbytes: int
-    block_bytes: int
+    metadata: StoreMetadata
+
+    @property
+    def nbytes(self) -> int:
+        return self.metadata.nbytes()
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block over all layers (recording holds up to three)."""
+        m = self.metadata
+        return m.layout.imgs_per_shard * m.n_tokens * m.d_vit * m.itemsize * len(m.layers)
 
 
 def data_metadata(data: config.DatasetConfig) -> dict:
@@ -62,61 +71,41 @@ def data_metadata(data: config.DatasetConfig) -> dict:
     return {"kind": "image-folder-dataset", "root": data.root, "skip_bad": data.skip_bad}
 
 
-def fingerprints(cfg: config.Activations, source) -> dict[str, str]:
+def fingerprints(cfg: config.ActivationsConfig, source) -> dict[str, str]:
     """Content fingerprints of the checkpoint file and of the image list: part of the store key (the Dagster sources
     report the same two, through saev_core.pipeline, as data versions)."""
-    from saev_core import images, vit as vitlib
-
     return {
         "vit_ckpt": vitlib.checkpoint_fingerprint(cfg.vit_family, cfg.vit_ckpt),
         "images": images.image_list_fingerprint(source),
     }
 
 
-def plan_recording(cfg: config.Activations, vit, recorder, source) -> RecordingPlan:
-    n_tokens = recorder.n_patches_per_img + int(recorder.cls_token)
-    metadata = {
-        "vit_family": cfg.vit_family,
-        "vit_ckpt": cfg.vit_ckpt,
-        "d_vit": vit.d_vit,
-        "layers": list(cfg.vit_layers),
-        "resolved_layers": list(recorder.resolved_layers),
-        "n_blocks_in_vit": vit.n_blocks,
-        "n_patches_per_img": recorder.n_patches_per_img,
-        "cls_token": recorder.cls_token,
-        "n_imgs": len(source),
-        "n_patches_per_shard": cfg.n_patches_per_shard,
-        "data": data_metadata(cfg.data),
-        "image_root": os.path.abspath(source.root),
-        "seed": cfg.seed,
-        "dtype": cfg.dtype,
-        "fingerprints": fingerprints(cfg, source),
-    }
-    itemsize = np.dtype(cfg.dtype).itemsize
-    layout = plan_layout(len(source), n_tokens, vit.d_vit, len(cfg.vit_layers), cfg.n_patches_per_shard, itemsize)
-    layer_bytes = len(source) * n_tokens * vit.d_vit * itemsize
-    block_bytes = layout.imgs_per_shard * n_tokens * vit.d_vit * itemsize * len(cfg.vit_layers)
-    return RecordingPlan(
-        path=join(store_root(cfg.dump_to), store_key(metadata)),
-        metadata=metadata,
-        n_tokens=n_tokens,
+def plan_recording(cfg: config.ActivationsConfig, vit, recorder, source) -> RecordingPlan:
+    metadata = StoreMetadata(
+        vit_family=cfg.vit_family,
+        vit_ckpt=cfg.vit_ckpt,
         d_vit=vit.d_vit,
-        nbytes=layer_bytes * len(cfg.vit_layers),
-        block_bytes=block_bytes,
+        layers=tuple(cfg.vit_layers),
+        resolved_layers=tuple(recorder.resolved_layers),
+        n_blocks_in_vit=vit.n_blocks,
+        n_patches_per_img=recorder.n_patches_per_img,
+        cls_token=recorder.cls_token,
+        n_imgs=len(source),
+        n_patches_per_shard=cfg.n_patches_per_shard,
+        data=data_metadata(cfg.data),
+        image_root=absolute(source.root),
+        seed=cfg.seed,
+        dtype=cfg.dtype,
+        fingerprints=fingerprints(cfg, source),
     )
-
-
-def store_root(dump_to: str) -> str:
-    """--dump-to as an absolute path (URLs unchanged): the printed store path then works from any folder, and
-    Dagster's lineage metadata from any run worker."""
-    return dump_to if "://" in dump_to else os.path.abspath(dump_to)
+    return RecordingPlan(path=join(absolute(cfg.dump_to), metadata.key), metadata=metadata)
 
 
 def check_disk_space(root: str, nbytes: int) -> None:
     """Refuse to start when the disk under a local --dump-to lacks the room."""
-    if "://" in root:
+    if is_url(root):
         return
-    probe = os.path.abspath(root)
+    probe = absolute(root)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     free = shutil.disk_usage(probe).free
@@ -127,7 +116,7 @@ def check_disk_space(root: str, nbytes: int) -> None:
         )
 
 
-def block_batches(layout, blocks: list[int], batch_size: int) -> list[list[int]]:
+def block_batches(layout: Layout, blocks: list[int], batch_size: int) -> list[list[int]]:
     """Batches of image indices aligned to block starts, never straddling two blocks."""
     batches = []
     for block in blocks:
@@ -172,17 +161,15 @@ class BlockWriter:
 
 
 def record_activations(
-    cfg: config.Activations,
+    cfg: config.ActivationsConfig,
     show_progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> RecordResult:
     """Record cfg.vit_layers of the ViT for every image of cfg.data into <dump_to>/<key>; resumable.
 
     on_progress(done, total) is called after every batch (Dagster logs it; the CLI shows a tqdm bar)."""
-    import torch
-
     recorder, source, plan = prepare(cfg, with_transform=True)
-    store = ActivationStore.create(store_root(cfg.dump_to), plan.metadata, source.paths, source.labels, source.class_names)
+    store = ActivationStore.create(absolute(cfg.dump_to), plan.metadata, source.paths, source.labels, source.class_names)
     missing = store.missing_blocks()
     device = config.resolve_device(cfg.device)
     batches = block_batches(store.layout, missing, cfg.vit_batch_size)
@@ -213,8 +200,6 @@ class HostCopier:
     On CPU it is a plain view."""
 
     def __init__(self, device: str, dtype: np.dtype):
-        import torch
-
         self.cuda = device.startswith("cuda")
         self.dtype = getattr(torch, np.dtype(dtype).name)
         self.staging: list = [None, None]
@@ -222,8 +207,6 @@ class HostCopier:
 
     def start(self, acts) -> tuple:
         """acts [batch, n_layers, n_tokens, d_vit] on the device -> a handle for ``finish``."""
-        import torch
-
         acts = acts.transpose(0, 1).to(self.dtype)
         if not self.cuda:
             return acts, None
@@ -244,6 +227,39 @@ class HostCopier:
         return host.numpy()
 
 
+class BlockBuffer:
+    """One block's activations as they arrive, batch by batch; handed to the writer once its last image is in."""
+
+    def __init__(self, store: ActivationStore, block: int, dtype: np.dtype):
+        self.block = block
+        self.start, self.end = store.layout.block_range(block)
+        self.acts = np.empty((len(store.layers), self.end - self.start, store.n_tokens, store.d_vit), dtype=dtype)
+        """[n_layers, n_imgs_in_block, n_tokens, d_vit]"""
+        self.valid = np.ones(self.end - self.start, dtype=bool)
+
+    def put(self, index: np.ndarray, acts: np.ndarray) -> None:
+        """Place a batch's acts [n_layers, batch, n_tokens, d_vit] for the consecutive images ``index``."""
+        self.acts[:, int(index[0]) - self.start:int(index[-1]) + 1 - self.start] = acts
+
+    def mark_bad(self, image: int) -> None:
+        """An image that failed to decode: zero activations, valid=False."""
+        self.valid[image - self.start] = False
+        self.acts[:, image - self.start] = 0
+
+    def is_full_after(self, index: np.ndarray) -> bool:
+        return int(index[-1]) + 1 == self.end
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A batch whose forward pass was queued and whose activations are still being copied to the host."""
+
+    buffer: BlockBuffer
+    index: np.ndarray
+    labels: np.ndarray
+    handle: tuple
+
+
 def record_batches(
     store: ActivationStore,
     recorder,
@@ -260,70 +276,58 @@ def record_batches(
     one iteration late, so that on a GPU the next forward pass runs while the host does this work.
     An image whose label is BAD_IMAGE gets zero activations and valid=False after ``on_bad_image(index)``
     (which raises to stop instead)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    dtype = np.dtype(store.metadata["dtype"])
-    n_layers, n_tokens, d_vit = len(store.layers), store.n_tokens, store.d_vit
+    dtype = np.dtype(store.metadata.dtype)
     n_todo = sum(end - start for start, end in map(store.layout.block_range, blocks))
-    writer = BlockWriter(store)
-    copier = HostCopier(device, dtype)
+    writer, copier = BlockWriter(store), HostCopier(device, dtype)
+    block_iter, buffer, in_flight = iter(blocks), None, None
+    n_done = n_skipped = 0
     t0 = time.perf_counter()
-    counts = {"done": 0, "skipped": 0}
-    block_iter = iter(blocks)
-    block = buf = valid = pending = None
-    start = end = 0
 
-    def finish(pending) -> None:
-        block, buf, valid, start, end, index, labels, handle = pending
-        buf[:, int(index[0]) - start:int(index[-1]) + 1 - start] = copier.finish(handle)
-        for i in index[labels == BAD_IMAGE].tolist():
+    def finish(batch: _InFlight) -> None:
+        nonlocal n_done, n_skipped
+        batch.buffer.put(batch.index, copier.finish(batch.handle))
+        for i in batch.index[batch.labels == BAD_IMAGE].tolist():
             on_bad_image(i)
-            valid[i - start] = False
-            buf[:, i - start] = 0
-            counts["skipped"] += 1
-        if int(index[-1]) + 1 == end:
-            writer.put(block, buf, valid)
-        counts["done"] += len(index)
-        bar.update(len(index))
+            batch.buffer.mark_bad(i)
+            n_skipped += 1
+        if batch.buffer.is_full_after(batch.index):
+            writer.put(batch.buffer.block, batch.buffer.acts, batch.buffer.valid)
+        n_done += len(batch.index)
+        bar.update(len(batch.index))
         if on_progress is not None:
-            on_progress(counts["done"], n_todo)
+            on_progress(n_done, n_todo)
 
     try:
         with tqdm(total=n_todo, unit="img", desc="activations", disable=not show_progress) as bar:
             for pixels, index, labels in batches:
-                if buf is None or int(index[0]) >= end:
-                    block = next(block_iter)
-                    start, end = store.layout.block_range(block)
-                    buf = np.empty((n_layers, end - start, n_tokens, d_vit), dtype=dtype)
-                    valid = np.ones(end - start, dtype=bool)
+                if buffer is None or int(index[0]) >= buffer.end:
+                    buffer = BlockBuffer(store, next(block_iter), dtype)
                 with torch.inference_mode():
                     _, acts = recorder(pixels.to(device, non_blocking=True))
                     handle = copier.start(acts)
-                if pending is not None:
-                    finish(pending)
-                pending = (block, buf, valid, start, end, index, labels, handle)
-            if pending is not None:
-                finish(pending)
+                if in_flight is not None:
+                    finish(in_flight)
+                in_flight = _InFlight(buffer, np.asarray(index), np.asarray(labels), handle)
+            if in_flight is not None:
+                finish(in_flight)
     finally:
         writer.close()
+    n_layers, n_tokens, d_vit = len(store.layers), store.n_tokens, store.d_vit
     return RecordResult(
         path=store.path,
         shape=(store.n_imgs, n_tokens, d_vit),
         layers=store.layers,
         n_blocks_written=len(blocks),
-        n_imgs_written=counts["done"],
-        bytes_written=counts["done"] * n_tokens * d_vit * n_layers * dtype.itemsize,
+        n_imgs_written=n_done,
+        bytes_written=n_done * n_tokens * d_vit * n_layers * dtype.itemsize,
         seconds=time.perf_counter() - t0,
-        n_skipped=counts["skipped"],
+        n_skipped=n_skipped,
     )
 
 
-def prepare(cfg: config.Activations, with_transform: bool):
+def prepare(cfg: config.ActivationsConfig, with_transform: bool):
     """Build the recorder and the image source and plan the store; every input check happens here, before any
     store exists, so bad input never leaves a store behind."""
-    from saev_core import images, vit as vitlib
-
     if cfg.vit_batch_size < 1:
         raise UserError(f"--vit-batch-size {cfg.vit_batch_size} must be at least 1.")
 
@@ -341,6 +345,6 @@ def prepare(cfg: config.Activations, with_transform: bool):
     return recorder, source, plan
 
 
-def dry_run(cfg: config.Activations) -> RecordingPlan:
+def dry_run(cfg: config.ActivationsConfig) -> RecordingPlan:
     """Plan the store without recording: path, size, and whether the disk has room (raises when not)."""
     return prepare(cfg, with_transform=False)[2]

@@ -88,7 +88,7 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"Sweep file {os.fspath(path)!r} is not valid TOML: {err}.") from None
 
 
-def grid(base: config.Train, sweep: dict[str, Any], source: str = "<sweep>") -> list[config.Train]:
+def grid(base: config.TrainConfig, sweep: dict[str, Any], source: str = "<sweep>") -> list[config.TrainConfig]:
     """One ``Train`` per combination of ``sweep``'s list values, each applied onto ``base``.
 
     Keys and value types are checked against the dataclass fields first; a bad one raises ``UserError`` naming
@@ -235,11 +235,11 @@ def describe_type(tp: Any) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def split_cfgs(cfgs: list[config.Train]) -> list[list[config.Train]]:
+def split_cfgs(cfgs: list[config.TrainConfig]) -> list[list[config.TrainConfig]]:
     """Group configs that can share one data pass (equal in every field of ``DATA_PASS_FIELDS``, and in any
     ``Train`` field listed in neither constant). Groups come in order of first appearance; members keep input order.
     """
-    groups: list[tuple[tuple[Any, ...], list[config.Train]]] = []
+    groups: list[tuple[tuple[Any, ...], list[config.TrainConfig]]] = []
     for cfg in cfgs:
         key = _data_pass_key(cfg)
         for k, members in groups:
@@ -251,13 +251,13 @@ def split_cfgs(cfgs: list[config.Train]) -> list[list[config.Train]]:
     return [members for _, members in groups]
 
 
-def _data_pass_key(cfg: config.Train) -> tuple[Any, ...]:
+def _data_pass_key(cfg: config.TrainConfig) -> tuple[Any, ...]:
     names = [f.name for f in dataclasses.fields(cfg)]
     unclassified = [n for n in names if n not in DATA_PASS_FIELDS and n not in PER_MEMBER_FIELDS]
     return tuple((n, getattr(cfg, n)) for n in [*DATA_PASS_FIELDS, *unclassified] if n in names)
 
 
-def member_id(cfg: config.Train) -> str:
+def member_id(cfg: config.TrainConfig) -> str:
     """12 hex digits of sha256 over the canonical JSON of ``cfg`` (sorted keys, ints in float fields as floats)
     without the fields of ``MEMBER_ID_IGNORED``. Equal settings give equal ids across runs and machines; adding
     a field to ``Train`` changes every id (old checkpoints are then not reused, which is the safe side)."""

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -42,8 +41,10 @@ from torch import Tensor
 
 from saev_core import config, nn
 from saev_core.errors import UserError
-from saev_core.loader import ActivationLoader, normalization
+from saev_core.files import atomic_write, atomic_write_json, read_json, remove_if_exists
+from saev_core.loader import ActivationLoader
 from saev_core.metrics import ReconstructionMetrics
+from saev_core.stats import normalization
 from saev_core.store import ActivationStore
 from saev_core.sweep import grid, load_sweep, member_id, split_cfgs
 
@@ -62,7 +63,7 @@ STATE_RE = re.compile(r"train_state-(\d+)\.pt$")
 class MemberResult:
     member_id: str
     """12 hex digits naming the member's settings (``sweep.member_id``)."""
-    cfg: config.Train
+    cfg: config.TrainConfig
     """The member's full config."""
     ckpt_path: str
     """Its checkpoint file ``<ckpt_path>/<member_id>/sae.pt`` (load with ``nn.load``)."""
@@ -72,7 +73,7 @@ class MemberResult:
 
 @dataclasses.dataclass
 class _Member:
-    cfg: config.Train
+    cfg: config.TrainConfig
     id: str
     folder: str
     sae: nn.SparseAutoencoder
@@ -84,14 +85,14 @@ class _Member:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_main(cfg: config.Train) -> list[MemberResult]:
+def train_main(cfg: config.TrainConfig) -> list[MemberResult]:
     """The ``train`` command: one SAE, or the grid that ``cfg.sweep`` (a TOML file) expands to around ``cfg``."""
     cfgs = grid(cfg, load_sweep(cfg.sweep), source=cfg.sweep) if cfg.sweep else [cfg]
     return train_sweep(cfgs)
 
 
 def train_sweep(
-    cfgs: list[config.Train], show_progress: bool = True, on_log: OnLog | None = None
+    cfgs: list[config.TrainConfig], show_progress: bool = True, on_log: OnLog | None = None
 ) -> list[MemberResult]:
     """Train every config, one data pass per group; returns one result per config, in input order."""
     by_id: dict[str, MemberResult] = {}
@@ -108,7 +109,7 @@ def train_sweep(
 
 
 def train_group(
-    cfgs: list[config.Train], show_progress: bool = True, on_log: OnLog | None = None, desc: str = ""
+    cfgs: list[config.TrainConfig], show_progress: bool = True, on_log: OnLog | None = None, desc: str = ""
 ) -> list[MemberResult]:
     """Train configs that share every data-pass field in one pass; finished members are read back, not retrained."""
     base = cfgs[0]
@@ -144,7 +145,7 @@ def train_group(
 
 
 def _train_members(
-    cfgs: list[config.Train], store: ActivationStore, n_steps: int, show_progress: bool,
+    cfgs: list[config.TrainConfig], store: ActivationStore, n_steps: int, show_progress: bool,
     on_log: OnLog | None, desc: str, group_file: str,
 ) -> None:
     base = cfgs[0]
@@ -177,7 +178,7 @@ def _train_members(
     provenance = _provenance(store, base, n_steps)
     for m, result in zip(members, metrics):
         _write_member(m, result, {**provenance, "member_id": m.id})
-    _remove(group_file)
+    remove_if_exists(group_file)
 
 
 def _run_steps(
@@ -266,7 +267,7 @@ def evaluate(saes: list[nn.SparseAutoencoder], val_loader: ActivationLoader, dev
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _normalization(store: ActivationStore, data: config.DataLoad) -> tuple[np.ndarray, float, np.ndarray]:
+def _normalization(store: ActivationStore, data: config.DataLoadConfig) -> tuple[np.ndarray, float, np.ndarray]:
     """(mean, scale) for the SAE, and the data mean in normalised space (b_dec's start: 0 when scale_mean)."""
     mean, scale = normalization(store, data)
     if data.scale_mean:
@@ -276,7 +277,7 @@ def _normalization(store: ActivationStore, data: config.DataLoad) -> tuple[np.nd
 
 
 def _make_member(
-    cfg: config.Train, mean: np.ndarray, scale: float, b_dec: np.ndarray, device: str
+    cfg: config.TrainConfig, mean: np.ndarray, scale: float, b_dec: np.ndarray, device: str
 ) -> _Member:
     sae = nn.make_sae(cfg.sae)  # initialised on the CPU from cfg.sae.seed alone
     sae.set_normalization(torch.from_numpy(mean), scale)
@@ -309,7 +310,7 @@ def _raise_if_nonfinite(first_bad: Tensor, members: list[_Member], group_file: s
     steps = first_bad.tolist()
     if max(steps) < 0:
         return
-    kept = _read_json(group_file)
+    kept = read_json(group_file)
     where = (f"the last good checkpoint is kept: {group_file} (step {kept['step']}; member files "
              f"<member>/train_state-{kept['step']}.pt)" if kept else "no checkpoint had been written yet")
     data_step = steps[-1]
@@ -348,7 +349,7 @@ def _progress(show: bool, desc: str, n_steps: int, start: int, batch_size: int):
                 desc=desc or "train", disable=not show, dynamic_ncols=True)
 
 
-def _provenance(store: ActivationStore, cfg: config.Train, n_steps: int) -> dict:
+def _provenance(store: ActivationStore, cfg: config.TrainConfig, n_steps: int) -> dict:
     meta = store.metadata
     return {
         "store": store.path, "store_key": meta.get("key"), "layer": cfg.data.layer,
@@ -377,18 +378,18 @@ def _save_train_state(group_file: str, members: list[_Member], done: int, n_step
             "optimizer": m.optimizer.state_dict(), "loader": loader_state,
             "schedule": {"lr": m.optimizer.param_groups[0]["lr"], "sparsity_scale": m.sae.sparsity_scale},
         }
-        _atomic_write(os.path.join(m.folder, f"train_state-{done}.pt"), lambda f, s=state: torch.save(s, f))
-    _write_json(group_file, {"step": done, "n_steps": n_steps, "members": [m.id for m in members],
+        atomic_write(os.path.join(m.folder, f"train_state-{done}.pt"), lambda f, s=state: torch.save(s, f))
+    atomic_write_json(group_file, {"step": done, "n_steps": n_steps, "members": [m.id for m in members],
                              "time": time.time()})
     for m in members:
         for path in glob.glob(os.path.join(m.folder, "train_state-*.pt")):
             if int(STATE_RE.search(path).group(1)) != done:
-                _remove(path)
+                remove_if_exists(path)
 
 
 def _load_train_state(group_file: str, members: list[_Member], device: str) -> tuple[int, dict | None]:
     """(first step to run, loader state) from the group pointer; (0, None) when there is nothing to resume."""
-    pointer = _read_json(group_file)
+    pointer = read_json(group_file)
     if pointer is None:
         return 0, None
     step = pointer["step"]
@@ -410,13 +411,13 @@ def _load_train_state(group_file: str, members: list[_Member], device: str) -> t
 def _prepare_log_file(m: _Member, cfg_json: dict, keep_before: int) -> None:
     """config.json, and metrics.jsonl without the lines of steps that will run again (all of them when fresh)."""
     os.makedirs(m.folder, exist_ok=True)
-    _write_json(os.path.join(m.folder, "config.json"), cfg_json)
+    atomic_write_json(os.path.join(m.folder, "config.json"), cfg_json)
     path = os.path.join(m.folder, "metrics.jsonl")
     kept = []
     if keep_before > 0 and os.path.isfile(path):
         with open(path) as f:
             kept = [line for line in f if _logged_step(line) < keep_before]
-    _atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 def _logged_step(line: str) -> int | float:
@@ -430,20 +431,20 @@ def _logged_step(line: str) -> int | float:
 def _write_member(m: _Member, metrics: dict, provenance: dict) -> None:
     """sae.pt, latent_stats.npz, then metrics.json (last: marks the member finished), then drop the train state."""
     nn.dump(m.folder, m.sae, provenance)
-    _atomic_write(os.path.join(m.folder, "latent_stats.npz"), lambda f: np.savez(
+    atomic_write(os.path.join(m.folder, "latent_stats.npz"), lambda f: np.savez(
         f, firing_freq=metrics["firing_freq"], mean_value=metrics["mean_value"]))
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, np.ndarray)}
-    _write_json(os.path.join(m.folder, "metrics.json"), scalars)
+    atomic_write_json(os.path.join(m.folder, "metrics.json"), scalars)
     for path in glob.glob(os.path.join(m.folder, "train_state-*.pt")):
-        _remove(path)
+        remove_if_exists(path)
 
 
 def _is_finished(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, nn.CKPT_NAME)) and os.path.isfile(os.path.join(folder, "metrics.json"))
 
 
-def _read_result(cfg: config.Train, folder: str) -> MemberResult:
-    metrics = _read_json(os.path.join(folder, "metrics.json"))
+def _read_result(cfg: config.TrainConfig, folder: str) -> MemberResult:
+    metrics = read_json(os.path.join(folder, "metrics.json"))
     return MemberResult(member_id(cfg), cfg, os.path.join(folder, nn.CKPT_NAME), metrics)
 
 
@@ -461,7 +462,7 @@ def write_sweep_csv(results: list[MemberResult], path: str) -> None:
          **{k: r.metrics.get(k, math.nan) for k in SUMMARY_METRICS}, "ckpt": r.ckpt_path}
         for r in results
     ]
-    _atomic_write(path, lambda f: f.write(pd.DataFrame(rows).to_csv(index=False).encode()))
+    atomic_write(path, lambda f: f.write(pd.DataFrame(rows).to_csv(index=False).encode()))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -472,36 +473,3 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def _atomic_write(path: str, write: Callable) -> None:
-    """write(binary file) to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + "-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _write_json(path: str, obj) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, default=str) + "\n").encode()))
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)

@@ -24,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from saev_core.errors import UserError
+from saev_core.files import atomic_write, atomic_write_bytes
 
 FAMILIES = ("clip", "siglip", "dinov2")
 TIMM_IMG_SIZE = 224
@@ -322,21 +323,12 @@ def save_random_weights(family: str, arch: str, path: str | os.PathLike, seed: i
             _check_open_clip_arch(arch)
             model = _open_clip().create_model(arch)
     state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import save_file
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save
 
-            save_file({k: v.clone() for k, v in state_dict.items()}, tmp)  # clone: no shared storage allowed
-        else:
-            torch.save(state_dict, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+        # clone: safetensors refuses tensors that share storage
+        return atomic_write_bytes(path, save({k: v.clone() for k, v in state_dict.items()}))
+    return atomic_write(path, lambda f: torch.save(state_dict, f))
 
 
 # ----------------------------------------------------------------------------------------------------------------

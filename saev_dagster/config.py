@@ -18,7 +18,7 @@ class ActivationsRunConfig(PipelineRunConfig):
     """Images per ViT forward pass (0: as the pipeline file says)."""
 
     def overrides(self) -> dict:
-        """The fields the user set, as saev_core.config.Activations field values."""
+        """The fields the user set, as saev_core.config.ActivationsConfig field values."""
         return {
             key: value
             for key, value in {"n_imgs": self.n_imgs, "device": self.device, "vit_batch_size": self.vit_batch_size}.items()

@@ -3,7 +3,9 @@ the libraries' own local-file routes (no downloads on our machines)."""
 
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
 
 def _random_ckpt(tmp_path_factory, family: str, arch: str, filename: str):
@@ -49,3 +51,16 @@ def _seed_global_rngs():
 
     torch.manual_seed(0)
     yield
+
+
+def write_images(root, n: int, size=(64, 48)) -> list[str]:
+    """n small random images spread over two classes; returns their relative paths."""
+    rng = np.random.default_rng(n)
+    rels = []
+    for i in range(n):
+        rel = f"{'cat' if i % 2 else 'dog'}/img{i:03d}.png"
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(path)
+        rels.append(rel)
+    return rels

@@ -15,19 +15,7 @@ from saev_core import images, vit as vitlib
 from saev_core.__main__ import main
 from saev_core.config import ImageFolderDataset
 from saev_core.store import ActivationStore
-
-
-def write_images(root, n: int, size=(64, 48)) -> list[str]:
-    """n small random images spread over two classes; returns their relative paths."""
-    rng = np.random.default_rng(n)
-    rels = []
-    for i in range(n):
-        rel = f"{'cat' if i % 2 else 'dog'}/img{i:03d}.png"
-        path = os.path.join(root, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(path)
-        rels.append(rel)
-    return rels
+from tests.conftest import write_images
 
 
 def record(capsys, ckpt, root, dump_to, *extra, family="clip", data_flags=()) -> str:

@@ -10,10 +10,12 @@ import pytest
 import torch
 import zarr
 
-from saev_core import config, loader as loader_mod, store as store_mod
+from saev_core import config, loader as loader_mod, shards, store_metadata
 from saev_core.errors import UserError
-from saev_core.loader import ActivationLoader, ChunkReader, compute_stats, normalization, split_images
-from saev_core.store import ActivationStore
+from saev_core.loader import ActivationLoader, split_images
+from saev_core.shards import ChunkReader
+from saev_core.stats import compute_stats, normalization
+from saev_core.store import ActivationStore, write_store
 
 D = 8
 N_PATCHES = 4
@@ -23,24 +25,17 @@ def plant(root: str, n_imgs: int = 40, cls_token: bool = True, imgs_per_shard: i
           offset: float = 0.0, seed: int = 0, dtype: str = "float32") -> tuple[ActivationStore, np.ndarray]:
     """A one-layer store (layer -2) of identifiable vectors; returns the store and its data [n_imgs, tokens, d]."""
     n_tokens = N_PATCHES + int(cls_token)
-    meta = {
-        "vit_family": "clip", "vit_ckpt": "planted/none", "d_vit": D, "layers": [-2], "resolved_layers": [3],
-        "n_patches_per_img": N_PATCHES, "cls_token": cls_token, "n_imgs": n_imgs,
-        "n_patches_per_shard": imgs_per_shard * n_tokens, "data": {"kind": "planted", "seed": seed}, "seed": 0,
-        "dtype": dtype, "fingerprints": {"vit_ckpt": "a", "images": "b"},
-    }
-    store = ActivationStore.create(root, meta, [f"img{i:03d}.png" for i in range(n_imgs)], [0] * n_imgs, ["c"])
     acts = (np.random.default_rng(seed).normal(size=(n_imgs, n_tokens, D)) + offset).astype(dtype)
     acts[:, :, 0] = np.arange(n_imgs)[:, None]
     acts[:, :, 1] = np.arange(n_tokens)[None, :]
-    for block in range(store.layout.n_blocks):
-        start, end = store.layout.block_range(block)
-        store.write_block(block, acts[None, start:end], None if valid is None else valid[start:end])
+    store = write_store(root, acts[None], cls_token=cls_token, imgs_per_shard=imgs_per_shard, valid=valid,
+                        image_paths=[f"img{i:03d}.png" for i in range(n_imgs)], class_names=["c"], dtype=dtype,
+                        resolved_layers=(3,))
     return store, acts
 
 
-def data_cfg(**changes) -> config.DataLoad:
-    return dataclasses.replace(config.DataLoad(layer=-2, val_frac=0.1, buffer_chunks=3), **changes)
+def data_cfg(**changes) -> config.DataLoadConfig:
+    return dataclasses.replace(config.DataLoadConfig(layer=-2, val_frac=0.1, buffer_chunks=3), **changes)
 
 
 def one_epoch(loader: ActivationLoader) -> list[torch.Tensor]:
@@ -101,7 +96,7 @@ def test_float16_store_yields_float32_vectors(tmp_path, patches):
 
 def test_chunks_smaller_than_shards_and_val_split(tmp_path, monkeypatch):
     # 2 images per inner chunk, 4 per shard: the split and reads follow chunks, not shards.
-    monkeypatch.setattr(store_mod, "CHUNK_TARGET_BYTES", 2 * 5 * D * 4)
+    monkeypatch.setattr(store_metadata, "CHUNK_TARGET_BYTES", 2 * 5 * D * 4)
     store, acts = plant(str(tmp_path), n_imgs=30)
     assert (store.layout.imgs_per_chunk, store.layout.imgs_per_shard) == (2, 4)
     cfg = data_cfg(val_frac=0.25)
@@ -195,13 +190,13 @@ def read_all_chunks(reader: ChunkReader, n_imgs: int, ipc: int) -> np.ndarray:
 
 
 def test_raw_chunk_reads_match_zarr_for_edge_and_empty_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_mod, "CHUNK_TARGET_BYTES", 2 * 5 * D * 4)
+    monkeypatch.setattr(store_metadata, "CHUNK_TARGET_BYTES", 2 * 5 * D * 4)
     store, _ = plant(str(tmp_path), n_imgs=29)  # 2-image chunks, 4-image shards; the last chunk holds 1 image
     arr = store.array(-2)
     arr[8:10] = 0  # one inner chunk of fill values: not stored, its index entry is empty
     arr[12:16] = 0  # a whole shard of them
     reader = ChunkReader(arr)
-    assert reader._shard_dir is not None  # the raw path is taken on a local store
+    assert reader.plain is not None  # the raw path is taken on a local store
     np.testing.assert_array_equal(read_all_chunks(reader, 29, 2), arr[:])
 
 
@@ -210,15 +205,15 @@ def test_other_codecs_and_urls_read_through_zarr(tmp_path):
     arr = group.create_array("a", shape=(10, 5, D), dtype="float32", chunks=(2, 5, D), shards=(4, 5, D))  # zstd
     arr[:] = np.random.default_rng(0).normal(size=(10, 5, D))
     reader = ChunkReader(arr)
-    assert reader._shard_dir is None
+    assert reader.plain is None
     np.testing.assert_array_equal(read_all_chunks(reader, 10, 2), arr[:])
     memory_store, _ = plant("memory://saev-loader-reader")
-    assert ChunkReader(memory_store.array(-2))._shard_dir is None
+    assert ChunkReader(memory_store.array(-2)).plain is None
 
 
 def zarr_only(loader: ActivationLoader) -> ActivationLoader:
     """The same loader reading every chunk through zarr, as for other codecs and fsspec URLs."""
-    loader._reader._plain = None
+    loader._reader.plain = None
     return loader
 
 
@@ -226,14 +221,14 @@ def zarr_only(loader: ActivationLoader) -> ActivationLoader:
 def test_scatter_reads_give_exactly_the_batches_of_the_zarr_path(tmp_path, monkeypatch, patches):
     # 2-image chunks in 4-image shards, an edge chunk of one image, a chunk and a whole shard never stored (fill
     # values), and a val split that cuts one chunk: every kind of chunk the raw scatter read meets.
-    monkeypatch.setattr(store_mod, "CHUNK_TARGET_BYTES", 2 * 5 * D * 4)
+    monkeypatch.setattr(store_metadata, "CHUNK_TARGET_BYTES", 2 * 5 * D * 4)
     store, _ = plant(str(tmp_path), n_imgs=29)
     store.array(-2)[8:10] = 0
     store.array(-2)[12:16] = 0
     cfg = data_cfg(patches=patches, val_frac=0.3)
     for split, bs in [("train", 7), ("val", 3)]:
         direct = ActivationLoader(store, cfg, batch_size=bs, seed=5, split=split)
-        assert direct._direct and direct._reader._plain is not None
+        assert direct._direct and direct._reader.plain is not None
         via_zarr = zarr_only(ActivationLoader(store, cfg, batch_size=bs, seed=5, split=split))
         got, want = one_epoch(direct), one_epoch(via_zarr)
         assert len(got) == len(want) == len(direct)
@@ -243,14 +238,14 @@ def test_scatter_reads_give_exactly_the_batches_of_the_zarr_path(tmp_path, monke
 def test_short_reads_are_continued_where_they_stopped(planted, monkeypatch):
     store, acts = planted
     want = one_epoch(ActivationLoader(store, data_cfg(), batch_size=7, seed=1))
-    real = loader_mod._preadv
+    real = shards._preadv
 
     def at_most_20_bytes(fd, address, n_iov, offset):  # every call stops inside a 32-byte vector
         iov = np.frombuffer((ctypes.c_uint64 * 2).from_address(address), np.uint64).copy()
         iov[1] = min(int(iov[1]), 20)
         return real(fd, iov.ctypes.data, 1, offset)
 
-    monkeypatch.setattr(loader_mod, "_preadv", at_most_20_bytes)
+    monkeypatch.setattr(shards, "_preadv", at_most_20_bytes)
     got = one_epoch(ActivationLoader(store, data_cfg(), batch_size=7, seed=1))
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
     np.testing.assert_array_equal(read_all_chunks(ChunkReader(store.array(-2)), 40, 4), acts)

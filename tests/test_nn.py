@@ -14,9 +14,9 @@ D_SAE = D_VIT * EXP
 ARCHS = ["relu", "relu-decnorm", "topk", "batchtopk", "jumprelu"]
 
 
-def cfg(**kw) -> config.SparseAutoencoder:
+def cfg(**kw) -> config.SparseAutoencoderConfig:
     base = dict(d_vit=D_VIT, exp_factor=EXP, k=4, k_aux=8, sparsity_coeff=0.01)
-    return config.SparseAutoencoder(**{**base, **kw})
+    return config.SparseAutoencoderConfig(**{**base, **kw})
 
 
 def acts(seed: int = 0, n: int = BATCH) -> torch.Tensor:
@@ -302,7 +302,7 @@ def test_relu_decnorm_hooks_leave_decoder_norms_free():
 
 def test_normalisation_returns_x_hat_in_raw_space_perfect_reconstruction():
     # f = [relu(x_n), relu(-x_n)] and W_dec = [I; -I] reconstruct x_n exactly; x_hat must then equal raw x.
-    sae = nn.make_sae(config.SparseAutoencoder(d_vit=D_VIT, exp_factor=2, arch="relu"))
+    sae = nn.make_sae(config.SparseAutoencoderConfig(d_vit=D_VIT, exp_factor=2, arch="relu"))
     eye = torch.eye(D_VIT)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))

@@ -7,42 +7,28 @@ import numpy as np
 import pytest
 import zarr
 
-from saev_core import store as store_mod
+from saev_core import shards, store_metadata
 from saev_core.errors import UserError
-from saev_core.loader import ChunkReader
-from saev_core.store import ActivationStore, plan_layout, store_key
+from saev_core.shards import ChunkReader
+from saev_core.store import ActivationStore, arrays_metadata, write_store
+from saev_core.store_metadata import StoreMetadata, plan_layout
 
 
-def planted_metadata(**changes) -> dict:
-    meta = {
-        "vit_family": "clip",
-        "vit_ckpt": "planted/none",
-        "d_vit": 8,
-        "layers": [-2, -1],
-        "resolved_layers": [2, 3],
-        "n_patches_per_img": 4,
-        "cls_token": True,
-        "n_imgs": 10,
-        "n_patches_per_shard": 2 * 5 * 4,  # 4 images per shard
-        "data": {"kind": "planted"},
-        "seed": 0,
-        "dtype": "float32",
-        "fingerprints": {"vit_ckpt": "a", "images": "b"},
-    }
-    meta.update(changes)
-    return meta
+def planted_metadata(**changes) -> StoreMetadata:
+    """Two layers of 10 images x 5 tokens (CLS + 4 patches) x 8, 4 images per shard."""
+    kw = {"layers": (-2, -1), "imgs_per_shard": 4, "fingerprint": "b", **changes}
+    if "layers" not in changes:
+        kw["resolved_layers"] = (2, 3)
+    return arrays_metadata(10, 5, 8, **kw)
 
 
 def plant(root: str, **changes) -> tuple[ActivationStore, np.ndarray]:
-    meta = planted_metadata(**changes)
-    n = meta["n_imgs"]
-    paths = [f"class{i % 2}/img{i:02d}.png" for i in range(n)]
-    store = ActivationStore.create(root, meta, paths, [i % 2 for i in range(n)], ["class0", "class1"])
-    rng = np.random.default_rng(0)
-    acts = rng.normal(size=(2, n, 5, 8)).astype(np.float32)
-    for block in store.missing_blocks():
-        start, end = store.layout.block_range(block)
-        store.write_block(block, acts[:, start:end])
+    acts = np.random.default_rng(0).normal(size=(2, 10, 5, 8)).astype(np.float32)
+    store = write_store(
+        root, acts, (-2, -1), imgs_per_shard=4, image_paths=[f"class{i % 2}/img{i:02d}.png" for i in range(10)],
+        labels=[i % 2 for i in range(10)], class_names=["class0", "class1"], resolved_layers=(2, 3),
+        fingerprint="b", **changes,
+    )
     return store, acts
 
 
@@ -84,12 +70,12 @@ def test_missing_layer_is_a_clear_error(tmp_path):
 
 
 def test_key_changes_with_any_fingerprint_or_metadata():
-    base = store_key(planted_metadata())
-    assert store_key(planted_metadata(fingerprints={"vit_ckpt": "a2", "images": "b"})) != base
-    assert store_key(planted_metadata(fingerprints={"vit_ckpt": "a", "images": "b2"})) != base
-    assert store_key(planted_metadata(layers=[-2])) != base
-    assert store_key(planted_metadata(dtype="float16")) != base
-    assert store_key(planted_metadata(resolved_layers=[9, 9])) == base  # derived, not part of the key
+    base = planted_metadata().key
+    assert planted_metadata(fingerprints={"vit_ckpt": "a2", "images": "b"}).key != base
+    assert planted_metadata(fingerprints={"vit_ckpt": "a", "images": "b2"}).key != base
+    assert planted_metadata(layers=[-2]).key != base
+    assert planted_metadata(dtype="float16").key != base
+    assert planted_metadata(resolved_layers=[9, 9]).key == base  # derived, not part of the key
 
 
 def test_memory_url_round_trip():
@@ -163,7 +149,7 @@ def tree(root) -> dict[str, bytes]:
 def write_two_chunk_store(root: str, acts: np.ndarray, monkeypatch) -> ActivationStore:
     """A store of 10 images in shards of 4 and inner chunks of 2 (blocks 0, 1 whole, block 2 of 2 images)."""
     dtype = np.dtype(acts.dtype)
-    monkeypatch.setattr(store_mod, "CHUNK_TARGET_BYTES", 2 * 5 * 8 * dtype.itemsize)
+    monkeypatch.setattr(store_metadata, "CHUNK_TARGET_BYTES", 2 * 5 * 8 * dtype.itemsize)
     store = ActivationStore.create(root, planted_metadata(dtype=dtype.name), [f"i{i}" for i in range(10)],
                                    [0] * 10, [""])
     assert (store.layout.imgs_per_chunk, store.layout.imgs_per_shard) == (2, 4)
@@ -180,13 +166,13 @@ def test_direct_shard_writes_are_byte_identical_to_zarr_and_read_back_with_plain
     acts[0, 6:8] = -0.0  # not the fill value bit for bit: zarr stores it
     acts[1, 4:8] = 0  # a whole shard of fill values: zarr stores no file
     direct_calls = []
-    original = store_mod.PlainShardLayout.write_shard
-    monkeypatch.setattr(store_mod.PlainShardLayout, "write_shard",
+    original = shards.PlainShardLayout.write_shard
+    monkeypatch.setattr(shards.PlainShardLayout, "write_shard",
                         lambda self, shard, data: (direct_calls.append(shard), original(self, shard, data)))
     direct = write_two_chunk_store(str(tmp_path / "direct"), acts, monkeypatch)
     assert sorted(direct_calls) == [0, 0, 1, 1]  # whole blocks of both layers; the partial last one went to zarr
 
-    monkeypatch.setattr(store_mod.PlainShardLayout, "of", classmethod(lambda cls, arr: None))
+    monkeypatch.setattr(shards.PlainShardLayout, "of", classmethod(lambda cls, arr: None))
     through_zarr = write_two_chunk_store(str(tmp_path / "zarr"), acts, monkeypatch)
     assert direct.path.endswith(through_zarr.path.split("/")[-1])
 
@@ -227,7 +213,7 @@ def test_a_shard_write_that_fails_midway_leaves_the_old_shard_and_no_mark(tmp_pa
         os.write(fd, bytes(pieces[0][:100]))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store_mod, "_write_all", write_half_then_die)
+    monkeypatch.setattr(shards, "_write_all", write_half_then_die)
     with pytest.raises(OSError, match="No space"):
         store.write_block(1, acts[:, 4:8] + 1)
     assert tree(store.path) == before  # the old shard whole, no *.partial file

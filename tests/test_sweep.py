@@ -19,7 +19,7 @@ from saev_core.sweep import (
     split_cfgs,
 )
 
-BASE = config.Train(sae=config.SparseAutoencoder(d_vit=64, seed=7))
+BASE = config.TrainConfig(sae=config.SparseAutoencoderConfig(d_vit=64, seed=7))
 
 
 def _write(tmp_path, text, name="sweep.toml"):
@@ -222,7 +222,7 @@ def test_split_cfgs_of_nothing_is_nothing():
 
 
 def test_every_train_field_is_classified_as_data_pass_or_per_member():
-    names = {f.name for f in dataclasses.fields(config.Train)}
+    names = {f.name for f in dataclasses.fields(config.TrainConfig)}
     assert set(DATA_PASS_FIELDS).isdisjoint(PER_MEMBER_FIELDS)
     assert set(DATA_PASS_FIELDS) | set(PER_MEMBER_FIELDS) == names
 
@@ -241,10 +241,10 @@ def test_member_id_is_equal_for_equal_configs_and_short_hex():
 def test_member_id_is_stable_across_processes():
     code = (
         "from saev_core import config; from saev_core.sweep import member_id; "
-        "print(member_id(config.Train(lr=1e-3)))"
+        "print(member_id(config.TrainConfig(lr=1e-3)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == member_id(config.Train(lr=1e-3))
+    assert out == member_id(config.TrainConfig(lr=1e-3))
 
 
 @pytest.mark.parametrize(

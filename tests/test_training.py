@@ -22,8 +22,9 @@ import torch
 
 from saev_core import config, nn, training
 from saev_core.errors import UserError
-from saev_core.loader import ActivationLoader, normalization, split_images
-from saev_core.store import ActivationStore
+from saev_core.loader import ActivationLoader, split_images
+from saev_core.stats import normalization
+from saev_core.store import ActivationStore, write_store
 
 D = 16
 DEVICE = os.environ.get("SAEV_TEST_DEVICE", "cpu")
@@ -32,18 +33,8 @@ DEVICE = os.environ.get("SAEV_TEST_DEVICE", "cpu")
 
 def plant(root, acts: np.ndarray, imgs_per_shard: int = 50, key: str = "x") -> ActivationStore:
     """A complete one-layer store (layer -2, no CLS token) holding acts [n_imgs, n_tokens, d]."""
-    n_imgs, n_tokens, d = acts.shape
-    meta = {
-        "vit_family": "clip", "vit_ckpt": "planted/none", "d_vit": d, "layers": [-2], "resolved_layers": [10],
-        "n_patches_per_img": n_tokens, "cls_token": False, "n_imgs": n_imgs,
-        "n_patches_per_shard": imgs_per_shard * n_tokens, "data": {"kind": "planted"}, "seed": 0,
-        "dtype": "float32", "fingerprints": {"vit_ckpt": "planted", "images": key},
-    }
-    store = ActivationStore.create(str(root), meta, [f"{i}.png" for i in range(n_imgs)], [0] * n_imgs, [""])
-    for block in store.missing_blocks():
-        start, end = store.layout.block_range(block)
-        store.write_block(block, acts[None, start:end].astype(np.float32))
-    return store
+    return write_store(str(root), acts[None].astype(np.float32), cls_token=False, imgs_per_shard=imgs_per_shard,
+                       resolved_layers=(10,), fingerprint=key)
 
 
 def gaussian_acts(n_imgs=200, n_tokens=16, d=D, offset=3.0, scale=2.0, seed=0) -> np.ndarray:
@@ -56,16 +47,16 @@ def store(tmp_path_factory) -> ActivationStore:
     return plant(tmp_path_factory.mktemp("store"), gaussian_acts())
 
 
-def train_cfg(store: ActivationStore, ckpt, **kw) -> config.Train:
-    sae = config.SparseAutoencoder(**{"d_vit": D, "exp_factor": 4, "arch": "topk", "k": 4, "k_aux": 8,
+def train_cfg(store: ActivationStore, ckpt, **kw) -> config.TrainConfig:
+    sae = config.SparseAutoencoderConfig(**{"d_vit": D, "exp_factor": 4, "arch": "topk", "k": 4, "k_aux": 8,
                                       "dead_after_n_patches": 2000, **kw.pop("sae", {})})
-    base = dict(data=config.DataLoad(shard_root=store.path, layer=-2), sae=sae, n_patches=40 * 128,
+    base = dict(data=config.DataLoadConfig(shard_root=store.path, layer=-2), sae=sae, n_patches=40 * 128,
                 sae_batch_size=128, lr=1e-3, n_lr_warmup=5, ckpt_path=str(ckpt), ckpt_every=10, log_every=5,
                 device=DEVICE)
-    return config.Train(**{**base, **kw})
+    return config.TrainConfig(**{**base, **kw})
 
 
-def with_sae(cfg: config.Train, **kw) -> config.Train:
+def with_sae(cfg: config.TrainConfig, **kw) -> config.TrainConfig:
     return dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, **kw))
 
 
@@ -151,7 +142,7 @@ def test_lr_warmup_then_decay_and_sparsity_warmup_reach_optimizer_and_loss(store
 def test_normalisation_is_saved_and_a_fresh_load_reproduces_the_training_metrics(tmp_path):
     acts = gaussian_acts(offset=40.0, scale=0.05, seed=1)  # far from the identity normalisation
     store = plant(tmp_path / "store", acts, key="norm")
-    cfg = train_cfg(store, tmp_path / "ckpt", n_patches=30 * 128, data=config.DataLoad(
+    cfg = train_cfg(store, tmp_path / "ckpt", n_patches=30 * 128, data=config.DataLoadConfig(
         shard_root=store.path, layer=-2, scale_mean=True, scale_norm=True, val_frac=0.25))
     [r] = training.train_sweep([cfg], show_progress=False)
     sae = nn.load(r.ckpt_path)
@@ -258,7 +249,7 @@ def test_topk_sae_recovers_a_planted_dictionary_through_the_cli(tmp_path, capsys
 # Resume after SIGKILL
 # ---------------------------------------------------------------------------------------------------------------
 
-def resume_cfgs(store, ckpt) -> list[config.Train]:
+def resume_cfgs(store, ckpt) -> list[config.TrainConfig]:
     base = train_cfg(store, ckpt, n_patches=100 * 128, ckpt_every=10, log_every=1)
     return [with_sae(base, seed=1), dataclasses.replace(with_sae(base, arch="batchtopk", exp_factor=2, seed=2),
                                                         lr=3e-3)]
@@ -350,7 +341,7 @@ def test_sae_d_vit_that_differs_from_the_store_is_refused(store, tmp_path, capsy
 
 
 def test_layer_not_in_the_store_is_the_stores_error(store, tmp_path):
-    cfg = train_cfg(store, tmp_path, data=config.DataLoad(shard_root=store.path, layer=5))
+    cfg = train_cfg(store, tmp_path, data=config.DataLoadConfig(shard_root=store.path, layer=5))
     with pytest.raises(UserError, match=r"Layer 5 is not in the store .*\[-2\]"):
         training.train_sweep([cfg], show_progress=False)
     assert not os.listdir(tmp_path)
@@ -361,7 +352,7 @@ def test_nan_in_the_data_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     acts = gaussian_acts(n_imgs=n_imgs, n_tokens=n_tokens, seed=2)
     acts[:, :, 0] = np.arange(n_imgs)[:, None]  # coordinate 0 names the image, to find where it is read
     store = plant(tmp_path / "store", acts, imgs_per_shard=10, key="nan")
-    data = config.DataLoad(shard_root=store.path, layer=-2, buffer_chunks=1)
+    data = config.DataLoadConfig(shard_root=store.path, layer=-2, buffer_chunks=1)
     cfg = train_cfg(store, tmp_path / "ckpt", data=data, sae_batch_size=32, n_patches=60 * 32, ckpt_every=2,
                     sae={"arch": "relu"})
     normalization(store, data)  # cache clean statistics in the store, as a first training run would
