@@ -1,4 +1,4 @@
-"""The command line: ``python -m saev_core activations|train|pipeline``.
+"""The command line: ``python -m saev_core activations|train|visuals|pipeline``.
 
 Flags keep the original saev's names. Bad input prints one error line that says what to fix and exits 2.
 """
@@ -27,6 +27,7 @@ class RunPipeline:
 Command = (
     Annotated[config.ActivationsConfig, tyro.conf.subcommand("activations", prefix_name=False)]
     | Annotated[config.TrainConfig, tyro.conf.subcommand("train", prefix_name=False)]
+    | Annotated[config.VisualsConfig, tyro.conf.subcommand("visuals", prefix_name=False)]
     | Annotated[RunPipeline, tyro.conf.subcommand("pipeline", prefix_name=False)]
 )
 
@@ -49,6 +50,18 @@ def run_activations(cfg: config.ActivationsConfig) -> str:
         file=sys.stderr,
     )
     return result.path
+
+
+def run_visuals(cfg: config.VisualsConfig) -> str:
+    from saev_core import visuals
+
+    result = visuals.make_visuals(cfg)
+    print(
+        f"rendered {result.n_images} images for {len(result.latents)} latents ({result.n_alive} of {result.d_sae} "
+        f"latents fire); top-k cache {'reused' if result.cache_reused else 'computed'}",
+        file=sys.stderr,
+    )
+    return result.index_html
 
 
 def run_train(cfg: config.TrainConfig) -> str:
@@ -91,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     cmd = tyro.cli(
         Command, args=argv, prog="python -m saev_core", config=(tyro.conf.CascadeSubcommandArgs,),
-        description="Record ViT activations to a zarr store and train sparse autoencoders on them.",
+        description="Record ViT activations to a zarr store, train sparse autoencoders on them, and look at their latents.",
     )
     try:
         if isinstance(cmd, config.ActivationsConfig):
             out = run_activations(cmd)
         elif isinstance(cmd, config.TrainConfig):
             out = run_train(cmd)
+        elif isinstance(cmd, config.VisualsConfig):
+            out = run_visuals(cmd)
         else:
             out = run_pipeline(cmd)
     except UserError as err:

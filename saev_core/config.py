@@ -183,6 +183,54 @@ class TrainConfig:
     """Data-order seed and base of the SAE seeds."""
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Top-k visuals
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualsDataConfig:
+    """Which activations to run the SAE over; each field left unset comes from the checkpoint's provenance."""
+
+    shard_root: str | None = None
+    """Activation store path or URL (default: the store the SAE was trained on)."""
+    layer: int | None = None
+    """Layer, as recorded (-2) or resolved (10) (default: the SAE's)."""
+    patches: Literal["patches", "cls"] | None = None
+    """Rank images by their best patch (patches) or by their CLS token (cls) (default: the SAE's token mode)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualsConfig:
+    """For every SAE latent, its top-k images as heatmaps, filtered to the interesting latents, in one gallery page."""
+
+    ckpt: str = "./checkpoints/sae.pt"
+    """SAE checkpoint (ours or saev 0.1.0's; the latter needs the --data.* flags)."""
+    dump_to: str = "./visuals"
+    """Output folder: cache/, neurons/<latent>/<rank>.png, index.html."""
+    data: VisualsDataConfig = dataclasses.field(default_factory=VisualsDataConfig)
+    """Which activations (--data.*); defaults to the checkpoint's provenance."""
+    images: ImageFolderDataset | None = None
+    """Where the images are now, when they moved since recording (images:image-folder-dataset --images.root DIR);
+    must hold the same files (the store's image fingerprint)."""
+    top_k: int = 128
+    """Images kept per latent in the cache."""
+    n_imgs_per_latent: int = 25
+    """Images rendered per selected latent (at most top_k)."""
+    log_freq_range: tuple[float, float] = (-6.0, -2.0)
+    """Select latents whose log10 firing frequency is in [LOW, HIGH]."""
+    log_value_range: tuple[float, float] = (-1.0, 1.0)
+    """Select latents whose log10 mean value (when firing) is in [LOW, HIGH]."""
+    include_latents: tuple[int, ...] = ()
+    """Latents always rendered (unless dead), in addition to the random selection."""
+    n_latents: int = 400
+    """How many latents to pick at random among those that pass the filters."""
+    seed: int = 42
+    """Seed of the random selection."""
+    device: Device = "auto"
+    """Where the SAE runs: auto picks cuda when available."""
+
+
 def resolve_device(device: Device) -> str:
     """auto -> cuda when available, else cpu. Imports torch lazily (Dagster imports this module)."""
     import torch

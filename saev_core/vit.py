@@ -343,7 +343,7 @@ def make_img_transform(family: str, ckpt: str) -> Callable:
     For a local file the preprocessing shared by all of the architecture's pretrained tags is used (SigLIP: mean and
     std 0.5, squash), else open_clip's default (OpenAI mean/std). dinov2: timm's transform for the model at 224 px.
     """
-    ref = parse_ckpt(family, ckpt)
+    ref = parse_ckpt(family, ckpt, must_exist=False)  # the preprocessing needs no weights
     if family == "dinov2":
         import timm
         from timm.data import create_transform, resolve_data_config

@@ -1,0 +1,271 @@
+"""The visuals job: SAE checkpoint + store layer -> top-k cache -> latent selection -> heatmaps -> gallery page.
+
+``python -m saev_core visuals`` and the ``topk_visuals`` Dagster asset both call ``make_visuals``. The pass and its
+cache live in ``topk``, the overlays in ``imaging``, the page in ``gallery``; this module decides which latents and
+images, and where files go (docs/visuals-format.md):
+
+    <dump_to>/cache/topk.npz            the top-k arrays and statistics (reused when the inputs are the same)
+    <dump_to>/cache/selection.json      the selected latents and the filters that chose them
+    <dump_to>/neurons/<latent>/<rank>.png, metadata.json
+    <dump_to>/index.html                the gallery
+"""
+
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import math
+import os
+
+import numpy as np
+from jaxtyping import Float, Int
+from PIL import Image
+from tqdm.auto import tqdm
+
+from saev_core import config, gallery, imaging, images, nn, topk, vit as vitlib
+from saev_core.errors import UserError
+from saev_core.files import atomic_write_json
+from saev_core.store import ActivationStore
+
+logger = logging.getLogger("saev_core.visuals")
+RENDER_SIDE = 224
+"""Rendered images have this shortest side (the ViT's own view size), never more than the original."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualsResult:
+    """What a visuals run made; the CLI prints ``index_html`` last and the Dagster asset reports the rest."""
+
+    index_html: str
+    dump_to: str
+    latents: list[int]
+    """The selected latents, as rendered."""
+    n_images: int
+    """Heatmaps written."""
+    cache_reused: bool
+    n_alive: int
+    d_sae: int
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualsInputs:
+    """The resolved inputs: the SAE, its store and layer, and the token mode that ranks images."""
+
+    sae: nn.SparseAutoencoder
+    ckpt_path: str
+    store: ActivationStore
+    layer: int
+    patches: str
+
+
+def resolve_inputs(cfg: config.VisualsConfig, device: str) -> VisualsInputs:
+    """Load the SAE and find its store, layer and token mode (flags first, then the checkpoint's provenance)."""
+    sae = nn.load(cfg.ckpt, device=device)
+    ckpt_path = os.path.join(cfg.ckpt, nn.CKPT_NAME) if os.path.isdir(cfg.ckpt) else cfg.ckpt
+    prov = sae.provenance
+    shard_root = cfg.data.shard_root or prov.get("store")
+    layer = cfg.data.layer if cfg.data.layer is not None else prov.get("layer")
+    patches = cfg.data.patches or prov.get("token_mode")
+    missing = [flag for flag, value in [("--data.shard-root", shard_root), ("--data.layer", layer),
+                                        ("--data.patches", patches)] if value is None]
+    if missing:
+        raise UserError(
+            f"The checkpoint {ckpt_path} does not say which activations it was trained on (a saev 0.1.0 file, or one "
+            f"from elsewhere); pass {', '.join(missing)} (the store path, the layer and patches or cls)."
+        )
+    if patches not in topk.RANK_MODES:
+        raise UserError(f"The SAE {ckpt_path} was trained on {patches} vectors, which rank no images; pass "
+                        "--data.patches patches or --data.patches cls.")
+    store = ActivationStore.open(shard_root)
+    if store.d_vit != sae.cfg.d_vit:
+        raise UserError(f"The SAE {ckpt_path} reads {sae.cfg.d_vit}-d activations but the store {shard_root} holds "
+                        f"{store.d_vit}-d ones; pass the store the SAE was trained on (--data.shard-root).")
+    return VisualsInputs(sae, ckpt_path, store, store.recorded_layer(layer), patches)
+
+
+def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> VisualsResult:
+    """Run the whole job; the top-k pass only when ``<dump_to>/cache`` does not already hold it."""
+    check_config(cfg)
+    device = config.resolve_device(cfg.device)
+    inputs = resolve_inputs(cfg, device)
+    image_root = _image_root(cfg, inputs.store)  # checked before the long pass
+    identity = topk.CacheIdentity(
+        topk.file_sha256(inputs.ckpt_path), inputs.store.metadata.key, inputs.layer, inputs.patches, cfg.top_k
+    )
+    cache = topk.load_cache(cfg.dump_to, identity)
+    reused = cache is not None
+    if cache is None:
+        cache = topk.topk_pass(inputs.store, inputs.layer, inputs.patches, inputs.sae, cfg.top_k, identity,
+                               device=device, show_progress=show_progress)
+        topk.save_cache(cache, cfg.dump_to)
+    logger.info("top-k cache %s (%s)", topk.cache_path(cfg.dump_to), "reused" if reused else "computed")
+    latents = select_latents(cache, cfg.log_freq_range, cfg.log_value_range, cfg.include_latents, cfg.n_latents,
+                             cfg.seed)
+    atomic_write_json(os.path.join(cfg.dump_to, "cache", "selection.json"), {
+        "latents": latents.tolist(), "log_freq_range": cfg.log_freq_range, "log_value_range": cfg.log_value_range,
+        "include_latents": list(cfg.include_latents), "n_latents": cfg.n_latents, "seed": cfg.seed,
+    })
+    rows = render_latents(cache, latents, inputs.store, image_root, cfg.dump_to, cfg.n_imgs_per_latent, show_progress)
+    alive = cache.freq > 0
+    with np.errstate(divide="ignore"):
+        index = gallery.write_gallery(
+            cfg.dump_to, rows, np.log10(cache.freq[alive]), np.log10(cache.mean_value[alive]),
+            cfg.log_freq_range, cfg.log_value_range,
+            title=f"SAE latents: {os.path.basename(os.path.dirname(inputs.ckpt_path))}, layer {inputs.layer}",
+        )
+    return VisualsResult(index, cfg.dump_to, latents.tolist(), sum(r["n_images"] for r in rows), reused,
+                         int(alive.sum()), cache.d_sae)
+
+
+def check_config(cfg: config.VisualsConfig) -> None:
+    problems = [
+        *([f"--top-k {cfg.top_k} must be at least 1"] if cfg.top_k < 1 else []),
+        *([f"--n-imgs-per-latent {cfg.n_imgs_per_latent} must be at least 1"] if cfg.n_imgs_per_latent < 1 else []),
+        *([f"--n-latents {cfg.n_latents} must be at least 0"] if cfg.n_latents < 0 else []),
+        *([f"--log-freq-range {cfg.log_freq_range} has LOW > HIGH"] if cfg.log_freq_range[0] > cfg.log_freq_range[1]
+          else []),
+        *([f"--log-value-range {cfg.log_value_range} has LOW > HIGH"]
+          if cfg.log_value_range[0] > cfg.log_value_range[1] else []),
+    ]
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which latents
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def select_latents(
+    cache: topk.TopKCache,
+    log_freq_range: tuple[float, float],
+    log_value_range: tuple[float, float],
+    include_latents=(),
+    n_latents: int = 400,
+    seed: int = 42,
+) -> Int[np.ndarray, " n"]:
+    """``include_latents`` (in the given order), then up to ``n_latents`` others drawn at random (seeded) among the
+    latents whose log10 frequency and log10 mean value lie in the closed ranges, in id order. Dead latents (never
+    fired) are never selected: an included one is skipped with a warning."""
+    alive = cache.freq > 0
+    bad = [i for i in include_latents if not 0 <= i < cache.d_sae]
+    if bad:
+        raise UserError(f"--include-latents {bad} are not latents of this SAE (ids 0..{cache.d_sae - 1}).")
+    dead = [i for i in include_latents if not alive[i]]
+    if dead:
+        logger.warning("--include-latents %s never fire on this layer; they are left out", dead)
+    included = list(dict.fromkeys(i for i in include_latents if alive[i]))
+    with np.errstate(divide="ignore"):
+        log_freq, log_value = np.log10(cache.freq), np.log10(cache.mean_value)
+    passes = (alive & (log_freq >= log_freq_range[0]) & (log_freq <= log_freq_range[1])
+              & (log_value >= log_value_range[0]) & (log_value <= log_value_range[1]))
+    passes[included] = False
+    candidates = np.flatnonzero(passes)
+    picked = np.random.default_rng(seed).choice(candidates, size=min(n_latents, len(candidates)), replace=False)
+    return np.array([*included, *np.sort(picked).tolist()], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _image_root(cfg: config.VisualsConfig, store: ActivationStore) -> str:
+    """Where the store's images are now: --images.root (checked against the store's image fingerprint) or the
+    folder recorded in the store."""
+    if cfg.images is None:
+        root = store.metadata.image_root
+        if root is None or not os.path.isdir(root):
+            raise UserError(f"The images of the store {store.path} are not at {root!r} any more; pass "
+                            "images:image-folder-dataset --images.root DIR with the folder they moved to.")
+        return root
+    source = images.make_image_source(cfg.images, None, store.n_imgs)
+    if images.image_list_fingerprint(source) != store.metadata.fingerprints["images"]:
+        raise UserError(
+            f"The images in {source.root} are not the ones the store {store.path} was recorded from (different "
+            "names, sizes or modification times). Pass the folder the store was recorded from, or a copy that keeps "
+            "the timestamps (cp -a, rsync -a)."
+        )
+    return source.root
+
+
+def render_latents(
+    cache: topk.TopKCache,
+    latents: Int[np.ndarray, " n"],
+    store: ActivationStore,
+    image_root: str,
+    dump_to: str,
+    n_per_latent: int,
+    show_progress: bool = False,
+) -> list[dict]:
+    """Heatmaps and metadata.json for each latent's best ``n_per_latent`` images; the gallery rows, in order."""
+    meta = store.metadata
+    geometry = imaging.geometry_of_transform(vitlib.make_img_transform(meta.vit_family, meta.vit_ckpt))
+    grid = _patch_grid(meta.n_patches_per_img)
+    paths, labels, class_names = store.image_paths(), store.image_labels(), store.class_names
+    load = functools.lru_cache(maxsize=256)(lambda i: _load_view(os.path.join(image_root, paths[i]), geometry))
+    jobs = [(int(latent), rank) for latent in latents for rank in range(min(n_per_latent, cache.n_images()[latent]))]
+
+    def render(job: tuple[int, int]) -> None:
+        latent, rank = job
+        img, box = load(int(cache.top_images[latent, rank]))
+        vmax = float(cache.top_values[latent, 0])
+        out = imaging.overlay_heatmap(img, cache.top_patches[latent, rank], grid, box, vmax, shortest_side=None,
+                                      cls_value=_finite_or_none(cache.top_cls[latent, rank]))
+        imaging.save_png(out, os.path.join(dump_to, gallery.image_relpath(latent, rank)))
+
+    for latent in latents:
+        folder = os.path.join(dump_to, gallery.NEURONS_DIR, str(int(latent)))
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):  # ranks left over from an earlier run with more images
+            if name.endswith(".png") and name[:-4].isdigit() and int(name[:-4]) >= cache.n_images()[latent]:
+                os.remove(os.path.join(folder, name))
+    with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool, \
+            tqdm(total=len(jobs), unit="img", desc="heatmaps", disable=not show_progress) as bar:
+        for _ in pool.map(render, jobs):
+            bar.update()
+    return [_latent_row(cache, int(latent), n_per_latent, paths, labels, class_names, dump_to) for latent in latents]
+
+
+def _latent_row(cache, latent: int, n_per_latent: int, paths, labels, class_names, dump_to: str) -> dict:
+    """Write the latent's metadata.json and return its gallery row."""
+    n = int(min(n_per_latent, cache.n_images()[latent]))
+    imgs = cache.top_images[latent, :n].tolist()
+    names = [class_names[labels[i]] if 0 <= labels[i] < len(class_names) else "" for i in imgs]
+    log_freq, log_value = math.log10(cache.freq[latent]), math.log10(cache.mean_value[latent])
+    atomic_write_json(os.path.join(dump_to, gallery.NEURONS_DIR, str(latent), "metadata.json"), {
+        "latent": latent, "log10_freq": log_freq, "log10_mean_value": log_value,
+        "max_value": float(cache.top_values[latent, 0]), "image_indices": imgs, "paths": [paths[i] for i in imgs],
+        "labels": names, "values": cache.top_values[latent, :n].tolist(),
+        "cls_values": [_finite_or_none(v) for v in cache.top_cls[latent, :n]],
+    })
+    return {
+        "latent": latent, "log10_freq": log_freq, "log10_mean_value": log_value,
+        "max_value": float(cache.top_values[latent, 0]), "n_images": n,
+        "images": [gallery.image_relpath(latent, rank) for rank in range(n)], "labels": names,
+        "hist_counts": cache.hist[latent], "hist_edges": topk.HIST_EDGES,
+    }
+
+
+def _load_view(path: str, geometry: imaging.ViewGeometry) -> tuple[Image.Image, imaging.Box]:
+    """The image shrunk to the rendering size, and the ViT's crop box in its pixels."""
+    try:
+        original = images.load_rgb(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"Cannot read the image {path} for a heatmap ({err}). Pass images:image-folder-dataset "
+                        "--images.root DIR if the images moved.") from None
+    box = geometry.crop_box(*original.size)
+    img = imaging.fit_shortest_side(original, RENDER_SIDE)
+    sx, sy = img.width / original.width, img.height / original.height
+    return img, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def _patch_grid(n_patches: int) -> tuple[int, int]:
+    side = math.isqrt(n_patches)
+    if side * side != n_patches:
+        raise UserError(f"{n_patches} patches per image do not make a square grid; heatmaps need a square one.")
+    return side, side
+
+
+def _finite_or_none(x: Float[np.floating, ""] | float) -> float | None:
+    return float(x) if np.isfinite(x) else None

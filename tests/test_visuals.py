@@ -1,0 +1,185 @@
+"""The visuals job end to end (record -> train -> visuals through the CLI), latent selection, and the cache."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from saev_core import config, nn, topk, training, visuals
+from saev_core.__main__ import main
+from saev_core.errors import UserError
+from tests.conftest import write_images
+
+N_IMGS = 12
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_clip_ckpt):
+    """A tiny store of 12 non-square images (64 x 48) and a topk SAE trained on it; (images, store, sae.pt)."""
+    root = tmp_path_factory.mktemp("visuals")
+    write_images(root / "imgs", N_IMGS, size=(64, 48))
+    argv = ["activations", "--vit-family", "clip", "--vit-ckpt", tiny_clip_ckpt, "--vit-layers", "-1",
+            "--dump-to", str(root / "acts"), "--n-workers", "0", "data:image-folder-dataset", "--data.root",
+            str(root / "imgs")]
+    assert main(argv) == 0
+    store_path = next(p for p in (root / "acts").iterdir() if p.is_dir())
+    cfg = config.TrainConfig(
+        data=config.DataLoadConfig(shard_root=str(store_path), layer=-1, val_frac=0.2),
+        sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=2, arch="topk", k=8), n_patches=40 * 64,
+        sae_batch_size=64, n_lr_warmup=5, ckpt_path=str(root / "ckpt"), device="cpu", log_every=1000,
+    )
+    [result] = training.train_sweep([cfg], show_progress=False)
+    return root / "imgs", str(store_path), result.ckpt_path
+
+
+def run(capsys, *argv) -> tuple[int, list[str], str]:
+    rc = main(["visuals", *argv])
+    captured = capsys.readouterr()
+    return rc, captured.out.strip().splitlines(), captured.err
+
+
+WIDE = ["--log-freq-range", "-10", "0", "--log-value-range", "-10", "10"]
+
+
+def test_cli_renders_every_selected_latent_and_prints_the_gallery_last(trained, tmp_path, capsys):
+    _, _, ckpt = trained
+    dump_to = tmp_path / "v"
+    rc, out, err = run(capsys, "--ckpt", ckpt, "--dump-to", str(dump_to), "--n-imgs-per-latent", "3",
+                       "--top-k", "5", "--device", "cpu", *WIDE)
+    assert rc == 0, err
+    assert out[-1] == str(dump_to / "index.html") and os.path.isfile(out[-1])
+    selection = json.loads((dump_to / "cache" / "selection.json").read_text())
+    cache = topk.load_cache(str(dump_to), _identity(ckpt, trained[1], 5))
+    alive = np.flatnonzero(cache.freq > 0)
+    assert sorted(selection["latents"]) == alive.tolist()  # the wide ranges keep every live latent
+    for latent in selection["latents"]:
+        meta = json.loads((dump_to / "neurons" / str(latent) / "metadata.json").read_text())
+        n = min(3, int(cache.n_images()[latent]))
+        assert [f"{r}.png" for r in range(n)] == sorted(p for p in os.listdir(dump_to / "neurons" / str(latent))
+                                                        if p.endswith(".png"))
+        assert meta["image_indices"] == cache.top_images[latent, :n].tolist()
+        assert meta["max_value"] == pytest.approx(float(cache.top_values[latent, 0]))
+        assert all(label in ("cat", "dog") for label in meta["labels"])
+        with Image.open(dump_to / "neurons" / str(latent) / "0.png") as img:
+            # 64 x 48 images are rendered at their own size (never enlarged), plus the CLS strip below.
+            assert img.width == 64 and img.height > 48
+
+
+def _identity(ckpt, store_path, k, patches="patches"):
+    from saev_core.store import ActivationStore
+
+    return topk.CacheIdentity(topk.file_sha256(ckpt), ActivationStore.open(store_path).metadata.key, -1, patches, k)
+
+
+def test_rerun_reuses_the_cache_without_an_sae_forward(trained, tmp_path, capsys, monkeypatch):
+    _, _, ckpt = trained
+    args = ["--ckpt", ckpt, "--dump-to", str(tmp_path / "v"), "--top-k", "4", "--device", "cpu", *WIDE]
+    assert run(capsys, *args)[0] == 0
+    monkeypatch.setattr(nn.SparseAutoencoder, "encode", lambda *a: pytest.fail("the SAE ran again"))
+    rc, out, err = run(capsys, *args, "--n-imgs-per-latent", "2")
+    assert rc == 0 and "cache reused" in err
+
+
+def test_a_cache_from_another_sae_is_refused(trained, tmp_path, capsys):
+    _, store_path, ckpt = trained
+    args = ["--dump-to", str(tmp_path / "v"), "--top-k", "4", "--device", "cpu", *WIDE]
+    assert run(capsys, "--ckpt", ckpt, *args)[0] == 0
+    other = nn.load(ckpt)
+    with torch.no_grad():
+        other.W_enc.mul_(1.5)
+    other_path = nn.dump(tmp_path / "other" / "sae.pt", other)
+    rc, _, err = run(capsys, "--ckpt", other_path, *args)
+    assert rc == 2 and "other inputs" in err and "sae_sha256" in err
+
+
+def test_a_killed_pass_leaves_no_cache(trained, tmp_path, monkeypatch):
+    _, _, ckpt = trained
+    real_update = topk._RunningTopK.update
+    calls = []
+
+    def die_on_second_batch(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_update(self, *args)
+
+    monkeypatch.setattr(topk._RunningTopK, "update", die_on_second_batch)
+    monkeypatch.setattr(topk, "batch_images", lambda *a: 4)
+    cfg = config.VisualsConfig(ckpt=ckpt, dump_to=str(tmp_path / "v"), device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        visuals.make_visuals(cfg, show_progress=False)
+    assert not os.path.exists(topk.cache_path(cfg.dump_to))
+    # A kill inside the cache write itself leaves no file either (the rename never happened).
+    monkeypatch.setattr(topk._RunningTopK, "update", real_update)
+    monkeypatch.setattr(np, "savez", lambda f, **arrays: (f.write(b"half"), (_ for _ in ()).throw(KeyboardInterrupt)))
+    with pytest.raises(KeyboardInterrupt):
+        visuals.make_visuals(cfg, show_progress=False)
+    assert not os.path.exists(topk.cache_path(cfg.dump_to))
+    assert os.listdir(os.path.dirname(topk.cache_path(cfg.dump_to))) == []
+
+
+def test_moved_images_work_with_images_root_and_other_images_are_refused(trained, tmp_path, capsys):
+    imgs, _, ckpt = trained
+    moved = tmp_path / "moved"
+    shutil.copytree(imgs, moved)  # copy2: same names, sizes and timestamps
+    args = ["--ckpt", ckpt, "--top-k", "3", "--device", "cpu", *WIDE]
+    rc, out, err = run(capsys, *args, "--dump-to", str(tmp_path / "a"), "images:image-folder-dataset",
+                       "--images.root", str(moved))
+    assert rc == 0, err
+    write_images(tmp_path / "other", N_IMGS, size=(64, 40))
+    rc, _, err = run(capsys, *args, "--dump-to", str(tmp_path / "b"), "images:image-folder-dataset",
+                     "--images.root", str(tmp_path / "other"))
+    assert rc == 2 and "not the ones the store" in err
+
+
+def test_a_checkpoint_without_provenance_needs_the_data_flags(trained, tmp_path, capsys):
+    _, store_path, ckpt = trained
+    sae = nn.load(ckpt)
+    sae.provenance = {}
+    bare = nn.dump(tmp_path / "bare" / "sae.pt", sae)
+    rc, _, err = run(capsys, "--ckpt", bare, "--dump-to", str(tmp_path / "v"), "--device", "cpu")
+    assert rc == 2 and "--data.shard-root" in err and "--data.layer" in err
+    rc, out, err = run(capsys, "--ckpt", bare, "--dump-to", str(tmp_path / "v"), "--device", "cpu", "--top-k", "3",
+                       "--data.shard-root", store_path, "--data.layer", "-1", "--data.patches", "cls", *WIDE)
+    assert rc == 0, err
+
+
+# -- latent selection ------------------------------------------------------------------------------------------
+
+
+def _synthetic_cache(d_sae=200, seed=0) -> topk.TopKCache:
+    rng = np.random.default_rng(seed)
+    freq = 10.0 ** rng.uniform(-7, 0, d_sae)
+    freq[rng.choice(d_sae, 20, replace=False)] = 0.0  # dead
+    mean = np.where(freq > 0, 10.0 ** rng.uniform(-2, 2, d_sae), 0.0)
+    k = 2
+    ident = topk.CacheIdentity("x", "y", -2, "patches", k)
+    return topk.TopKCache(ident, np.zeros((d_sae, k), np.float32), np.zeros((d_sae, k), np.int64),
+                          np.zeros((d_sae, k, 4), np.float32), np.zeros((d_sae, k), np.float32), freq, mean,
+                          np.zeros((d_sae, 50), np.int64), 1000)
+
+
+def test_filters_select_exactly_what_a_plain_recomputation_selects():
+    cache = _synthetic_cache()
+    got = visuals.select_latents(cache, (-5.0, -1.0), (-1.0, 1.0), n_latents=10_000)
+    want = [i for i in range(cache.d_sae) if cache.freq[i] > 0 and -5 <= np.log10(cache.freq[i]) <= -1
+            and -1 <= np.log10(cache.mean_value[i]) <= 1]
+    assert got.tolist() == want and len(want) > 5
+
+
+def test_n_latents_samples_the_filtered_set_reproducibly_and_includes_come_first():
+    cache = _synthetic_cache()
+    everything = set(visuals.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), n_latents=10_000).tolist())
+    dead = int(np.flatnonzero(cache.freq == 0)[0])
+    alive = sorted(everything)
+    a = visuals.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(alive[5], dead), n_latents=7, seed=3)
+    b = visuals.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(alive[5], dead), n_latents=7, seed=3)
+    assert a.tolist() == b.tolist()
+    assert a[0] == alive[5] and dead not in a.tolist() and len(a) == 8
+    assert set(a[1:].tolist()) <= everything - {alive[5]} and sorted(a[1:].tolist()) == a[1:].tolist()
+    with pytest.raises(UserError, match="not latents of this SAE"):
+        visuals.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(cache.d_sae,))
