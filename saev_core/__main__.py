@@ -18,7 +18,8 @@ from saev_core.files import atomic_write_bytes
 
 @dataclasses.dataclass(frozen=True)
 class RunPipeline:
-    """Run every stage of a pipeline file (TOML): record its [activations], then train its [sweep] on every layer."""
+    """Run every stage of a pipeline file (TOML): record its [activations], train its [sweep] on every layer, and
+    render top-k visuals of the members its [visuals] table chooses."""
 
     path: str | None = None
     """Pipeline file; None means $SAEV_PIPELINE, else the embedded demo pipeline."""
@@ -96,6 +97,8 @@ def run_pipeline(cmd: RunPipeline) -> str:
         atomic_write_bytes(png, sweep.l0_vs_nmse_png)
         print(sweep.csv_path)
         print(png)
+        for member in pipeline.visuals_for_layer(pipe, layer, sweep.csv_path):
+            print(member.result.index_html)
     return pipe.train.ckpt_path
 
 

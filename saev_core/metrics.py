@@ -136,3 +136,11 @@ def sweep_problems(rows: list[dict], max_frac_dead: float) -> list[str]:
         elif row["frac_dead"] > max_frac_dead:
             problems.append(f"{row['member_id']}: {row['frac_dead']:.1%} dead latents (bound {max_frac_dead:.0%})")
     return problems
+
+
+def best_member(rows: list[dict], max_l0: float | None = None) -> dict | None:
+    """The member with the lowest held-out NMSE among those with L0 <= max_l0 (all when None) and finite metrics;
+    None when no member qualifies. Ties go to the first row."""
+    ok = [r for r in rows if r.get("nmse") == r.get("nmse") and r.get("l0") == r.get("l0")
+          and (max_l0 is None or r["l0"] <= max_l0)]
+    return min(ok, key=lambda r: r["nmse"]) if ok else None

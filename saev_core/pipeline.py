@@ -1,7 +1,8 @@
 """The pipeline file: one TOML describing an experiment, parsed into the same config classes the CLI uses.
 
 Tables: ``[activations]`` (with ``[activations.data]``, whose ``kind`` picks the image source), ``[train]`` and
-``[sweep]``, ``[checks]``, ``[demo]``. Keys are the CLI's field names. Importing this module imports no torch.
+``[sweep]``, ``[visuals]``, ``[checks]``, ``[demo]``. Keys are the CLI's field names. Importing this module imports
+no torch.
 """
 
 import dataclasses
@@ -18,7 +19,24 @@ DATA_KINDS: dict[str, type] = {
     "embedded-dataset": config.EmbeddedDataset,
     "image-folder-dataset": config.ImageFolderDataset,
 }
-TABLES = ("activations", "train", "sweep", "checks", "demo")
+TABLES = ("activations", "train", "sweep", "visuals", "checks", "demo")
+MEMBER_RULES = ("best", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualsPlan:
+    """[visuals]: which sweep members get visuals, and the visuals flags (``--top-k``, ``--log-freq-range``, ...)."""
+
+    members: str = "best"
+    """"best": the member with the lowest held-out NMSE among those with L0 <= max_l0; "all": every member."""
+    max_l0: float | None = None
+    """The "best" rule's L0 bound (None: no bound)."""
+    visuals: config.VisualsConfig = dataclasses.field(default_factory=config.VisualsConfig)
+    """The flags; ``ckpt`` is each member's checkpoint and the output goes to
+    <dump_to>/layer_<layer>/<member_id>/."""
+
+    def folder(self, layer: int, member_id: str = "") -> str:
+        return os.path.join(self.visuals.dump_to, f"layer_{layer}", member_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +51,8 @@ class Pipeline:
     """[demo] random_vit: create random weights at vit_ckpt's local path when the file is missing."""
     max_frac_dead: float = 0.5
     """[checks] max_frac_dead: a sweep member with more dead latents than this fails the sweep's check."""
+    visuals: VisualsPlan = dataclasses.field(default_factory=VisualsPlan)
+    """[visuals]: top-k visuals of the chosen members of each layer's sweep."""
 
     def sweep_for(self, layer: int, store_path: str) -> list[config.TrainConfig]:
         """Every member config of one layer's sweep, trained on that layer of the given store. Checkpoints go to
@@ -134,6 +154,7 @@ def load_pipeline(path: str | None = None) -> Pipeline:
         path=path, activations=activations, train=train, sweep=doc.get("sweep", {}),
         random_vit=bool(doc.get("demo", {}).get("random_vit", False)),
         max_frac_dead=_checks_fraction(doc.get("checks", {}), "max_frac_dead", 0.5, path),
+        visuals=_visuals_plan(doc.get("visuals", {}), path),
     )
     if not activations.vit_layers:
         raise UserError(f"[activations] vit_layers in {path} is empty; list the layers to record, e.g. [-2].")
@@ -161,6 +182,72 @@ def from_table(base, table: dict, where: str, source: str):
                 f"{where}.{key} = {value!r} in {source}: expected {sweep.describe_type(hints[key])}."
             ) from None
     return dataclasses.replace(base, **changes)
+
+
+def _visuals_plan(table: dict, source: str) -> VisualsPlan:
+    table = dict(table)
+    members = table.pop("members", "best")
+    if members not in MEMBER_RULES:
+        raise UserError(f"visuals.members = {members!r} in {source}: expected one of {', '.join(map(repr, MEMBER_RULES))}.")
+    max_l0 = table.pop("max_l0", None)
+    if max_l0 is not None and (not isinstance(max_l0, (int, float)) or isinstance(max_l0, bool) or max_l0 < 0):
+        raise UserError(f"visuals.max_l0 = {max_l0!r} in {source}: expected a number >= 0 (the best member's L0 bound).")
+    for key in ("ckpt", "images"):
+        if key in table:
+            raise UserError(f"visuals.{key} in {source} is set per member by the pipeline; remove it.")
+    cfg = from_table(config.VisualsConfig(), table, "visuals", source)
+    return VisualsPlan(members, None if max_l0 is None else float(max_l0), cfg)
+
+
+def choose_members(plan: VisualsPlan, rows: list[dict], source: str) -> list[dict]:
+    """The sweep rows (``sweep.csv``) that get visuals under the plan's rule."""
+    from saev_core import metrics
+
+    if plan.members == "all":
+        return rows
+    best = metrics.best_member(rows, plan.max_l0)
+    if best is None:
+        raise UserError(f"No member of {source} has finite metrics and L0 <= {plan.max_l0}; raise [visuals] max_l0 "
+                        "or use members = \"all\".")
+    return [best]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberVisuals:
+    member_id: str
+    ckpt_path: str
+    result: typing.Any
+    """visuals.VisualsResult"""
+
+
+def visuals_for_layer(pipe: Pipeline, layer: int, sweep_csv: str, show_progress: bool = True) -> list[MemberVisuals]:
+    """Top-k visuals for the chosen members of one layer's sweep, one folder each; records which folders exist in
+    <dump_to>/layer_<layer>/members.json (what the Dagster check reads)."""
+    import pandas as pd
+
+    from saev_core import files, visuals
+
+    rows = pd.read_csv(sweep_csv).to_dict("records")
+    done = []
+    for row in choose_members(pipe.visuals, rows, sweep_csv):
+        cfg = dataclasses.replace(pipe.visuals.visuals, ckpt=row["ckpt"],
+                                  dump_to=pipe.visuals.folder(layer, row["member_id"]))
+        done.append(MemberVisuals(row["member_id"], row["ckpt"], visuals.make_visuals(cfg, show_progress)))
+    files.atomic_write_json(os.path.join(pipe.visuals.folder(layer), "members.json"),
+                            {"members": [m.member_id for m in done]})
+    return done
+
+
+def layer_visuals_problems(pipe: Pipeline, layer: int) -> list[str]:
+    """What is missing from a layer's visuals (one line per problem; empty when every selected latent of every
+    member has its full set of images on disk)."""
+    from saev_core import files, visuals
+
+    listed = files.read_json(os.path.join(pipe.visuals.folder(layer), "members.json"))
+    if listed is None:
+        return [f"no visuals for layer {layer} under {pipe.visuals.folder(layer)}"]
+    return [f"{member}: {problem}" for member in listed["members"]
+            for problem in visuals.missing_images(pipe.visuals.folder(layer, member))]
 
 
 def _checks_fraction(table: dict, key: str, default: float, source: str) -> float:

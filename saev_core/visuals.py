@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from saev_core import config, gallery, imaging, images, nn, topk, vit as vitlib
 from saev_core.errors import UserError
-from saev_core.files import atomic_write_json
+from saev_core.files import atomic_write_json, read_json
 from saev_core.store import ActivationStore
 
 logger = logging.getLogger("saev_core.visuals")
@@ -101,11 +101,13 @@ def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> Visua
     logger.info("top-k cache %s (%s)", topk.cache_path(cfg.dump_to), "reused" if reused else "computed")
     latents = select_latents(cache, cfg.log_freq_range, cfg.log_value_range, cfg.include_latents, cfg.n_latents,
                              cfg.seed)
-    atomic_write_json(os.path.join(cfg.dump_to, "cache", "selection.json"), {
-        "latents": latents.tolist(), "log_freq_range": cfg.log_freq_range, "log_value_range": cfg.log_value_range,
-        "include_latents": list(cfg.include_latents), "n_latents": cfg.n_latents, "seed": cfg.seed,
-    })
     rows = render_latents(cache, latents, inputs.store, image_root, cfg.dump_to, cfg.n_imgs_per_latent, show_progress)
+    atomic_write_json(selection_path(cfg.dump_to), {
+        "latents": latents.tolist(), "n_images": [row["n_images"] for row in rows],
+        "log_freq_range": cfg.log_freq_range, "log_value_range": cfg.log_value_range,
+        "include_latents": list(cfg.include_latents), "n_latents": cfg.n_latents, "seed": cfg.seed,
+        "n_imgs_per_latent": cfg.n_imgs_per_latent,
+    })
     alive = cache.freq > 0
     with np.errstate(divide="ignore"):
         index = gallery.write_gallery(
@@ -115,6 +117,26 @@ def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> Visua
         )
     return VisualsResult(index, cfg.dump_to, latents.tolist(), sum(r["n_images"] for r in rows), reused,
                          int(alive.sum()), cache.d_sae)
+
+
+def selection_path(dump_to: str) -> str:
+    return os.path.join(dump_to, "cache", "selection.json")
+
+
+def missing_images(dump_to: str) -> list[str]:
+    """What is missing for the selection in dump_to to be complete: every selected latent's heatmaps (as many as
+    selection.json says) and its metadata.json. Empty when complete."""
+    selection = read_json(selection_path(dump_to))
+    if selection is None:
+        return [f"no {selection_path(dump_to)}: the visuals never finished"]
+    missing = []
+    for latent, n in zip(selection["latents"], selection["n_images"]):
+        folder = os.path.join(dump_to, gallery.NEURONS_DIR, str(latent))
+        names = [f"{rank}.png" for rank in range(n)] + ["metadata.json"]
+        missing += [os.path.join(folder, name) for name in names if not os.path.isfile(os.path.join(folder, name))]
+    if not os.path.isfile(os.path.join(dump_to, "index.html")):
+        missing.append(os.path.join(dump_to, "index.html"))
+    return [f"missing {path}" for path in missing]
 
 
 def check_config(cfg: config.VisualsConfig) -> None:

@@ -18,9 +18,10 @@ from saev_core.store import ActivationStore
 from saev_dagster.assets.activations import build_activations_asset
 from saev_dagster.assets.sae_sweep import build_sae_sweep_asset
 from saev_dagster.assets.sources import image_source, vit_checkpoint
+from saev_dagster.assets.topk_visuals import build_topk_visuals_asset, build_topk_visuals_check
 from saev_dagster.automation import automation_sensor
 from saev_dagster.partitions import layer_partitions
-from tests.test_activations import write_images
+from tests.conftest import write_images
 
 LAYERS = [0, -1]
 
@@ -72,6 +73,15 @@ k = 4
 
 [sweep]
 lr = [1e-3, 3e-3]
+
+[visuals]
+members = "all"
+dump_to = "{tmp_path / 'visuals'}"
+top_k = 4
+n_imgs_per_latent = 3
+log_freq_range = [-10.0, 0.0]
+log_value_range = [-10.0, 10.0]
+device = "cpu"
 
 [checks]
 max_frac_dead = {max_frac_dead}
@@ -245,3 +255,31 @@ def test_sae_sweep_before_activations_is_a_clear_failure(pipeline_file):
     result = _materialize_sweep(dg.DagsterInstance.ephemeral(), "0")
     assert not result.success
     assert "activations[0] has never been materialized" in str(result.failure_data_for_node("sae_sweep").error)
+
+
+def test_topk_visuals_renders_every_member_and_its_check_sees_a_deleted_png(pipeline_file, tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    assert _materialize_all_layers(instance).success
+    assert _materialize_sweep(instance, "-1").success
+    parts = layer_partitions(LAYERS)
+    assets = [build_activations_asset(parts), build_sae_sweep_asset(parts), build_topk_visuals_asset(parts),
+              build_topk_visuals_check(parts)]
+    result = dg.materialize(assets, selection=["topk_visuals"], instance=instance, partition_key="-1")
+    assert result.success
+    (mat,) = result.asset_materializations_for_node("topk_visuals")
+    assert mat.metadata["n_members"].value == 2 and mat.metadata["n_latents"].value > 0
+    galleries = [v.value for k, v in mat.metadata.items() if k.startswith("gallery_")]
+    assert len(galleries) == 2 and all(os.path.isfile(g) for g in galleries)
+    assert all("data:image/png;base64," in v.value for k, v in mat.metadata.items() if k.startswith("preview_"))
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed, check.metadata
+
+    # One heatmap gone: running the check alone now fails and names the file.
+    victim = next(p for p in sorted((tmp_path / "visuals" / "layer_-1").rglob("*.png")) if "neurons" in str(p))
+    victim.unlink()
+    job = dg.Definitions(assets=assets[:-1], asset_checks=[assets[-1]]).resolve_implicit_global_asset_job_def()
+    check_key = dg.AssetCheckKey(dg.AssetKey("topk_visuals"), "every_latent_has_its_images")
+    only_check = job.get_subset(asset_selection=set(), asset_check_selection={check_key}).execute_in_process(
+        instance=instance, partition_key="-1", raise_on_error=False)
+    (check,) = only_check.get_asset_check_evaluations()
+    assert not check.passed and str(victim) in check.metadata["problems"].value

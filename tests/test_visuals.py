@@ -183,3 +183,40 @@ def test_n_latents_samples_the_filtered_set_reproducibly_and_includes_come_first
     assert set(a[1:].tolist()) <= everything - {alive[5]} and sorted(a[1:].tolist()) == a[1:].tolist()
     with pytest.raises(UserError, match="not latents of this SAE"):
         visuals.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(cache.d_sae,))
+
+
+# -- the pipeline's [visuals] table ------------------------------------------------------------------------------
+
+
+def _rows():
+    return [{"member_id": "a", "nmse": 0.30, "l0": 8.0}, {"member_id": "b", "nmse": 0.10, "l0": 64.0},
+            {"member_id": "c", "nmse": 0.20, "l0": 16.0}, {"member_id": "d", "nmse": float("nan"), "l0": 4.0}]
+
+
+def test_best_member_is_the_lowest_nmse_under_the_l0_bound():
+    from saev_core import pipeline
+
+    plan = pipeline.VisualsPlan(members="best", max_l0=32.0)
+    assert [r["member_id"] for r in pipeline.choose_members(plan, _rows(), "sweep.csv")] == ["c"]
+    unbounded = pipeline.VisualsPlan(members="best")
+    assert [r["member_id"] for r in pipeline.choose_members(unbounded, _rows(), "sweep.csv")] == ["b"]
+    everyone = pipeline.VisualsPlan(members="all")
+    assert len(pipeline.choose_members(everyone, _rows(), "sweep.csv")) == 4
+    with pytest.raises(UserError, match="L0 <= 2.0"):
+        pipeline.choose_members(pipeline.VisualsPlan(max_l0=2.0), _rows(), "sweep.csv")
+
+
+@pytest.mark.parametrize("table, message", [
+    ('members = "some"', "visuals.members"),
+    ("max_l0 = -1", "visuals.max_l0"),
+    ('ckpt = "x.pt"', "set per member"),
+    ("top_kk = 3", "Unknown key 'top_kk'"),
+    ('log_freq_range = "wide"', "visuals.log_freq_range"),
+])
+def test_bad_visuals_table_names_the_key(tmp_path, table, message):
+    from saev_core import pipeline
+
+    path = tmp_path / "p.toml"
+    path.write_text(f"[activations]\nvit_layers = [-2]\n\n[visuals]\n{table}\n")
+    with pytest.raises(UserError, match=message):
+        pipeline.load_pipeline(str(path))

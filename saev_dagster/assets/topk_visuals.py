@@ -1,0 +1,63 @@
+"""topk_visuals[layer]: top-k heatmaps and a gallery page for the sweep members the pipeline's [visuals] chooses."""
+
+import dagster as dg
+
+from saev_dagster.config import PipelineRunConfig
+from saev_dagster.metadata import latest_materialization_value, png_markdown
+
+CHECK = "every_latent_has_its_images"
+
+
+def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="topk_visuals",
+        partitions_def=partitions_def,
+        deps=["sae_sweep"],
+        automation_condition=dg.AutomationCondition.eager(),
+        kinds={"pytorch", "html"},
+        description="For each chosen sweep member: every selected latent's top images as heatmaps, and a gallery.",
+    )
+    def topk_visuals(context: dg.AssetExecutionContext, config: PipelineRunConfig) -> dg.MaterializeResult:
+        from saev_core import gallery, pipeline
+        from saev_core.errors import UserError
+
+        layer = int(context.partition_key)
+        try:
+            pipe = pipeline.load_pipeline(config.pipeline or None)
+            sweep_csv = latest_materialization_value(context, "sae_sweep", context.partition_key, "sweep_csv")
+            members = pipeline.visuals_for_layer(pipe, layer, sweep_csv, show_progress=False)
+        except UserError as err:
+            raise dg.Failure(description=str(err)) from None
+        metadata = {
+            "n_members": len(members),
+            "n_latents": sum(len(m.result.latents) for m in members),
+            "n_images": sum(m.result.n_images for m in members),
+        }
+        for m in members:
+            metadata[f"gallery_{m.member_id}"] = dg.MetadataValue.path(m.result.index_html)
+            metadata[f"preview_{m.member_id}"] = png_markdown(
+                gallery.preview_grid(m.result.dump_to, m.result.latents[:4], 6), f"top images of {m.member_id}"
+            )
+            context.log.info(f"{m.member_id}: {len(m.result.latents)} latents -> {m.result.index_html}")
+        return dg.MaterializeResult(metadata=metadata)
+
+    return topk_visuals
+
+
+def build_topk_visuals_check(partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset="topk_visuals", name=CHECK, blocking=True, partitions_def=partitions_def,
+        description="Every selected latent of every chosen member has all its heatmaps and metadata on disk.",
+    )
+    def every_latent_has_its_images(context: dg.AssetCheckExecutionContext,
+                                    config: PipelineRunConfig) -> dg.AssetCheckResult:
+        from saev_core import pipeline
+
+        problems = pipeline.layer_visuals_problems(pipeline.load_pipeline(config.pipeline or None),
+                                                   int(context.partition_key))
+        shown = "\n".join(f"- {p}" for p in problems[:50]) + (f"\n- ... {len(problems) - 50} more" if len(problems) > 50 else "")
+        return dg.AssetCheckResult(passed=not problems, metadata={
+            "n_problems": len(problems), "problems": dg.MetadataValue.md(shown or "none"),
+        })
+
+    return every_latent_has_its_images
