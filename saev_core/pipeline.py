@@ -19,7 +19,7 @@ DATA_KINDS: dict[str, type] = {
     "embedded-dataset": config.EmbeddedDataset,
     "image-folder-dataset": config.ImageFolderDataset,
 }
-TABLES = ("activations", "train", "sweep", "visuals", "checks", "demo")
+TABLES = ("activations", "train", "sweep", "visuals", "report", "checks", "automation", "watch", "demo")
 MEMBER_RULES = ("best", "all")
 
 
@@ -40,6 +40,18 @@ class VisualsPlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReportPlan:
+    """[report]: the sweep report over every layer."""
+
+    max_l0: float | None = None
+    """The chosen member of a layer: lowest held-out NMSE among members with L0 <= max_l0 (None: no bound)."""
+    pca: bool = True
+    """Draw the PCA baseline (PCA with L0 components, fitted on the training split, NMSE on the held-out split)."""
+    pca_max_vectors: int = 200_000
+    """Vectors per split the PCA baseline reads at most (a uniform sample of images beyond that)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Pipeline:
     path: str
     activations: config.ActivationsConfig
@@ -53,6 +65,32 @@ class Pipeline:
     """[checks] max_frac_dead: a sweep member with more dead latents than this fails the sweep's check."""
     visuals: VisualsPlan = dataclasses.field(default_factory=VisualsPlan)
     """[visuals]: top-k visuals of the chosen members of each layer's sweep."""
+    max_nmse: float | None = None
+    """[checks] max_nmse: a sweep whose best member's held-out NMSE is above this fails the sweep's check."""
+    report: ReportPlan = dataclasses.field(default_factory=ReportPlan)
+    """[report]: the sweep report."""
+    observe_cron: str = "*/5 * * * *"
+    """[automation] observe_cron: when the sources (ViT checkpoint, images, watched SAE folder) are observed."""
+    watch_folder: str | None = None
+    """[watch] folder: SAE checkpoint files dropped here get visuals (Dagster's dropped_sae_visuals)."""
+
+    def code_version(self, stage: str) -> str:
+        """A short hash of the settings that change a stage's output (activations, sae_sweep, topk_visuals,
+        sweep_report): editing [sweep] makes sae_sweep and what follows stale, editing [visuals] only topk_visuals.
+        Settings that only change speed or logging (device, workers, batch sizes of the ViT, log intervals) are left
+        out."""
+        acts = dataclasses.replace(self.activations, device="auto", n_workers=0, vit_batch_size=1, dry_run=False)
+        train = dataclasses.replace(self.train, device="auto", log_every=1, ckpt_every=1)
+        visuals = dataclasses.replace(self.visuals, visuals=dataclasses.replace(self.visuals.visuals, device="auto"))
+        parts = {
+            "activations": [acts],
+            "sae_sweep": [train, sorted(self.sweep.items())],
+            "topk_visuals": [visuals],
+            "sweep_report": [self.report],
+        }[stage]
+        import hashlib
+
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
 
     def sweep_for(self, layer: int, store_path: str) -> list[config.TrainConfig]:
         """Every member config of one layer's sweep, trained on that layer of the given store. Checkpoints go to
@@ -81,12 +119,23 @@ class Pipeline:
 
         return vit.checkpoint_fingerprint(self.activations.vit_family, self.activations.vit_ckpt)
 
+    def image_source(self):
+        """The images the pipeline records (listed, not decoded)."""
+        from saev_core import images
+
+        return images.make_image_source(self.activations.data, None, self.activations.n_imgs)
+
     def images_fingerprint(self) -> str:
         """Fingerprint of the image list: (path, size, mtime) of every image (part of the store key)."""
         from saev_core import images
 
-        cfg = self.activations
-        return images.image_list_fingerprint(images.make_image_source(cfg.data, None, cfg.n_imgs))
+        return images.image_list_fingerprint(self.image_source())
+
+    def checkpoint_file(self) -> str | None:
+        """The ViT checkpoint's local file (absolute), or None when it is a pretrained tag."""
+        from saev_core import vit
+
+        return vit.parse_ckpt(self.activations.vit_family, self.activations.vit_ckpt, must_exist=False).path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +167,37 @@ def train_layer(pipe: Pipeline, layer: int, store_path: str, show_progress: bool
         csv_path=csv_path,
         table=table,
         l0_vs_nmse_png=plots.l0_vs_nmse_png(table, f"layer {layer}"),
-        problems=metrics.sweep_problems(table.to_dict("records"), pipe.max_frac_dead),
+        problems=metrics.sweep_problems(table.to_dict("records"), pipe.max_frac_dead) + _nmse_problems(pipe, table),
     )
+
+
+def sweep_report(pipe: Pipeline, sweep_csvs: dict[int, str]) -> tuple[str, list]:
+    """The report over the given layers' sweeps (layer -> sweep.csv), written beside the checkpoints; returns the
+    report's path and the per-layer reports (``saev_core.report.LayerReport``)."""
+    import pandas as pd
+
+    from saev_core import report
+    from saev_core.store import ActivationStore
+
+    layers = []
+    for layer, csv in sorted(sweep_csvs.items()):
+        pca = None
+        if pipe.report.pca:
+            row = pd.read_csv(csv).iloc[0]
+            pca = report.pca_baseline(
+                ActivationStore.open(row["data.shard_root"]), layer, row["data.patches"], float(row["data.val_frac"]),
+                int(row["seed"]), pipe.report.pca_max_vectors,
+            )
+        layers.append(report.layer_report(layer, csv, pipe.report.max_l0, pca))
+    return report.write_report(pipe.train.ckpt_path, layers), layers
+
+
+def _nmse_problems(pipe: Pipeline, table) -> list[str]:
+    """[checks] max_nmse: the sweep fails when even its best member reconstructs worse than the bound."""
+    best = float(table["nmse"].min())
+    if pipe.max_nmse is None or best <= pipe.max_nmse:
+        return []
+    return [f"best held-out NMSE {best:.4f} is above [checks] max_nmse {pipe.max_nmse:g}"]
 
 
 def default_pipeline_path() -> str:
@@ -154,7 +232,11 @@ def load_pipeline(path: str | None = None) -> Pipeline:
         path=path, activations=activations, train=train, sweep=doc.get("sweep", {}),
         random_vit=bool(doc.get("demo", {}).get("random_vit", False)),
         max_frac_dead=_checks_fraction(doc.get("checks", {}), "max_frac_dead", 0.5, path),
+        max_nmse=_checks_bound(doc.get("checks", {}), "max_nmse", path),
         visuals=_visuals_plan(doc.get("visuals", {}), path),
+        report=from_table(ReportPlan(), doc.get("report", {}), "report", path),
+        observe_cron=_single_key(doc, "automation", "observe_cron", str, "*/5 * * * *", path),
+        watch_folder=_single_key(doc, "watch", "folder", str, None, path),
     )
     if not activations.vit_layers:
         raise UserError(f"[activations] vit_layers in {path} is empty; list the layers to record, e.g. [-2].")
@@ -250,14 +332,36 @@ def layer_visuals_problems(pipe: Pipeline, layer: int) -> list[str]:
             for problem in visuals.missing_images(pipe.visuals.folder(layer, member))]
 
 
+CHECK_KEYS = ("max_frac_dead", "max_nmse")
+
+
 def _checks_fraction(table: dict, key: str, default: float, source: str) -> float:
-    unknown = set(table) - {key}
+    unknown = set(table) - set(CHECK_KEYS)
     if unknown:
-        raise UserError(f"Unknown key(s) {sorted(unknown)} in [checks] of {source}; allowed: {key}.")
+        raise UserError(f"Unknown key(s) {sorted(unknown)} in [checks] of {source}; allowed: {', '.join(CHECK_KEYS)}.")
     value = table.get(key, default)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
         raise UserError(f"checks.{key} = {value!r} in {source}: expected a fraction between 0 and 1.")
     return float(value)
+
+
+def _checks_bound(table: dict, key: str, source: str) -> float | None:
+    value = table.get(key)
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+        raise UserError(f"checks.{key} = {value!r} in {source}: expected a number >= 0.")
+    return None if value is None else float(value)
+
+
+def _single_key(doc: dict, table_name: str, key: str, kind: type, default, source: str):
+    """A table of one key (e.g. [automation] observe_cron), checked."""
+    table = doc.get(table_name, {})
+    unknown = set(table) - {key}
+    if unknown:
+        raise UserError(f"Unknown key(s) {sorted(unknown)} in [{table_name}] of {source}; allowed: {key}.")
+    value = table.get(key, default)
+    if value is not None and not isinstance(value, kind):
+        raise UserError(f"{table_name}.{key} = {value!r} in {source}: expected a {kind.__name__}.")
+    return value
 
 
 def prepare_demo_checkpoint(pipe: Pipeline) -> None:

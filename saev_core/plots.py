@@ -5,10 +5,14 @@ import io
 import pandas as pd
 
 
-def l0_vs_nmse_png(sweep: pd.DataFrame, title: str = "") -> bytes:
+def l0_vs_nmse_png(
+    sweep: pd.DataFrame, title: str = "", pca: tuple[list[int], list[float]] | None = None, chosen: str | None = None
+) -> bytes:
     """The sparsity / reconstruction trade-off of a sweep (one point per member, coloured by architecture), as PNG.
 
-    sweep: rows as in sweep.csv (columns ``l0``, ``nmse``, ``sae.arch``, ``member_id``)."""
+    sweep: rows as in sweep.csv (columns ``l0``, ``nmse``, ``sae.arch``, ``member_id``). pca: (components, held-out
+    NMSE) of the PCA baseline, drawn as a line (an SAE below it beats PCA at matched L0). chosen: a member_id to
+    ring."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,6 +24,11 @@ def l0_vs_nmse_png(sweep: pd.DataFrame, title: str = "") -> bytes:
         for _, row in rows.iterrows():
             ax.annotate(str(row["member_id"])[:6], (row["l0"], row["nmse"]), fontsize=6, alpha=0.7,
                         xytext=(3, 3), textcoords="offset points")
+    if pca is not None:
+        ax.plot(pca[0], pca[1], color="grey", linestyle="--", marker=".", label="PCA, L0 components")
+    if chosen is not None and (sweep["member_id"] == chosen).any():
+        row = sweep[sweep["member_id"] == chosen].iloc[0]
+        ax.scatter([row["l0"]], [row["nmse"]], s=140, facecolors="none", edgecolors="black", label="chosen")
     ax.set_xlabel("L0 (active latents per vector)")
     ax.set_ylabel("NMSE (held out)")
     ax.set_title(title or "SAE sweep: sparsity vs reconstruction", fontsize=9)

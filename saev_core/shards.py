@@ -177,7 +177,9 @@ _JUNK_GAP = 4
 
 
 class ScatterTarget(Protocol):
-    """Where a ``Scatter`` sends vectors: numbered rows of float arrays (the loader's batches)."""
+    """Where a ``Scatter`` sends vectors: numbered rows of float arrays (the loader's batches). The raw read needs
+    rows of the array's own dtype (a float16 store: float16 rows, which the loader converts per batch); rows of
+    another dtype are filled through zarr and ``put``."""
 
     dtype: np.dtype
     row_bytes: int

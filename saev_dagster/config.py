@@ -1,15 +1,10 @@
-"""Run config: flat, primitive fields only. The pipeline file is parsed by saev_core into its own config classes;
-these fields only point at it and override a few values. Automated runs pass no config, so all have defaults."""
+"""Run config: flat, primitive fields only. The pipeline file comes from the SaevPipeline resource; these fields
+only override a few values for one run. Automated runs pass no config, so all have defaults."""
 
 import dagster as dg
 
 
-class PipelineRunConfig(dg.Config):
-    pipeline: str = ""
-    """Pipeline file (TOML); empty means $SAEV_PIPELINE, else the embedded demo pipeline."""
-
-
-class ActivationsRunConfig(PipelineRunConfig):
+class ActivationsRunConfig(dg.Config):
     n_imgs: int = 0
     """Record only the first N images (0: as the pipeline file says)."""
     device: str = ""

@@ -1,23 +1,47 @@
-"""The code location: `dagster dev -w workspace.yaml` loads `defs`. No torch is imported here."""
+"""The code location: `dagster dev -w workspace.yaml` loads `defs`. No torch is imported here.
+
+The pipeline file ($SAEV_PIPELINE, else the embedded demo) is read once here for the partitions, the observation
+cron and the code versions, and handed to every asset, check and source as the `saev_pipeline` resource. A bad
+file fails the load with one message naming the file and the key.
+"""
 
 import dagster as dg
 
 from saev_core import pipeline
+from saev_core.errors import UserError
 from saev_dagster.assets.activations import build_activations_asset
 from saev_dagster.assets.sae_sweep import build_sae_sweep_asset
-from saev_dagster.assets.sources import image_source, vit_checkpoint
+from saev_dagster.assets.sources import build_sources
+from saev_dagster.assets.sweep_report import build_sweep_report_asset
 from saev_dagster.assets.topk_visuals import build_topk_visuals_asset, build_topk_visuals_check
 from saev_dagster.automation import automation_sensor
 from saev_dagster.partitions import layer_partitions
+from saev_dagster.resources import SaevPipeline
 
-PIPELINE = pipeline.load_pipeline()
-LAYERS = layer_partitions(PIPELINE.activations.vit_layers)
 
-defs = dg.Definitions(
-    assets=[
-        vit_checkpoint, image_source, build_activations_asset(LAYERS), build_sae_sweep_asset(LAYERS),
-        build_topk_visuals_asset(LAYERS),
-    ],
-    asset_checks=[build_topk_visuals_check(LAYERS)],
-    sensors=[automation_sensor],
-)
+class PipelineFileError(Exception):
+    """The pipeline file cannot be used; the message names the file, the key and the fix."""
+
+
+def build_definitions(path: str | None = None) -> dg.Definitions:
+    path = path or pipeline.default_pipeline_path()
+    try:
+        pipe = pipeline.load_pipeline(path)
+    except UserError as err:
+        raise PipelineFileError(str(err)) from None
+    layers = layer_partitions(pipe.activations.vit_layers)
+    return dg.Definitions(
+        assets=[
+            *build_sources(pipe.observe_cron),
+            build_activations_asset(layers, pipe.code_version("activations")),
+            build_sae_sweep_asset(layers, pipe.code_version("sae_sweep")),
+            build_topk_visuals_asset(layers, pipe.code_version("topk_visuals")),
+            build_sweep_report_asset(layers.get_partition_keys(), pipe.code_version("sweep_report")),
+        ],
+        asset_checks=[build_topk_visuals_check(layers)],
+        sensors=[automation_sensor],
+        resources={"saev_pipeline": SaevPipeline(path=path)},
+    )
+
+
+defs = build_definitions()

@@ -1,4 +1,4 @@
-"""Dagster metadata helpers: Dagster has no image metadata type, so a PNG goes inline as a base64 data URI."""
+"""Dagster metadata helpers: inline PNGs (Dagster has no image metadata type), lineage through metadata, tables."""
 
 import base64
 
@@ -9,17 +9,40 @@ def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
-def latest_materialization_value(context: dg.AssetExecutionContext, asset: str, partition: str, key: str):
+def latest_materialization_value(context, asset: str, partition: str | None, key: str):
     """A metadata value of the latest materialization of asset[partition]: how an asset finds what the one
     upstream of it wrote (lineage through metadata)."""
     result = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+        limit=1,
     )
     if not result.records:
-        raise dg.Failure(description=f"{asset}[{partition}] has never been materialized; materialize it first.")
+        where = f"{asset}[{partition}]" if partition else asset
+        raise dg.Failure(description=f"{where} has never been materialized; materialize it first.")
     return result.records[0].asset_materialization.metadata[key].value
 
 
-def latest_store_path(context: dg.AssetExecutionContext, partition: str) -> str:
+def latest_store_path(context, partition: str) -> str:
     """The store that the latest materialization of activations[partition] wrote."""
     return latest_materialization_value(context, "activations", partition, "store_path")
+
+
+def previous_materialization(context, asset: str, partition: str, store_path: str) -> dict | None:
+    """The metadata values of the latest earlier materialization of asset[partition] that wrote ``store_path``."""
+    result = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=20
+    )
+    for record in result.records:
+        meta = record.asset_materialization.metadata
+        if "store_path" in meta and meta["store_path"].value == store_path and "imgs_per_s" in meta:
+            return {k: v.value for k, v in meta.items()}
+    return None
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> dg.TableMetadataValue:
+    """rows as a Dagster table with a schema; columns: (name, type) with type one of string, int, float, bool."""
+    schema = dg.TableSchema(columns=[dg.TableColumn(name, kind) for name, kind in columns])
+    cast = {"string": str, "int": int, "float": float, "bool": bool}
+    records = [dg.TableRecord({name: cast[kind](row[name]) for name, kind in columns if row.get(name) is not None})
+               for row in rows]
+    return dg.MetadataValue.table(records, schema=schema)

@@ -1,5 +1,6 @@
 """The Dagster layer: the code location loads without torch, the asset graph is right, a backfill of every layer is
-one run and one store, and new checkpoint weights make the activations stale and re-requested."""
+one run and one store, new checkpoint weights make the activations stale and re-requested, and the whole graph
+materializes with its checks."""
 
 import json
 import os
@@ -15,12 +16,7 @@ import pytest
 from dagster._core.definitions.observe import observe  # not exported by dagster 1.13's top level
 
 from saev_core.store import ActivationStore
-from saev_dagster.assets.activations import build_activations_asset
-from saev_dagster.assets.sae_sweep import build_sae_sweep_asset
-from saev_dagster.assets.sources import image_source, vit_checkpoint
-from saev_dagster.assets.topk_visuals import build_topk_visuals_asset, build_topk_visuals_check
-from saev_dagster.automation import automation_sensor
-from saev_dagster.partitions import layer_partitions
+from saev_dagster.definitions import PipelineFileError, build_definitions
 from tests.conftest import write_images
 
 LAYERS = [0, -1]
@@ -90,6 +86,12 @@ max_frac_dead = {max_frac_dead}
     return path
 
 
+def materialize(defs: dg.Definitions, selection, instance, **kwargs) -> dg.ExecuteInProcessResult:
+    """Materialize part of a code location in-process, with its resources and checks."""
+    return dg.materialize([*defs.assets, *defs.asset_checks], selection=selection, instance=instance,
+                          resources=defs.resources, **kwargs)
+
+
 def test_definitions_import_no_torch():
     code = "import sys, saev_dagster.definitions as d; d.defs; print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -109,7 +111,14 @@ def test_asset_graph_of_the_demo_pipeline():
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("activations")).parent_keys}
     assert parents == {"vit_checkpoint", "image_source"}
 
-    assert "sae_sweep" in keys
+    assert keys == {"vit_checkpoint", "image_source", "activations", "sae_sweep", "topk_visuals", "sweep_report"}
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("topk_visuals")).parent_keys} == {"sae_sweep"}
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("sweep_report")).parent_keys} == {
+        "sae_sweep", "topk_visuals"}
+    dg.Definitions.validate_loadable(defs)
+    groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
+    assert groups == {"vit_checkpoint": "recording", "image_source": "recording", "activations": "recording",
+                      "sae_sweep": "training", "topk_visuals": "visuals", "sweep_report": "report"}
     sweep = defs.resolve_assets_def("sae_sweep")
     assert sweep.partitions_def.get_partition_keys() == acts.partitions_def.get_partition_keys()
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("sae_sweep")).parent_keys} == {"activations"}
@@ -119,12 +128,10 @@ def test_asset_graph_of_the_demo_pipeline():
     assert checks["sweep_is_healthy"].asset_key == dg.AssetKey("sae_sweep")
 
 
-def _materialize_all_layers(instance, config=None):
-    asset = build_activations_asset(layer_partitions(LAYERS))
-    return dg.materialize(
-        [asset, vit_checkpoint, image_source],
-        selection=[asset.key],
-        instance=instance,
+def _materialize_all_layers(instance, config=None, defs=None):
+    defs = defs or build_definitions()
+    return materialize(
+        defs, ["activations"], instance,
         tags={"dagster/asset_partition_range_start": str(LAYERS[0]),
               "dagster/asset_partition_range_end": str(LAYERS[-1])},
         run_config={"ops": {"activations": {"config": config or {}}}},
@@ -151,21 +158,20 @@ def test_run_config_override_and_clear_failure(pipeline_file):
     result = _materialize_all_layers(instance, {"n_imgs": 2})
     store = ActivationStore.open(result.asset_materializations_for_node("activations")[0].metadata["store_path"].value)
     assert store.n_imgs == 2
-    with pytest.raises(dg.Failure, match="vit_layers"):
-        asset = build_activations_asset(layer_partitions([5]))
-        dg.materialize([asset], instance=instance, partition_key="5")
+    defs = build_definitions()
+    job = defs.resolve_implicit_global_asset_job_def()
+    with pytest.raises(dg.DagsterUnknownPartitionError):  # a layer the pipeline does not record is no partition
+        job.execute_in_process(instance=instance, partition_key="5", asset_selection=[dg.AssetKey("activations")])
 
 
 def test_new_checkpoint_weights_request_new_activations(pipeline_file, own_ckpt, tmp_path):
     from saev_core.vit import save_random_weights
 
-    defs = dg.Definitions(
-        assets=[vit_checkpoint, image_source, build_activations_asset(layer_partitions(LAYERS))],
-        sensors=[automation_sensor],
-    )
+    defs = build_definitions()
+    sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
     instance = dg.DagsterInstance.ephemeral()
-    observe([vit_checkpoint, image_source], instance=instance)
-    assert _materialize_all_layers(instance).success
+    observe(sources, instance=instance, resources=defs.resources)
+    assert _materialize_all_layers(instance, defs=defs).success
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     nothing = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert nothing.get_requested_partitions(dg.AssetKey("activations")) == set()
@@ -173,9 +179,22 @@ def test_new_checkpoint_weights_request_new_activations(pipeline_file, own_ckpt,
     weights = own_ckpt.split("/", 1)[1]
     save_random_weights("clip", "saev-tiny-clip", tmp_path / "new.pt", seed=5)
     os.replace(tmp_path / "new.pt", weights)
-    observe([vit_checkpoint, image_source], instance=instance)
+    observe(sources, instance=instance, resources=defs.resources)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=nothing.cursor)
     assert after.get_requested_partitions(dg.AssetKey("activations")) == {"0", "-1"}
+
+
+def test_observations_say_what_was_observed(pipeline_file, own_ckpt, tmp_path):
+    defs = build_definitions()
+    instance = dg.DagsterInstance.ephemeral()
+    result = observe([a for a in defs.assets if isinstance(a, dg.SourceAsset)], instance=instance,
+                     resources=defs.resources)
+    obs = {e.asset_key.to_user_string(): e.event_specific_data.asset_observation.metadata
+           for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"}
+    weights = own_ckpt.split("/", 1)[1]
+    assert obs["vit_checkpoint"]["path"].value == weights
+    assert obs["vit_checkpoint"]["size_mb"].value == round(os.path.getsize(weights) / 1e6, 2)
+    assert obs["image_source"]["root"].value == str(tmp_path / "imgs") and obs["image_source"]["n_images"].value == 6
 
 
 def test_dagster_dev_serves_the_asset_graph(tmp_path):
@@ -218,10 +237,7 @@ def test_dagster_dev_serves_the_asset_graph(tmp_path):
 
 
 def _materialize_sweep(instance, partition: str):
-    parts = layer_partitions(LAYERS)
-    acts, sweep = build_activations_asset(parts), build_sae_sweep_asset(parts)
-    return dg.materialize([acts, sweep], selection=[sweep.key], instance=instance, partition_key=partition,
-                          raise_on_error=False)
+    return materialize(build_definitions(), ["sae_sweep"], instance, partition_key=partition, raise_on_error=False)
 
 
 def test_sae_sweep_trains_the_pipelines_grid_on_the_recorded_layer(pipeline_file, tmp_path):
@@ -259,12 +275,10 @@ def test_sae_sweep_before_activations_is_a_clear_failure(pipeline_file):
 
 def test_topk_visuals_renders_every_member_and_its_check_sees_a_deleted_png(pipeline_file, tmp_path):
     instance = dg.DagsterInstance.ephemeral()
-    assert _materialize_all_layers(instance).success
+    defs = build_definitions()
+    assert _materialize_all_layers(instance, defs=defs).success
     assert _materialize_sweep(instance, "-1").success
-    parts = layer_partitions(LAYERS)
-    assets = [build_activations_asset(parts), build_sae_sweep_asset(parts), build_topk_visuals_asset(parts),
-              build_topk_visuals_check(parts)]
-    result = dg.materialize(assets, selection=["topk_visuals"], instance=instance, partition_key="-1")
+    result = materialize(defs, ["topk_visuals"], instance, partition_key="-1")
     assert result.success
     (mat,) = result.asset_materializations_for_node("topk_visuals")
     assert mat.metadata["n_members"].value == 2 and mat.metadata["n_latents"].value > 0
@@ -277,9 +291,34 @@ def test_topk_visuals_renders_every_member_and_its_check_sees_a_deleted_png(pipe
     # One heatmap gone: running the check alone now fails and names the file.
     victim = next(p for p in sorted((tmp_path / "visuals" / "layer_-1").rglob("*.png")) if "neurons" in str(p))
     victim.unlink()
-    job = dg.Definitions(assets=assets[:-1], asset_checks=[assets[-1]]).resolve_implicit_global_asset_job_def()
-    check_key = dg.AssetCheckKey(dg.AssetKey("topk_visuals"), "every_latent_has_its_images")
+    job = defs.resolve_implicit_global_asset_job_def()
+    check_key = dg.AssetCheckKey(dg.AssetKey("topk_visuals"), "visuals_complete")
     only_check = job.get_subset(asset_selection=set(), asset_check_selection={check_key}).execute_in_process(
-        instance=instance, partition_key="-1", raise_on_error=False)
+        instance=instance, partition_key="-1", raise_on_error=False, resources=defs.resources)
     (check,) = only_check.get_asset_check_evaluations()
     assert not check.passed and str(victim) in check.metadata["problems"].value
+
+
+def test_sweep_report_has_every_member_of_every_layer_and_a_pca_baseline(pipeline_file, tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    defs = build_definitions()
+    assert _materialize_all_layers(instance, defs=defs).success
+    for layer in ("0", "-1"):
+        assert _materialize_sweep(instance, layer).success
+    result = materialize(defs, ["sweep_report"], instance)
+    (mat,) = result.asset_materializations_for_node("sweep_report")
+    records = mat.metadata["members"].value.records
+    assert sorted((r.data["layer"], r.data["lr"]) for r in records) == [(-1, 1e-3), (-1, 3e-3), (0, 1e-3), (0, 3e-3)]
+    assert sum(r.data["chosen"] for r in records) == 2  # one chosen member per layer
+    assert all(0 < r.data["pca_nmse_at_l0"] <= 1.0 + 1e-9 for r in records)
+    report = tmp_path / "ckpts" / "report.md"
+    assert mat.metadata["report"].value == str(report) and report.is_file()
+    assert (tmp_path / "ckpts" / "report_layer_0.png").is_file()
+    assert "data:image/png;base64," in mat.metadata["l0_vs_nmse_layer_-1"].value
+
+
+def test_a_bad_pipeline_file_fails_the_load_naming_file_and_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[activations]\nvit_layers = [-2]\nvit_bathc_size = 3\n")
+    with pytest.raises(PipelineFileError, match=r"vit_bathc_size.*bad.toml|bad.toml.*vit_bathc_size"):
+        build_definitions(str(bad))

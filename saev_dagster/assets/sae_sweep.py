@@ -1,14 +1,18 @@
 """sae_sweep[layer]: the pipeline's whole [sweep] grid trained on one layer in one pass over its activations."""
 
+import math
+
 import dagster as dg
 
-from saev_dagster.config import PipelineRunConfig
-from saev_dagster.metadata import latest_store_path, png_markdown
+from saev_dagster.metadata import latest_store_path, png_markdown, table
+from saev_dagster.resources import SaevPipeline, fail_clearly
 
 CHECK = "sweep_is_healthy"
+MEMBER_COLUMNS = [("member_id", "string"), ("sae.arch", "string"), ("sae.exp_factor", "int"), ("sae.k", "int"),
+                  ("lr", "float"), ("nmse", "float"), ("l0", "float"), ("frac_dead", "float")]
 
 
-def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version: str) -> dg.AssetsDefinition:
     @dg.asset(
         name="sae_sweep",
         partitions_def=partitions_def,
@@ -16,35 +20,40 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsD
         automation_condition=dg.AutomationCondition.eager(),
         check_specs=[dg.AssetCheckSpec(
             CHECK, asset="sae_sweep", blocking=True,
-            description="No member has NaN metrics, and none has more dead latents than [checks] max_frac_dead.",
+            description="No member has NaN metrics or more dead latents than [checks] max_frac_dead, and the best "
+                        "member's NMSE is at most [checks] max_nmse.",
         )],
+        group_name="training",
         kinds={"pytorch"},
+        tags={"stage": "training"},
+        owners=["team:saev"],
+        code_version=code_version,
+        pool="gpu",
         description="Every SAE of the pipeline's [sweep], trained together from one pass over this layer.",
     )
-    def sae_sweep(context: dg.AssetExecutionContext, config: PipelineRunConfig) -> dg.MaterializeResult:
+    def sae_sweep(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
         from saev_core import pipeline
-        from saev_core.errors import UserError
 
         layer = int(context.partition_key)
-        try:
-            pipe = pipeline.load_pipeline(config.pipeline or None)
-            store_path = latest_store_path(context, context.partition_key)
-            sweep = pipeline.train_layer(pipe, layer, store_path, show_progress=False, on_log=_log_to(context))
-        except UserError as err:
-            raise dg.Failure(description=str(err)) from None
-        table, problems = sweep.table, sweep.problems
-        shown = ["member_id", "sae.arch", "sae.exp_factor", "sae.k", "lr", "nmse", "l0", "frac_dead"]
+        pipe = saev_pipeline.load()
+        store_path = latest_store_path(context, context.partition_key)
+        sweep = fail_clearly(pipeline.train_layer, pipe, layer, store_path, show_progress=False,
+                             on_log=_log_to(context))
+        rows = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+                for row in sweep.table.to_dict("records")]
+        columns = [c for c in MEMBER_COLUMNS if c[0] in sweep.table]
         return dg.MaterializeResult(
             metadata={
-                "members": dg.MetadataValue.md(table[[c for c in shown if c in table]].to_markdown(index=False)),
+                "members": table(rows, columns),
                 "l0_vs_nmse": png_markdown(sweep.l0_vs_nmse_png, "L0 vs NMSE"),
                 "sweep_csv": dg.MetadataValue.path(sweep.csv_path),
+                "store_path": dg.MetadataValue.path(store_path),
                 "n_members": len(sweep.results),
-                "best_nmse": float(table["nmse"].min()),
+                "best_nmse": float(sweep.table["nmse"].min()),
             },
             check_results=[dg.AssetCheckResult(
-                check_name=CHECK, passed=not problems,
-                metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none")},
+                check_name=CHECK, passed=not sweep.problems,
+                metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in sweep.problems) or "none")},
             )],
         )
 

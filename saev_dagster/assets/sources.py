@@ -1,34 +1,50 @@
 """Observable sources: the ViT checkpoint and the image set. Their data versions are the same content
-fingerprints that key the activation store, so new weights or new images make downstream assets stale."""
+fingerprints that key the activation store, so new weights or new images make downstream assets stale; each
+observation also says what was observed (file, size, time; folder, image count)."""
+
+import os
 
 import dagster as dg
 
-OBSERVE_EVERY = "*/5 * * * *"
+from saev_dagster.resources import SaevPipeline, fail_clearly
+
+GROUP = "recording"
 
 
-@dg.observable_source_asset(
-    description="The ViT checkpoint named in the pipeline file; data version = content fingerprint of the file.",
-    automation_condition=dg.AutomationCondition.cron_tick_passed(OBSERVE_EVERY),
-)
-def vit_checkpoint() -> dg.DataVersion:
-    return _data_version("checkpoint_fingerprint")
+def build_sources(observe_cron: str) -> list[dg.SourceAsset]:
+    """The two sources, observed on the pipeline's [automation] observe_cron."""
 
+    @dg.observable_source_asset(
+        name="vit_checkpoint", group_name=GROUP, kinds={"pytorch"}, tags={"stage": "recording"},
+        description="The ViT checkpoint named in the pipeline file; data version = content fingerprint of the file.",
+        automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
+    )
+    def vit_checkpoint(saev_pipeline: SaevPipeline) -> dg.ObserveResult:
+        pipe = saev_pipeline.load()
+        version = fail_clearly(pipe.checkpoint_fingerprint)
+        path = fail_clearly(pipe.checkpoint_file)
+        metadata = {"vit_ckpt": pipe.activations.vit_ckpt}
+        if path is not None and os.path.isfile(path):
+            st = os.stat(path)
+            metadata.update({
+                "path": dg.MetadataValue.path(path), "size_mb": round(st.st_size / 1e6, 2),
+                "modified": dg.MetadataValue.timestamp(st.st_mtime),
+            })
+        return dg.ObserveResult(data_version=dg.DataVersion(version), metadata=metadata)
 
-@dg.observable_source_asset(
-    description="The image set named in the pipeline file; data version = fingerprint of (path, size, mtime).",
-    automation_condition=dg.AutomationCondition.cron_tick_passed(OBSERVE_EVERY),
-)
-def image_source() -> dg.DataVersion:
-    return _data_version("images_fingerprint")
+    @dg.observable_source_asset(
+        name="image_source", group_name=GROUP, kinds={"folder"}, tags={"stage": "recording"},
+        description="The image set named in the pipeline file; data version = fingerprint of (path, size, mtime).",
+        automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
+    )
+    def image_source(saev_pipeline: SaevPipeline) -> dg.ObserveResult:
+        from saev_core import images
 
+        source = fail_clearly(saev_pipeline.load().image_source)
+        return dg.ObserveResult(
+            data_version=dg.DataVersion(images.image_list_fingerprint(source)),
+            metadata={"root": dg.MetadataValue.path(source.root), "n_images": len(source),
+                      "n_classes": len(source.class_names)},
+        )
 
-def _data_version(fingerprint: str) -> dg.DataVersion:
-    """The pipeline file's fingerprint (a saev_core.pipeline.Pipeline method name) as a data version; bad input is
-    a clear Dagster failure, not a traceback."""
-    from saev_core import pipeline
-    from saev_core.errors import UserError
-
-    try:
-        return dg.DataVersion(getattr(pipeline.load_pipeline(), fingerprint)())
-    except UserError as err:
-        raise dg.Failure(description=str(err)) from None
+    return [vit_checkpoint, image_source]

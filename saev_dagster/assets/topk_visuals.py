@@ -2,32 +2,33 @@
 
 import dagster as dg
 
-from saev_dagster.config import PipelineRunConfig
 from saev_dagster.metadata import latest_materialization_value, png_markdown
+from saev_dagster.resources import SaevPipeline, fail_clearly
 
-CHECK = "every_latent_has_its_images"
+CHECK = "visuals_complete"
 
 
-def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_version: str) -> dg.AssetsDefinition:
     @dg.asset(
         name="topk_visuals",
         partitions_def=partitions_def,
         deps=["sae_sweep"],
         automation_condition=dg.AutomationCondition.eager(),
+        group_name="visuals",
         kinds={"pytorch", "html"},
+        tags={"stage": "visuals"},
+        owners=["team:saev"],
+        code_version=code_version,
+        pool="gpu",
         description="For each chosen sweep member: every selected latent's top images as heatmaps, and a gallery.",
     )
-    def topk_visuals(context: dg.AssetExecutionContext, config: PipelineRunConfig) -> dg.MaterializeResult:
+    def topk_visuals(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
         from saev_core import gallery, pipeline
-        from saev_core.errors import UserError
 
         layer = int(context.partition_key)
-        try:
-            pipe = pipeline.load_pipeline(config.pipeline or None)
-            sweep_csv = latest_materialization_value(context, "sae_sweep", context.partition_key, "sweep_csv")
-            members = pipeline.visuals_for_layer(pipe, layer, sweep_csv, show_progress=False)
-        except UserError as err:
-            raise dg.Failure(description=str(err)) from None
+        pipe = saev_pipeline.load()
+        sweep_csv = latest_materialization_value(context, "sae_sweep", context.partition_key, "sweep_csv")
+        members = fail_clearly(pipeline.visuals_for_layer, pipe, layer, sweep_csv, show_progress=False)
         metadata = {
             "n_members": len(members),
             "n_latents": sum(len(m.result.latents) for m in members),
@@ -49,15 +50,14 @@ def build_topk_visuals_check(partitions_def: dg.PartitionsDefinition) -> dg.Asse
         asset="topk_visuals", name=CHECK, blocking=True, partitions_def=partitions_def,
         description="Every selected latent of every chosen member has all its heatmaps and metadata on disk.",
     )
-    def every_latent_has_its_images(context: dg.AssetCheckExecutionContext,
-                                    config: PipelineRunConfig) -> dg.AssetCheckResult:
+    def visuals_complete(context: dg.AssetCheckExecutionContext,
+                                    saev_pipeline: SaevPipeline) -> dg.AssetCheckResult:
         from saev_core import pipeline
 
-        problems = pipeline.layer_visuals_problems(pipeline.load_pipeline(config.pipeline or None),
-                                                   int(context.partition_key))
+        problems = pipeline.layer_visuals_problems(saev_pipeline.load(), int(context.partition_key))
         shown = "\n".join(f"- {p}" for p in problems[:50]) + (f"\n- ... {len(problems) - 50} more" if len(problems) > 50 else "")
         return dg.AssetCheckResult(passed=not problems, metadata={
             "n_problems": len(problems), "problems": dg.MetadataValue.md(shown or "none"),
         })
 
-    return every_latent_has_its_images
+    return visuals_complete

@@ -1,0 +1,130 @@
+"""The sweep report: every member of every layer in one table, the chosen member per layer, and an L0-vs-NMSE plot
+per layer with a PCA baseline at matched L0. ``sweep_report`` (Dagster) and ``python -m saev_core pipeline`` write
+it as ``<train.ckpt_path>/report.md`` with one PNG per layer beside it."""
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+import pandas as pd
+from jaxtyping import Float
+
+from saev_core import loader, metrics, plots
+from saev_core.files import atomic_write_bytes
+from saev_core.shards import ChunkReader, stream_chunks
+from saev_core.store import ActivationStore
+from saev_core.tokens import check_token_mode, first_patch, vectors, vectors_per_image
+
+
+@dataclasses.dataclass(frozen=True)
+class PCABaseline:
+    """Held-out NMSE of PCA with k components, fitted on the training split (k = 1..d_vit)."""
+
+    nmse: Float[np.ndarray, " d_vit"]
+    """nmse[k - 1]: the baseline at k components."""
+
+    def at(self, l0: float) -> float:
+        """The baseline at matched L0 (k = round(L0), at least 1)."""
+        k = min(max(1, round(l0)), len(self.nmse))
+        return float(self.nmse[k - 1])
+
+
+def _scatter_matrix(store: ActivationStore, layer: int, patches: str, images: np.ndarray, center: np.ndarray | None):
+    """(sum of vectors, count, sum of (x - c)(x - c)^T) over the token mode's vectors of ``images``, float64;
+    c = ``center`` or 0."""
+    ipc, first = store.layout.imgs_per_chunk, first_patch(store)
+    chunks, starts = np.unique(images // ipc, return_index=True)
+    d = store.d_vit
+    total, n, scatter = np.zeros(d), 0, np.zeros((d, d))
+    c = np.zeros(d) if center is None else center
+    reader = ChunkReader(store.array(layer))
+    for chunk, imgs, x in stream_chunks(reader, chunks, np.split(images, starts[1:]), ipc, store.n_imgs):
+        v = vectors(x[imgs - chunk * ipc], patches, first).astype(np.float64) - c
+        total += v.sum(0) + len(v) * c
+        n += len(v)
+        scatter += v.T @ v
+    return total, n, scatter
+
+
+def pca_baseline(
+    store: ActivationStore, layer: int, patches: str, val_frac: float, seed: int, max_vectors: int = 200_000
+) -> PCABaseline:
+    """PCA fitted on the training split of the SAEs' own train/val split (``loader.split_images``), evaluated on the
+    held-out split with the same NMSE definition as the SAEs' (``metrics``): sum ||x - x_hat||^2 over
+    sum ||x - mean_val||^2. Each split reads at most about ``max_vectors`` vectors (a uniform, seeded sample of its
+    images)."""
+    check_token_mode(store, patches)
+    train, val = loader.split_images(store, val_frac, seed)
+    per_img = vectors_per_image(store, patches)
+    rng = np.random.default_rng(seed)
+
+    def sample(images: np.ndarray) -> np.ndarray:
+        cap = max(1, max_vectors // per_img)
+        return np.sort(rng.choice(images, cap, replace=False)) if len(images) > cap else images
+
+    train, val = sample(train), sample(val)
+    total, n, _ = _scatter_matrix(store, layer, patches, train, None)
+    mean = total / n
+    _, _, cov = _scatter_matrix(store, layer, patches, train, mean)
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    components = eigvecs[:, np.argsort(eigvals)[::-1]]  # [d, d], columns by decreasing variance
+    val_total, n_val, val_scatter = _scatter_matrix(store, layer, patches, val, mean)  # around the train mean
+    val_mean = val_total / n_val
+    # sum ||x - mean_val||^2 = sum ||x - mean||^2 - n ||mean_val - mean||^2
+    denom = float(np.trace(val_scatter)) - n_val * float((val_mean - mean) @ (val_mean - mean))
+    # residual of the k-component reconstruction: trace(S) - sum_{i<k} p_i^T S p_i, S the scatter around the mean
+    explained = np.cumsum(np.einsum("di,de,ei->i", components, val_scatter, components))
+    return PCABaseline((float(np.trace(val_scatter)) - explained) / denom)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    layer: int
+    table: pd.DataFrame
+    chosen: dict | None
+    pca: PCABaseline | None
+    png: bytes
+
+
+def layer_report(layer: int, sweep_csv: str, max_l0: float | None, pca: PCABaseline | None) -> LayerReport:
+    table = pd.read_csv(sweep_csv)
+    chosen = metrics.best_member(table.to_dict("records"), max_l0)
+    if pca is not None:
+        table["pca_nmse_at_l0"] = [pca.at(l0) if l0 == l0 else math.nan for l0 in table["l0"]]
+    ks = []
+    if pca is not None:  # the baseline over the members' L0 range and a little beyond
+        top = int(min(max(float(table["l0"].max()), 1.0) * 1.5, len(pca.nmse)))
+        ks = list(range(1, top + 1))
+    png = plots.l0_vs_nmse_png(table, f"layer {layer}", pca=(ks, [pca.at(k) for k in ks]) if pca else None,
+                               chosen=chosen["member_id"] if chosen else None)
+    return LayerReport(layer, table, chosen, pca, png)
+
+
+def write_report(folder: str, layers: list[LayerReport], title: str = "SAE sweep report") -> str:
+    """report.md and report_layer_<L>.png in ``folder``; returns the report's path."""
+    lines = [f"# {title}", ""]
+    for rep in layers:
+        png_name = f"report_layer_{rep.layer}.png"
+        atomic_write_bytes(os.path.join(folder, png_name), rep.png)
+        lines += [f"## Layer {rep.layer}", "", markdown_summary(rep), "", f"![L0 vs NMSE, layer {rep.layer}]({png_name})",
+                  "", markdown_table(rep.table), ""]
+    path = os.path.join(folder, "report.md")
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    return path
+
+
+REPORT_COLUMNS = ["member_id", "sae.arch", "sae.exp_factor", "sae.k", "lr", "nmse", "pca_nmse_at_l0", "l0",
+                  "frac_dead", "ckpt"]
+
+
+def markdown_summary(rep: LayerReport) -> str:
+    if rep.chosen is None:
+        return "No member qualifies under the [report] rule."
+    pca = f"; PCA at matched L0: {rep.pca.at(rep.chosen['l0']):.4f}" if rep.pca is not None else ""
+    return (f"Chosen: **{rep.chosen['member_id']}** ({rep.chosen.get('sae.arch', '')}), NMSE "
+            f"{rep.chosen['nmse']:.4f} at L0 {rep.chosen['l0']:.1f}{pca}.")
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    return table[[c for c in REPORT_COLUMNS if c in table]].to_markdown(index=False, floatfmt=".4g")
