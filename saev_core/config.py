@@ -104,7 +104,9 @@ class SparseAutoencoderConfig:
     """relu (saev 0.1.0: L1, unit-norm decoder), relu-decnorm (L1 weighted by decoder norms), topk (+AuxK),
     batchtopk (global threshold at inference), jumprelu (straight-through threshold)."""
     sparsity_coeff: float = 4e-4
-    """L1 (relu, relu-decnorm) or L0 (jumprelu) coefficient."""
+    """Weight of the sparsity penalty against the MSE averaged over batch and d_vit, as in saev 0.1.0 (so saev's
+    values give saev's L0): L1 (relu), decoder-norm-weighted L1 (relu-decnorm) or L0 (jumprelu) per vector.
+    Unused by topk and batchtopk. docs/training.md defines every loss term."""
     k: int = 32
     """Active latents per vector (topk, batchtopk)."""
     n_prefixes: int = 1
@@ -113,8 +115,9 @@ class SparseAutoencoderConfig:
     """Weight of the AuxK dead-latent loss (topk, batchtopk)."""
     k_aux: int = 512
     """Dead latents used by AuxK."""
-    dead_after_n_patches: int = 10_000_000
-    """A latent that has not fired for this many patches counts as dead for AuxK."""
+    dead_after_n_patches: int | None = None
+    """A latent that has not fired in this many training patches is dead (AuxK's dead latents; metrics' frac_dead_train).
+    None: 10,000,000, or 10% of the patches the run sees when that is less (logged)."""
     jumprelu_init_threshold: float = 0.001
     """Initial JumpReLU threshold (raw, not log)."""
     jumprelu_bandwidth: float = 0.001
@@ -163,8 +166,9 @@ class TrainConfig:
     """Vectors per SAE step."""
     lr: float = 4e-4
     """Peak learning rate."""
-    n_lr_warmup: int = 500
-    """Linear learning-rate warm-up steps (then linear decay to 0)."""
+    n_lr_warmup: int | None = None
+    """Linear learning-rate warm-up steps (then linear decay to 0). None: 500, or 5% of the steps when that is less
+    (logged)."""
     n_sparsity_warmup: int = 0
     """Linear sparsity-coefficient warm-up steps."""
     max_grad_norm: float = 1.0
@@ -179,6 +183,9 @@ class TrainConfig:
     """Steps between metric logs."""
     device: Device = "auto"
     """Where the SAEs train: auto picks cuda when available."""
+    n_threads: int | None = None
+    """CPU threads for training: torch's intra-op threads during the run (the loader's reads use at most this many
+    as well). None: the CPUs this process may use, minus one for the loader and other work (at least 1)."""
     seed: int = 42
     """Data-order seed and base of the SAE seeds."""
 

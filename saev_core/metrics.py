@@ -10,8 +10,10 @@
 - ``firing_freq`` (numpy [d_sae]): fraction of vectors where a latent is > 0 (every variant here gives f >= 0, so
   a latent counts toward l0 exactly when it fires); ``mean_value`` (numpy [d_sae]): mean of f over the vectors
   where the latent fires, 0 where it never fires.
-- ``n_dead`` (never fired), ``n_almost_dead`` (freq < 1e-7, dead included), ``n_dense`` (freq > 1e-2), and
-  ``frac_dead``, ``frac_almost_dead``, ``frac_dense`` (divided by d_sae).
+- ``n_dead`` (never fired on these vectors), ``n_almost_dead`` (freq < 1e-7, dead included), ``n_dense``
+  (freq > 1e-2), and ``frac_dead``, ``frac_almost_dead``, ``frac_dense`` (divided by d_sae). On a held-out split a
+  rare latent can be missing and count as dead: training reports this as ``frac_dead_heldout`` beside
+  ``frac_dead_train``, the latents that did not fire in the last N training vectors (``saev_core.training``).
 
 All values are computed in raw activation space: ``x`` and ``x_hat`` are what the SAE takes and returns.
 """
@@ -127,14 +129,22 @@ class ReconstructionMetrics:
 
 def sweep_problems(rows: list[dict], max_frac_dead: float) -> list[str]:
     """What is wrong with a trained sweep, one line per problem (empty when healthy): NaN metrics, or more dead
-    latents than ``max_frac_dead``. rows: one dict per member with ``member_id`` and the held-out metrics."""
+    latents than ``max_frac_dead``. rows: one dict per member (a sweep.csv row or metrics.json) with ``member_id``,
+    the held-out metrics and ``frac_dead_train``, the latents that did not fire in the last
+    ``sae.dead_after_n_patches`` training vectors (rows from before that column: ``frac_dead``)."""
     problems = []
     for row in rows:
-        values = [row.get(k) for k in ("nmse", "ev", "mse", "l0", "l1", "frac_dead")]
+        dead = row.get("frac_dead_train", row.get("frac_dead"))
+        values = [row.get(k) for k in ("nmse", "ev", "mse", "l0", "l1")] + [dead]
         if any(v is None or v != v for v in values):
-            problems.append(f"{row['member_id']}: NaN in its held-out metrics")
-        elif row["frac_dead"] > max_frac_dead:
-            problems.append(f"{row['member_id']}: {row['frac_dead']:.1%} dead latents (bound {max_frac_dead:.0%})")
+            problems.append(f"{row['member_id']}: NaN in its metrics")
+        elif dead > max_frac_dead:
+            window = row.get("dead_window", row.get("sae.dead_after_n_patches"))
+            where = f"in the last {int(window):,} training vectors" if window == window and window else "in training"
+            heldout = row.get("frac_dead_heldout")
+            also = f"; {heldout:.1%} never fired on the held-out split" if heldout == heldout and heldout is not None else ""
+            problems.append(f"{row['member_id']}: {dead:.1%} of its latents did not fire {where} (bound "
+                            f"{max_frac_dead:.0%}){also}")
     return problems
 
 

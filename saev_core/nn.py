@@ -10,6 +10,22 @@ in normalised space, and returns ``x_hat`` in raw space. The trainer, per step:
     optimizer.step()
     sae.after_optimizer_step()                  # e.g. renormalise decoder rows
 
+The loss (``Loss``; every term in normalised space, every average over the batch):
+
+- ``mse = mean over the batch and the d_vit dimensions of (x_n - x_hat_n)^2``: saev 0.1.0's definition, so that a
+  sparsity coefficient weighs the same against it as in saev. With ``scale_norm`` (E||x_n||^2 = d_vit) it is about
+  the NMSE. Matryoshka: the mean of this over the prefixes.
+- ``sparsity = sparsity_coeff * sparsity_scale * penalty``, the penalty summed over latents and averaged over the
+  batch: ``sum f`` (relu: L1, as saev), ``sum f_i * ||W_dec[i]||`` (relu-decnorm), ``sum H(pre_i - threshold_i)``
+  (jumprelu: L0); 0 for topk and batchtopk. A recipe whose MSE sums over d_vit instead (Anthropic's, for example)
+  uses ``d_vit`` times our coefficient for the same trade-off.
+- ``aux = auxk_alpha * ||e_hat - e||^2 / ||e - mean(e)||^2`` over the batch (AuxK, topk and batchtopk): the dead
+  latents' reconstruction of the detached residual ``e``, relative to the residual's variance (Gao et al. 2024).
+
+Every variant counts, in training mode, the patches since each latent last fired (``n_patches_since_fired``): a
+latent is dead once the count reaches ``dead_after_n_patches`` (topk and batchtopk feed the dead ones to AuxK; the
+trainer reports the training-stream dead count).
+
 Checkpoint (``sae.pt``): one line of JSON header, ``{"schema": 1, "arch", "cfg", "d_vit", "d_sae", "provenance"}``,
 then ``torch.save(state_dict)`` in the same file. saev 0.1.0 files (header without "schema") load as ``relu``.
 """
@@ -32,17 +48,22 @@ CKPT_NAME = "sae.pt"
 THRESHOLD_EMA = 0.01
 """BatchTopK: weight of each step's minimum kept activation in the running threshold (Bussmann et al. 2024)."""
 _MAX_HEADER_BYTES = 1 << 20
+NOMINAL_DEAD_AFTER_N_PATCHES = 10_000_000
+"""``dead_after_n_patches`` left unset (None): this, unless the trainer fits it to a shorter run."""
 
 
 class Loss(NamedTuple):
     """The training loss and its parts; every field is a scalar tensor computed in normalised space."""
 
     mse: Tensor
-    """Squared error summed over d_vit, averaged over the batch (Matryoshka: also averaged over prefixes)."""
+    """Squared error averaged over the batch and the d_vit dimensions, as saev 0.1.0 (Matryoshka: also averaged over
+    prefixes)."""
     sparsity: Tensor
-    """Sparsity penalty already multiplied by sparsity_coeff * sparsity_scale (0 for topk and batchtopk)."""
+    """Penalty summed over latents, averaged over the batch, multiplied by sparsity_coeff * sparsity_scale (0 for
+    topk and batchtopk)."""
     aux: Tensor
-    """AuxK dead-latent loss already multiplied by auxk_alpha (0 for other variants or with no dead latents)."""
+    """AuxK: auxk_alpha * the dead latents' squared error on the residual / the residual's variance (0 for other
+    variants or with no dead latents)."""
     total: Tensor
     """mse + sparsity + aux: what the optimiser minimises."""
 
@@ -57,14 +78,16 @@ class Output(NamedTuple):
 
 
 def _mse(x: Float[Tensor, "batch d_vit"], x_hat: Float[Tensor, "batch d_vit"]) -> Tensor:
-    return (x - x_hat).pow(2).sum(dim=-1).mean()
+    """saev 0.1.0's MSE: the mean over every element (batch and d_vit)."""
+    return (x - x_hat).pow(2).mean()
 
 
 class SparseAutoencoder(torch.nn.Module):
     """Base of every variant: weights, normalisation buffers and the forward pass.
 
     Weights: ``W_enc [d_vit, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_vit]``, ``b_dec [d_vit]``.
-    Buffers: ``mean [d_vit]``, ``scale []``. Subclasses choose ``activate`` and ``sparsity_penalty``.
+    Buffers: ``mean [d_vit]``, ``scale []``, ``n_patches_since_fired [d_sae]`` (int64: patches since each latent
+    last fired, counted in training mode). Subclasses choose ``activate`` and ``sparsity_penalty``.
     """
 
     init_decoder_norm: float = 1.0
@@ -84,6 +107,10 @@ class SparseAutoencoder(torch.nn.Module):
         self.b_dec = torch.nn.Parameter(torch.zeros(d_vit))
         self.register_buffer("mean", torch.zeros(d_vit))
         self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("n_patches_since_fired", torch.zeros(d_sae, dtype=torch.long))
+        self.dead_after_n_patches = (NOMINAL_DEAD_AFTER_N_PATCHES if cfg.dead_after_n_patches is None
+                                     else cfg.dead_after_n_patches)
+        """Patches without firing after which a latent counts as dead (None in the config: the nominal default)."""
         self.reset_parameters(torch.Generator().manual_seed(cfg.seed))
 
     @torch.no_grad()
@@ -168,6 +195,12 @@ class SparseAutoencoder(torch.nn.Module):
     @torch.no_grad()
     def update_stats(self, f_x: Float[Tensor, "batch d_sae"]) -> None:
         """Called by forward in training mode after the loss: running statistics (dead latents, thresholds)."""
+        self.n_patches_since_fired += f_x.shape[0]
+        self.n_patches_since_fired[(f_x > 0).any(dim=0)] = 0
+
+    def dead_latents(self) -> Tensor:
+        """[d_sae] bool: latents that have not fired in the last ``dead_after_n_patches`` training patches."""
+        return self.n_patches_since_fired >= self.dead_after_n_patches
 
     # -- optimiser hooks --------------------------------------------------------------------------------------
 
@@ -232,15 +265,12 @@ class ReluDecNormSAE(SparseAutoencoder):
 
 class TopKSAE(UnitNormDecoder):
     """Gao et al. 2024: keep the k largest relu'd pre-activations of each row (exactly k non-zeros when the k
-    largest are positive; fewer otherwise), plus AuxK. With ``n_prefixes > 1`` it is a Matryoshka SAE.
-
-    Buffer ``n_patches_since_fired [d_sae]`` (int64) counts patches since each latent last fired (training only);
-    a latent is dead for AuxK once it reaches ``dead_after_n_patches``.
+    largest are positive; fewer otherwise), plus AuxK over the ``dead_latents()``. With ``n_prefixes > 1`` it is a
+    Matryoshka SAE.
     """
 
     def __init__(self, cfg: config.SparseAutoencoderConfig):
         super().__init__(cfg)
-        self.register_buffer("n_patches_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
         self.prefix_sizes = matryoshka_prefix_sizes(cfg.d_sae, cfg.n_prefixes)
 
     def activate(self, pre):
@@ -258,9 +288,6 @@ class TopKSAE(UnitNormDecoder):
             start = m
         return torch.stack(mses).mean()
 
-    def dead_latents(self) -> Tensor:
-        return self.n_patches_since_fired >= self.cfg.dead_after_n_patches
-
     def aux_loss(self, x_n, pre, x_hat_n):
         """AuxK: the top-k_aux dead latents reconstruct the (detached) residual, as a fraction of its variance."""
         dead = self.dead_latents()
@@ -273,11 +300,6 @@ class TopKSAE(UnitNormDecoder):
         residual = (x_n - x_hat_n).detach()
         variance = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
         return self.cfg.auxk_alpha * (f_aux @ self.W_dec - residual).pow(2).sum() / variance
-
-    @torch.no_grad()
-    def update_stats(self, f_x):
-        self.n_patches_since_fired += f_x.shape[0]
-        self.n_patches_since_fired[(f_x > 0).any(dim=0)] = 0
 
 
 class BatchTopKSAE(TopKSAE):
@@ -400,8 +422,8 @@ def check_config(cfg: config.SparseAutoencoderConfig) -> None:
             raise bad("k_aux", cfg.k_aux, "use k_aux >= 1 (set auxk_alpha=0 to turn AuxK off).")
         if cfg.auxk_alpha < 0:
             raise bad("auxk_alpha", cfg.auxk_alpha, "use a weight >= 0.")
-        if cfg.dead_after_n_patches < 1:
-            raise bad("dead_after_n_patches", cfg.dead_after_n_patches, "use a positive number of patches.")
+    if cfg.dead_after_n_patches is not None and cfg.dead_after_n_patches < 1:
+        raise bad("dead_after_n_patches", cfg.dead_after_n_patches, "use a positive number of patches (or None).")
     if cfg.arch == "jumprelu" and cfg.jumprelu_bandwidth <= 0:
         raise bad("jumprelu_bandwidth", cfg.jumprelu_bandwidth, "use a positive width such as 0.001.")
     if cfg.arch == "relu-decnorm" and cfg.decoder_init_norm <= 0:
@@ -477,7 +499,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseA
     sae = make_sae(cfg)
     if not isinstance(state, dict):
         raise not_ckpt("the data after the header is not a state dict")
-    optional = {"mean", "scale"} if legacy else set()
+    # Firing counters are training state: files from before every variant kept them load with zeros.
+    optional = {"mean", "scale", "n_patches_since_fired"} if legacy else {"n_patches_since_fired"}
     try:
         missing, unexpected = sae.load_state_dict(state, strict=False)
     except RuntimeError as err:

@@ -24,7 +24,7 @@ class PCABaseline:
     nmse: Float[np.ndarray, " d_vit"]
     """nmse[k - 1]: the baseline at k components."""
 
-    def at(self, l0: float) -> float:
+    def at(self, l0: float | int) -> float:
         """The baseline at matched L0 (k = round(L0), at least 1)."""
         k = min(max(1, round(l0)), len(self.nmse))
         return float(self.nmse[k - 1])

@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 # Top-level ``Train`` fields that change what the loader reads, or in what order: configs that differ in any of
 # them cannot share one data pass. ``data`` stands for every ``data.*`` field. Everything under ``sae`` (width and
 # architecture included; ``d_vit`` is checked against the store by the trainer) and the optimiser and logging
-# settings can differ inside a group. ``ckpt_path`` and ``device`` split too: one pass runs on one device and
-# writes under one folder. A ``Train`` field in neither list also splits (splitting is always safe, only slower).
-DATA_PASS_FIELDS: tuple[str, ...] = ("data", "n_patches", "sae_batch_size", "seed", "device", "ckpt_path")
+# settings can differ inside a group. ``ckpt_path``, ``device`` and ``n_threads`` split too: one pass runs on one
+# device, with one thread count, and writes under one folder. A ``Train`` field in neither list also splits
+# (splitting is always safe, only slower).
+DATA_PASS_FIELDS: tuple[str, ...] = ("data", "n_patches", "sae_batch_size", "seed", "device", "n_threads", "ckpt_path")
 
 # ``Train`` fields that members of one data pass may set differently.
 PER_MEMBER_FIELDS: tuple[str, ...] = (
@@ -48,9 +49,9 @@ PER_MEMBER_FIELDS: tuple[str, ...] = (
 )
 
 # Fields that cannot change a trained SAE, left out of ``member_id`` so that moving the checkpoint folder, logging
-# more often or running on another device finds the same member. (cpu and cuda differ in the last bits of float
-# arithmetic; we count that as the same experiment.)
-MEMBER_ID_IGNORED: tuple[str, ...] = ("ckpt_path", "log_every", "ckpt_every", "sweep", "device")
+# more often or running on another device or thread count finds the same member. (cpu and cuda, or 1 and 8
+# threads, differ in the last bits of float arithmetic; we count that as the same experiment.)
+MEMBER_ID_IGNORED: tuple[str, ...] = ("ckpt_path", "log_every", "ckpt_every", "sweep", "device", "n_threads")
 
 
 # ----------------------------------------------------------------------------------------------------------------

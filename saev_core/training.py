@@ -4,6 +4,10 @@
 once and then through each member in turn. Members share nothing but that batch (own weights, own Adam, own
 schedule, no shared random state), so training K SAEs together gives the weights each would get alone.
 
+Settings that depend on the run's length and are left unset (``n_lr_warmup``, ``sae.dead_after_n_patches``) are
+fitted to it first (``fit_to_run``); a setting that does not fit the run is reported once, in the log and through
+``on_note``. Training uses ``n_threads`` CPU threads (``threads_for``).
+
 Per member and step: lr = ``lr_at(step)`` (linear warm-up over ``n_lr_warmup`` steps, then linear decay that
 reaches 0 just after the last step), ``sae.sparsity_scale = min(1, step / n_sparsity_warmup)``, backward,
 ``before_optimizer_step()``, gradient clipping to ``max_grad_norm`` (off when <= 0), Adam step,
@@ -12,8 +16,9 @@ is skipped, so every step sees a full batch.
 
 Files, per member ``<ckpt_path>/<member_id>/``: ``config.json``, ``metrics.jsonl`` (one line per log step),
 ``train_state-<step>.pt`` while training, and when done ``sae.pt``, ``latent_stats.npz`` (firing frequency and
-mean value per latent on held-out data) and ``metrics.json`` (written last: its presence with ``sae.pt`` marks the
-member finished, and a rerun skips it). ``<ckpt_path>/sweep.csv`` has one row per member.
+mean value per latent on held-out data) and ``metrics.json`` (held-out metrics and the training-stream dead count;
+written last: its presence with ``sae.pt`` marks the member finished, and a rerun skips it).
+``<ckpt_path>/sweep.csv`` has one row per member.
 
 Resume: every ``ckpt_every`` steps (before the last) each member writes ``train_state-<step>.pt`` (weights,
 buffers, Adam state, step, loader position, schedule values), each atomically, and only then the group pointer
@@ -52,9 +57,17 @@ logger = logging.getLogger(__name__)
 
 OnLog = Callable[[int, str, dict], None]
 """``on_log(step, member_id, record)``: called at every log step of every member with its metrics.jsonl record."""
+OnNote = Callable[[str], None]
+"""``on_note(message)``: called once per setting that the run changed or that does not fit the run."""
 
-SUMMARY_METRICS = ("nmse", "ev", "mse", "l0", "l1", "frac_dead", "frac_dense")
-"""The held-out metrics that go in sweep.csv."""
+SUMMARY_METRICS = ("nmse", "ev", "mse", "l0", "l1", "frac_dead_train", "frac_dead_heldout", "frac_dense", "frac_dead")
+"""The metrics that go in sweep.csv (``frac_dead`` is the old name of ``frac_dead_train``)."""
+
+NOMINAL_N_LR_WARMUP = 500
+"""``n_lr_warmup`` left unset: this, or ``MAX_AUTO_WARMUP_FRACTION`` of the steps when that is less."""
+MAX_AUTO_WARMUP_FRACTION = 0.05
+MAX_AUTO_DEAD_FRACTION = 0.10
+"""``sae.dead_after_n_patches`` left unset: at most this fraction of the patches the run sees."""
 
 STATE_RE = re.compile(r"train_state-(\d+)\.pt$")
 
@@ -64,11 +77,12 @@ class MemberResult:
     member_id: str
     """12 hex digits naming the member's settings (``sweep.member_id``)."""
     cfg: config.TrainConfig
-    """The member's full config."""
+    """The member's full config, as trained (unset run-length settings filled in by ``fit_to_run``)."""
     ckpt_path: str
     """Its checkpoint file ``<ckpt_path>/<member_id>/sae.pt`` (load with ``nn.load``)."""
     metrics: dict
-    """Held-out metrics (scalars: nmse, ev, mse, l0, l1, frac_dead, frac_dense, ...) as in metrics.json."""
+    """metrics.json: held-out metrics (nmse, ev, mse, l0, l1, frac_dead_heldout, frac_dense, ...) and the
+    training-stream dead count (frac_dead_train)."""
 
 
 @dataclasses.dataclass
@@ -92,9 +106,19 @@ def train_main(cfg: config.TrainConfig) -> list[MemberResult]:
 
 
 def train_sweep(
-    cfgs: list[config.TrainConfig], show_progress: bool = True, on_log: OnLog | None = None
+    cfgs: list[config.TrainConfig], show_progress: bool = True, on_log: OnLog | None = None,
+    on_note: OnNote | None = None,
 ) -> list[MemberResult]:
-    """Train every config, one data pass per group; returns one result per config, in input order."""
+    """Train every config, one data pass per group; returns one result per config, in input order.
+
+    Unset run-length settings are fitted to each config's run first (``fit_to_run``); every note about them goes to
+    the log (warning) and to ``on_note``, once."""
+    fitted = [fit_to_run(c) for c in cfgs]
+    cfgs = [c for c, _ in fitted]
+    for note in dict.fromkeys(note for _, notes in fitted for note in notes):
+        logger.warning(note)
+        if on_note is not None:
+            on_note(note)
     by_id: dict[str, MemberResult] = {}
     groups = split_cfgs(cfgs)
     for i, group in enumerate(groups):
@@ -112,6 +136,7 @@ def train_group(
     cfgs: list[config.TrainConfig], show_progress: bool = True, on_log: OnLog | None = None, desc: str = ""
 ) -> list[MemberResult]:
     """Train configs that share every data-pass field in one pass; finished members are read back, not retrained."""
+    cfgs = [fit_to_run(c)[0] for c in cfgs]  # train_sweep has fitted and reported them already; a no-op then
     base = cfgs[0]
     store = ActivationStore.open(base.data.shard_root)
     store.array(base.data.layer)  # a missing layer: the store's UserError
@@ -139,6 +164,81 @@ def train_group(
     return [_read_result(c, folders[member_id(c)]) for c in cfgs]
 
 
+def fit_to_run(cfg: config.TrainConfig) -> tuple[config.TrainConfig, list[str]]:
+    """``cfg`` with its unset run-length settings filled in for this run, and notes on those that do not fit it.
+
+    ``n_lr_warmup`` None: ``NOMINAL_N_LR_WARMUP`` steps, at most 5% of the steps (at least 1).
+    ``sae.dead_after_n_patches`` None: ``nn.NOMINAL_DEAD_AFTER_N_PATCHES``, at most 10% of the patches seen.
+    Values set explicitly are kept; a warm-up longer than the run, or a dead window longer than the patches seen,
+    gets a note saying what it does to this run.
+    """
+    n_steps = cfg.n_patches // cfg.sae_batch_size if cfg.sae_batch_size > 0 else 0
+    if n_steps < 1:
+        return cfg, []  # train_group says what is wrong
+    n_seen = n_steps * cfg.sae_batch_size
+    notes = []
+    warmup = cfg.n_lr_warmup
+    if warmup is None:
+        warmup = min(NOMINAL_N_LR_WARMUP, max(1, int(MAX_AUTO_WARMUP_FRACTION * n_steps)))
+        if warmup < NOMINAL_N_LR_WARMUP:
+            notes.append(
+                f"--n-lr-warmup is not set, and its usual {NOMINAL_N_LR_WARMUP} steps would be "
+                f"{NOMINAL_N_LR_WARMUP / n_steps:.0%} of this run's {n_steps} steps: warming up over {warmup} steps "
+                f"(5%) instead. Pass --n-lr-warmup to choose."
+            )
+    elif warmup > n_steps:
+        notes.append(
+            f"--n-lr-warmup {warmup} is longer than the run ({n_steps} steps): the learning rate only reaches "
+            f"{cfg.lr * n_steps / warmup:.3g} of --lr {cfg.lr:g}. Kept as set; leave it unset to fit it to the run."
+        )
+    if cfg.n_sparsity_warmup > n_steps and cfg.sae.arch in ("relu", "relu-decnorm", "jumprelu"):
+        notes.append(
+            f"--n-sparsity-warmup {cfg.n_sparsity_warmup} is longer than the run ({n_steps} steps): the sparsity "
+            f"coefficient only reaches {n_steps / cfg.n_sparsity_warmup:.0%} of --sae.sparsity-coeff. Kept as set."
+        )
+    dead = cfg.sae.dead_after_n_patches
+    if dead is None:
+        dead = min(nn.NOMINAL_DEAD_AFTER_N_PATCHES, max(1, int(MAX_AUTO_DEAD_FRACTION * n_seen)))
+        if dead < nn.NOMINAL_DEAD_AFTER_N_PATCHES:
+            notes.append(
+                f"--sae.dead-after-n-patches is not set, and its usual {nn.NOMINAL_DEAD_AFTER_N_PATCHES:,} exceeds "
+                f"10% of the {n_seen:,} patches this run sees: a latent counts as dead after {dead:,} patches "
+                f"without firing instead. Pass --sae.dead-after-n-patches to choose."
+            )
+    elif dead > n_seen:
+        auxk = " and AuxK never acts" if cfg.sae.arch in ("topk", "batchtopk") else ""
+        notes.append(
+            f"--sae.dead-after-n-patches {dead:,} exceeds the {n_seen:,} patches this run sees: no latent can count "
+            f"as dead (frac_dead_train is 0{auxk}). Kept as set; leave it unset to fit it to the run."
+        )
+    fitted = dataclasses.replace(cfg, n_lr_warmup=warmup, sae=dataclasses.replace(cfg.sae, dead_after_n_patches=dead))
+    return fitted, notes
+
+
+def threads_for(cfg: config.TrainConfig) -> int:
+    """CPU threads for training: ``n_threads``, or (None) the CPUs this process may use minus one, at least 1.
+
+    One core is left to the loader's thread and to other work: torch's threads wait for each other at every
+    operation, so one of them losing its core to another process stalls them all (measured: 3-8x slower on
+    2 cores with one core busy elsewhere; docs/benchmarks.md)."""
+    if cfg.n_threads is not None:
+        if cfg.n_threads < 1:
+            raise UserError(f"--n-threads {cfg.n_threads} must be at least 1 (or leave it unset for auto).")
+        return cfg.n_threads
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to n for the block, then back to what they were."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training one group
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,9 +250,11 @@ def _train_members(
 ) -> None:
     base = cfgs[0]
     device = config.resolve_device(base.device)
-    train_loader = ActivationLoader(store, base.data, base.sae_batch_size, base.seed, "train",
+    n_threads = threads_for(base)
+    n_read = min(2, n_threads)
+    train_loader = ActivationLoader(store, base.data, base.sae_batch_size, base.seed, "train", n_read_threads=n_read,
                                     pin_memory=device == "cuda")
-    val_loader = ActivationLoader(store, base.data, base.sae_batch_size, base.seed, "val")
+    val_loader = ActivationLoader(store, base.data, base.sae_batch_size, base.seed, "val", n_read_threads=n_read)
     if train_loader.n_vectors < base.sae_batch_size:
         raise UserError(
             f"The training split of {store.path} has {train_loader.n_vectors} vectors, fewer than one batch "
@@ -170,14 +272,15 @@ def _train_members(
     def save(done: int) -> None:
         _save_train_state(group_file, members, done, n_steps, train_loader.state_dict())
 
+    logger.info("Training %d SAEs for %d steps with %d CPU threads.", len(members), n_steps - start, n_threads)
     progress = _progress(show_progress, desc, n_steps, start, base.sae_batch_size)
-    with contextlib.closing(_full_batches(train_loader, base.sae_batch_size)) as batches, progress:
-        _run_steps(members, batches, start, n_steps, device, progress, on_log, save, group_file, store)
-
-    metrics = evaluate([m.sae for m in members], val_loader, device)
+    with _torch_threads(n_threads):
+        with contextlib.closing(_full_batches(train_loader, base.sae_batch_size)) as batches, progress:
+            _run_steps(members, batches, start, n_steps, device, progress, on_log, save, group_file, store)
+        heldout = evaluate([m.sae for m in members], val_loader, device)
     provenance = _provenance(store, base, n_steps)
-    for m, result in zip(members, metrics):
-        _write_member(m, result, {**provenance, "member_id": m.id})
+    for m, result in zip(members, heldout):
+        _write_member(m, {**result, **training_dead_counts(m.sae)}, {**provenance, "member_id": m.id})
     remove_if_exists(group_file)
 
 
@@ -250,7 +353,10 @@ def sparsity_scale_at(step: int, n_warmup: int) -> float:
 
 @torch.no_grad()
 def evaluate(saes: list[nn.SparseAutoencoder], val_loader: ActivationLoader, device: str) -> list[dict]:
-    """One pass over the held-out split, every batch through every SAE (eval mode); metrics in raw space."""
+    """One pass over the held-out split, every batch through every SAE (eval mode); metrics in raw space.
+
+    The dead count of this pass is named ``n_dead_heldout`` / ``frac_dead_heldout``: latents that never fired on
+    the held-out vectors (a rare latent can be missing from a small held-out split and still be alive)."""
     accs = [ReconstructionMetrics() for _ in saes]
     for sae in saes:
         sae.eval()
@@ -259,7 +365,21 @@ def evaluate(saes: list[nn.SparseAutoencoder], val_loader: ActivationLoader, dev
         for sae, acc in zip(saes, accs):
             f_x = sae.encode(x)
             acc.update(x, sae.decode(f_x), f_x)
-    return [acc.compute() for acc in accs]
+    results = []
+    for acc in accs:
+        out = acc.compute()
+        out["n_dead_heldout"], out["frac_dead_heldout"] = out.pop("n_dead"), out.pop("frac_dead")
+        results.append(out)
+    return results
+
+
+def training_dead_counts(sae: nn.SparseAutoencoder) -> dict:
+    """Latents that did not fire in the last ``dead_after_n_patches`` training vectors (the SAE's counters):
+    ``n_dead_train``, ``frac_dead_train`` (also under its old name ``frac_dead``) and ``dead_window``."""
+    n_dead = int(sae.dead_latents().sum())
+    frac = n_dead / sae.cfg.d_sae
+    return {"n_dead_train": n_dead, "frac_dead_train": frac, "frac_dead": frac,
+            "dead_window": int(sae.dead_after_n_patches)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -322,3 +322,25 @@ def test_a_bad_pipeline_file_fails_the_load_naming_file_and_key(tmp_path):
     bad.write_text("[activations]\nvit_layers = [-2]\nvit_bathc_size = 3\n")
     with pytest.raises(PipelineFileError, match=r"vit_bathc_size.*bad.toml|bad.toml.*vit_bathc_size"):
         build_definitions(str(bad))
+
+
+def test_the_demo_command_materializes_the_whole_graph_with_its_checks(pipeline_file, tmp_path, capsys):
+    from saev_dagster import demo
+
+    home = tmp_path / "home"
+    assert demo.main(["--pipeline", str(pipeline_file), "--dagster-home", str(home)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    galleries = [line.split(": ", 1)[1] for line in out if line.startswith("gallery")]
+    assert len(galleries) == 2 * len(LAYERS) and all(os.path.isfile(g) for g in galleries)  # members = "all"
+    assert out[-2] == f"report: {tmp_path / 'ckpts' / 'report.md'}" and out[-1].startswith("UI: ")
+    instance = dg.DagsterInstance.from_config(str(home))
+    for key in ("activations", "sae_sweep", "topk_visuals", "sweep_report"):
+        assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
+    checks = instance.event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(dg.AssetKey("topk_visuals"), "visuals_complete"), limit=10)
+    assert len(checks) == len(LAYERS)
+    runs = instance.get_run_records()
+    assert all(r.dagster_run.is_success for r in runs)
+    recording = [r for r in runs if r.dagster_run.asset_selection == {dg.AssetKey("activations")}]
+    assert len(recording) == 1  # every layer in ONE run (one ViT pass)
+    assert len(runs) == 1 + 1 + 2 * len(LAYERS) + 1  # observation, activations, per layer sweep + visuals, report

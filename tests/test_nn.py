@@ -40,7 +40,10 @@ def norm(sae, x):
 
 
 def ref_mse(x_n, x_hat_n):
-    return ((x_n - x_hat_n) ** 2).sum(dim=1).mean()
+    """saev 0.1.0's loss MSE (``safe_mse(x_hat, x).mean()``): the squared error averaged over every element, batch
+    and d_vit alike."""
+    n, d = x_n.shape
+    return ((x_n - x_hat_n) ** 2).sum() / (n * d)
 
 
 def ref_kth_largest_mask(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -212,18 +215,33 @@ def test_auxk_is_zero_without_dead_latents():
     assert sae(acts()).loss.aux == 0
 
 
-def test_patches_since_fired_counts_in_training_only():
-    sae = make("topk").eval()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patches_since_fired_counts_in_training_only_for_every_arch(arch):
+    sae = make(arch).eval()
     _, f_x, _ = sae(acts())
     assert (sae.n_patches_since_fired == 0).all()
     sae.train()
     with torch.no_grad():
         sae.n_patches_since_fired.fill_(7)
+        sae.b_enc[:5] = -100.0  # five latents that cannot fire on these inputs
     _, f_x, _ = sae(acts())
     fired = (f_x > 0).any(dim=0)
-    assert fired.any() and (~fired).any()
+    assert fired.any() and not fired[:5].any()
     assert (sae.n_patches_since_fired[fired] == 0).all()
     assert (sae.n_patches_since_fired[~fired] == 7 + BATCH).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dead_latents_are_those_idle_for_dead_after_n_patches(arch):
+    sae = make(arch, dead_after_n_patches=50)
+    with torch.no_grad():
+        sae.n_patches_since_fired.copy_(torch.arange(D_SAE) * 2)  # 0, 2, ..., 126
+    assert sae.dead_latents().tolist() == [2 * i >= 50 for i in range(D_SAE)]
+    unset = make(arch)  # None: the nominal window, 10 million patches
+    with torch.no_grad():
+        unset.n_patches_since_fired[3] = 10_000_000
+        unset.n_patches_since_fired[4] = 9_999_999
+    assert unset.dead_latents().nonzero().flatten().tolist() == [3]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,6 +410,27 @@ def test_saev_0_1_0_checkpoint_loads_and_encodes_as_saev_did(tmp_path):
     f = torch.relu((x - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
     torch.testing.assert_close(f_x, f, atol=1e-5, rtol=0)
     torch.testing.assert_close(x_hat, f @ state["W_dec"] + state["b_dec"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "topk"])
+def test_checkpoint_of_the_previous_version_loads(tmp_path, arch):
+    """Before every variant counted firing, relu and jumprelu files had no n_patches_since_fired, and every header
+    had an integer dead_after_n_patches."""
+    sae = nn.make_sae(cfg(arch=arch))
+    state = {k: v for k, v in sae.state_dict().items() if arch == "topk" or k != "n_patches_since_fired"}
+    old_cfg = {"d_vit": D_VIT, "exp_factor": EXP, "arch": arch, "sparsity_coeff": 0.01, "k": 4, "n_prefixes": 1,
+               "auxk_alpha": 1 / 32, "k_aux": 8, "dead_after_n_patches": 10_000_000, "jumprelu_init_threshold": 0.001,
+               "jumprelu_bandwidth": 0.001, "decoder_init_norm": 0.1, "seed": 0}
+    header = {"schema": 1, "arch": arch, "cfg": old_cfg, "d_vit": D_VIT, "d_sae": D_SAE, "provenance": {"layer": -2}}
+    path = tmp_path / "sae.pt"
+    with open(path, "wb") as f:
+        f.write((json.dumps(header) + "\n").encode())
+        torch.save(state, f)
+    loaded = nn.load(path)
+    assert loaded.cfg.dead_after_n_patches == 10_000_000 and loaded.provenance == {"layer": -2}
+    assert (loaded.n_patches_since_fired == 0).all()
+    for key, value in state.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize(

@@ -212,9 +212,10 @@ def test_split_cfgs_splits_on_data_fields_and_keeps_order():
     f1 = _cfg(n_patches=5)
     g1 = _cfg(device="cpu")
     h1 = _cfg(ckpt_path="elsewhere")
+    i1 = _cfg(n_threads=1)  # torch's thread count is one per process
     a3 = _cfg(sae={"seed": 99})
-    got = split_cfgs([a1, b1, a2, c1, b2, d1, e1, f1, g1, h1, a3])
-    assert got == [[a1, a2, a3], [b1, b2], [c1], [d1], [e1], [f1], [g1], [h1]]
+    got = split_cfgs([a1, b1, a2, c1, b2, d1, e1, f1, g1, h1, i1, a3])
+    assert got == [[a1, a2, a3], [b1, b2], [c1], [d1], [e1], [f1], [g1], [h1], [i1]]
 
 
 def test_split_cfgs_of_nothing_is_nothing():
@@ -256,6 +257,7 @@ def test_member_id_is_stable_across_processes():
         {"sae_batch_size": 10},
         {"n_lr_warmup": 1},
         {"sae": {"k": 9}},
+        {"sae": {"dead_after_n_patches": 1000}},
         {"sae": {"seed": 1}},
         {"sae": {"arch": "topk"}},
         {"sae": {"exp_factor": 2}},
@@ -269,7 +271,8 @@ def test_member_id_changes_with_any_result_changing_field(change):
 
 
 @pytest.mark.parametrize(
-    "change", [{"ckpt_path": "/elsewhere"}, {"log_every": 1}, {"ckpt_every": 7}, {"sweep": "s.toml"}, {"device": "cpu"}]
+    "change", [{"ckpt_path": "/elsewhere"}, {"log_every": 1}, {"ckpt_every": 7}, {"sweep": "s.toml"}, {"device": "cpu"},
+               {"n_threads": 1}]
 )
 def test_member_id_ignores_fields_that_do_not_change_the_result(change):
     assert member_id(_cfg(**change)) == member_id(_cfg())
