@@ -320,6 +320,21 @@ def visuals_for_layer(pipe: Pipeline, layer: int, sweep_csv: str, show_progress:
     return done
 
 
+def dropped_visuals_folder(pipe: Pipeline) -> str:
+    """Where the visuals of the watched folder's files go: <[visuals] dump_to>/dropped/<file name>/."""
+    return os.path.join(pipe.visuals.visuals.dump_to, "dropped")
+
+
+def dropped_sae_visuals(pipe: Pipeline, name: str, show_progress: bool = False):
+    """Top-k visuals of one file of the watched folder ([watch] folder); returns visuals.VisualsResult."""
+    from saev_core import visuals, watch
+
+    if pipe.watch_folder is None:
+        raise UserError(f"{pipe.path} has no [watch] folder; add one to render dropped SAE files.")
+    cfg = watch.dropped_visuals_config(pipe.visuals.visuals, pipe.watch_folder, name, dropped_visuals_folder(pipe))
+    return visuals.make_visuals(cfg, show_progress)
+
+
 def layer_visuals_problems(pipe: Pipeline, layer: int) -> list[str]:
     """What is missing from a layer's visuals (one line per problem; empty when every selected latent of every
     member has its full set of images on disk)."""

@@ -10,6 +10,7 @@ import dagster as dg
 from saev_core import pipeline
 from saev_core.errors import UserError
 from saev_dagster.assets.activations import build_activations_asset
+from saev_dagster.assets.dropped import build_dropped_assets
 from saev_dagster.assets.sae_sweep import build_sae_sweep_asset
 from saev_dagster.assets.sources import build_sources
 from saev_dagster.assets.sweep_report import build_sweep_report_asset
@@ -17,6 +18,10 @@ from saev_dagster.assets.topk_visuals import build_topk_visuals_asset, build_top
 from saev_dagster.automation import automation_sensor
 from saev_dagster.partitions import layer_partitions
 from saev_dagster.resources import SaevPipeline
+
+
+LAYER_JOB = "layer_assets"
+REPORT_JOB = "sweep_report_job"
 
 
 class PipelineFileError(Exception):
@@ -37,8 +42,15 @@ def build_definitions(path: str | None = None) -> dg.Definitions:
             build_sae_sweep_asset(layers, pipe.code_version("sae_sweep")),
             build_topk_visuals_asset(layers, pipe.code_version("topk_visuals")),
             build_sweep_report_asset(layers.get_partition_keys(), pipe.code_version("sweep_report")),
+            *(build_dropped_assets(pipe.observe_cron) if pipe.watch_folder else []),
         ],
         asset_checks=[build_topk_visuals_check(layers)],
+        jobs=[
+            dg.define_asset_job(LAYER_JOB, selection=dg.AssetSelection.assets("activations", "sae_sweep", "topk_visuals"),
+                                partitions_def=layers, description="Record, train and render, one layer partition."),
+            dg.define_asset_job(REPORT_JOB, selection=dg.AssetSelection.assets("sweep_report"),
+                                description="The sweep report over every layer."),
+        ],
         sensors=[automation_sensor],
         resources={"saev_pipeline": SaevPipeline(path=path)},
     )

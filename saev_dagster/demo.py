@@ -29,15 +29,15 @@ def dagster_home(path: str) -> str:
 
 def run(pipeline_path: str | None, home: str) -> list[str]:
     """Materialize everything; returns the lines to print (galleries, report)."""
-    from saev_dagster.definitions import build_definitions
+    from saev_dagster.definitions import LAYER_JOB, REPORT_JOB, build_definitions
 
     os.environ["DAGSTER_HOME"] = dagster_home(home)
     instance = dg.DagsterInstance.get()
     defs = build_definitions(pipeline_path)
-    job = defs.resolve_implicit_global_asset_job_def()
     layers = defs.resolve_assets_def("activations").partitions_def.get_partition_keys()
 
     def step(selection: list[str], **kwargs) -> dg.ExecuteInProcessResult:
+        job = defs.resolve_job_def(REPORT_JOB if selection == ["sweep_report"] else LAYER_JOB)
         result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey(k) for k in selection],
                                         raise_on_error=False, **kwargs)
         if not result.success:

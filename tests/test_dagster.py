@@ -81,7 +81,11 @@ device = "cpu"
 
 [checks]
 max_frac_dead = {max_frac_dead}
+
+[watch]
+folder = "{tmp_path / 'watch'}"
 """)
+    (tmp_path / "watch").mkdir()
     monkeypatch.setenv("SAEV_PIPELINE", str(path))
     return path
 
@@ -159,7 +163,7 @@ def test_run_config_override_and_clear_failure(pipeline_file):
     store = ActivationStore.open(result.asset_materializations_for_node("activations")[0].metadata["store_path"].value)
     assert store.n_imgs == 2
     defs = build_definitions()
-    job = defs.resolve_implicit_global_asset_job_def()
+    job = defs.resolve_job_def("layer_assets")
     with pytest.raises(dg.DagsterUnknownPartitionError):  # a layer the pipeline does not record is no partition
         job.execute_in_process(instance=instance, partition_key="5", asset_selection=[dg.AssetKey("activations")])
 
@@ -264,7 +268,7 @@ def test_sae_sweep_check_fails_when_too_many_latents_are_dead(pipeline_file):
     assert _materialize_all_layers(instance).success
     result = _materialize_sweep(instance, "0")
     (check,) = result.get_asset_check_evaluations()
-    assert not check.passed and "dead latents" in check.metadata["problems"].value
+    assert not check.passed and "latents" in check.metadata["problems"].value  # names the dead-latent bound
 
 
 def test_sae_sweep_before_activations_is_a_clear_failure(pipeline_file):
@@ -291,7 +295,7 @@ def test_topk_visuals_renders_every_member_and_its_check_sees_a_deleted_png(pipe
     # One heatmap gone: running the check alone now fails and names the file.
     victim = next(p for p in sorted((tmp_path / "visuals" / "layer_-1").rglob("*.png")) if "neurons" in str(p))
     victim.unlink()
-    job = defs.resolve_implicit_global_asset_job_def()
+    job = defs.resolve_job_def("layer_assets")
     check_key = dg.AssetCheckKey(dg.AssetKey("topk_visuals"), "visuals_complete")
     only_check = job.get_subset(asset_selection=set(), asset_check_selection={check_key}).execute_in_process(
         instance=instance, partition_key="-1", raise_on_error=False, resources=defs.resources)
@@ -344,3 +348,39 @@ def test_the_demo_command_materializes_the_whole_graph_with_its_checks(pipeline_
     recording = [r for r in runs if r.dagster_run.asset_selection == {dg.AssetKey("activations")}]
     assert len(recording) == 1  # every layer in ONE run (one ViT pass)
     assert len(runs) == 1 + 1 + 2 * len(LAYERS) + 1  # observation, activations, per layer sweep + visuals, report
+
+
+def test_dropped_sae_files_get_their_own_visuals_and_only_those(pipeline_file, tmp_path):
+    from saev_core import nn
+
+    instance = dg.DagsterInstance.ephemeral()
+    defs = build_definitions()
+    assert _materialize_all_layers(instance, defs=defs).success
+    assert _materialize_sweep(instance, "-1").success
+    trained = sorted((tmp_path / "ckpts" / "layer_-1").glob("*/sae.pt"))[0]
+    shutil.copy(trained, tmp_path / "watch" / "a.pt")
+    sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
+    observe(sources, instance=instance, resources=defs.resources)
+    assert instance.get_dynamic_partitions("sae_files") == ["a.pt"]
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    result = materialize(defs, ["dropped_sae_visuals"], instance, partition_key="a.pt")
+    (mat,) = result.asset_materializations_for_node("dropped_sae_visuals")
+    assert mat.metadata["gallery"].value == str(tmp_path / "visuals" / "dropped" / "a.pt" / "index.html")
+    settled = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+
+    # A new file requests its own visuals and nothing else.
+    shutil.copy(trained, tmp_path / "watch" / "b.pt")
+    observe(sources, instance=instance, resources=defs.resources)
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=settled.cursor)
+    assert after.get_requested_partitions(dg.AssetKey("dropped_sae_visuals")) == {"b.pt"}
+    for key in ("activations", "sae_sweep", "topk_visuals"):
+        assert after.get_requested_partitions(dg.AssetKey(key)) == set(), key
+
+    # A file without provenance (as saev 0.1.0 writes them) fails with the sidecar instruction.
+    bare = nn.load(trained)
+    bare.provenance = {}
+    nn.dump(tmp_path / "watch" / "old.pt", bare)
+    observe(sources, instance=instance, resources=defs.resources)
+    failed = materialize(defs, ["dropped_sae_visuals"], instance, partition_key="old.pt", raise_on_error=False)
+    assert not failed.success
+    assert "old.pt.provenance.json" in str(failed.failure_data_for_node("dropped_sae_visuals").error)

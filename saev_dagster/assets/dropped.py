@@ -1,0 +1,48 @@
+"""A second entry point for SAEs that come from elsewhere: `sae_checkpoints`, an observable source over the
+pipeline's [watch] folder (one dynamic partition per file, data version = (size, mtime)), and `dropped_sae_visuals`,
+which renders visuals for every file dropped there and again for a file changed in place."""
+
+import dagster as dg
+
+from saev_dagster.metadata import png_markdown
+from saev_dagster.resources import SaevPipeline, fail_clearly
+
+SAE_FILES = dg.DynamicPartitionsDefinition(name="sae_files")
+GROUP = "dropped"
+
+
+def build_dropped_assets(observe_cron: str) -> list:
+    @dg.observable_source_asset(
+        name="sae_checkpoints", partitions_def=SAE_FILES, group_name=GROUP, kinds={"pytorch", "folder"},
+        tags={"stage": "visuals"},
+        description="SAE checkpoint files in the [watch] folder; one partition per file name.",
+        automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
+    )
+    def sae_checkpoints(context, saev_pipeline: SaevPipeline) -> dg.DataVersionsByPartition:
+        from saev_core import watch
+
+        files = fail_clearly(watch.sae_files, saev_pipeline.load().watch_folder)
+        new = [name for name in files if not context.instance.has_dynamic_partition(SAE_FILES.name, name)]
+        if new:
+            context.instance.add_dynamic_partitions(SAE_FILES.name, new)
+            context.log.info(f"new SAE files: {new}")
+        return dg.DataVersionsByPartition({name: dg.DataVersion(v) for name, v in files.items()})
+
+    @dg.asset(
+        name="dropped_sae_visuals", partitions_def=SAE_FILES, deps=["sae_checkpoints"], group_name=GROUP,
+        automation_condition=dg.AutomationCondition.eager(), kinds={"pytorch", "html"}, tags={"stage": "visuals"},
+        owners=["team:saev"], pool="gpu",
+        description="Top-k visuals of one SAE file of the [watch] folder (saev 0.1.0 files need a provenance "
+                    "sidecar, <file>.provenance.json).",
+    )
+    def dropped_sae_visuals(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
+        from saev_core import gallery, pipeline
+
+        result = fail_clearly(pipeline.dropped_sae_visuals, saev_pipeline.load(), context.partition_key)
+        return dg.MaterializeResult(metadata={
+            "gallery": dg.MetadataValue.path(result.index_html),
+            "preview": png_markdown(gallery.preview_grid(result.dump_to, result.latents[:4], 6), "top images"),
+            "n_latents": len(result.latents), "n_images": result.n_images, "cache_reused": result.cache_reused,
+        })
+
+    return [sae_checkpoints, dropped_sae_visuals]
