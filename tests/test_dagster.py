@@ -384,3 +384,49 @@ def test_dropped_sae_files_get_their_own_visuals_and_only_those(pipeline_file, t
     failed = materialize(defs, ["dropped_sae_visuals"], instance, partition_key="old.pt", raise_on_error=False)
     assert not failed.success
     assert "old.pt.provenance.json" in str(failed.failure_data_for_node("dropped_sae_visuals").error)
+
+
+def test_a_changed_checkpoint_requests_the_whole_graph_with_activations_in_one_run(pipeline_file, own_ckpt, tmp_path):
+    from saev_core.vit import save_random_weights
+
+    from saev_dagster import demo
+
+    home = tmp_path / "home"
+    assert demo.main(["--pipeline", str(pipeline_file), "--dagster-home", str(home)]) == 0
+    instance = dg.DagsterInstance.from_config(str(home))
+    defs = build_definitions()
+    sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    quiet = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    assert quiet.total_requested == 0
+
+    save_random_weights("clip", "saev-tiny-clip", tmp_path / "new.pt", seed=9)
+    os.replace(tmp_path / "new.pt", own_ckpt.split("/", 1)[1])
+    observe(sources, instance=instance, resources=defs.resources)
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=quiet.cursor)
+    every_layer = {str(x) for x in LAYERS}
+    for key in ("activations", "sae_sweep", "topk_visuals"):
+        assert after.get_requested_partitions(dg.AssetKey(key)) == every_layer, key
+    # The sensor emits the multi-partition requests as one backfill; the backfill daemon runs activations by its
+    # single-run policy, so both layers are recorded in ONE run (one ViT pass).
+    from dagster._core.definitions.automation_tick_evaluation_context import build_run_requests
+
+    from saev_dagster.automation import automation_sensor
+
+    requests = build_run_requests(after._requested_subsets, defs.resolve_asset_graph(), None,
+                                  emit_backfills=automation_sensor.emit_backfills)
+    with_activations = [r for r in requests if r.requires_backfill_daemon()
+                        and dg.AssetKey("activations") in r.asset_graph_subset.asset_keys]
+    assert len(with_activations) == 1
+    assert defs.resolve_assets_def("activations").backfill_policy == dg.BackfillPolicy.single_run()
+
+    # The report waits for its upstream: once the layers are done, it is requested too.
+    assert after.get_num_requested(dg.AssetKey("sweep_report")) == 0
+    job = defs.resolve_job_def("layer_assets")
+    tags = {"dagster/asset_partition_range_start": str(LAYERS[0]), "dagster/asset_partition_range_end": str(LAYERS[-1])}
+    assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("activations")], tags=tags).success
+    for layer in every_layer:
+        assert job.execute_in_process(instance=instance, partition_key=layer, asset_selection=[
+            dg.AssetKey("sae_sweep"), dg.AssetKey("topk_visuals")]).success
+    later = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=after.cursor)
+    assert later.get_num_requested(dg.AssetKey("sweep_report")) == 1
