@@ -430,3 +430,22 @@ def test_a_changed_checkpoint_requests_the_whole_graph_with_activations_in_one_r
             dg.AssetKey("sae_sweep"), dg.AssetKey("topk_visuals")]).success
     later = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=after.cursor)
     assert later.get_num_requested(dg.AssetKey("sweep_report")) == 1
+
+
+def test_activations_check_catches_a_store_that_does_not_match_the_vit(pipeline_file):
+    import numpy as np
+
+    from saev_core import verify
+    from saev_core.pipeline import load_pipeline
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize_all_layers(instance)
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "activations_match_vit"]
+    assert check.passed, check.metadata
+    path = result.asset_materializations_for_node("activations")[0].metadata["store_path"].value
+    cfg = load_pipeline().activations
+    store = ActivationStore.open(path, mode="r+")
+    arr = store.array(-1)
+    arr[:] = np.asarray(arr[:]) * 1.01  # as if recorded from other weights
+    problems = verify.store_problems(cfg, path, n_samples=6)
+    assert len(problems) == 1 and problems[0].startswith("layer -1:")

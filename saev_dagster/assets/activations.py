@@ -7,6 +7,8 @@ from saev_dagster.metadata import previous_materialization
 from saev_dagster.partitions import layers_of
 from saev_dagster.resources import SaevPipeline, fail_clearly
 
+CHECK = "activations_match_vit"
+
 
 def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_version: str) -> dg.AssetsDefinition:
     @dg.asset(
@@ -21,12 +23,17 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
         owners=["team:saev"],
         code_version=code_version,
         pool="gpu",
+        check_specs=[dg.AssetCheckSpec(
+            CHECK, asset="activations", blocking=True,
+            description="Every block is complete, and a fresh forward pass over a few sampled images reproduces "
+                        "their stored rows (tolerance by dtype).",
+        )],
         description="ViT residual-stream activations of the pipeline's images, one zarr array per layer.",
     )
     def activations(
         context: dg.AssetExecutionContext, config: ActivationsRunConfig, saev_pipeline: SaevPipeline
     ) -> dg.MaterializeResult:
-        from saev_core import pipeline, recording
+        from saev_core import pipeline, recording, verify
         from saev_core.files import join
         from saev_core.store import layer_name
 
@@ -61,7 +68,11 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
                 "mb_written": dg.MetadataValue.float(round(result.bytes_written / 1e6, 2)),
                 "run_id": context.run_id,
             })
-        return dg.MaterializeResult(metadata=metadata)
+        problems = fail_clearly(verify.store_problems, cfg, result.path)
+        return dg.MaterializeResult(metadata=metadata, check_results=[dg.AssetCheckResult(
+            check_name=CHECK, passed=not problems,
+            metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none")},
+        )])
 
     return activations
 
