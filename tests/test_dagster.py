@@ -449,3 +449,13 @@ def test_activations_check_catches_a_store_that_does_not_match_the_vit(pipeline_
     arr[:] = np.asarray(arr[:]) * 1.01  # as if recorded from other weights
     problems = verify.store_problems(cfg, path, n_samples=6)
     assert len(problems) == 1 and problems[0].startswith("layer -1:")
+
+
+def test_the_instance_template_limits_the_gpu_pool_that_the_heavy_assets_use(tmp_path):
+    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(__file__)), "deploy", "dagster.yaml"), tmp_path)
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+    defs = build_definitions()
+    pools = {key: defs.resolve_assets_def(key).get_op_def_for_asset_key(dg.AssetKey(key)).pool
+             for key in ("activations", "sae_sweep", "topk_visuals", "sweep_report")}
+    assert pools == {"activations": "gpu", "sae_sweep": "gpu", "topk_visuals": "gpu", "sweep_report": None}
