@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -36,6 +37,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + "-", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the output gets the user's usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -46,6 +48,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         raise
     fsync_folder(folder)
     return path
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: done under a lock and restored at once)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
