@@ -227,10 +227,13 @@ def load_pipeline(path: str | None = None) -> Pipeline:
         )
     data = from_table(DATA_KINDS[kind](), data_table, "activations.data", path)
     activations = from_table(config.ActivationsConfig(data=data), acts_table, "activations", path)
+    if "sweep" in doc.get("train", {}):
+        raise UserError(f"train.sweep in {path}: a pipeline file sweeps with its own [sweep] table; move the lists "
+                        "there and remove train.sweep.")
     train = from_table(config.TrainConfig(), doc.get("train", {}), "train", path)
     pipe = Pipeline(
         path=path, activations=activations, train=train, sweep=doc.get("sweep", {}),
-        random_vit=bool(doc.get("demo", {}).get("random_vit", False)),
+        random_vit=_single_key(doc, "demo", "random_vit", bool, False, path),
         max_frac_dead=_checks_fraction(doc.get("checks", {}), "max_frac_dead", 0.5, path),
         max_nmse=_checks_bound(doc.get("checks", {}), "max_nmse", path),
         visuals=_visuals_plan(doc.get("visuals", {}), path),

@@ -220,3 +220,21 @@ def test_bad_visuals_table_names_the_key(tmp_path, table, message):
     path.write_text(f"[activations]\nvit_layers = [-2]\n\n[visuals]\n{table}\n")
     with pytest.raises(UserError, match=message):
         pipeline.load_pipeline(str(path))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[demo]\nrandom_vit = "false"\n', "demo.random_vit"),
+    ("[demo]\nrandom_vits = true\n", r"random_vits.*\[demo\]"),
+    ('[train]\nsweep = "s.toml"\n', "train.sweep"),
+    ("[automation]\nobserve_cron = 5\n", "automation.observe_cron"),
+    ("[watch]\nfolders = 'x'\n", r"folders.*\[watch\]"),
+    ("[checks]\nmax_nmse = -1\n", "checks.max_nmse"),
+    ("[report]\npca = 'yes'\n", "report.pca"),
+])
+def test_every_table_of_a_pipeline_file_is_checked(tmp_path, text, message):
+    from saev_core import pipeline
+
+    path = tmp_path / "p.toml"
+    path.write_text("[activations]\nvit_layers = [-2]\n\n" + text)
+    with pytest.raises(UserError, match=message):
+        pipeline.load_pipeline(str(path))
