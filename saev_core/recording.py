@@ -164,13 +164,19 @@ def record_activations(
     cfg: config.ActivationsConfig,
     show_progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> RecordResult:
     """Record cfg.vit_layers of the ViT for every image of cfg.data into <dump_to>/<key>; resumable.
 
-    on_progress(done, total) is called after every batch (Dagster logs it; the CLI shows a tqdm bar)."""
+    on_progress(done, total) is called after every batch (Dagster logs it; the CLI shows a tqdm bar).
+    part = (i, n): record only the i-th of n contiguous, disjoint block ranges (``block_part``), so n workers can
+    fill one store side by side (one writer per block); create the store first (``create_store``)."""
     recorder, source, plan = prepare(cfg, with_transform=True)
     store = ActivationStore.create(absolute(cfg.dump_to), plan.metadata, source.paths, source.labels, source.class_names)
     missing = store.missing_blocks()
+    if part is not None:
+        mine = set(block_part(store.layout.n_blocks, *part))
+        missing = [b for b in missing if b in mine]
     device = config.resolve_device(cfg.device)
     batches = block_batches(store.layout, missing, cfg.vit_batch_size)
     loader = torch.utils.data.DataLoader(
@@ -190,6 +196,21 @@ def record_activations(
     return record_batches(
         store, recorder.to(device).eval(), loader, missing, device, on_bad_image, show_progress, on_progress
     )
+
+
+def block_part(n_blocks: int, i: int, n: int) -> list[int]:
+    """The i-th of n contiguous, disjoint ranges of blocks that together cover all n_blocks (sizes differ by <= 1)."""
+    if not 0 <= i < n:
+        raise ValueError(f"part {i} of {n} does not exist")
+    return [int(b) for b in np.array_split(np.arange(n_blocks), n)[i]]
+
+
+def create_store(cfg: config.ActivationsConfig) -> str:
+    """Plan and create the store of cfg without recording anything (before fanning out to workers); its path."""
+    _, source, plan = prepare(cfg, with_transform=False)
+    return ActivationStore.create(
+        absolute(cfg.dump_to), plan.metadata, source.paths, source.labels, source.class_names
+    ).path
 
 
 class HostCopier:

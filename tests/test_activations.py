@@ -79,6 +79,45 @@ def test_dinov2_with_registers_store_keeps_cls_and_drops_registers(capsys, tmp_p
     np.testing.assert_allclose(store.array(0)[:], want[1], atol=1e-5, rtol=0)
 
 
+def _store_files(path) -> dict[str, bytes]:
+    files = {}
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            files[os.path.relpath(full, path)] = open(full, "rb").read()
+    return files
+
+
+def test_store_recorded_with_early_stop_is_byte_identical_to_a_full_pass_recording(
+    capsys, tmp_path, monkeypatch, tiny_clip_ckpt
+):
+    """Layer 0 of the 2-block tiny CLIP: block 1 and the head never run. (Every family's early-stopped activations
+    are compared bit for bit with full-pass hooks in test_vit; this checks the bytes of the whole store.)"""
+    write_images(tmp_path / "imgs", 5)
+    real = vitlib.RecordedVisionTransformer
+    next_block_runs = {}
+
+    def recorder_class(full_pass: bool):
+        def build(*args, **kwargs):
+            recorder = real(*args, **kwargs, full_pass=full_pass)
+            after = recorder.vit.residual_blocks[max(recorder.resolved_layers) + 1]
+            runs = next_block_runs.setdefault(full_pass, [])
+            after.register_forward_pre_hook(lambda *_: runs.append(1))
+            return recorder
+        return build
+
+    paths = {}
+    for full_pass in (False, True):
+        monkeypatch.setattr(vitlib, "RecordedVisionTransformer", recorder_class(full_pass))
+        paths[full_pass] = record(capsys, tiny_clip_ckpt, tmp_path / "imgs", tmp_path / f"full{full_pass}",
+                                  "--vit-layers", "0", "--n-patches-per-shard", str(2 * 50), "--vit-batch-size", "2")
+    assert next_block_runs[False] == [] and len(next_block_runs[True]) == 3  # 5 images in batches of 2
+    early, full = _store_files(paths[False]), _store_files(paths[True])
+    assert ActivationStore.open(paths[False]).layout.n_blocks > 1
+    assert sorted(early) == sorted(full) and any(name.startswith("layer_0/c/") for name in early)
+    assert all(early[name] == full[name] for name in full), [n for n in full if early[n] != full[n]]
+
+
 def test_store_index_and_metadata(capsys, tmp_path, tiny_clip_ckpt):
     root = tmp_path / "imgs"
     rels = write_images(root, 7)
@@ -221,3 +260,29 @@ def test_cli_subprocess_prints_store_path_last(tmp_path, tiny_clip_ckpt):
     assert ActivationStore.open(last).is_complete
     source = images.make_image_source(ImageFolderDataset(root=str(tmp_path / "imgs")))
     assert images.image_list_fingerprint(source) == ActivationStore.open(last).metadata["fingerprints"]["images"]
+
+
+def test_two_workers_on_disjoint_block_ranges_write_the_same_bytes_as_one(tmp_path, tiny_clip_ckpt):
+    import filecmp
+
+    from saev_core import config, recording
+
+    write_images(tmp_path / "imgs", 7)
+    base = dict(vit_family="clip", vit_ckpt=tiny_clip_ckpt, vit_layers=(0, -1), n_patches_per_shard=2 * 50 * 2,
+                n_workers=0, vit_batch_size=2, data=config.ImageFolderDataset(root=str(tmp_path / "imgs")))
+    one = recording.record_activations(config.ActivationsConfig(**base, dump_to=str(tmp_path / "one")),
+                                       show_progress=False)
+    cfg = config.ActivationsConfig(**base, dump_to=str(tmp_path / "two"))
+    path = recording.create_store(cfg)
+    assert ActivationStore.open(path).missing_blocks() == [0, 1, 2, 3]
+    parts = [recording.record_activations(cfg, show_progress=False, part=(i, 2)) for i in (1, 0)]
+    assert [p.n_blocks_written for p in parts] == [2, 2] and ActivationStore.open(path).is_complete
+    cmp = filecmp.dircmp(one.path, path)
+
+    def same_tree(c) -> bool:
+        equal, diff, errors = filecmp.cmpfiles(c.left, c.right, c.common_files, shallow=False)
+        return not diff and not errors and not c.left_only and not c.right_only and all(
+            same_tree(sub) for sub in c.subdirs.values())
+
+    assert same_tree(cmp)
+    assert recording.block_part(10, 0, 3) == [0, 1, 2, 3] and recording.block_part(10, 2, 3) == [7, 8, 9]
