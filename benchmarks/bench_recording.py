@@ -6,8 +6,14 @@
 2. Store write MB/s (write_block) vs writing the same bytes with numpy to a raw file, both up to the disk
    (os.sync() inside the timing: without it the first GB lands in the page cache at memory speed and the figure
    measures copies, not writes); the median ratio of back-to-back pairs. Goal: >= 0.9.
+3. The pass that stops early: images/s of the recorder's forward (hooks, token selection, stack; no store) for
+   layers {3} and {-2, -1}, stopping after the deepest recorded block and forced to run the whole ViT
+   (``full_pass=True``), vs a bare forward of the same ViT on the same batches. The variants run in turn, the order
+   rotating every round; best of ``--early-repeats`` rounds each. Expected: {3} of 12 blocks ~3x a full pass
+   (patch embedding + 4 blocks instead of 12 + head); {-2, -1} ~1.0 (only the head is skipped).
 
     .venv/bin/python benchmarks/bench_recording.py [--arch ViT-B-32] [--n-imgs 128] [--device auto]
+        [--sections write,record,early]
 """
 
 import argparse
@@ -128,6 +134,50 @@ def bench_zarr_vs_numpy(args, tmp: str) -> None:
           "goal >= 0.9)")
 
 
+def bench_early_stop(args, tmp: str) -> None:
+    path = os.path.join(tmp, "weights-early.pt")
+    vitlib.save_random_weights("clip", args.arch, path, seed=0)
+    vit = vitlib.make_vit("clip", f"{args.arch}/{path}")
+    device = config.resolve_device(args.device)
+    vit = vit.to(device)
+    gen = torch.Generator().manual_seed(0)
+    n_batches = max(1, args.early_imgs // args.batch_size)
+    pixels = [torch.randn(args.batch_size, 3, 224, 224, generator=gen).to(device) for _ in range(n_batches)]
+    n_imgs = n_batches * args.batch_size
+
+    def timed(run) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for x in pixels:
+                run(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    variants = {"bare forward (whole ViT + head)": vit}
+    for layers in ([3], [-2, -1]):
+        for full_pass in (False, True):
+            name = f"record {set(layers)}, {'full pass' if full_pass else 'early stop'}"
+            variants[name] = vitlib.RecordedVisionTransformer(vit, None, True, layers, full_pass=full_pass)
+    # The recorders' hooks stay attached to the one ViT: they act only inside their own recorder's forward.
+    names = list(variants)
+    for name in names:  # warm up (allocator, kernels)
+        timed(variants[name])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.early_repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timed(variants[name]))
+    bare = min(times[names[0]])
+    print(f"\n== recording forward, early stop vs full pass vs bare forward ({args.arch}, {vit.n_blocks} blocks, "
+          f"{n_imgs} images, batch {args.batch_size}, {device}, best of {args.early_repeats}) ==")
+    print(f"{'variant':40s} {'img/s':>8s} {'vs bare':>8s} {'spread s':>12s}")
+    for name in names:
+        best = min(times[name])
+        print(f"{name:40s} {n_imgs / best:8.1f} {bare / best:8.2f} {min(times[name]):5.2f}-{max(times[name]):5.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="ViT-B-32")
@@ -137,12 +187,23 @@ def main() -> None:
     parser.add_argument("--write-imgs", type=int, default=2048, help="images in the write benchmark (x 153.6 kB)")
     parser.add_argument("--repeats", type=int, default=3, help="pairs of the recording benchmark")
     parser.add_argument("--write-repeats", type=int, default=7, help="pairs of the write benchmark")
+    parser.add_argument("--early-imgs", type=int, default=64, help="images per round of the early-stop benchmark")
+    parser.add_argument("--early-repeats", type=int, default=5, help="rounds of the early-stop benchmark")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--sections", default="write,record,early",
+                        help="comma-separated: write (store writes), record (recording vs bare), early (early stop)")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= {"write", "record", "early"}:
+        parser.error(f"--sections {args.sections!r}: use write, record and/or early")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory(dir=os.environ.get("SAEV_BENCH_TMP")) as tmp:
-        bench_zarr_vs_numpy(args, tmp)
-        bench_forward_vs_recording(args, tmp)
+        if "write" in sections:
+            bench_zarr_vs_numpy(args, tmp)
+        if "record" in sections:
+            bench_forward_vs_recording(args, tmp)
+        if "early" in sections:
+            bench_early_stop(args, tmp)
 
 
 if __name__ == "__main__":

@@ -397,14 +397,34 @@ def check_d_vit(vit: VisionTransformer, d_vit: int | None) -> None:
         raise UserError(f"--d-vit {d_vit} does not match {vit.arch}'s width {vit.d_vit}; pass --d-vit {vit.d_vit}")
 
 
+class _StopForward(Exception):
+    """Raised by the hook of the deepest recorded block: nothing after it is needed. An ``Exception`` (not a
+    ``BaseException``) so that torch's module call still runs its clean-up on the way out; library code that caught
+    and swallowed it would only cost the saving, never correctness (the hooks have recorded by then)."""
+
+
 class RecordedVisionTransformer(nn.Module):
     """A ViT plus forward hooks that record the residual stream (the output of chosen blocks).
 
     ``forward`` returns ``(output, acts)``; ``acts[:, i]`` is block ``resolved_layers[i]``'s output with token 0 the
     CLS token (when ``cls_token``) and then the patches in the ViT's order; register tokens are dropped.
+
+    By default the forward pass stops right after the deepest recorded block: no later block and no head runs
+    (recording layer 3 of a 12-block ViT costs about a third of a full pass), and ``output`` is None. The blocks
+    that do run compute exactly what they compute in a full pass, so the activations are the same bits.
+    ``full_pass=True`` runs the whole ViT and ``output`` is its output (the image embedding for clip/siglip, pooled
+    features for timm), as in saev. The hooks act only inside this recorder's ``forward``: calling the ViT itself
+    runs it whole, unrecorded.
     """
 
-    def __init__(self, vit: VisionTransformer, n_patches_per_img: int | None, cls_token: bool, layers: Sequence[int]):
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        n_patches_per_img: int | None,
+        cls_token: bool,
+        layers: Sequence[int],
+        full_pass: bool = False,
+    ):
         super().__init__()
         n_model = vit.n_patches_per_img
         if n_patches_per_img is not None and n_patches_per_img != n_model:
@@ -420,6 +440,10 @@ class RecordedVisionTransformer(nn.Module):
         self.cls_token = cls_token
         self.layers = list(layers)
         self.resolved_layers = resolve_layers(self.layers, vit.n_blocks)
+        self.full_pass = full_pass
+        """Run the whole ViT and return its output; False: stop after the deepest recorded block (output None)."""
+        self._deepest = max(self.resolved_layers)
+        self._running = False  # the hooks record (and may stop the pass) only inside forward
         self._acts: dict[int, Tensor] = {}
         self._handles = [
             vit.residual_blocks[block].register_forward_hook(self._make_hook(block)) for block in self.resolved_layers
@@ -431,7 +455,11 @@ class RecordedVisionTransformer(nn.Module):
 
     def _make_hook(self, block: int):
         def hook(module: nn.Module, inputs, output) -> None:
+            if not self._running:
+                return
             self._acts[block] = self._select_tokens(output[0] if isinstance(output, tuple) else output)
+            if block == self._deepest and not self.full_pass:
+                raise _StopForward(self)
 
         return hook
 
@@ -454,13 +482,19 @@ class RecordedVisionTransformer(nn.Module):
 
     def forward(
         self, x: Float[Tensor, "batch 3 height width"]
-    ) -> tuple[Tensor, Float[Tensor, "batch n_layers n_tokens d_vit"]]:
-        self._acts = {}
+    ) -> tuple[Tensor | None, Float[Tensor, "batch n_layers n_tokens d_vit"]]:
+        """(the ViT's output, or None when the pass stopped early; the recorded blocks' outputs)."""
+        self._acts, self._running = {}, True
         try:
-            output = self.vit(x)
+            try:
+                output = self.vit(x)
+            except _StopForward as stop:
+                if stop.args[0] is not self:  # another recorder's: not ours to end
+                    raise
+                output = None
             acts = torch.stack([self._acts[block] for block in self.resolved_layers], dim=1)
         finally:
-            self._acts = {}
+            self._acts, self._running = {}, False
         return output, acts
 
     def remove_hooks(self) -> None:
