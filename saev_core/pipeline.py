@@ -133,9 +133,9 @@ class Pipeline:
 
     def checkpoint_file(self) -> str | None:
         """The ViT checkpoint's local file (absolute), or None when it is a pretrained tag."""
-        from saev_core import vit
+        from saev_core import checkpoints
 
-        return vit.parse_ckpt(self.activations.vit_family, self.activations.vit_ckpt, must_exist=False).path
+        return checkpoints.parse_ckpt(self.activations.vit_family, self.activations.vit_ckpt, must_exist=False).path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +200,64 @@ def _nmse_problems(pipe: Pipeline, table) -> list[str]:
     return [f"best held-out NMSE {best:.4f} is above [checks] max_nmse {pipe.max_nmse:g}"]
 
 
+def embedded_demo_path() -> str:
+    return str(importlib.resources.files("saev_core") / "pipelines" / "demo.toml")
+
+
 def default_pipeline_path() -> str:
-    return os.environ.get("SAEV_PIPELINE") or str(importlib.resources.files("saev_core") / "pipelines" / "demo.toml")
+    return os.environ.get("SAEV_PIPELINE") or embedded_demo_path()
+
+
+def _resolve_paths(pipe: Pipeline, base: str) -> Pipeline:
+    """Every relative local path of the pipeline made absolute against ``base`` (URLs unchanged)."""
+    from saev_core import checkpoints
+    from saev_core.files import is_url
+
+    def at(p: str | None) -> str | None:
+        return p if p is None or p == "" or is_url(p) or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+
+    acts = pipe.activations
+    data = acts.data
+    if isinstance(data, config.ImageFolderDataset):
+        data = dataclasses.replace(data, root=at(data.root))
+    elif data.cache_dir:
+        data = dataclasses.replace(data, cache_dir=at(data.cache_dir))
+    ckpt = acts.vit_ckpt
+    arch, _, rest = ckpt.partition("/")
+    try:
+        local = checkpoints.parse_ckpt(acts.vit_family, ckpt, must_exist=False).path is not None
+    except UserError:
+        local = False  # check_inputs reports it
+    if local and not os.path.isabs(os.path.expanduser(rest)):
+        ckpt = f"{arch}/{at(rest)}"
+    acts = dataclasses.replace(acts, data=data, vit_ckpt=ckpt, dump_to=at(acts.dump_to))
+    vis = pipe.visuals.visuals
+    vis = dataclasses.replace(vis, dump_to=at(vis.dump_to),
+                              data=dataclasses.replace(vis.data, shard_root=at(vis.data.shard_root)))
+    return dataclasses.replace(
+        pipe, activations=acts, train=dataclasses.replace(pipe.train, ckpt_path=at(pipe.train.ckpt_path)),
+        visuals=dataclasses.replace(pipe.visuals, visuals=vis), watch_folder=at(pipe.watch_folder),
+    )
+
+
+def check_inputs(pipe: Pipeline) -> None:
+    """What can be checked without building the model: the checkpoint file exists (or [demo] random_vit makes it),
+    the image folder exists, and the layers exist in the architecture (when its config says how many blocks)."""
+    from saev_core import checkpoints
+
+    acts = pipe.activations
+    ref = checkpoints.parse_ckpt(acts.vit_family, acts.vit_ckpt, must_exist=False)
+    if ref.path is not None and not os.path.isfile(ref.path) and not pipe.random_vit:
+        raise UserError(f"activations.vit_ckpt = {acts.vit_ckpt!r} in {pipe.path}: no file at {ref.path}. Fix the "
+                        "path, or set [demo] random_vit = true to create random weights there.")
+    if isinstance(acts.data, config.ImageFolderDataset) and not os.path.isdir(acts.data.root):
+        raise UserError(f"activations.data.root = {acts.data.root!r} in {pipe.path} is not a folder; point it at "
+                        "the images.")
+    n_blocks = checkpoints.known_n_blocks(acts.vit_family, ref.arch)
+    bad = [layer for layer in acts.vit_layers if n_blocks is not None and not -n_blocks <= layer < n_blocks]
+    if bad:
+        raise UserError(f"activations.vit_layers = {list(acts.vit_layers)} in {pipe.path}: {bad} out of range for "
+                        f"{ref.arch}, which has {n_blocks} blocks ({-n_blocks}..{n_blocks - 1}).")
 
 
 def load_pipeline(path: str | None = None) -> Pipeline:
@@ -243,6 +299,12 @@ def load_pipeline(path: str | None = None) -> Pipeline:
     )
     if not activations.vit_layers:
         raise UserError(f"[activations] vit_layers in {path} is empty; list the layers to record, e.g. [-2].")
+    # Relative paths are relative to the file's own folder (the code server, the run worker and the CLI may each
+    # start elsewhere); the embedded demo keeps writing under the folder the user runs from.
+    base = os.getcwd() if os.path.abspath(path) == os.path.abspath(embedded_demo_path()) else os.path.dirname(
+        os.path.abspath(path))
+    pipe = _resolve_paths(pipe, base)
+    check_inputs(pipe)
     pipe.sweep_for(activations.vit_layers[0], "<store>")  # check the [sweep] table now, not at training time
     return pipe
 
@@ -384,10 +446,10 @@ def _single_key(doc: dict, table_name: str, key: str, kind: type, default, sourc
 
 def prepare_demo_checkpoint(pipe: Pipeline) -> None:
     """With [demo] random_vit, create the random-weight checkpoint the pipeline names when it is missing."""
-    from saev_core import vit
+    from saev_core import checkpoints, vit
 
     if not pipe.random_vit:
         return
-    ref = vit.parse_ckpt(pipe.activations.vit_family, pipe.activations.vit_ckpt, must_exist=False)
+    ref = checkpoints.parse_ckpt(pipe.activations.vit_family, pipe.activations.vit_ckpt, must_exist=False)
     if ref.path is not None and not os.path.exists(ref.path):
         vit.save_random_weights(ref.family, ref.arch, ref.path, seed=pipe.activations.seed)

@@ -23,10 +23,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from saev_core.checkpoints import CheckpointRef, check_family, parse_ckpt
 from saev_core.errors import UserError
 from saev_core.files import atomic_write, atomic_write_bytes
 
-FAMILIES = ("clip", "siglip", "dinov2")
 TIMM_IMG_SIZE = 224
 """Image size for timm ViTs (``dinov2``): 224 px like the other families; position embeddings are resampled."""
 CONFIG_DIR = pathlib.Path(__file__).parent / "vit_configs"
@@ -37,65 +37,6 @@ _HASH_PIECE = 8 * 1024 * 1024
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoint strings
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointRef:
-    """A parsed ``--vit-ckpt``: the architecture and where its weights come from (a tag, a local file, or the hub)."""
-
-    family: str
-    arch: str
-    """open_clip model name (``ViT-B-32``) or timm model name (``vit_small_patch14_reg4_dinov2.lvd142m``)."""
-    tag: str | None
-    """open_clip pretrained tag (``openai``); None for a local file and for timm names."""
-    path: str | None
-    """Absolute path of a local weights file; None for a tag or timm's hub weights."""
-
-
-def parse_ckpt(family: str, ckpt: str, must_exist: bool = True) -> CheckpointRef:
-    """Split a checkpoint string at its FIRST '/': ``ARCH`` before it, weights after it.
-
-    For clip/siglip the rest is a local file when it contains '/' or '.' or names an existing file (so
-    ``ViT-B-32/./openai`` forces a file named ``openai``); otherwise it is an open_clip pretrained tag.
-    Absolute paths work: ``ViT-B-32//data/w.pt``. For dinov2 the rest, when present, is always a file (timm puts its
-    tag in the name: ``vit_small_patch14_dinov2.lvd142m``); without it timm's hub weights are used.
-    """
-    check_family(family)
-    arch, sep, rest = ckpt.partition("/")
-    if not arch:
-        raise UserError(f"--vit-ckpt {ckpt!r} has no architecture before the first '/'; pass e.g. {_example(family)}")
-    if family == "dinov2":
-        if not rest:
-            return CheckpointRef(family, arch, None, None)
-        return CheckpointRef(family, arch, None, _existing_file(rest, ckpt, must_exist))
-    if not rest:
-        raise UserError(
-            f"--vit-ckpt {ckpt!r} names no weights; pass {arch}/TAG (an open_clip pretrained tag, see "
-            f"open_clip.list_pretrained_tags_by_model({arch!r})) or {arch}/path/to/weights.pt"
-        )
-    if "/" in rest or "." in rest or os.path.exists(rest):
-        return CheckpointRef(family, arch, None, _existing_file(rest, ckpt, must_exist))
-    return CheckpointRef(family, arch, rest, None)
-
-
-def _existing_file(path: str, ckpt: str, must_exist: bool = True) -> str:
-    full = os.path.abspath(os.path.expanduser(path))
-    if must_exist and not os.path.isfile(full):
-        what = "is a folder, not a file" if os.path.isdir(full) else "does not exist"
-        raise UserError(
-            f"checkpoint file {full} (from --vit-ckpt {ckpt!r}) {what}; "
-            "pass the path of a weights file (.pt, .pth, .bin or .safetensors)"
-        )
-    return full
-
-
-def _example(family: str) -> str:
-    return "vit_small_patch14_reg4_dinov2.lvd142m" if family == "dinov2" else "ViT-B-32/openai"
-
-
-def check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise UserError(f"unknown ViT family {family!r}; known families: {', '.join(FAMILIES)} (--vit-family)")
 
 
 def checkpoint_fingerprint(family: str, ckpt: str) -> str:
