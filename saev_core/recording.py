@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saev_core import config, images, vit as vitlib
+from saev_core import config, images, stats, vit as vitlib
 from saev_core.errors import UserError
 from saev_core.files import absolute, is_url, join
 from saev_core.images import BAD_IMAGE
@@ -193,9 +193,12 @@ def record_activations(
             )
         logger.warning("skipping undecodable image %s: %s", source.paths[i], reason)
 
-    return record_batches(
+    result = record_batches(
         store, recorder.to(device).eval(), loader, missing, device, on_bad_image, show_progress, on_progress
     )
+    if store.is_complete:  # the last writer writes the statistics (a fan-out part may finish before the others)
+        stats.write_store_stats(store)
+    return result
 
 
 def block_part(n_blocks: int, i: int, n: int) -> list[int]:

@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 import zarr
 from PIL import Image
@@ -286,3 +287,15 @@ def test_two_workers_on_disjoint_block_ranges_write_the_same_bytes_as_one(tmp_pa
 
     assert same_tree(cmp)
     assert recording.block_part(10, 0, 3) == [0, 1, 2, 3] and recording.block_part(10, 2, 3) == [7, 8, 9]
+
+
+def test_the_recording_writes_the_statistics_of_every_token_mode(tmp_path, tiny_clip_ckpt, capsys):
+    from saev_core.stats import compute_stats
+
+    write_images(tmp_path / "imgs", 4)
+    store = ActivationStore.open(record(capsys, tiny_clip_ckpt, tmp_path / "imgs", tmp_path / "acts"))
+    for mode in ("patches", "cls", "meanpool"):
+        mean, scale = store.read_stats(-2, mode)
+        want_mean, want_scale = compute_stats(store, -2, mode)
+        np.testing.assert_allclose(mean, want_mean, rtol=1e-12)
+        assert scale == pytest.approx(want_scale, rel=1e-12)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from saev_core import config, loader as loader_mod, shards, store_metadata
+from saev_core import config, loader as loader_mod, shards, stats, store_metadata
 from saev_core.errors import UserError
 from saev_core.loader import ActivationLoader, split_images
 from saev_core.shards import ChunkReader
@@ -513,6 +513,7 @@ def test_float16_store_statistics_are_float64_over_the_stored_values(tmp_path):
     assert mean.dtype == np.float64 and isinstance(scale, float)
     np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-13)
     assert scale == pytest.approx(np.sqrt(D / np.mean(np.sum((x - x.mean(axis=0)) ** 2, axis=1))), rel=1e-12)
+    stats.write_store_stats(store)
     mean2, scale2 = normalization(store, data_cfg())
     cached_mean, cached_scale = store.read_stats(-2, "patches")
     assert cached_mean.dtype == np.float64
@@ -520,38 +521,43 @@ def test_float16_store_statistics_are_float64_over_the_stored_values(tmp_path):
     assert (mean2, scale2)[1] == cached_scale == scale
 
 
-def test_normalization_flags_and_cache(planted, monkeypatch):
+def test_normalization_flags_and_the_stats_the_store_keeps(planted, monkeypatch):
     store, acts = planted
     x = acts[:, 1:].reshape(-1, D).astype(np.float64)
     assert store.read_stats(-2, "patches") is None
-    mean, scale = normalization(store, data_cfg())
+    mean, scale = normalization(store, data_cfg())  # computed in memory: training writes nothing into the store
     np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-12)
     assert np.mean(np.sum(((x - mean) * scale) ** 2, axis=1)) == pytest.approx(D, rel=1e-6)
-    cached_mean, cached_scale = store.read_stats(-2, "patches")
-    np.testing.assert_array_equal(cached_mean, mean)
-    assert cached_scale == scale
+    assert store.read_stats(-2, "patches") is None
 
-    # From now on the statistics come from the cache: reading the data would fail.
+    stats.write_store_stats(store)  # what the recording does last, every token mode in one pass
+    for mode, want in [("patches", x), ("cls", acts[:, 0].astype(np.float64)),
+                       ("meanpool", acts[:, 1:].astype(np.float64).mean(axis=1))]:
+        got_mean, got_scale = store.read_stats(-2, mode)
+        np.testing.assert_allclose(got_mean, want.mean(axis=0), rtol=1e-6 if mode == "meanpool" else 1e-12)
+        assert np.mean(np.sum(((want - got_mean) * got_scale) ** 2, axis=1)) == pytest.approx(D, rel=1e-6)
+
+    # From now on the statistics come from the store: reading the data would fail.
     def no_reads(*args, **kwargs):
         raise AssertionError("the data was read again")
 
     monkeypatch.setattr(ActivationStore, "array", no_reads)
     mean2, scale2 = normalization(ActivationStore.open(store.path), data_cfg())
-    np.testing.assert_array_equal(mean2, mean)
-    assert scale2 == scale
+    np.testing.assert_allclose(mean2, mean, rtol=1e-12)
+    assert scale2 == pytest.approx(scale, rel=1e-12)
     zero, s_raw = normalization(store, data_cfg(scale_mean=False))
     assert not zero.any()
     assert np.mean(np.sum((x * s_raw) ** 2, axis=1)) == pytest.approx(D, rel=1e-6)
     mean3, one = normalization(store, data_cfg(scale_norm=False))
-    np.testing.assert_array_equal(mean3, mean)
+    np.testing.assert_allclose(mean3, mean, rtol=1e-12)
     assert one == 1.0
 
 
-def test_normalization_of_a_read_only_store_still_caches(planted):
+def test_a_read_only_store_trains_and_is_not_written(planted):
     store, _ = planted
-    read_only = ActivationStore.open(store.path)  # mode "r"
-    normalization(read_only, data_cfg(patches="cls"))
-    assert ActivationStore.open(store.path).read_stats(-2, "cls") is not None
+    before = sorted(str(p) for p in __import__("pathlib").Path(store.path).rglob("*"))
+    normalization(ActivationStore.open(store.path), data_cfg(patches="cls"))  # mode "r"
+    assert sorted(str(p) for p in __import__("pathlib").Path(store.path).rglob("*")) == before
 
 
 def test_nan_in_the_data_names_the_store_layer_and_image(planted):
