@@ -110,8 +110,13 @@ class _RunningTopK:
     ) -> None:
         """Merge a batch of images (any order; an image never comes twice)."""
         keys = rank_keys(rank.T, images[None, :])  # an image that does not fire a latent never enters
-        if keys.shape[1] > self.k:
-            cand_keys, cand_pos = keys.topk(self.k, dim=1)
+        # Only keys above a latent's worst slot can enter (empty slots hold -1): late in a long stream few do, so
+        # the merge below works on that many candidates per latent, not on the whole batch.
+        n_cand = min(self.k, int((keys > self.keys.min(dim=1, keepdim=True).values).sum(dim=1).max()))
+        if n_cand == 0:
+            return
+        if n_cand < keys.shape[1]:
+            cand_keys, cand_pos = keys.topk(n_cand, dim=1)
         else:  # every image of the batch is a candidate
             cand_keys, cand_pos = keys, torch.arange(keys.shape[1], device=keys.device).expand_as(keys)
         merged = torch.cat([self.keys, cand_keys], dim=1)
@@ -174,11 +179,12 @@ class _FiringStats:
 
 def batch_images(n_tokens: int, d_sae: int, d_vit: int, device: str) -> int:
     """Images per SAE batch: the latents of a batch ([imgs, n_tokens, d_sae] float32, plus the input and temporaries
-    of about as much again) take about 256 MB on CPU, or a quarter of the free memory of a GPU."""
+    of about as much again) take about 1 GB on CPU (a sixteenth of the RAM when that is less), or a quarter of the
+    free memory of a GPU."""
     if device.startswith("cuda"):
         budget = torch.cuda.mem_get_info(torch.device(device))[0] // 4
-    else:
-        budget = 256 * 2**20
+    else:  # large batches amortise the per-batch merge over d_sae x (k + candidates): ~1 GB, less on small machines
+        budget = min(2**30, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 16)
     per_img = n_tokens * (d_sae + d_vit) * 4 * 2
     return max(1, budget // per_img)
 
