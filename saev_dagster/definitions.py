@@ -47,7 +47,7 @@ def build_definitions(path: str | None = None) -> dg.Definitions:
         asset_checks=[build_topk_visuals_check(layers)],
         jobs=[
             dg.define_asset_job(LAYER_JOB, selection=dg.AssetSelection.assets("activations", "sae_sweep", "topk_visuals"),
-                                partitions_def=layers, description="Record, train and render, one layer partition."),
+                                description="Record, train and render, one layer partition."),
             dg.define_asset_job(REPORT_JOB, selection=dg.AssetSelection.assets("sweep_report"),
                                 description="The sweep report over every layer."),
         ],

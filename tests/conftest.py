@@ -2,6 +2,7 @@
 the libraries' own local-file routes (no downloads on our machines)."""
 
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -64,3 +65,53 @@ def write_images(root, n: int, size=(64, 48)) -> list[str]:
         Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(path)
         rels.append(rel)
     return rels
+
+
+def tiny_pipeline_text(root, vit_ckpt: str, layers, max_frac_dead: float = 1.0) -> str:
+    """A pipeline file for the tiny ViT, small enough for a test: the images in ``root/imgs`` (write them with
+    ``write_images``), every output under ``root``, a sweep of two learning rates, visuals of every member."""
+    root = pathlib.Path(root)
+    return f"""
+[activations]
+vit_family = "clip"
+vit_ckpt = "{vit_ckpt}"
+vit_layers = {list(layers)}
+dump_to = "{root / 'acts'}"
+n_patches_per_shard = {4 * 50 * 2}
+n_workers = 0
+
+[activations.data]
+kind = "image-folder-dataset"
+root = "{root / 'imgs'}"
+
+[train]
+n_patches = 2048
+sae_batch_size = 64
+lr = 1e-3
+n_lr_warmup = 2
+ckpt_path = "{root / 'ckpts'}"
+
+[train.data]
+val_frac = 0.2
+
+[train.sae]
+d_vit = 64
+exp_factor = 2
+arch = "topk"
+k = 4
+
+[sweep]
+lr = [1e-3, 3e-3]
+
+[visuals]
+members = "all"
+dump_to = "{root / 'visuals'}"
+top_k = 4
+n_imgs_per_latent = 3
+log_freq_range = [-10.0, 0.0]
+log_value_range = [-10.0, 10.0]
+device = "cpu"
+
+[checks]
+max_frac_dead = {max_frac_dead}
+"""

@@ -17,7 +17,7 @@ from dagster._core.definitions.observe import observe  # not exported by dagster
 
 from saev_core.store import ActivationStore
 from saev_dagster.definitions import PipelineFileError, build_definitions
-from tests.conftest import write_images
+from tests.conftest import tiny_pipeline_text, write_images
 
 LAYERS = [0, -1]
 
@@ -38,50 +38,7 @@ def max_frac_dead() -> float:
 def pipeline_file(tmp_path, own_ckpt, monkeypatch, max_frac_dead):
     write_images(tmp_path / "imgs", 6)
     path = tmp_path / "pipeline.toml"
-    path.write_text(f"""
-[activations]
-vit_family = "clip"
-vit_ckpt = "{own_ckpt}"
-vit_layers = {LAYERS}
-dump_to = "{tmp_path / 'acts'}"
-n_patches_per_shard = {4 * 50 * 2}
-n_workers = 0
-
-[activations.data]
-kind = "image-folder-dataset"
-root = "{tmp_path / 'imgs'}"
-
-[train]
-n_patches = 2048
-sae_batch_size = 64
-lr = 1e-3
-n_lr_warmup = 2
-ckpt_path = "{tmp_path / 'ckpts'}"
-
-[train.data]
-val_frac = 0.2
-
-[train.sae]
-d_vit = 64
-exp_factor = 2
-arch = "topk"
-k = 4
-
-[sweep]
-lr = [1e-3, 3e-3]
-
-[visuals]
-members = "all"
-dump_to = "{tmp_path / 'visuals'}"
-top_k = 4
-n_imgs_per_latent = 3
-log_freq_range = [-10.0, 0.0]
-log_value_range = [-10.0, 10.0]
-device = "cpu"
-
-[checks]
-max_frac_dead = {max_frac_dead}
-
+    path.write_text(tiny_pipeline_text(tmp_path, own_ckpt, LAYERS, max_frac_dead) + f"""
 [watch]
 folder = "{tmp_path / 'watch'}"
 """)
