@@ -303,8 +303,10 @@ def load_cache(dump_to: str, identity: CacheIdentity) -> TopKCache | None:
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
             arrays = {name: z[name] for name in _ARRAYS}
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"The top-k cache {path} cannot be read ({err}); delete it to compute it again.") from None
+        n_vectors = int(meta["n_vectors"])
+    except Exception as err:  # noqa: BLE001 - a damaged file can fail in many ways (zip, JSON, keys, types)
+        raise UserError(f"The top-k cache {path} cannot be read ({type(err).__name__}: {err}); delete it to compute "
+                        "it again.") from None
     stored = {f.name: meta.get(f.name) for f in dataclasses.fields(CacheIdentity)}
     wanted = dataclasses.asdict(identity)
     if stored != wanted:
@@ -313,4 +315,4 @@ def load_cache(dump_to: str, identity: CacheIdentity) -> TopKCache | None:
             f"The top-k cache {path} was made from other inputs ({diff}). Pass another --dump-to, or delete "
             f"{os.path.dirname(path)} to compute it again for these."
         )
-    return TopKCache(identity=identity, n_vectors=int(meta["n_vectors"]), **arrays)
+    return TopKCache(identity=identity, n_vectors=n_vectors, **arrays)

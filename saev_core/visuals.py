@@ -22,7 +22,9 @@ from jaxtyping import Float, Int
 from PIL import Image
 from tqdm.auto import tqdm
 
-from saev_core import config, gallery, imaging, images, nn, topk, vit as vitlib
+import torch
+
+from saev_core import config, gallery, imaging, images, nn, stats, topk, vit as vitlib
 from saev_core.errors import UserError
 from saev_core.files import atomic_write_json, read_json
 from saev_core.store import ActivationStore
@@ -80,7 +82,15 @@ def resolve_inputs(cfg: config.VisualsConfig, device: str) -> VisualsInputs:
     if store.d_vit != sae.cfg.d_vit:
         raise UserError(f"The SAE {ckpt_path} reads {sae.cfg.d_vit}-d activations but the store {shard_root} holds "
                         f"{store.d_vit}-d ones; pass the store the SAE was trained on (--data.shard-root).")
-    return VisualsInputs(sae, ckpt_path, store, store.recorded_layer(layer), patches)
+    recorded = store.recorded_layer(layer)
+    if not prov and not sae.mean.any() and float(sae.scale) == 1.0:
+        # A saev 0.1.0 file: trained on (x - mean) / norm scale (saev's defaults) but stores neither; take the
+        # store's statistics, so latent values and rankings are those the SAE was trained for.
+        mean, scale = stats.normalization(store, config.DataLoadConfig(layer=recorded, patches=patches))
+        sae.set_normalization(torch.as_tensor(mean, dtype=torch.float32), scale)
+        logger.info("%s carries no normalisation: using the store's (scale_mean, scale_norm), as saev 0.1.0 trained",
+                    ckpt_path)
+    return VisualsInputs(sae, ckpt_path, store, recorded, patches)
 
 
 def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> VisualsResult:
@@ -231,22 +241,41 @@ def render_latents(
     def render(job: tuple[int, int]) -> None:
         latent, rank = job
         img, box = load(int(cache.top_images[latent, rank]))
-        vmax = float(cache.top_values[latent, 0])
+        vmax = vmaxes[latent]
         out = imaging.overlay_heatmap(img, cache.top_patches[latent, rank], grid, box, vmax, shortest_side=None,
                                       cls_value=_finite_or_none(cache.top_cls[latent, rank]))
         imaging.save_png(out, os.path.join(dump_to, gallery.image_relpath(latent, rank)))
 
-    for latent in latents:
-        folder = os.path.join(dump_to, gallery.NEURONS_DIR, str(int(latent)))
-        os.makedirs(folder, exist_ok=True)
-        for name in os.listdir(folder):  # ranks left over from an earlier run with more images
-            if name.endswith(".png") and name[:-4].isdigit() and int(name[:-4]) >= cache.n_images()[latent]:
-                os.remove(os.path.join(folder, name))
+    # One colour scale per latent, so its ranks compare: its top patch value (in cls mode the CLS ranks the images,
+    # but the heatmap shows patches, which may go higher).
+    vmaxes = {int(l): float(max(cache.top_values[l, 0], cache.top_patches[l].max(initial=0.0))) for l in latents}
+    _remove_stale(dump_to, {int(l): min(n_per_latent, int(cache.n_images()[l])) for l in latents})
     with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool, \
             tqdm(total=len(jobs), unit="img", desc="heatmaps", disable=not show_progress) as bar:
         for _ in pool.map(render, jobs):
             bar.update()
     return [_latent_row(cache, int(latent), n_per_latent, paths, labels, class_names, dump_to) for latent in latents]
+
+
+def _remove_stale(dump_to: str, n_images: dict[int, int]) -> None:
+    """Make neurons/ hold exactly this selection: folders of latents no longer selected and ranks beyond what is
+    rendered now go (only the names this module writes: numeric folders, <rank>.png, metadata.json)."""
+    root = os.path.join(dump_to, gallery.NEURONS_DIR)
+    os.makedirs(root, exist_ok=True)
+    for entry in os.listdir(root):
+        folder = os.path.join(root, entry)
+        if entry.isdigit() and int(entry) not in n_images and os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name == "metadata.json" or (name.endswith(".png") and name[:-4].isdigit()):
+                    os.remove(os.path.join(folder, name))
+            if not os.listdir(folder):
+                os.rmdir(folder)
+    for latent, n in n_images.items():
+        folder = os.path.join(root, str(latent))
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):
+            if name.endswith(".png") and name[:-4].isdigit() and int(name[:-4]) >= n:
+                os.remove(os.path.join(folder, name))
 
 
 def _latent_row(cache, latent: int, n_per_latent: int, paths, labels, class_names, dump_to: str) -> dict:

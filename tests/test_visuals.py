@@ -238,3 +238,48 @@ def test_every_table_of_a_pipeline_file_is_checked(tmp_path, text, message):
     path.write_text("[activations]\nvit_layers = [-2]\n\n" + text)
     with pytest.raises(UserError, match=message):
         pipeline.load_pipeline(str(path))
+
+
+def test_a_damaged_cache_is_a_clear_error(trained, tmp_path, capsys):
+    _, _, ckpt = trained
+    args = ["--ckpt", ckpt, "--dump-to", str(tmp_path / "v"), "--top-k", "3", "--device", "cpu", *WIDE]
+    assert run(capsys, *args)[0] == 0
+    with open(tmp_path / "v" / "cache" / "topk.npz", "r+b") as f:
+        f.truncate(100)
+    rc, _, err = run(capsys, *args)
+    assert rc == 2 and "cannot be read" in err and "Traceback" not in err
+
+
+def test_fewer_images_or_latents_on_a_rerun_leave_no_stale_heatmaps(trained, tmp_path, capsys):
+    _, _, ckpt = trained
+    args = ["--ckpt", ckpt, "--dump-to", str(tmp_path / "v"), "--top-k", "5", "--device", "cpu", *WIDE]
+    assert run(capsys, *args, "--n-imgs-per-latent", "4")[0] == 0
+    assert run(capsys, *args, "--n-imgs-per-latent", "2", "--n-latents", "3")[0] == 0
+    selection = json.loads((tmp_path / "v" / "cache" / "selection.json").read_text())
+    folders = sorted(int(p) for p in os.listdir(tmp_path / "v" / "neurons"))
+    assert folders == sorted(selection["latents"]) and len(folders) == 3
+    for latent, n in zip(selection["latents"], selection["n_images"]):
+        pngs = sorted(p for p in os.listdir(tmp_path / "v" / "neurons" / str(latent)) if p.endswith(".png"))
+        assert pngs == [f"{r}.png" for r in range(n)] and n <= 2
+
+
+def test_a_saev_0_1_0_checkpoint_gets_the_stores_normalisation(trained, tmp_path):
+    from saev_core import stats
+    from saev_core.store import ActivationStore
+
+    _, store_path, ckpt = trained
+    sae = nn.load(ckpt)
+    legacy = nn.load(ckpt)
+    legacy.provenance = {}
+    with torch.no_grad():
+        legacy.mean.zero_()
+        legacy.scale.fill_(1.0)
+    bare = nn.dump(tmp_path / "bare" / "sae.pt", legacy)
+    cfg = config.VisualsConfig(ckpt=bare, dump_to=str(tmp_path / "v"), device="cpu",
+                               data=config.VisualsDataConfig(shard_root=store_path, layer=-1, patches="patches"))
+    inputs = visuals.resolve_inputs(cfg, "cpu")
+    mean, scale = stats.normalization(ActivationStore.open(store_path),
+                                      config.DataLoadConfig(layer=-1, patches="patches"))
+    np.testing.assert_allclose(inputs.sae.mean.numpy(), mean, rtol=1e-6)
+    assert float(inputs.sae.scale) == pytest.approx(scale, rel=1e-6)
+    np.testing.assert_allclose(inputs.sae.mean.numpy(), sae.mean.numpy(), rtol=1e-5, atol=1e-6)  # what training used
