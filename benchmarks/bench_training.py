@@ -7,17 +7,25 @@
    K (1x the data, not Kx), and K separate runs are compared with one pass.
 2. SAE math FLOP/s: one training step (forward + backward = 6 matmuls of batch x d_vit x d_sae, i.e.
    12 * batch * d_vit * d_sae FLOPs) vs a plain fp32 matmul [batch, d_vit] @ [d_vit, d_sae]. Goal: >= 0.7.
+3. A shared machine (``--shared``): sweep patches/s with torch's default thread count (one per core, what training
+   used before ``--n-threads``) and with ``--n-threads`` auto, on the machine as it is and with one core kept busy by
+   a busy-loop process this benchmark starts (standing in for another user's job). Goal: with one core busy, auto
+   keeps most of its idle speed.
 
     .venv/bin/python benchmarks/bench_training.py [--d-vit 256] [--exp-factor 4] [--batch-size 1024]
-        [--n-steps 20] [--ks 1,2,4,8] [--arch topk] [--device auto]
+        [--n-steps 20] [--ks 1,2,4,8] [--arch topk] [--device auto] [--shared] [--skip-sweep] [--skip-flops]
 
 On a GPU try: --d-vit 768 --exp-factor 16 --batch-size 16384 --n-steps 50 --n-imgs 20000 --n-tokens 49
 """
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -62,12 +70,12 @@ def plant_store(root: str, args) -> ActivationStore:
     )
 
 
-def member_cfgs(store: ActivationStore, args, k: int, ckpt: str) -> list[config.TrainConfig]:
+def member_cfgs(store: ActivationStore, args, k: int, ckpt: str, **kw) -> list[config.TrainConfig]:
     base = config.TrainConfig(
         data=config.DataLoadConfig(shard_root=store.path, layer=-2),
         sae=config.SparseAutoencoderConfig(d_vit=args.d_vit, exp_factor=args.exp_factor, arch=args.arch, k=32),
         n_patches=args.n_steps * args.batch_size, sae_batch_size=args.batch_size, lr=1e-4, n_lr_warmup=2,
-        ckpt_path=ckpt, ckpt_every=10**9, log_every=10**9, device=args.device,
+        ckpt_path=ckpt, ckpt_every=10**9, log_every=10**9, device=args.device, **kw,
     )
     return [dataclasses.replace(base, sae=dataclasses.replace(base.sae, seed=i), lr=1e-4 * (1 + i)) for i in range(k)]
 
@@ -80,9 +88,11 @@ def sync(device: str) -> None:
 def time_sweep(cfgs: list[config.TrainConfig]) -> tuple[float, float, int]:
     """(end-to-end seconds, loop seconds for steps 1..n-1, bytes read) of one train_sweep call."""
     stamps: list[float] = []
+    fit = getattr(training, "fit_to_run", lambda cfg: (cfg, []))  # unset settings get their values first
+    last = training.member_id(fit(cfgs[-1])[0])
 
     def on_log(step, mid, record):
-        if mid == training.member_id(cfgs[-1]):  # the last member finishes each step
+        if mid == last:  # the last member finishes each step
             stamps.append(time.perf_counter())
 
     ReadCounter.n_bytes = 0
@@ -92,21 +102,29 @@ def time_sweep(cfgs: list[config.TrainConfig]) -> tuple[float, float, int]:
 
 
 def time_in_memory(cfgs: list[config.TrainConfig], batches: list[torch.Tensor], device: str) -> float:
-    """Seconds for steps 1..n-1 of every member on batches already on the device (step 0 is a warm-up)."""
+    """Seconds for steps 1..n-1 of every member on batches already on the device (step 0 is a warm-up), with the
+    CPU threads the sweep trains with."""
+    fit = getattr(training, "fit_to_run", lambda cfg: (cfg, []))
     members = []
     for cfg in cfgs:
+        cfg = fit(cfg)[0]
         sae = nn.make_sae(cfg.sae).to(device).train()
         members.append(training._Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=cfg.lr)))
     n = len(batches)
-    for m in members:
-        training.train_step(m, batches[0], 0, n)
-    sync(device)
-    t0 = time.perf_counter()
-    for step in range(1, n):
+    outside = torch.get_num_threads()
+    torch.set_num_threads(training.threads_for(cfgs[0]) if hasattr(training, "threads_for") else outside)
+    try:
         for m in members:
-            training.train_step(m, batches[step], step, n)
-    sync(device)
-    return time.perf_counter() - t0
+            training.train_step(m, batches[0], 0, n)
+        sync(device)
+        t0 = time.perf_counter()
+        for step in range(1, n):
+            for m in members:
+                training.train_step(m, batches[step], step, n)
+        sync(device)
+        return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(outside)
 
 
 def bench_sweep(args, store: ActivationStore, tmp: str) -> None:
@@ -146,6 +164,45 @@ def bench_sweep(args, store: ActivationStore, tmp: str) -> None:
         print(f"{k:>3} {separate:>11.3f} {total[k]:>11.3f} {separate / total[k]:>9.2f}")
 
 
+@contextlib.contextmanager
+def busy_core(on: bool):
+    """A process spinning on one core for the duration (another user's job), or nothing."""
+    if not on:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it be scheduled
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def bench_shared(args, store: ActivationStore, tmp: str) -> None:
+    """Sweep patches/s (loop steps 1..n-1) with torch's default threads and with auto, idle and one core busy."""
+    k = max(int(k) for k in args.ks.split(","))
+    default = torch.get_num_threads()  # torch's own choice: one per core; what training used before --n-threads
+    settings = {f"{default} threads (torch default, before)": default, "auto (after)": None}
+    rates: dict[tuple[str, str], list[float]] = {}
+    for rep in range(args.shared_repeats):  # interleaved, so drift in the machine's load hits every cell
+        for load in ("as is", "one core busy"):
+            with busy_core(load != "as is"):
+                for name, n_threads in settings.items():
+                    cfgs = member_cfgs(store, args, k, os.path.join(tmp, f"shared-{rep}-{load}-{n_threads}"),
+                                       n_threads=n_threads)
+                    _, loop, _ = time_sweep(cfgs)
+                    rates.setdefault((name, load), []).append((args.n_steps - 1) * args.batch_size / loop)
+    auto = training.threads_for(member_cfgs(store, args, 1, "")[0])
+    print(f"\n== sweep of {k} SAEs on a shared machine ({args.n_steps} steps of {args.batch_size} x {args.d_vit} -> "
+          f"d_sae {args.d_vit * args.exp_factor}, {args.arch}; {os.cpu_count()} CPUs, auto = {auto} threads; "
+          f"median of {args.shared_repeats}; load average before: {os.getloadavg()[0]:.1f}) ==")
+    print(f"{'threads':>34} {'as is patches/s':>16} {'one core busy':>14} {'busy / as is':>13}")
+    for name in settings:
+        idle, busy = (statistics.median(rates[(name, load)]) for load in ("as is", "one core busy"))
+        print(f"{name:>34} {idle:>16,.0f} {busy:>14,.0f} {busy / idle:>13.2f}")
+
+
 def bench_flops(args) -> None:
     device = config.resolve_device(args.device)
     b, d, s = args.batch_size, args.d_vit, args.d_vit * args.exp_factor
@@ -155,7 +212,8 @@ def bench_flops(args) -> None:
     print(f"\n== SAE training-step FLOP/s vs a plain fp32 matmul [{b}, {d}] @ [{d}, {s}] ({device}) ==")
     print(f"{'arch':>10} {'step ms':>9} {'SAE GFLOP/s':>12} {'matmul ms':>10} {'matmul GFLOP/s':>15} {'ratio':>6}")
     for arch in dict.fromkeys([args.arch, "relu"]):
-        cfg = config.TrainConfig(sae=config.SparseAutoencoderConfig(d_vit=d, exp_factor=args.exp_factor, arch=arch, k=32))
+        sae_cfg = config.SparseAutoencoderConfig(d_vit=d, exp_factor=args.exp_factor, arch=arch, k=32)
+        cfg = config.TrainConfig(sae=sae_cfg, lr=1e-4, n_lr_warmup=2)
         sae = nn.make_sae(cfg.sae).to(device).train()
         member = training._Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=1e-4))
 
@@ -199,6 +257,9 @@ def main() -> None:
     parser.add_argument("--inner", type=int, default=5, help="calls per FLOP/s timing")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--skip-flops", action="store_true")
+    parser.add_argument("--shared", action="store_true", help="also measure a machine shared with a busy core")
+    parser.add_argument("--shared-repeats", type=int, default=3, help="shared-machine timing repeats (median)")
     args = parser.parse_args()
     n_train = int(args.n_imgs * 0.9) * args.n_tokens
     if n_train < args.n_steps * args.batch_size:
@@ -206,15 +267,19 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {config.resolve_device(args.device)}"
           + (f" ({torch.cuda.get_device_name()})" if config.resolve_device(args.device) == "cuda" else ""))
 
-    bench_flops(args)
-    if args.skip_sweep:
+    if not args.skip_flops:
+        bench_flops(args)
+    if args.skip_sweep and not args.shared:
         return
     with tempfile.TemporaryDirectory() as tmp:
         store = plant_store(os.path.join(tmp, "store"), args)
         normalization(store, config.DataLoadConfig(shard_root=store.path, layer=-2))  # cache the statistics once
         training.train_sweep(member_cfgs(store, args, 1, os.path.join(tmp, "warmup")), show_progress=False)
-        with ReadCounter():
-            bench_sweep(args, store, tmp)
+        if not args.skip_sweep:
+            with ReadCounter():
+                bench_sweep(args, store, tmp)
+        if args.shared:
+            bench_shared(args, store, tmp)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def report_members(results) -> None:
         m = result.metrics
         print(
             f"{result.member_id}: {result.cfg.sae.arch} d_sae={result.cfg.sae.d_sae} lr={result.cfg.lr:g} "
-            f"NMSE={m['nmse']:.4f} L0={m['l0']:.1f} dead={m['frac_dead']:.1%} -> {result.ckpt_path}"
+            f"NMSE={m['nmse']:.4f} L0={m['l0']:.1f} dead={m['frac_dead_train']:.1%} (held-out {m['frac_dead_heldout']:.1%}) -> {result.ckpt_path}"
         )
 
 

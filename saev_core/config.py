@@ -116,8 +116,8 @@ class SparseAutoencoderConfig:
     k_aux: int = 512
     """Dead latents used by AuxK."""
     dead_after_n_patches: int | None = None
-    """A latent that has not fired in this many training patches is dead (AuxK's dead latents; metrics' frac_dead_train).
-    None: 10,000,000, or 10% of the patches the run sees when that is less (logged)."""
+    """A latent that has not fired in this many training patches is dead (AuxK's dead latents, and the count
+    frac_dead_train). None: 10,000,000, or 10% of --n-patches when that is less (logged)."""
     jumprelu_init_threshold: float = 0.001
     """Initial JumpReLU threshold (raw, not log)."""
     jumprelu_bandwidth: float = 0.001
@@ -164,8 +164,9 @@ class TrainConfig:
     """Training vectors to read (sae_batch_size per step; epochs over the store cycle as needed)."""
     sae_batch_size: int = 16_384
     """Vectors per SAE step."""
-    lr: float = 4e-4
-    """Peak learning rate."""
+    lr: float | None = None
+    """Peak learning rate. None: saev's 4e-4 for the default SAE and run (d_sae 16,384, 6,103 steps), times
+    sqrt(16384 / d_sae) and (6103 / steps)^(1/4) for narrower SAEs and shorter runs, at most 1e-2 (logged)."""
     n_lr_warmup: int | None = None
     """Linear learning-rate warm-up steps (then linear decay to 0). None: 500, or 5% of the steps when that is less
     (logged)."""
@@ -184,8 +185,8 @@ class TrainConfig:
     device: Device = "auto"
     """Where the SAEs train: auto picks cuda when available."""
     n_threads: int | None = None
-    """CPU threads for training: torch's intra-op threads during the run (the loader's reads use at most this many
-    as well). None: the CPUs this process may use, minus one for the loader and other work (at least 1)."""
+    """CPU threads for training: torch's intra-op threads during the run; the loader reads with at most 2 of them.
+    None: the CPUs this process may use, minus one for the loader and other work (at least 1)."""
     seed: int = 42
     """Data-order seed and base of the SAE seeds."""
 

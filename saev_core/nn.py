@@ -131,7 +131,8 @@ class SparseAutoencoder(torch.nn.Module):
 
     @torch.no_grad()
     def init_b_dec(self, mean_of_normalized_data: Float[Tensor, " d_vit"]) -> None:
-        """Start b_dec at the data mean (in normalised space), as saev and Gao et al. do."""
+        """Start b_dec at the data mean (in normalised space), as Gao et al. do (saev 0.1.0 defines this step but never
+        calls it: its b_dec starts at 0)."""
         self.b_dec.copy_(torch.as_tensor(mean_of_normalized_data, dtype=self.b_dec.dtype))
 
     def normalize(self, x: Float[Tensor, "batch d_vit"]) -> Float[Tensor, "batch d_vit"]:

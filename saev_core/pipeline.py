@@ -152,14 +152,16 @@ class LayerSweep:
     """What fails the sweep's health rule ([checks] max_frac_dead, NaN); empty when healthy."""
 
 
-def train_layer(pipe: Pipeline, layer: int, store_path: str, show_progress: bool = True, on_log=None) -> LayerSweep:
+def train_layer(
+    pipe: Pipeline, layer: int, store_path: str, show_progress: bool = True, on_log=None, on_note=None
+) -> LayerSweep:
     """Train the pipeline's [sweep] on one layer of a store (one pass), then summarise it."""
     import pandas as pd
 
     from saev_core import metrics, plots, training
 
     cfgs = pipe.sweep_for(layer, store_path)
-    results = training.train_sweep(cfgs, show_progress=show_progress, on_log=on_log)
+    results = training.train_sweep(cfgs, show_progress=show_progress, on_log=on_log, on_note=on_note)
     csv_path = training.sweep_csv_path(cfgs[0].ckpt_path)
     table = pd.read_csv(csv_path)
     return LayerSweep(

@@ -115,7 +115,7 @@ def write_report(folder: str, layers: list[LayerReport], title: str = "SAE sweep
 
 
 REPORT_COLUMNS = ["member_id", "sae.arch", "sae.exp_factor", "sae.k", "lr", "nmse", "pca_nmse_at_l0", "l0",
-                  "frac_dead", "ckpt"]
+                  "frac_dead_train", "frac_dead_heldout", "ckpt"]
 
 
 def markdown_summary(rep: LayerReport) -> str:

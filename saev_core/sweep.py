@@ -273,7 +273,9 @@ def _canonical(obj: Any) -> Any:
         out = {}
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if hints.get(f.name) is float and isinstance(value, int) and not isinstance(value, bool):
+            tp = hints.get(f.name)
+            is_float = tp is float or float in typing.get_args(tp)  # float, or float | None
+            if is_float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             out[f.name] = _canonical(value)
         return out

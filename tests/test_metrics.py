@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from saev_core.metrics import ReconstructionMetrics
+from saev_core.metrics import ReconstructionMetrics, sweep_problems
 
 
 def _feed(metrics, x, x_hat, f, sizes):
@@ -121,3 +121,33 @@ def test_constant_data_has_undefined_nmse_not_a_crash():
     assert np.isnan(out["nmse"])
     out = _feed(ReconstructionMetrics(), x, x + 1, np.zeros((10, 2)), sizes=[10])
     assert out["nmse"] == np.inf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sweep's health rule
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _row(member_id, **kw):
+    return {"member_id": member_id, "nmse": 0.2, "ev": 0.8, "mse": 10.0, "l0": 8.0, "l1": 30.0, **kw}
+
+
+def test_sweep_health_counts_latents_dead_in_the_training_stream_not_on_the_held_out_split():
+    rows = [
+        _row("rare", frac_dead_train=0.10, frac_dead_heldout=0.60, **{"sae.dead_after_n_patches": 15_360}),
+        _row("dead", frac_dead_train=0.70, frac_dead_heldout=0.75, **{"sae.dead_after_n_patches": 15_360}),
+    ]
+    problems = sweep_problems(rows, max_frac_dead=0.5)
+    assert problems == ["dead: 70.0% of its latents did not fire in the last 15,360 training vectors (bound 50%); "
+                        "75.0% never fired on the held-out split"]
+
+
+def test_sweep_health_reads_frac_dead_from_rows_written_before_the_training_count():
+    assert sweep_problems([_row("old", frac_dead=0.2)], 0.5) == []
+    [problem] = sweep_problems([_row("old", frac_dead=0.9)], 0.5)
+    assert problem.startswith("old: 90.0% of its latents did not fire in training (bound 50%)")
+
+
+def test_sweep_health_reports_nan_metrics():
+    assert sweep_problems([_row("x", frac_dead_train=float("nan"))], 0.5) == ["x: NaN in its metrics"]
+    assert sweep_problems([_row("y", frac_dead_train=0.0, nmse=float("nan"))], 0.5) == ["y: NaN in its metrics"]

@@ -9,7 +9,8 @@ from saev_dagster.resources import SaevPipeline, fail_clearly
 
 CHECK = "sweep_is_healthy"
 MEMBER_COLUMNS = [("member_id", "string"), ("sae.arch", "string"), ("sae.exp_factor", "int"), ("sae.k", "int"),
-                  ("lr", "float"), ("nmse", "float"), ("l0", "float"), ("frac_dead", "float")]
+                  ("lr", "float"), ("nmse", "float"), ("l0", "float"), ("frac_dead_train", "float"),
+                  ("frac_dead_heldout", "float")]
 
 
 def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version: str) -> dg.AssetsDefinition:
@@ -20,8 +21,9 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version:
         automation_condition=dg.AutomationCondition.eager(),
         check_specs=[dg.AssetCheckSpec(
             CHECK, asset="sae_sweep", blocking=True,
-            description="No member has NaN metrics or more dead latents than [checks] max_frac_dead, and the best "
-                        "member's NMSE is at most [checks] max_nmse.",
+            description="No member has NaN metrics or more latents than [checks] max_frac_dead that did not fire "
+                        "in the last --sae.dead-after-n-patches training vectors, and the best member's NMSE is at "
+                        "most [checks] max_nmse.",
         )],
         group_name="training",
         kinds={"pytorch"},
@@ -38,7 +40,7 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version:
         pipe = saev_pipeline.load()
         store_path = latest_store_path(context, context.partition_key)
         sweep = fail_clearly(pipeline.train_layer, pipe, layer, store_path, show_progress=False,
-                             on_log=_log_to(context))
+                             on_log=_log_to(context), on_note=context.log.warning)
         rows = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
                 for row in sweep.table.to_dict("records")]
         columns = [c for c in MEMBER_COLUMNS if c[0] in sweep.table]

@@ -7,7 +7,7 @@ from saev_dagster.metadata import png_markdown, table
 from saev_dagster.resources import SaevPipeline, fail_clearly
 
 COLUMNS = [("layer", "int"), ("member_id", "string"), ("sae.arch", "string"), ("sae.k", "int"), ("lr", "float"),
-           ("nmse", "float"), ("pca_nmse_at_l0", "float"), ("l0", "float"), ("frac_dead", "float"),
+           ("nmse", "float"), ("pca_nmse_at_l0", "float"), ("l0", "float"), ("frac_dead_train", "float"),
            ("chosen", "bool")]
 
 
