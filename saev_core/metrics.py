@@ -140,9 +140,11 @@ def sweep_problems(rows: list[dict], max_frac_dead: float) -> list[str]:
             problems.append(f"{row['member_id']}: NaN in its metrics")
         elif dead > max_frac_dead:
             window = row.get("dead_window", row.get("sae.dead_after_n_patches"))
-            where = f"in the last {int(window):,} training vectors" if window == window and window else "in training"
+            known = window is not None and window == window  # a sweep.csv cell may be NaN
+            where = f"in the last {int(window):,} training vectors" if known else "in training"
             heldout = row.get("frac_dead_heldout")
-            also = f"; {heldout:.1%} never fired on the held-out split" if heldout == heldout and heldout is not None else ""
+            known = heldout is not None and heldout == heldout
+            also = f"; {heldout:.1%} never fired on the held-out split" if known else ""
             problems.append(f"{row['member_id']}: {dead:.1%} of its latents did not fire {where} (bound "
                             f"{max_frac_dead:.0%}){also}")
     return problems
