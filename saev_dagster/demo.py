@@ -17,13 +17,14 @@ from dagster._core.definitions.observe import observe  # not exported at the top
 
 
 def dagster_home(path: str) -> str:
-    """An instance folder with telemetry off (created once; an existing dagster.yaml is kept)."""
+    """An instance folder with telemetry and the UI's welcome dialog off (created once; an existing dagster.yaml is
+    kept)."""
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
     config = os.path.join(path, "dagster.yaml")
     if not os.path.exists(config):
         with open(config, "w") as f:
-            f.write("telemetry:\n  enabled: false\n")
+            f.write("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     return path
 
 

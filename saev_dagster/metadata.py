@@ -42,7 +42,7 @@ def previous_materialization(context, asset: str, partition: str, store_path: st
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> dg.TableMetadataValue:
     """rows as a Dagster table with a schema; columns: (name, type) with type one of string, int, float, bool."""
     schema = dg.TableSchema(columns=[dg.TableColumn(name, kind) for name, kind in columns])
-    cast = {"string": str, "int": int, "float": float, "bool": bool}
+    cast = {"string": str, "int": int, "float": lambda v: float(f"{float(v):.4g}"), "bool": bool}  # 4 digits read
     records = [dg.TableRecord({name: cast[kind](row[name]) for name, kind in columns if row.get(name) is not None})
                for row in rows]
     return dg.MetadataValue.table(records, schema=schema)
