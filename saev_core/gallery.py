@@ -70,8 +70,8 @@ def image_relpath(latent: int, rank: int) -> str:
 def write_gallery(
     dump_to: str | os.PathLike,
     latents: Sequence[GalleryLatent],
-    all_log10_freq: Float[np.ndarray, "n_latents"],
-    all_log10_value: Float[np.ndarray, "n_latents"],
+    all_log10_freq: Float[np.ndarray, " n_latents"],
+    all_log10_value: Float[np.ndarray, " n_latents"],
     log_freq_range: tuple[float | None, float | None] | None = None,
     log_value_range: tuple[float | None, float | None] | None = None,
     title: str = "SAE latents: top images",
@@ -133,8 +133,8 @@ def _check_latent(entry, dump_to: str) -> dict:
 
 
 def freq_vs_value_png(
-    log10_freq: Float[np.ndarray, "n_latents"],
-    log10_value: Float[np.ndarray, "n_latents"],
+    log10_freq: Float[np.ndarray, " n_latents"],
+    log10_value: Float[np.ndarray, " n_latents"],
     shown: Float[np.ndarray, "n_shown 2"],
     log_freq_range: tuple[float | None, float | None] | None = None,
     log_value_range: tuple[float | None, float | None] | None = None,

@@ -195,7 +195,7 @@ def _patch_runs(n_pixels: int, lo: float, hi: float, n_patches: int) -> tuple[in
 
 def overlay_heatmap(
     img: Image.Image,
-    values: Float[np.ndarray, "n_patches"],
+    values: Float[np.ndarray, " n_patches"],
     grid: tuple[int, int],
     box: Box,
     vmax: float,

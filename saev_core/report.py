@@ -101,6 +101,15 @@ def layer_report(layer: int, sweep_csv: str, max_l0: float | None, pca: PCABasel
     return LayerReport(layer, table, chosen, pca, png)
 
 
+def member_rows(layers: list[LayerReport]) -> list[dict]:
+    """Every member of every layer as one row: its sweep.csv columns plus ``layer`` and ``chosen``."""
+    rows = []
+    for rep in layers:
+        chosen = rep.chosen["member_id"] if rep.chosen else None
+        rows += [{**row, "layer": rep.layer, "chosen": row["member_id"] == chosen} for row in rep.table.to_dict("records")]
+    return rows
+
+
 def write_report(folder: str, layers: list[LayerReport], title: str = "SAE sweep report") -> str:
     """report.md and report_layer_<L>.png in ``folder``; returns the report's path."""
     lines = [f"# {title}", ""]

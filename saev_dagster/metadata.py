@@ -12,14 +12,25 @@ def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
 def latest_materialization_value(context, asset: str, partition: str | None, key: str):
     """A metadata value of the latest materialization of asset[partition]: how an asset finds what the one
     upstream of it wrote (lineage through metadata)."""
+    value = _latest_value(context, asset, partition, key)
+    if value is None:
+        where = f"{asset}[{partition}]" if partition else asset
+        raise dg.Failure(description=f"{where} has never been materialized; materialize it first.")
+    return value
+
+
+def latest_values(context, asset: str, partitions: list[str], key: str) -> dict[str, object]:
+    """{partition: metadata value} of the latest materialization of each partition that has one."""
+    values = {p: _latest_value(context, asset, p, key) for p in partitions}
+    return {p: v for p, v in values.items() if v is not None}
+
+
+def _latest_value(context, asset: str, partition: str | None, key: str):
     result = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
         limit=1,
     )
-    if not result.records:
-        where = f"{asset}[{partition}]" if partition else asset
-        raise dg.Failure(description=f"{where} has never been materialized; materialize it first.")
-    return result.records[0].asset_materialization.metadata[key].value
+    return result.records[0].asset_materialization.metadata[key].value if result.records else None
 
 
 def latest_store_path(context, partition: str) -> str:
@@ -40,9 +51,13 @@ def previous_materialization(context, asset: str, partition: str, store_path: st
 
 
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> dg.TableMetadataValue:
-    """rows as a Dagster table with a schema; columns: (name, type) with type one of string, int, float, bool."""
+    """rows as a Dagster table with a schema; columns: (name, type) with type one of string, int, float, bool.
+    Missing and NaN cells are left empty."""
     schema = dg.TableSchema(columns=[dg.TableColumn(name, kind) for name, kind in columns])
     cast = {"string": str, "int": int, "float": lambda v: float(f"{float(v):.4g}"), "bool": bool}  # 4 digits read
-    records = [dg.TableRecord({name: cast[kind](row[name]) for name, kind in columns if row.get(name) is not None})
+    def present(value) -> bool:
+        return value is not None and not (isinstance(value, float) and value != value)
+
+    records = [dg.TableRecord({name: cast[kind](row[name]) for name, kind in columns if present(row.get(name))})
                for row in rows]
     return dg.MetadataValue.table(records, schema=schema)

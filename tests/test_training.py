@@ -24,7 +24,6 @@ import torch
 from saev_core import config, nn, stats, training
 from saev_core.errors import UserError
 from saev_core.loader import ActivationLoader, split_images
-from saev_core.stats import normalization
 from saev_core.store import ActivationStore, write_store
 
 D = 16

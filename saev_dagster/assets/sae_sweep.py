@@ -1,7 +1,5 @@
 """sae_sweep[layer]: the pipeline's whole [sweep] grid trained on one layer in one pass over its activations."""
 
-import math
-
 import dagster as dg
 
 from saev_dagster.metadata import latest_store_path, png_markdown, table
@@ -41,12 +39,10 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version:
         store_path = latest_store_path(context, context.partition_key)
         sweep = fail_clearly(pipeline.train_layer, pipe, layer, store_path, show_progress=False,
                              on_log=_log_to(context), on_note=context.log.warning)
-        rows = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
-                for row in sweep.table.to_dict("records")]
         columns = [c for c in MEMBER_COLUMNS if c[0] in sweep.table]
         return dg.MaterializeResult(
             metadata={
-                "members": table(rows, columns),
+                "members": table(sweep.table.to_dict("records"), columns),
                 "l0_vs_nmse": png_markdown(sweep.l0_vs_nmse_png, "L0 vs NMSE"),
                 "sweep_csv": dg.MetadataValue.path(sweep.csv_path),
                 "store_path": dg.MetadataValue.path(store_path),

@@ -3,7 +3,7 @@ PCA baseline at matched L0; inline here and written as report.md + PNGs beside t
 
 import dagster as dg
 
-from saev_dagster.metadata import png_markdown, table
+from saev_dagster.metadata import latest_values, png_markdown, table
 from saev_dagster.resources import SaevPipeline, fail_clearly
 
 COLUMNS = [("layer", "int"), ("member_id", "string"), ("sae.arch", "string"), ("sae.k", "int"), ("lr", "float"),
@@ -25,26 +25,13 @@ def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsD
                     "plots with a PCA baseline at matched L0.",
     )
     def sweep_report(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
-        import math
+        from saev_core import pipeline, report
 
-        from saev_core import pipeline
-
-        pipe = saev_pipeline.load()
-        csvs = {}
-        for key in layers:
-            records = context.instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=dg.AssetKey("sae_sweep"), asset_partitions=[key]), limit=1).records
-            if records:
-                csvs[int(key)] = records[0].asset_materialization.metadata["sweep_csv"].value
+        csvs = {int(k): v for k, v in latest_values(context, "sae_sweep", layers, "sweep_csv").items()}
         if not csvs:
             raise dg.Failure(description="No layer's sae_sweep has been materialized yet; materialize sae_sweep first.")
-        path, reports = fail_clearly(pipeline.sweep_report, pipe, csvs)
-        rows = []
-        for rep in reports:
-            chosen = rep.chosen["member_id"] if rep.chosen else None
-            for row in rep.table.to_dict("records"):
-                rows.append({**{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))},
-                             "layer": rep.layer, "chosen": row["member_id"] == chosen})
+        path, reports = fail_clearly(pipeline.sweep_report, saev_pipeline.load(), csvs)
+        rows = report.member_rows(reports)
         metadata = {
             "members": table(rows, [c for c in COLUMNS if any(c[0] in r for r in rows)]),
             "report": dg.MetadataValue.path(path),
