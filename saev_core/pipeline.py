@@ -73,6 +73,9 @@ class Pipeline:
     """[automation] observe_cron: when the sources (ViT checkpoint, images, watched SAE folder) are observed."""
     watch_folder: str | None = None
     """[watch] folder: SAE checkpoint files dropped here get visuals (Dagster's dropped_sae_visuals)."""
+    n_workers_fanout: int = 1
+    """[activations] n_workers_fanout: Dagster records the store's blocks in this many parallel ops (one writer per
+    block; the bytes are those of one worker). Not part of any output, so not of any code version."""
 
     def code_version(self, stage: str) -> str:
         """A short hash of the settings that change a stage's output (activations, sae_sweep, topk_visuals,
@@ -277,6 +280,7 @@ def load_pipeline(path: str | None = None) -> Pipeline:
         if table not in TABLES:
             raise UserError(f"Unknown table [{table}] in {path}; allowed: {', '.join(TABLES)}.")
     acts_table = dict(doc.get("activations", {}))
+    n_workers_fanout = _fanout(acts_table.pop("n_workers_fanout", 1), path)
     data_table = dict(acts_table.pop("data", {"kind": "embedded-dataset"}))
     kind = data_table.pop("kind", None)
     if kind not in DATA_KINDS:
@@ -298,6 +302,7 @@ def load_pipeline(path: str | None = None) -> Pipeline:
         report=from_table(ReportPlan(), doc.get("report", {}), "report", path),
         observe_cron=_single_key(doc, "automation", "observe_cron", str, "*/5 * * * *", path),
         watch_folder=_single_key(doc, "watch", "folder", str, None, path),
+        n_workers_fanout=n_workers_fanout,
     )
     if not activations.vit_layers:
         raise UserError(f"[activations] vit_layers in {path} is empty; list the layers to record, e.g. [-2].")
@@ -443,6 +448,13 @@ def _single_key(doc: dict, table_name: str, key: str, kind: type, default, sourc
     value = table.get(key, default)
     if value is not None and not isinstance(value, kind):
         raise UserError(f"{table_name}.{key} = {value!r} in {source}: expected a {kind.__name__}.")
+    return value
+
+
+def _fanout(value, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"activations.n_workers_fanout = {value!r} in {source}: expected a whole number >= 1 "
+                        "(the parallel recording ops of one Dagster run; 1 records in one op).")
     return value
 
 

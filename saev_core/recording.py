@@ -45,6 +45,20 @@ class RecordResult:
     def imgs_per_s(self) -> float:
         return self.n_imgs_written / self.seconds if self.seconds > 0 else 0.0
 
+    @classmethod
+    def combine(cls, parts: "list[RecordResult]", seconds: float) -> "RecordResult":
+        """The parts of one store recorded side by side (``part=(i, n)``) as one result; seconds: the wall time
+        from the first part's start to the last part's end."""
+        if not parts or len({p.path for p in parts}) != 1:
+            raise ValueError(f"parts of different stores (or none): {sorted({p.path for p in parts})}")
+        return cls(
+            path=parts[0].path, shape=parts[0].shape, layers=parts[0].layers,
+            n_blocks_written=sum(p.n_blocks_written for p in parts),
+            n_imgs_written=sum(p.n_imgs_written for p in parts),
+            bytes_written=sum(p.bytes_written for p in parts), seconds=seconds,
+            n_skipped=sum(p.n_skipped for p in parts),
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class RecordingPlan:

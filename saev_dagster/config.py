@@ -11,6 +11,9 @@ class ActivationsRunConfig(dg.Config):
     """auto, cpu or cuda (empty: as the pipeline file says)."""
     vit_batch_size: int = 0
     """Images per ViT forward pass (0: as the pipeline file says)."""
+    n_workers_fanout: int = 0
+    """Parallel recording ops, each writing a disjoint block range of the one store (0: the pipeline file's
+    [activations] n_workers_fanout)."""
 
     def overrides(self) -> dict:
         """The fields the user set, as saev_core.config.ActivationsConfig field values."""

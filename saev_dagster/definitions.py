@@ -16,6 +16,7 @@ from saev_dagster.assets.sources import build_sources
 from saev_dagster.assets.sweep_report import build_sweep_report_asset
 from saev_dagster.assets.topk_visuals import build_topk_visuals_asset, build_topk_visuals_check
 from saev_dagster.automation import automation_sensor
+from saev_dagster.deployment import choose_executor, io_manager_resources
 from saev_dagster.partitions import layer_partitions
 from saev_dagster.resources import SaevPipeline
 
@@ -28,7 +29,8 @@ class PipelineFileError(Exception):
     """The pipeline file cannot be used; the message names the file, the key and the fix."""
 
 
-def build_definitions(path: str | None = None) -> dg.Definitions:
+def build_definitions(path: str | None = None, executor: str | None = None) -> dg.Definitions:
+    """The code location of a pipeline file; executor: "multiprocess" or "k8s" (None: $SAEV_DAGSTER_EXECUTOR)."""
     path = path or pipeline.default_pipeline_path()
     try:
         pipe = pipeline.load_pipeline(path)
@@ -38,7 +40,7 @@ def build_definitions(path: str | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=[
             *build_sources(pipe.observe_cron),
-            build_activations_asset(layers, pipe.code_version("activations")),
+            build_activations_asset(layers, pipe.code_version("activations"), pipe.activations.device),
             build_sae_sweep_asset(layers, pipe.code_version("sae_sweep")),
             build_topk_visuals_asset(layers, pipe.code_version("topk_visuals")),
             build_sweep_report_asset(layers.get_partition_keys(), pipe.code_version("sweep_report")),
@@ -52,7 +54,8 @@ def build_definitions(path: str | None = None) -> dg.Definitions:
                                 description="The sweep report over every layer."),
         ],
         sensors=[automation_sensor],
-        resources={"saev_pipeline": SaevPipeline(path=path)},
+        resources={"saev_pipeline": SaevPipeline(path=path), **io_manager_resources()},
+        executor=choose_executor(executor),
     )
 
 

@@ -110,8 +110,45 @@ def test_backfill_of_every_layer_is_one_run_and_one_store(pipeline_file):
     store = ActivationStore.open(paths.pop())
     assert store.layers == LAYERS and store.is_complete and store.n_imgs == 6
     assert len(instance.get_run_records()) == 1
-    observations = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
-    assert sorted(e.event_specific_data.asset_observation.partition for e in observations) == ["-1", "0"]
+    observations = [e.event_specific_data.asset_observation for e in result.all_events
+                    if e.event_type_value == "ASSET_OBSERVATION"]
+    assert sorted(o.partition for o in observations if o.asset_key == dg.AssetKey("activations")) == ["-1", "0"]
+    # and the run observed the two sources it read
+    assert sorted(o.asset_key.to_user_string() for o in observations if o.partition is None) == [
+        "image_source", "vit_checkpoint"]
+
+
+def test_fanned_out_recording_writes_the_bytes_of_one_worker(pipeline_file, tmp_path):
+    """n_workers_fanout = 2: two recording ops in one run fill disjoint block ranges of one store, byte-identical to
+    saev_core recording the same config in one go."""
+    import dataclasses
+    import filecmp
+
+    from saev_core import recording
+    from saev_core.pipeline import load_pipeline
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize_all_layers(instance, {"n_workers_fanout": 2})
+    assert result.success
+    parts = [e for e in result.all_events
+             if e.event_type_value == "STEP_SUCCESS" and "record_activations_part" in e.step_key]
+    assert sorted(e.step_key for e in parts) == ["activations.record_activations_part[part_0]",
+                                                 "activations.record_activations_part[part_1]"]
+    (mat, *_) = result.asset_materializations_for_node("activations")
+    fanned = ActivationStore.open(mat.metadata["store_path"].value)
+    assert fanned.is_complete and fanned.layout.n_blocks >= 2 and mat.metadata["recording_ops"].value == 2
+
+    cfg = load_pipeline(str(pipeline_file)).activations_for(tuple(LAYERS))
+    one = recording.record_activations(dataclasses.replace(cfg, dump_to=str(tmp_path / "one_worker")),
+                                       show_progress=False)
+
+    def same_tree(c) -> bool:
+        _, diff, errors = filecmp.cmpfiles(c.left, c.right, c.common_files, shallow=False)
+        return not diff and not errors and not c.left_only and not c.right_only and all(
+            same_tree(sub) for sub in c.subdirs.values())
+
+    assert os.path.basename(one.path) == os.path.basename(fanned.path)
+    assert same_tree(filecmp.dircmp(one.path, fanned.path))
 
 
 def test_run_config_override_and_clear_failure(pipeline_file):
@@ -143,6 +180,21 @@ def test_new_checkpoint_weights_request_new_activations(pipeline_file, own_ckpt,
     observe(sources, instance=instance, resources=defs.resources)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=nothing.cursor)
     assert after.get_requested_partitions(dg.AssetKey("activations")) == {"0", "-1"}
+
+
+def test_a_backfill_before_any_observation_is_not_recorded_again_when_the_cron_observes(pipeline_file):
+    """The recording run observes the sources it reads, so the first cron observation finds nothing new."""
+    defs = build_definitions()
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize_all_layers(instance, defs=defs)
+    assert result.success
+    (mat, *_) = result.asset_materializations_for_node("activations")
+    store = ActivationStore.open(mat.metadata["store_path"].value)
+    assert mat.tags["dagster/input_data_version/vit_checkpoint"] == store.metadata["fingerprints"]["vit_ckpt"]
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    observe([a for a in defs.assets if isinstance(a, dg.SourceAsset)], instance=instance, resources=defs.resources)
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    assert after.get_requested_partitions(dg.AssetKey("activations")) == set()
 
 
 def test_observations_say_what_was_observed(pipeline_file, own_ckpt, tmp_path):
@@ -216,7 +268,7 @@ def test_sae_sweep_trains_the_pipelines_grid_on_the_recorded_layer(pipeline_file
     rows = pd.read_csv(csv)
     assert sorted(rows["lr"]) == [1e-3, 3e-3] and (rows["data.layer"] == -1).all()
     (check,) = result.get_asset_check_evaluations()
-    assert check.passed
+    assert check.passed and check.partition == "-1"  # the check's result belongs to the layer it checked
 
 
 @pytest.mark.parametrize("max_frac_dead", [0.0])
@@ -414,5 +466,8 @@ def test_the_instance_template_limits_the_gpu_pool_that_the_heavy_assets_use(tmp
     assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
     defs = build_definitions()
     pools = {key: defs.resolve_assets_def(key).get_op_def_for_asset_key(dg.AssetKey(key)).pool
-             for key in ("activations", "sae_sweep", "topk_visuals", "sweep_report")}
-    assert pools == {"activations": "gpu", "sae_sweep": "gpu", "topk_visuals": "gpu", "sweep_report": None}
+             for key in ("sae_sweep", "topk_visuals", "sweep_report")}
+    assert pools == {"sae_sweep": "gpu", "topk_visuals": "gpu", "sweep_report": None}
+    # activations is a graph: its recording ops (the ViT passes) take the pool, planning and checking do not
+    recording_ops = {op.name: op.pool for op in defs.resolve_assets_def("activations").node_def.iterate_op_defs()}
+    assert recording_ops == {"activations_store": None, "record_activations_part": "gpu", "activations_verify": None}

@@ -19,6 +19,7 @@ import urllib.request
 
 import pytest
 
+from saev_core.store import ActivationStore
 from tests.conftest import tiny_pipeline_text, write_images
 from tests.test_gallery import CHROMIUM, Chromium
 
@@ -195,7 +196,9 @@ def pipeline(tmp_path, tiny_clip_ckpt):
     shutil.copy(tiny_clip_ckpt.split("/", 1)[1], tmp_path / "tiny.pt")
     write_images(tmp_path / "imgs", 6)
     path = tmp_path / "pipeline.toml"
-    path.write_text(tiny_pipeline_text(tmp_path, f"saev-tiny-clip/{tmp_path / 'tiny.pt'}", LAYERS)
+    text = tiny_pipeline_text(tmp_path, f"saev-tiny-clip/{tmp_path / 'tiny.pt'}", LAYERS)
+    # two recording ops per run: the run worker's multiprocess executor fans the recording out
+    path.write_text(text.replace("n_workers = 0\n", "n_workers = 0\nn_workers_fanout = 2\n", 1)
                     + '[automation]\nobserve_cron = "* * * * *"\n')
     return path
 
@@ -318,6 +321,7 @@ def test_dagster_dev_backfills_in_one_run_reruns_on_new_weights_and_shows_the_sw
     recorded = [m for m in materializations(dagster_dev, "activations") if m["run_id"] == backfill_run]
     assert sorted(m["partition"] for m in recorded) == sorted(str(x) for x in LAYERS)
     (first_store,) = {m["store_path"] for m in recorded}
+    assert ActivationStore.open(first_store).is_complete  # both recording ops of the fan-out wrote their blocks
 
     # New weights in the checkpoint file, replaced atomically as a user's copy would be.
     weights = tmp_path / "tiny.pt"

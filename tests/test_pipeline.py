@@ -55,6 +55,8 @@ def test_the_embedded_demo_writes_under_the_folder_the_user_runs_from(tmp_path, 
     ('vit_ckpt = "ViT-B-32/openai"\nvit_layers = [12]', r"activations.vit_layers.*\[12\] out of range.*12 blocks"),
     ('vit_ckpt = "ViT-B-32/openai"\nvit_layers = [-13]', r"out of range"),
     ('vit_family = "clap"', r"unknown ViT family 'clap'"),
+    ('n_workers_fanout = 0', r"activations.n_workers_fanout = 0 in .*whole number >= 1"),
+    ('n_workers_fanout = "2"', r"activations.n_workers_fanout = '2' in "),
 ])
 def test_bad_inputs_fail_when_the_file_loads(tmp_path, acts, message):
     path = write(tmp_path, f"[activations]\n{acts}\n")

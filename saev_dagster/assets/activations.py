@@ -1,51 +1,78 @@
-"""activations[layer]: one ViT pass records every selected layer into one zarr store."""
+"""activations[layer]: one ViT pass records every selected layer into one zarr store.
+
+A graph-backed asset so that recording can fan out: ``activations_store`` creates the store and hands out N disjoint
+block ranges, ``record_activations_part`` (one op per range, in parallel under the multiprocess or k8s executor)
+fills its blocks, and ``activations_verify`` checks the store and reports. With N = 1 it is one recording op.
+"""
+
+import time
 
 import dagster as dg
 
 from saev_dagster.config import ActivationsRunConfig
 from saev_dagster.metadata import previous_materialization
 from saev_dagster.partitions import layers_of
+from saev_dagster.assets.sources import as_observation, observe_checkpoint, observe_images
 from saev_dagster.resources import SaevPipeline, fail_clearly
 
 CHECK = "activations_match_vit"
+NOTHING_INS = {"vit_checkpoint": dg.In(dg.Nothing), "image_source": dg.In(dg.Nothing)}
 
 
-def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_version: str) -> dg.AssetsDefinition:
-    @dg.asset(
-        name="activations",
-        partitions_def=partitions_def,
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        deps=["vit_checkpoint", "image_source"],
-        automation_condition=dg.AutomationCondition.eager(),
-        group_name="recording",
-        kinds={"pytorch", "zarr"},
-        tags={"stage": "recording"},
-        owners=["team:saev"],
-        code_version=code_version,
-        pool="gpu",
-        check_specs=[dg.AssetCheckSpec(
-            CHECK, asset="activations", blocking=True,
-            description="Every block is complete, and a fresh forward pass over a few sampled images reproduces "
-                        "their stored rows (tolerance by dtype).",
-        )],
-        description="ViT residual-stream activations of the pipeline's images, one zarr array per layer.",
-    )
-    def activations(
-        context: dg.AssetExecutionContext, config: ActivationsRunConfig, saev_pipeline: SaevPipeline
-    ) -> dg.MaterializeResult:
-        from saev_core import pipeline, recording, verify
-        from saev_core.files import join
-        from saev_core.store import layer_name
+def gpu_op_tags(device: str) -> dict:
+    """Op tags that ask dagster_k8s.k8s_job_executor for one GPU per recording op (ignored by local executors)."""
+    if device == "cpu":
+        return {}
+    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
+
+
+def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_version: str,
+                            device: str = "auto") -> dg.AssetsDefinition:
+    @dg.op(ins=NOTHING_INS, out=dg.DynamicOut(dict))
+    def activations_store(context: dg.OpExecutionContext, config: ActivationsRunConfig, saev_pipeline: SaevPipeline):
+        """Observe the sources this run reads, create the (empty) store, then one job per disjoint block range.
+
+        Observed here, not only on the cron: a backfill on an instance whose sources were never observed would
+        otherwise be stale at the first cron observation and recorded a second time."""
+        from saev_core import pipeline, recording
 
         layers = layers_of(context.partition_keys)
         pipe = saev_pipeline.load()
-        cfg = fail_clearly(pipe.activations_for, layers, **config.overrides())
         fail_clearly(pipeline.prepare_demo_checkpoint, pipe)
-        result = fail_clearly(recording.record_activations, cfg, show_progress=False,
+        context.log_event(as_observation("vit_checkpoint", observe_checkpoint(pipe)))
+        context.log_event(as_observation("image_source", observe_images(pipe)))
+        cfg = fail_clearly(pipe.activations_for, layers, **config.overrides())
+        path = fail_clearly(recording.create_store, cfg)
+        n = config.n_workers_fanout or pipe.n_workers_fanout
+        context.log.info(f"recording layers {list(layers)} into {path} with {n} op(s)")
+        for i in range(n):
+            yield dg.DynamicOutput({"layers": list(layers), "overrides": config.overrides(), "part": i, "n": n,
+                                    "start": time.time()}, mapping_key=f"part_{i}")
+
+    @dg.op(tags=gpu_op_tags(device), pool="gpu")
+    def record_activations_part(context: dg.OpExecutionContext, job: dict, saev_pipeline: SaevPipeline) -> dict:
+        """Record this job's block range (all of it when n = 1); the last writer writes the statistics."""
+        from saev_core import recording
+
+        cfg = fail_clearly(saev_pipeline.load().activations_for, tuple(job["layers"]), **job["overrides"])
+        part = (job["part"], job["n"]) if job["n"] > 1 else None
+        result = fail_clearly(recording.record_activations, cfg, show_progress=False, part=part,
                               on_progress=_progress_logger(context))
+        return {**job, "result": result, "end": time.time()}
+
+    @dg.op(out={"activations": dg.Out(dg.Nothing), "check": dg.Out(dg.Nothing)})
+    def activations_verify(context: dg.OpExecutionContext, parts: list[dict], saev_pipeline: SaevPipeline):
+        """Check the finished store against a fresh forward pass and report the recording (or the earlier one)."""
+        from saev_core import recording, verify
+        from saev_core.files import join
+        from saev_core.store import layer_name
+
+        result = recording.RecordResult.combine(
+            [p["result"] for p in parts], seconds=max(p["end"] for p in parts) - min(p["start"] for p in parts))
+        layers = layers_of(context.partition_keys)
         for layer, key in zip(layers, context.partition_keys):
             context.log_event(dg.AssetObservation(
-                asset_key=context.asset_key, partition=key,
+                asset_key="activations", partition=key,
                 metadata={"layer": layer, "array": join(result.path, layer_name(layer)), "shape": str(result.shape)},
             ))
         metadata = {
@@ -54,6 +81,7 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
             "shape_per_layer": str(result.shape),
             "blocks_written": result.n_blocks_written,
             "imgs_skipped": result.n_skipped,
+            "recording_ops": len(parts),
         }
         if result.n_imgs_written == 0:  # the store was complete: say so, with the figures of the run that wrote it
             metadata["reused_existing_store"] = True
@@ -68,16 +96,48 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
                 "mb_written": dg.MetadataValue.float(round(result.bytes_written / 1e6, 2)),
                 "run_id": context.run_id,
             })
+        cfg = fail_clearly(saev_pipeline.load().activations_for, layers, **parts[0]["overrides"])
         problems = fail_clearly(verify.store_problems, cfg, result.path)
-        return dg.MaterializeResult(metadata=metadata, check_results=[dg.AssetCheckResult(
-            check_name=CHECK, passed=not problems,
+        yield dg.Output(None, "activations", metadata=metadata)
+        yield dg.AssetCheckResult(
+            check_name=CHECK, asset_key="activations", passed=not problems,
             metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none")},
-        )])
+        )
+
+    @dg.graph_multi_asset(
+        name="activations",
+        outs={"activations": dg.AssetOut(
+            key="activations", dagster_type=dg.Nothing, kinds={"pytorch", "zarr"},
+            tags={"stage": "recording"}, owners=["team:saev"], code_version=code_version,
+            automation_condition=dg.AutomationCondition.eager(),
+            description="ViT residual-stream activations of the pipeline's images, one zarr array per layer.",
+        )},
+        ins={"vit_checkpoint": dg.AssetIn(dagster_type=dg.Nothing), "image_source": dg.AssetIn(dagster_type=dg.Nothing)},
+        partitions_def=partitions_def,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        group_name="recording",
+        check_specs=[dg.AssetCheckSpec(
+            CHECK, asset="activations", blocking=True,
+            description="Every block is complete, and a fresh forward pass over a few sampled images reproduces "
+                        "their stored rows (tolerance by dtype). One result per recording run: its layers share "
+                        "one store and one ViT pass.",
+        )],
+        config=dg.ConfigMapping(config_fn=_to_store_op, config_schema=ActivationsRunConfig.to_config_schema()),
+    )
+    def activations(vit_checkpoint, image_source):
+        jobs = activations_store(vit_checkpoint=vit_checkpoint, image_source=image_source)
+        stored, checked = activations_verify(jobs.map(record_activations_part).collect())
+        return {"activations": stored, f"activations_{CHECK}": checked}
 
     return activations
 
 
-def _progress_logger(context: dg.AssetExecutionContext):
+def _to_store_op(run_config: dict) -> dict:
+    """The asset's flat run config goes to the op that plans the recording (it hands it on to the others)."""
+    return {"activations_store": {"config": run_config}}
+
+
+def _progress_logger(context: dg.OpExecutionContext):
     """Log progress about every tenth of the work (tqdm bars do not show in Dagster's UI)."""
     state = {"next": 0.0}
 

@@ -18,7 +18,7 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version:
         deps=["activations"],
         automation_condition=dg.AutomationCondition.eager(),
         check_specs=[dg.AssetCheckSpec(
-            CHECK, asset="sae_sweep", blocking=True,
+            CHECK, asset="sae_sweep", blocking=True, partitions_def=partitions_def,  # one result per layer
             description="No member has NaN metrics or more latents than [checks] max_frac_dead that did not fire "
                         "in the last --sae.dead-after-n-patches training vectors, and the best member's NMSE is at "
                         "most [checks] max_nmse.",

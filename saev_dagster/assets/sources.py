@@ -6,6 +6,8 @@ import os
 
 import dagster as dg
 
+from dagster._core.definitions.data_version import DATA_VERSION_TAG  # the tag observations carry (not exported)
+
 from saev_dagster.resources import SaevPipeline, fail_clearly
 
 GROUP = "recording"
@@ -20,17 +22,7 @@ def build_sources(observe_cron: str) -> list[dg.SourceAsset]:
         automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
     )
     def vit_checkpoint(saev_pipeline: SaevPipeline) -> dg.ObserveResult:
-        pipe = saev_pipeline.load()
-        version = fail_clearly(pipe.checkpoint_fingerprint)
-        path = fail_clearly(pipe.checkpoint_file)
-        metadata = {"vit_ckpt": pipe.activations.vit_ckpt}
-        if path is not None and os.path.isfile(path):
-            st = os.stat(path)
-            metadata.update({
-                "path": dg.MetadataValue.path(path), "size_mb": round(st.st_size / 1e6, 2),
-                "modified": dg.MetadataValue.timestamp(st.st_mtime),
-            })
-        return dg.ObserveResult(data_version=dg.DataVersion(version), metadata=metadata)
+        return observe_checkpoint(saev_pipeline.load())
 
     @dg.observable_source_asset(
         name="image_source", group_name=GROUP, kinds={"folder"}, tags={"stage": "recording"},
@@ -38,13 +30,38 @@ def build_sources(observe_cron: str) -> list[dg.SourceAsset]:
         automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
     )
     def image_source(saev_pipeline: SaevPipeline) -> dg.ObserveResult:
-        from saev_core import images
-
-        source = fail_clearly(saev_pipeline.load().image_source)
-        return dg.ObserveResult(
-            data_version=dg.DataVersion(images.image_list_fingerprint(source)),
-            metadata={"root": dg.MetadataValue.path(source.root), "n_images": len(source),
-                      "n_classes": len(source.class_names)},
-        )
+        return observe_images(saev_pipeline.load())
 
     return [vit_checkpoint, image_source]
+
+
+def observe_checkpoint(pipe) -> dg.ObserveResult:
+    """vit_checkpoint's data version (the checkpoint's content fingerprint) and what was observed."""
+    version = fail_clearly(pipe.checkpoint_fingerprint)
+    path = fail_clearly(pipe.checkpoint_file)
+    metadata = {"vit_ckpt": pipe.activations.vit_ckpt}
+    if path is not None and os.path.isfile(path):
+        st = os.stat(path)
+        metadata.update({
+            "path": dg.MetadataValue.path(path), "size_mb": round(st.st_size / 1e6, 2),
+            "modified": dg.MetadataValue.timestamp(st.st_mtime),
+        })
+    return dg.ObserveResult(data_version=dg.DataVersion(version), metadata=metadata)
+
+
+def observe_images(pipe) -> dg.ObserveResult:
+    """image_source's data version (fingerprint of the image list) and what was observed."""
+    from saev_core import images
+
+    source = fail_clearly(pipe.image_source)
+    return dg.ObserveResult(
+        data_version=dg.DataVersion(images.image_list_fingerprint(source)),
+        metadata={"root": dg.MetadataValue.path(source.root), "n_images": len(source),
+                  "n_classes": len(source.class_names)},
+    )
+
+
+def as_observation(key: str, result: dg.ObserveResult) -> dg.AssetObservation:
+    """An observation a run logs of a source it read: the same data version tag an observation run writes."""
+    return dg.AssetObservation(asset_key=key, metadata=result.metadata,
+                               tags={DATA_VERSION_TAG: result.data_version.value})
