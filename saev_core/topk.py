@@ -200,8 +200,11 @@ def topk_pass(
     device: str = "cpu",
     imgs_per_batch: int | None = None,
     show_progress: bool = False,
+    on_batch=None,
 ) -> TopKCache:
-    """Stream every valid image of the layer through ``sae`` (raw activations in: it normalises itself)."""
+    """Stream every valid image of the layer through ``sae`` (raw activations in: it normalises itself).
+    ``on_batch(image_ids, ranking_values [imgs, d_sae])``, when given, sees every batch (the class association
+    collects its matrix there, so it needs no pass of its own)."""
     check_rank_mode(store, patches)
     if top_k < 1:
         raise UserError(f"--top-k {top_k} must be at least 1 (128 is saev's default).")
@@ -227,6 +230,8 @@ def topk_pass(
         stats.update(patch_f if patches == "patches" else f[:, :1])
         rank = patch_f.amax(dim=1) if patches == "patches" else cls_f
         running.update(rank, patch_f, cls_f, torch.from_numpy(ids).to(device))
+        if on_batch is not None:
+            on_batch(ids, rank)
         bar.update(len(x) * n_per_img)
 
     ipc = store.layout.imgs_per_chunk
