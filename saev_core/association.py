@@ -147,11 +147,11 @@ def save(assoc: Association, identity: topk.CacheIdentity, dump_to: str, alive: 
         "class_names": assoc.class_names,
         "n_images": assoc.n_images.tolist(),
         "top_latents_per_class": {
-            name: [{"latent": l, "auroc": a} for l, a in assoc.top_latents(c)]
+            name: [{"latent": l, "auroc": round(a, 6)} for l, a in assoc.top_latents(c)]
             for c, name in enumerate(assoc.class_names) if assoc.n_images[c] > 0
         },
         "top_classes_per_latent": {
-            str(l): [{"class": name, "auroc": a} for name, a in assoc.top_classes(int(l))] for l in np.flatnonzero(alive)
+            str(l): [{"class": name, "auroc": round(a, 6)} for name, a in assoc.top_classes(int(l))] for l in np.flatnonzero(alive)
         },
     })
 

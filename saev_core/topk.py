@@ -298,9 +298,9 @@ def save_cache(cache: TopKCache, dump_to: str) -> str:
     return atomic_write(cache_path(dump_to), lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays))
 
 
-def load_cache(dump_to: str, identity: CacheIdentity) -> TopKCache | None:
-    """The cache under dump_to when it was made from ``identity``; None when there is none; UserError when it was
-    made from other inputs (another SAE, store, layer, token mode or k)."""
+def read_cache(dump_to: str) -> TopKCache | None:
+    """The cache under dump_to whatever made it (its identity from its meta); None when there is none; UserError
+    when it cannot be read."""
     path = cache_path(dump_to)
     if not os.path.isfile(path):
         return None
@@ -309,15 +309,24 @@ def load_cache(dump_to: str, identity: CacheIdentity) -> TopKCache | None:
             meta = json.loads(str(z["meta"]))
             arrays = {name: z[name] for name in _ARRAYS}
         n_vectors = int(meta["n_vectors"])
+        identity = CacheIdentity(**{f.name: meta.get(f.name) for f in dataclasses.fields(CacheIdentity)})
     except Exception as err:  # noqa: BLE001 - a damaged file can fail in many ways (zip, JSON, keys, types)
         raise UserError(f"The top-k cache {path} cannot be read ({type(err).__name__}: {err}); delete it to compute "
                         "it again.") from None
-    stored = {f.name: meta.get(f.name) for f in dataclasses.fields(CacheIdentity)}
-    wanted = dataclasses.asdict(identity)
+    return TopKCache(identity=identity, n_vectors=n_vectors, **arrays)
+
+
+def load_cache(dump_to: str, identity: CacheIdentity) -> TopKCache | None:
+    """The cache under dump_to when it was made from ``identity``; None when there is none; UserError when it was
+    made from other inputs (another SAE, store, layer, token mode or k)."""
+    cache = read_cache(dump_to)
+    if cache is None:
+        return None
+    stored, wanted = dataclasses.asdict(cache.identity), dataclasses.asdict(identity)
     if stored != wanted:
         diff = ", ".join(f"{k}: cache {stored[k]!r} vs now {wanted[k]!r}" for k in wanted if stored[k] != wanted[k])
         raise UserError(
-            f"The top-k cache {path} was made from other inputs ({diff}). Pass another --dump-to, or delete "
-            f"{os.path.dirname(path)} to compute it again for these."
+            f"The top-k cache {cache_path(dump_to)} was made from other inputs ({diff}). Pass another --dump-to, or "
+            f"delete {os.path.dirname(cache_path(dump_to))} to compute it again for these."
         )
-    return TopKCache(identity=identity, n_vectors=n_vectors, **arrays)
+    return cache

@@ -127,7 +127,8 @@ def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> Visua
         "latents": latents.tolist(), "n_images": [row["n_images"] for row in rows],
         "log_freq_range": cfg.log_freq_range, "log_value_range": cfg.log_value_range,
         "include_latents": list(cfg.include_latents), "n_latents": cfg.n_latents, "seed": cfg.seed,
-        "n_imgs_per_latent": cfg.n_imgs_per_latent,
+        "n_imgs_per_latent": cfg.n_imgs_per_latent, "ckpt": os.path.abspath(inputs.ckpt_path),
+        "store": inputs.store.path, "image_root": image_root,
     })
     alive = cache.freq > 0
     with np.errstate(divide="ignore"):
