@@ -252,7 +252,7 @@ class SweepTable:
         png = plots.l0_vs_nmse_png(self.table, f"sweep {os.path.basename(self.folder.rstrip('/'))}", chosen=member)
         return Image.open(io.BytesIO(png)).convert("RGB")
 
-    def rows(self) -> list[list]:
+    def rows(self) -> tuple[list[list], list[str]]:
         cols = [c for c in ("member_id", "sae.arch", "sae.k", "sae.exp_factor", "lr", "l0", "nmse", "frac_dead_train")
                 if c in self.table]
         return self.table[cols].round(4).values.tolist(), cols
@@ -339,7 +339,7 @@ def build_app(cfg: config.ExploreConfig):
         return "\n\n".join(parts)
 
     def fail(message: str, n: int):
-        gr.Warning(message)
+        gr.Warning(message, duration=8)
         return (f"⚠️ {message}", *[gr.update()] * n)
 
     def sort_keys() -> list[str]:
@@ -375,9 +375,14 @@ def build_app(cfg: config.ExploreConfig):
             return "Upload an image to see which latents fire where.", [], gr.update(choices=[], value=None)
         path = file if isinstance(file, str) else getattr(file, "name", str(file))
         try:
+            image = imagelib.load_rgb(path)
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for files it cannot decode
+            return fail(f"Cannot read the uploaded file {os.path.basename(path)}: it is not an image Pillow can "
+                        f"decode ({type(err).__name__}). Upload a PNG, JPEG, WebP or another image file.", 2)
+        try:
             explainer = app.explainer(progress)
             progress(0.6, desc="encoding the image")
-            out = explainer([path], top_n=int(top_n), batch_size=1)
+            out = explainer([image], top_n=int(top_n), batch_size=1)
         except UserError as err:
             return fail(str(err), 2)
         except Exception as err:  # noqa: BLE001
@@ -459,7 +464,7 @@ def build_app(cfg: config.ExploreConfig):
                 if app.sweep is not None:
                     rows, cols = app.sweep.rows()
                     with gr.Row():
-                        plot = gr.Image(app.sweep.plot(), label="L0 vs NMSE (held out)", interactive=False,
+                        plot = gr.Image(app.sweep.plot(os.path.basename(app.book.dump_to)), label="L0 vs NMSE (held out)", interactive=False,
                                         elem_id="sweep-plot", type="pil")
                         with gr.Column():
                             member = gr.Radio(app.sweep.choices(), label="Member", elem_id="member-pick")

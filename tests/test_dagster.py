@@ -246,6 +246,8 @@ def test_topk_visuals_renders_every_member_and_its_check_sees_a_deleted_png(pipe
     galleries = [v.value for k, v in mat.metadata.items() if k.startswith("gallery_")]
     assert len(galleries) == 2 and all(os.path.isfile(g) for g in galleries)
     assert all("data:image/png;base64," in v.value for k, v in mat.metadata.items() if k.startswith("preview_"))
+    commands = [v.value for k, v in mat.metadata.items() if k.startswith("explore_")]
+    assert len(commands) == 2 and all(c.startswith("python -m saev_core explore --visuals ") for c in commands)
     (check,) = result.get_asset_check_evaluations()
     assert check.passed, check.metadata
 
