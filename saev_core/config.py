@@ -264,8 +264,8 @@ class ExploreConfig:
     visuals: str = "./visuals"
     """A visuals folder (`visuals --dump-to`): its cache/topk.npz is browsed without recomputation."""
     ckpt: str | None = None
-    """The SAE of that folder, to explain uploaded images (default: the checkpoint its cache was made from, when
-    the pipeline's layout or provenance shows it)."""
+    """The SAE of that folder, to explain uploaded images (default: the checkpoint its cache/selection.json
+    names); it must be the SAE the cache was made from."""
     sweep: str | None = None
     """A sweep's checkpoint folder (`train --ckpt-path`, holding sweep.csv) to compare its members."""
     port: int = 7860

@@ -73,10 +73,10 @@ def spec_from_checkpoint(sae: nn.SparseAutoencoder, ckpt_path: str, vit_family: 
         )
     if token_mode not in RANK_MODES:
         raise UserError(f"token_mode {token_mode!r} of {ckpt_path} is not one of {', '.join(RANK_MODES)}.")
-    return ModelSpec(family, _findable_ckpt(family, ckpt, prov), int(layer), token_mode)
+    return ModelSpec(family, findable_ckpt(family, ckpt, prov), int(layer), token_mode)
 
 
-def _findable_ckpt(family: str, ckpt: str, prov: dict) -> str:
+def findable_ckpt(family: str, ckpt: str, prov: dict) -> str:
     """The ViT checkpoint string, with a relative weights path (checkpoints written before provenance stored
     absolute paths) tried against the current folder, then the store's parent folders."""
     from saev_core.checkpoints import parse_ckpt

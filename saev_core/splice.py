@@ -163,10 +163,10 @@ def trained_on(ckpt: str, sae: nn.SparseAutoencoder) -> TrainedOn:
         with open(cfg_file) as f:
             saved = json.load(f)
         data, seed = saved.get("data", {}), saved.get("seed", seed)
-    from saev_core.inference import _findable_ckpt
+    from saev_core.inference import findable_ckpt
 
     return TrainedOn(prov["store"], int(prov["layer"]), prov["token_mode"], prov["vit_family"],
-                     _findable_ckpt(prov["vit_family"], prov["vit_ckpt"], prov),
+                     findable_ckpt(prov["vit_family"], prov["vit_ckpt"], prov),
                      float(data.get("val_frac", config.DataLoadConfig.val_frac)), int(seed))
 
 
