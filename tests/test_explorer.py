@@ -55,29 +55,36 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def app(sweep, tmp_path):
-    """`python -m saev_core explore` as its own process group; stopped by its PID at the end."""
-    root, folder, first, _ = sweep
-    port = free_port()
-    log = open(tmp_path / "explore.log", "wb")
-    env = {**os.environ, "PYTHONPATH": REPO, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "saev_core", "explore", "--visuals", folder, "--sweep", str(root / "ckpts"), "--port",
-         str(port), "--device", "cpu"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+def launch(sweep, tmp_path):
+    """Start `python -m saev_core explore` (its own process group) on a free port; every app started is stopped by
+    its PID at the end. Returns (port, log path)."""
+    root, folder, *_ = sweep
+    started = []
+
+    def start(*extra: str) -> tuple[int, object]:
+        port = free_port()
+        log_path = tmp_path / f"explore-{port}.log"
+        log = open(log_path, "wb")
+        env = {**os.environ, "PYTHONPATH": REPO, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "saev_core", "explore", "--visuals", folder, "--sweep", str(root / "ckpts"),
+             "--port", str(port), "--device", "cpu", *extra],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append((proc, log))
         deadline = time.monotonic() + 90
         while True:
-            assert proc.poll() is None, (tmp_path / "explore.log").read_text()
+            assert proc.poll() is None, log_path.read_text()
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
                     if r.status == 200:
-                        break
+                        return port, log_path
             except OSError:
                 pass
             assert time.monotonic() < deadline, "the explorer did not answer within 90 s"
             time.sleep(0.3)
-        yield port, tmp_path / "explore.log"
-    finally:
+
+    yield start
+    for proc, log in started:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=15)
@@ -130,9 +137,9 @@ def screenshot(browser, tab, name: str) -> None:
             f.write(base64.b64decode(shot["data"]))
 
 
-def test_explorer_in_chromium_browses_explains_opens_members_and_stays_local(sweep, app, browser, tmp_path):
+def test_explorer_in_chromium_browses_explains_opens_members_and_stays_local(sweep, launch, browser, tmp_path):
     root, folder, first, second = sweep
-    port, log = app
+    port, log = launch()
     origin = f"http://127.0.0.1:{port}/"
     tab = browser.open(origin)
     cache = topk.read_cache(folder)
@@ -196,6 +203,21 @@ def test_explorer_in_chromium_browses_explains_opens_members_and_stays_local(swe
     requests = tab.requested_urls() + [e["url"] for e in tab.events("Network.webSocketCreated")]
     assert any(u.startswith(origin) for u in requests)
     assert [u for u in requests if not u.startswith((origin, "data:", "blob:"))] == []
+    assert "Traceback" not in log.read_text()
+
+
+def test_the_page_says_when_the_checkpoint_is_not_the_caches_sae(sweep, launch, browser):
+    root, folder, first, second = sweep
+    port, log = launch("--ckpt", second.ckpt_path)
+    tab = browser.open(f"http://127.0.0.1:{port}/")
+    banner = wait_for(tab, f"{text('#banner')}.includes('another SAE') && {text('#banner')}")
+    assert second.ckpt_path in banner
+    wait_for(tab, loaded_images("#latent-images"))  # browsing the cache still works
+    tab.click("button[data-tab-id=explain]")
+    wait_for(tab, "!!document.querySelector('#upload input[type=file]')")
+    upload(browser, tab, os.path.join(root, "imgs", "dog", "img000.png"))
+    wait_for(tab, f"{text('#explain-status')}.includes('another SAE')")
+    screenshot(browser, tab, "wrong-ckpt")
     assert "Traceback" not in log.read_text()
 
 
