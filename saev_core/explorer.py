@@ -328,7 +328,6 @@ def build_app(cfg: config.ExploreConfig):
     import gradio as gr
 
     app = Explorer(cfg)
-    has_classes = app.book.assoc is not None
 
     def banner() -> str:
         book = app.book

@@ -5,7 +5,6 @@ is stopped by its PID. Screenshots go to $SAEV_SCREENSHOTS when set."""
 
 import base64
 import os
-import shutil
 import signal
 import socket
 import subprocess
