@@ -29,8 +29,11 @@ from saev_core.files import atomic_write, atomic_write_json
 from saev_core.store import ActivationStore
 
 ASSOCIATION_VERSION = 1
-MAX_MATRIX_BYTES = 1 << 30
-"""The [images, latents] float32 matrix is kept under this many bytes (a seeded sample of images beyond)."""
+MAX_MATRIX_BYTES = 1 << 28
+"""The [images, latents] float32 matrix is kept under this many bytes (a seeded sample of images beyond: 4,096
+images at d_sae 16,384, plenty for an AUROC)."""
+RANK_COLUMNS = 1024
+"""Latents ranked at a time (the float64 ranks of a block, not of the whole matrix, are in memory)."""
 N_TOP = 10
 """Latents listed per class, classes listed per latent, in association.json."""
 
@@ -67,12 +70,14 @@ class Association:
 def auroc_per_class(values: Float[np.ndarray, "imgs d_sae"], labels: Int[np.ndarray, " imgs"],
                     n_classes: int) -> Float[np.ndarray, "n_classes d_sae"]:
     """AUROC of every column of ``values`` for every class (one-vs-rest), ties counting one half."""
-    ranks = scipy.stats.rankdata(values, axis=0)  # average ranks: ties shared
     onehot = np.zeros((len(labels), n_classes))
     onehot[np.arange(len(labels)), labels] = 1.0
     n_pos = onehot.sum(axis=0)
     n_neg = len(labels) - n_pos
-    rank_sums = onehot.T @ ranks  # [n_classes, d_sae]
+    rank_sums = np.empty((n_classes, values.shape[1]))
+    for start in range(0, values.shape[1], RANK_COLUMNS):
+        block = slice(start, start + RANK_COLUMNS)
+        rank_sums[:, block] = onehot.T @ scipy.stats.rankdata(values[:, block], axis=0)  # average ranks: ties shared
     with np.errstate(divide="ignore", invalid="ignore"):
         auroc = (rank_sums - (n_pos * (n_pos + 1) / 2)[:, None]) / (n_pos * n_neg)[:, None]
     auroc[(n_pos == 0) | (n_neg == 0)] = np.nan

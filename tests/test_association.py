@@ -81,3 +81,14 @@ def test_auroc_counts_ties_as_one_half():
     auroc = association.auroc_per_class(values, labels, 2)
     assert auroc[1, 0] == pytest.approx(roc_auc_score(labels == 1, values[:, 0]))  # 0.75
     assert auroc[0, 0] == pytest.approx(roc_auc_score(labels == 0, values[:, 0]))
+
+
+def test_auroc_blocks_of_latents_give_the_same_answer(monkeypatch):
+    rng = np.random.default_rng(1)
+    values = np.where(rng.random((60, 7)) < 0.5, 0.0, rng.exponential(1.0, (60, 7)))
+    labels = rng.integers(0, 3, 60)
+    whole = association.auroc_per_class(values, labels, 3)
+    monkeypatch.setattr(association, "RANK_COLUMNS", 2)
+    np.testing.assert_allclose(association.auroc_per_class(values, labels, 3), whole)
+    for c in range(3):
+        np.testing.assert_allclose(whole[c], [roc_auc_score(labels == c, values[:, j]) for j in range(7)])
