@@ -1,4 +1,4 @@
-"""The command line: ``python -m saev_core activations|train|visuals|pipeline``.
+"""The command line: ``python -m saev_core activations|train|visuals|pipeline|evaluate|explore``.
 
 Flags keep the original saev's names. Bad input prints one error line that says what to fix and exits 2.
 """
@@ -30,6 +30,8 @@ Command = (
     | Annotated[config.TrainConfig, tyro.conf.subcommand("train", prefix_name=False)]
     | Annotated[config.VisualsConfig, tyro.conf.subcommand("visuals", prefix_name=False)]
     | Annotated[RunPipeline, tyro.conf.subcommand("pipeline", prefix_name=False)]
+    | Annotated[config.EvaluateConfig, tyro.conf.subcommand("evaluate", prefix_name=False)]
+    | Annotated[config.ExploreConfig, tyro.conf.subcommand("explore", prefix_name=False)]
 )
 
 
@@ -102,6 +104,23 @@ def run_pipeline(cmd: RunPipeline) -> str:
     return pipe.train.ckpt_path
 
 
+def run_evaluate(cfg: config.EvaluateConfig) -> str:
+    """Print the splice-in fidelity of one checkpoint; the last line is the result as JSON."""
+    import json
+
+    from saev_core import splice
+
+    [result] = splice.evaluate_checkpoints([cfg.ckpt], cfg.device, cfg.max_images, cfg.batch_size, cfg.images_root)
+    print(f"splice-in fidelity of {cfg.ckpt}: {result.line()}")
+    return json.dumps(dataclasses.asdict(result))
+
+
+def run_explore(cfg: config.ExploreConfig) -> str:
+    from saev_core import explorer
+
+    return explorer.serve(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse argv (sys.argv[1:] when None), run the command, print its main result last on stdout."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -116,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             out = run_train(cmd)
         elif isinstance(cmd, config.VisualsConfig):
             out = run_visuals(cmd)
+        elif isinstance(cmd, config.EvaluateConfig):
+            out = run_evaluate(cmd)
+        elif isinstance(cmd, config.ExploreConfig):
+            out = run_explore(cmd)
         else:
             out = run_pipeline(cmd)
     except UserError as err:

@@ -48,6 +48,19 @@ def parse_ckpt(family: str, ckpt: str, must_exist: bool = True) -> CheckpointRef
     return CheckpointRef(family, arch, rest, None)
 
 
+def absolute_ckpt(family: str, ckpt: str) -> str:
+    """``ckpt`` with a relative local weights path made absolute against the current folder (``ARCH//abs/path``), so
+    a checkpoint's provenance still finds the ViT from another folder; tags, hub names and URLs are unchanged, and so
+    is a relative path that names no file here (it may be relative to another folder: kept as written)."""
+    try:
+        ref = parse_ckpt(family, ckpt, must_exist=False)
+    except UserError:  # not a checkpoint string this version reads: nothing to resolve
+        return ckpt
+    if ref.path is None or not os.path.isfile(ref.path):
+        return ckpt
+    return f"{ref.arch}/{ref.path}"
+
+
 def _existing_file(path: str, ckpt: str, must_exist: bool = True) -> str:
     full = os.path.abspath(os.path.expanduser(path))
     if must_exist and not os.path.isfile(full):

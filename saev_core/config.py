@@ -239,6 +239,41 @@ class VisualsConfig:
     """Where the SAE runs: auto picks cuda when available."""
 
 
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Splice-in fidelity of an SAE: the ViT's final image embedding with the SAE's layer replaced by its
+    reconstruction, compared with zero and mean ablation, on the store's held-out images."""
+
+    ckpt: str = "./checkpoints/sae.pt"
+    """SAE checkpoint written by `train` (its provenance names the store, layer and ViT)."""
+    max_images: int | None = 256
+    """Held-out images to run the ViT on at most (a seeded sample beyond that; None: all)."""
+    batch_size: int = 32
+    """Images per ViT forward pass."""
+    images_root: str | None = None
+    """Where the store's images are now, when they moved since recording."""
+    device: Device = "auto"
+    """Where the ViT and the SAE run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExploreConfig:
+    """A local web app (Gradio, bound to 127.0.0.1, no network) to browse latents, explain uploaded images and
+    compare the members of a sweep."""
+
+    visuals: str = "./visuals"
+    """A visuals folder (`visuals --dump-to`): its cache/topk.npz is browsed without recomputation."""
+    ckpt: str | None = None
+    """The SAE of that folder, to explain uploaded images (default: the checkpoint its cache/selection.json
+    names); it must be the SAE the cache was made from."""
+    sweep: str | None = None
+    """A sweep's checkpoint folder (`train --ckpt-path`, holding sweep.csv) to compare its members."""
+    port: int = 7860
+    """Port on 127.0.0.1 (0: any free port)."""
+    device: Device = "auto"
+    """Where the ViT and the SAE run for uploads."""
+
+
 def resolve_device(device: Device) -> str:
     """auto -> cuda when available, else cpu. Imports torch lazily (Dagster imports this module)."""
     import torch

@@ -60,6 +60,12 @@ class GalleryLatent(TypedDict):
     """Histogram of log10 of the latent's non-zero values (optional, with ``hist_edges``)."""
     hist_edges: NotRequired[Sequence[float] | np.ndarray]
     """Bin edges in log10 value (one more than the counts)."""
+    classes: NotRequired[Sequence[tuple[str, float]]]
+    """The latent's best classes with their AUROC (``association``), best first."""
+    top_labels: NotRequired[Sequence[tuple[str, int]]]
+    """The commonest classes among its top-k images, with counts."""
+    selectivity: NotRequired[float]
+    """Its best AUROC over the classes (the column that sorts by class selectivity)."""
 
 
 def image_relpath(latent: int, rank: int) -> str:
@@ -76,12 +82,14 @@ def write_gallery(
     log_value_range: tuple[float | None, float | None] | None = None,
     title: str = "SAE latents: top images",
     lazy_images: bool | None = None,
+    class_latents: dict[str, Sequence[tuple[int, float]]] | None = None,
 ) -> str:
     """Write ``dump_to/index.html`` (and the scatter PNG) for ``latents``, in the given order; returns its path.
 
     ``all_log10_freq`` / ``all_log10_value``: every non-dead latent, for the scatter plot (non-finite points are
     left out). ``log_*_range``: the selection, ``(low, high)`` with either end None for open, or None for none.
-    Every image must already exist under ``dump_to``. Files are written atomically."""
+    Every image must already exist under ``dump_to``. Files are written atomically. ``class_latents``: per class,
+    its best latents by AUROC, shown as a table above the latents (rows with classes get a class column too)."""
     dump_to = os.fspath(dump_to)
     rows = [_check_latent(entry, dump_to) for entry in latents]
     ids = [row["latent"] for row in rows]
@@ -95,7 +103,7 @@ def write_gallery(
     png = freq_vs_value_png(all_log10_freq, all_log10_value, shown.reshape(-1, 2), log_freq_range, log_value_range)
     atomic_write_bytes(os.path.join(dump_to, SCATTER_PNG), png)
 
-    page = _page(title, rows, len(all_log10_freq), log_freq_range, log_value_range, lazy)
+    page = _page(title, rows, len(all_log10_freq), log_freq_range, log_value_range, lazy, class_latents)
     path = os.path.join(dump_to, "index.html")
     atomic_write_bytes(path, page.encode("utf-8"))
     return path
@@ -309,10 +317,11 @@ def histogram_svg(counts, edges, width: int = 160, height: int = 36) -> str:
             f'<div class="small">{_num(edges[0], ".2f")} … {_num(edges[-1], ".2f")}</div>')
 
 
-def _row(row: dict, lazy: bool) -> str:
+def _row(row: dict, lazy: bool, with_classes: bool = False) -> str:
     latent = row["latent"]
-    attrs = " ".join(f'data-{key}="{_js_number(row[field])}"' for key, field in
-                     (("freq", "log10_freq"), ("mean", "log10_mean_value"), ("max", "max_value")))
+    attrs = " ".join(f'data-{key}="{_js_number(row.get(field, math.nan))}"' for key, field in
+                     (("freq", "log10_freq"), ("mean", "log10_mean_value"), ("max", "max_value"),
+                      ("sel", "selectivity")))
     loading = ' loading="lazy"' if lazy else ""
     figures = "".join(
         f'<figure><a href="{_url(rel)}"><img src="{_url(rel)}" alt="{_e(label)}" title="rank {rank}: {_e(label)}"'
@@ -321,19 +330,44 @@ def _row(row: dict, lazy: bool) -> str:
     )
     hist = histogram_svg(row["hist_counts"], row["hist_edges"]) if "hist_counts" in row else ""
     folder = f"{NEURONS_DIR}/{latent}"
-    return (f'<tr data-latent="{latent}" {attrs}>'
+    return (f'<tr id="latent-{latent}" data-latent="{latent}" {attrs}>'
             f'<td class="num"><b>{latent}</b><br><a class="small" href="{_url(folder + "/metadata.json")}">'
             f'metadata</a> · <a class="small" href="{_url(folder + "/")}">folder</a></td>'
             f'<td class="num">{_num(row["log10_freq"])}</td><td class="num">{_num(row["log10_mean_value"])}</td>'
             f'<td class="num">{_num(row["max_value"], ".4g")}</td><td>{hist}</td>'
-            f'<td><div class="imgs">{figures}</div></td></tr>')
+            f'{_classes_cell(row) if with_classes else ""}<td><div class="imgs">{figures}</div></td></tr>')
 
 
-def _page(title: str, rows: list[dict], n_alive: int, freq_range, value_range, lazy: bool) -> str:
+def _classes_cell(row: dict) -> str:
+    best = "<br>".join(f'{_e(name)} <span class="small">{_num(auroc)}</span>' for name, auroc in row.get("classes", ()))
+    top = ", ".join(f"{_e(name)} {n}" for name, n in row.get("top_labels", ()))
+    return f'<td>{best or "–"}<div class="small">top images: {top or "–"}</div></td>'
+
+
+
+def _class_table(class_latents: dict, on_page: set[int]) -> str:
+    """Per class, its best latents by AUROC (links to the rows on this page)."""
+    def cell(latent: int, auroc: float) -> str:
+        name = f'<a href="#latent-{latent}">{latent}</a>' if latent in on_page else str(latent)
+        return f'{name} <span class="small">{_num(auroc)}</span>'
+
+    rows = "".join(f"<tr><td>{_e(name)}</td><td>{' · '.join(cell(l, a) for l, a in best)}</td></tr>"
+                   for name, best in class_latents.items())
+    return ("<h2>Latents per class</h2><p class=\"small\">AUROC of a latent's value on an image (its best patch, or "
+            "its CLS value) for telling the class from the others, over the store's images; 0.5 is chance.</p>"
+            f'<table id="classes"><thead><tr><th>class</th><th>best latents (AUROC)</th></tr></thead><tbody>{rows}'
+            "</tbody></table>")
+
+
+def _page(title: str, rows: list[dict], n_alive: int, freq_range, value_range, lazy: bool,
+          class_latents: dict | None = None) -> str:
     def header(key: str, text: str) -> str:
         return f'<th data-key="{key}" aria-sort="none"><button type="button">{_e(text)}</button></th>'
 
-    body = "\n".join(_row(row, lazy) for row in rows)
+    with_classes = any("classes" in row for row in rows)
+    body = "\n".join(_row(row, lazy, with_classes) for row in rows)
+    classes = _class_table(class_latents, {row["latent"] for row in rows}) if class_latents else ""
+    class_header = header("sel", "classes (AUROC)") if with_classes else ""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -350,9 +384,10 @@ def _page(title: str, rows: list[dict], n_alive: int, freq_range, value_range, l
 <img src="{_url(SCATTER_PNG)}" alt="log10 frequency vs log10 mean value of every non-dead latent" width="640">
 <p class="small">Heatmaps: each patch is coloured by the latent's value there, with opacity proportional to the
 value over the latent's top value, so the images of one latent compare. Click a column header to sort.</p>
+{classes}
 <table id="latents">
 <thead><tr>{header("latent", "latent")}{header("freq", "log10 freq")}{header("mean", "log10 mean value")}
-{header("max", "max value")}<th>log10 value histogram</th><th>top images (best first)</th></tr></thead>
+{header("max", "max value")}<th>log10 value histogram</th>{class_header}<th>top images (best first)</th></tr></thead>
 <tbody>
 {body}
 </tbody>

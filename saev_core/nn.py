@@ -69,9 +69,9 @@ class Loss(NamedTuple):
 
 
 class Output(NamedTuple):
-    x_hat: Float[Tensor, "batch d_vit"]
+    x_hat: Float[Tensor, "*batch d_vit"]
     """Reconstruction in raw (un-normalised) space."""
-    f_x: Float[Tensor, "batch d_sae"]
+    f_x: Float[Tensor, "*batch d_sae"]
     """Latent activations."""
     loss: Loss
     """The loss and its parts."""
@@ -161,8 +161,10 @@ class SparseAutoencoder(torch.nn.Module):
         """Raw-space reconstruction from all latents."""
         return self.denormalize(f_x @ self.W_dec + self.b_dec)
 
-    def forward(self, x: Float[Tensor, "batch d_vit"]) -> Output:
-        x_n = self.normalize(x)
+    def forward(self, x: Float[Tensor, "*batch d_vit"]) -> Output:
+        """Any leading shape (saev's snippet passes [images, patches, d_vit]); x_hat and f_x keep it."""
+        lead = x.shape[:-1]
+        x_n = self.normalize(x.reshape(-1, x.shape[-1]))
         pre = self.pre_acts(x_n)
         f_x = self.activate(pre)
         x_hat_n = f_x @ self.W_dec + self.b_dec
@@ -171,7 +173,8 @@ class SparseAutoencoder(torch.nn.Module):
         aux = self.aux_loss(x_n, pre, x_hat_n)
         if self.training:
             self.update_stats(f_x)
-        return Output(self.denormalize(x_hat_n), f_x, Loss(mse, sparsity, aux, mse + sparsity + aux))
+        x_hat = self.denormalize(x_hat_n).reshape(*lead, -1)
+        return Output(x_hat, f_x.reshape(*lead, -1), Loss(mse, sparsity, aux, mse + sparsity + aux))
 
     def reconstruction_mse(
         self,

@@ -49,6 +49,11 @@ class ReportPlan:
     """Draw the PCA baseline (PCA with L0 components, fitted on the training split, NMSE on the held-out split)."""
     pca_max_vectors: int = 200_000
     """Vectors per split the PCA baseline reads at most (a uniform sample of images beyond that)."""
+    splice: bool = False
+    """Add splice-in fidelity columns (``saev_core.splice``: the ViT's final embedding with the layer replaced by each
+    member's reconstruction, vs zero ablation): costs four ViT passes over the held-out images plus one per member."""
+    splice_max_images: int = 256
+    """Held-out images the splice-in evaluation runs the ViT on at most (a seeded sample beyond that)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +198,11 @@ def sweep_report(pipe: Pipeline, sweep_csvs: dict[int, str]) -> tuple[str, list]
                 ActivationStore.open(row["data.shard_root"]), layer, row["data.patches"], float(row["data.val_frac"]),
                 int(row["seed"]), pipe.report.pca_max_vectors,
             )
-        layers.append(report.layer_report(layer, csv, pipe.report.max_l0, pca))
+        splice = None
+        if pipe.report.splice:
+            ckpts = list(pd.read_csv(csv)["ckpt"])
+            splice = dict(zip(ckpts, report.splice_results(ckpts, pipe.report.splice_max_images)))
+        layers.append(report.layer_report(layer, csv, pipe.report.max_l0, pca, splice))
     return report.write_report(pipe.train.ckpt_path, layers), layers
 
 

@@ -87,11 +87,17 @@ class LayerReport:
     png: bytes
 
 
-def layer_report(layer: int, sweep_csv: str, max_l0: float | None, pca: PCABaseline | None) -> LayerReport:
+def layer_report(layer: int, sweep_csv: str, max_l0: float | None, pca: PCABaseline | None,
+                 splice: dict | None = None) -> LayerReport:
+    """One layer's table (sweep.csv plus the PCA baseline and, when given, the splice-in columns keyed by ``ckpt``),
+    its chosen member and its plot."""
     table = pd.read_csv(sweep_csv)
     chosen = metrics.best_member(table.to_dict("records"), max_l0)
     if pca is not None:
         table["pca_nmse_at_l0"] = [pca.at(l0) if l0 == l0 else math.nan for l0 in table["l0"]]
+    if splice is not None:
+        for column, field in SPLICE_COLUMNS.items():
+            table[column] = [getattr(splice[c], field) if c in splice else math.nan for c in table["ckpt"]]
     ks = []
     if pca is not None:  # the baseline over the members' L0 range and a little beyond
         top = int(min(max(float(table["l0"].max()), 1.0) * 1.5, len(pca.nmse)))
@@ -99,6 +105,17 @@ def layer_report(layer: int, sweep_csv: str, max_l0: float | None, pca: PCABasel
     png = plots.l0_vs_nmse_png(table, f"layer {layer}", pca=(ks, [pca.at(k) for k in ks]) if pca else None,
                                chosen=chosen["member_id"] if chosen else None)
     return LayerReport(layer, table, chosen, pca, png)
+
+
+SPLICE_COLUMNS = {"splice_cos": "cos_sae", "splice_cos_zero": "cos_zero", "splice_gap_recovered": "gap_recovered"}
+"""Report column -> ``splice.SpliceResult`` field."""
+
+
+def splice_results(ckpts: list[str], max_images: int, device: str = "auto") -> list:
+    """Splice-in fidelity of each member (``[report] splice = true``)."""
+    from saev_core import splice
+
+    return splice.evaluate_checkpoints(ckpts, device=device, max_images=max_images)
 
 
 def member_rows(layers: list[LayerReport]) -> list[dict]:
@@ -124,7 +141,7 @@ def write_report(folder: str, layers: list[LayerReport], title: str = "SAE sweep
 
 
 REPORT_COLUMNS = ["member_id", "sae.arch", "sae.exp_factor", "sae.k", "lr", "nmse", "pca_nmse_at_l0", "l0",
-                  "frac_dead_train", "frac_dead_heldout", "ckpt"]
+                  "frac_dead_train", "frac_dead_heldout", *SPLICE_COLUMNS, "ckpt"]
 
 
 def markdown_summary(rep: LayerReport) -> str:

@@ -200,8 +200,11 @@ def topk_pass(
     device: str = "cpu",
     imgs_per_batch: int | None = None,
     show_progress: bool = False,
+    on_batch=None,
 ) -> TopKCache:
-    """Stream every valid image of the layer through ``sae`` (raw activations in: it normalises itself)."""
+    """Stream every valid image of the layer through ``sae`` (raw activations in: it normalises itself).
+    ``on_batch(image_ids, ranking_values [imgs, d_sae])``, when given, sees every batch (the class association
+    collects its matrix there, so it needs no pass of its own)."""
     check_rank_mode(store, patches)
     if top_k < 1:
         raise UserError(f"--top-k {top_k} must be at least 1 (128 is saev's default).")
@@ -227,6 +230,8 @@ def topk_pass(
         stats.update(patch_f if patches == "patches" else f[:, :1])
         rank = patch_f.amax(dim=1) if patches == "patches" else cls_f
         running.update(rank, patch_f, cls_f, torch.from_numpy(ids).to(device))
+        if on_batch is not None:
+            on_batch(ids, rank)
         bar.update(len(x) * n_per_img)
 
     ipc = store.layout.imgs_per_chunk
@@ -293,9 +298,9 @@ def save_cache(cache: TopKCache, dump_to: str) -> str:
     return atomic_write(cache_path(dump_to), lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays))
 
 
-def load_cache(dump_to: str, identity: CacheIdentity) -> TopKCache | None:
-    """The cache under dump_to when it was made from ``identity``; None when there is none; UserError when it was
-    made from other inputs (another SAE, store, layer, token mode or k)."""
+def read_cache(dump_to: str) -> TopKCache | None:
+    """The cache under dump_to whatever made it (its identity from its meta); None when there is none; UserError
+    when it cannot be read."""
     path = cache_path(dump_to)
     if not os.path.isfile(path):
         return None
@@ -304,15 +309,24 @@ def load_cache(dump_to: str, identity: CacheIdentity) -> TopKCache | None:
             meta = json.loads(str(z["meta"]))
             arrays = {name: z[name] for name in _ARRAYS}
         n_vectors = int(meta["n_vectors"])
+        identity = CacheIdentity(**{f.name: meta.get(f.name) for f in dataclasses.fields(CacheIdentity)})
     except Exception as err:  # noqa: BLE001 - a damaged file can fail in many ways (zip, JSON, keys, types)
         raise UserError(f"The top-k cache {path} cannot be read ({type(err).__name__}: {err}); delete it to compute "
                         "it again.") from None
-    stored = {f.name: meta.get(f.name) for f in dataclasses.fields(CacheIdentity)}
-    wanted = dataclasses.asdict(identity)
+    return TopKCache(identity=identity, n_vectors=n_vectors, **arrays)
+
+
+def load_cache(dump_to: str, identity: CacheIdentity) -> TopKCache | None:
+    """The cache under dump_to when it was made from ``identity``; None when there is none; UserError when it was
+    made from other inputs (another SAE, store, layer, token mode or k)."""
+    cache = read_cache(dump_to)
+    if cache is None:
+        return None
+    stored, wanted = dataclasses.asdict(cache.identity), dataclasses.asdict(identity)
     if stored != wanted:
         diff = ", ".join(f"{k}: cache {stored[k]!r} vs now {wanted[k]!r}" for k in wanted if stored[k] != wanted[k])
         raise UserError(
-            f"The top-k cache {path} was made from other inputs ({diff}). Pass another --dump-to, or delete "
-            f"{os.path.dirname(path)} to compute it again for these."
+            f"The top-k cache {cache_path(dump_to)} was made from other inputs ({diff}). Pass another --dump-to, or "
+            f"delete {os.path.dirname(cache_path(dump_to))} to compute it again for these."
         )
-    return TopKCache(identity=identity, n_vectors=n_vectors, **arrays)
+    return cache

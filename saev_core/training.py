@@ -46,8 +46,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saev_core import config, nn
+from saev_core.checkpoints import absolute_ckpt
 from saev_core.errors import UserError
-from saev_core.files import atomic_write, atomic_write_json, read_json, remove_if_exists
+from saev_core.files import absolute, atomic_write, atomic_write_json, read_json, remove_if_exists
 from saev_core.loader import ActivationLoader
 from saev_core.metrics import ReconstructionMetrics
 from saev_core.stats import normalization
@@ -503,10 +504,12 @@ def _progress(show: bool, desc: str, n_steps: int, start: int, batch_size: int):
 
 def _provenance(store: ActivationStore, cfg: config.TrainConfig, n_steps: int) -> dict:
     meta = store.metadata
+    # Absolute paths: the checkpoint is read later from other folders (visuals, inference, the explorer).
     return {
-        "store": store.path, "store_key": meta.get("key"), "layer": cfg.data.layer,
+        "store": absolute(store.path), "store_key": meta.get("key"), "layer": cfg.data.layer,
         "recorded_layer": store.recorded_layer(cfg.data.layer), "token_mode": cfg.data.patches,
-        "vit_family": meta.get("vit_family"), "vit_ckpt": meta.get("vit_ckpt"), "d_vit": store.d_vit,
+        "vit_family": meta.get("vit_family"), "vit_ckpt": absolute_ckpt(meta.vit_family, meta.vit_ckpt),
+        "d_vit": store.d_vit,
         "scale_mean": cfg.data.scale_mean, "scale_norm": cfg.data.scale_norm, "steps": n_steps,
         "n_patches_seen": n_steps * cfg.sae_batch_size, "data_seed": cfg.seed,
     }

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import torch
 
-from saev_core import config, gallery, imaging, images, nn, stats, topk, vit as vitlib
+from saev_core import association, config, gallery, imaging, images, nn, stats, topk, vit as vitlib
 from saev_core.errors import UserError
 from saev_core.files import atomic_write_json, read_json
 from saev_core.store import ActivationStore
@@ -104,19 +104,31 @@ def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> Visua
     )
     cache = topk.load_cache(cfg.dump_to, identity)
     reused = cache is not None
+    with_classes = association.has_classes(inputs.store)
+    assoc = association.load(cfg.dump_to, identity) if with_classes else None
+    values = association.ImageValues(inputs.store, inputs.sae.cfg.d_sae) if with_classes and assoc is None else None
     if cache is None:
         cache = topk.topk_pass(inputs.store, inputs.layer, inputs.patches, inputs.sae, cfg.top_k, identity,
-                               device=device, show_progress=show_progress)
+                               device=device, show_progress=show_progress, on_batch=values)
         topk.save_cache(cache, cfg.dump_to)
+    elif values is not None:  # a cache from before the association, or its file deleted: one pass for the values
+        topk.topk_pass(inputs.store, inputs.layer, inputs.patches, inputs.sae, 1, identity, device=device,
+                       show_progress=show_progress, on_batch=values)
+    if values is not None:
+        assoc = association.compute(cache, values, inputs.store)
+        association.save(assoc, identity, cfg.dump_to, cache.freq > 0)
     logger.info("top-k cache %s (%s)", topk.cache_path(cfg.dump_to), "reused" if reused else "computed")
     latents = select_latents(cache, cfg.log_freq_range, cfg.log_value_range, cfg.include_latents, cfg.n_latents,
                              cfg.seed)
     rows = render_latents(cache, latents, inputs.store, image_root, cfg.dump_to, cfg.n_imgs_per_latent, show_progress)
+    if assoc is not None:
+        add_classes(rows, assoc)
     atomic_write_json(selection_path(cfg.dump_to), {
         "latents": latents.tolist(), "n_images": [row["n_images"] for row in rows],
         "log_freq_range": cfg.log_freq_range, "log_value_range": cfg.log_value_range,
         "include_latents": list(cfg.include_latents), "n_latents": cfg.n_latents, "seed": cfg.seed,
-        "n_imgs_per_latent": cfg.n_imgs_per_latent,
+        "n_imgs_per_latent": cfg.n_imgs_per_latent, "ckpt": os.path.abspath(inputs.ckpt_path),
+        "store": inputs.store.path, "image_root": image_root,
     })
     alive = cache.freq > 0
     with np.errstate(divide="ignore"):
@@ -124,9 +136,23 @@ def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> Visua
             cfg.dump_to, rows, np.log10(cache.freq[alive]), np.log10(cache.mean_value[alive]),
             cfg.log_freq_range, cfg.log_value_range,
             title=f"SAE latents: {os.path.basename(os.path.dirname(inputs.ckpt_path))}, layer {inputs.layer}",
+            class_latents=None if assoc is None else {
+                name: assoc.top_latents(c, 5) for c, name in enumerate(assoc.class_names) if assoc.n_images[c] > 0},
         )
     return VisualsResult(index, cfg.dump_to, latents.tolist(), sum(r["n_images"] for r in rows), reused,
                          int(alive.sum()), cache.d_sae)
+
+
+def add_classes(rows: list[dict], assoc) -> None:
+    """Each gallery row gets its latent's best classes by AUROC, its selectivity and its top-k label shares."""
+    selectivity = assoc.selectivity()
+    for row in rows:
+        latent = row["latent"]
+        counts = assoc.top_label_counts[latent]
+        shares = [(assoc.class_names[c], int(counts[c])) for c in np.argsort(-counts, kind="stable")[:3] if counts[c]]
+        row["classes"] = assoc.top_classes(latent)
+        row["top_labels"] = shares
+        row["selectivity"] = float(selectivity[latent])
 
 
 def selection_path(dump_to: str) -> str:

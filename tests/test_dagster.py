@@ -298,6 +298,8 @@ def test_topk_visuals_renders_every_member_and_its_check_sees_a_deleted_png(pipe
     galleries = [v.value for k, v in mat.metadata.items() if k.startswith("gallery_")]
     assert len(galleries) == 2 and all(os.path.isfile(g) for g in galleries)
     assert all("data:image/png;base64," in v.value for k, v in mat.metadata.items() if k.startswith("preview_"))
+    commands = [v.value for k, v in mat.metadata.items() if k.startswith("explore_")]
+    assert len(commands) == 2 and all(c.startswith("python -m saev_core explore --visuals ") for c in commands)
     (check,) = result.get_asset_check_evaluations()
     assert check.passed, check.metadata
 
@@ -328,6 +330,19 @@ def test_sweep_report_has_every_member_of_every_layer_and_a_pca_baseline(pipelin
     assert mat.metadata["report"].value == str(report) and report.is_file()
     assert (tmp_path / "ckpts" / "report_layer_0.png").is_file()
     assert "data:image/png;base64," in mat.metadata["l0_vs_nmse_layer_-1"].value
+    assert not any("splice_cos" in r.data for r in records)  # only when the pipeline asks
+
+    # [report] splice = true: every member gets its splice-in columns.
+    pipeline_file.write_text(pipeline_file.read_text() + "\n[report]\nsplice = true\nsplice_max_images = 4\n")
+    defs = build_definitions()
+    (mat,) = materialize(defs, ["sweep_report"], instance).asset_materializations_for_node("sweep_report")
+    records = mat.metadata["members"].value.records
+    assert len(records) == 4 and all(0.0 < r.data["splice_cos"] <= 1.0 + 1e-9 for r in records)
+    # Block 0's patches reach the pooled CLS token through block 1, so splicing there is measurable.
+    assert all(r.data["splice_gap_recovered"] is not None for r in records if r.data["layer"] == 0)
+    # Block -1 is the last: its patches never reach the pooled CLS, zeroing them changes nothing, the gap is 0/0.
+    assert all(r.data["splice_gap_recovered"] is None for r in records if r.data["layer"] == -1)
+    assert "splice_gap_recovered" in report.read_text()
 
 
 def test_a_bad_pipeline_file_fails_the_load_naming_file_and_key(tmp_path):

@@ -8,7 +8,7 @@ from saev_dagster.resources import SaevPipeline, fail_clearly
 
 COLUMNS = [("layer", "int"), ("member_id", "string"), ("sae.arch", "string"), ("sae.k", "int"), ("lr", "float"),
            ("nmse", "float"), ("pca_nmse_at_l0", "float"), ("l0", "float"), ("frac_dead_train", "float"),
-           ("chosen", "bool")]
+           ("splice_cos", "float"), ("splice_gap_recovered", "float"), ("chosen", "bool")]
 
 
 def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsDefinition:

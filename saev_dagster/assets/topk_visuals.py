@@ -39,6 +39,7 @@ def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_versi
             metadata[f"preview_{m.member_id}"] = png_markdown(
                 gallery.preview_grid(m.result.dump_to, m.result.latents[:4], 6), f"top images of {m.member_id}"
             )
+            metadata[f"explore_{m.member_id}"] = f"python -m saev_core explore --visuals {m.result.dump_to} --sweep {sweep_csv.rsplit('/', 1)[0]}"
             context.log.info(f"{m.member_id}: {len(m.result.latents)} latents -> {m.result.index_html}")
         return dg.MaterializeResult(metadata=metadata)
 
