@@ -76,15 +76,18 @@ def bench_row(args, row: str, batches: list[torch.Tensor], device: str) -> dict:
             "auto": training.sparse_topk.use_sparse("auto", dense.cfg.sae)}
 
 
-def profile_step(args, arch: str, k: int, batch: torch.Tensor, device: str) -> None:
+def profile_step(args, row: str, batch: torch.Tensor, device: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    dense, sparse = make_members(args, arch, k, device)
+    arch, k, *flags = row.split(":")
+    dense, sparse = make_members(args, arch, int(k), device)
     for name, m in (("dense", dense), ("sparse", sparse)):
         training.train_step(m, batch, 10, 1000)
+        if "aux" in flags:
+            m.sae.n_patches_since_fired[: args.aux_dead] = m.sae.dead_after_n_patches
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             training.train_step(m, batch, 11, 1000)
-        print(f"\n== where one {name} {arch} k={k} step spends its time (self CPU time, top 12 ops) ==")
+        print(f"\n== where one {name} {row} step spends its time (self CPU time, top 12 ops) ==")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
 
 
@@ -124,8 +127,7 @@ def main() -> None:
           f"--sparse-topk auto picks, k / d_sae <= {training.sparse_topk.MAX_AUTO_K_FRACTION:.4f}; load average "
           f"after: {os.getloadavg()[0]:.1f})")
     if args.profile:
-        arch, k = args.rows.split(",")[0].split(":")[:2]
-        profile_step(args, arch, int(k), batches[0], device)
+        profile_step(args, args.rows.split(",")[0], batches[0], device)
 
 
 if __name__ == "__main__":

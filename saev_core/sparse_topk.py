@@ -49,7 +49,7 @@ def use_sparse(setting: SparseSetting, sae: config.SparseAutoencoderConfig) -> b
 
 
 class Selection(NamedTuple):
-    """Selected (vector, latent) entries, sorted by vector then latent."""
+    """Selected (vector, latent) entries (sorted by vector then latent, except AuxK's)."""
 
     row: Int[Tensor, " n_sel"]
     """The vector (batch row) of each entry."""
@@ -193,10 +193,13 @@ def _aux_loss(
     if n_dead == 0 or sae.cfg.auxk_alpha == 0:
         return x_n.new_zeros(())
     k_aux = min(sae.cfg.k_aux, n_dead)
+    batch = x_n.shape[0]
     with torch.no_grad():
-        sel = select_topk(pre.masked_fill_(~dead, -torch.inf), k_aux)
-    f_aux = selected_pre_acts(sel, x_n, sae).relu()
-    e_hat = decode_bands(sel, f_aux, sae.W_dec, (sae.cfg.d_sae,), x_n.shape[0])[:, 0]
+        vals, idx = pre.masked_fill_(~dead, -torch.inf).topk(k_aux, dim=-1)
+    # One bag per row: no band offsets, so the entries need no sorting.
+    row = torch.arange(batch, device=idx.device).repeat_interleave(k_aux)
+    f_aux = selected_pre_acts(Selection(row, idx.flatten(), vals.flatten()), x_n, sae).relu()
+    e_hat = F.embedding_bag(idx, sae.W_dec, mode="sum", per_sample_weights=f_aux.view(batch, k_aux))
     residual = (x_n - x_hat_n).detach()
     variance = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
     return sae.cfg.auxk_alpha * (e_hat - residual).pow(2).sum() / variance
