@@ -6,9 +6,9 @@ the top-k selection touches only the selected (vector, latent) entries:
 - the selection runs without autograd on the dense pre-activations (the dense pass's own numbers, so both paths
   choose the same latents);
 - ``SelectedPreActs`` hands the selected pre-activations to autograd; its backward builds the encoder's gradient
-  from the selected columns only (``W_enc.grad[:, l] = sum of g * (x_n - b_dec)`` over the entries of latent l:
-  one ``embedding_bag`` over the entries grouped by latent), ``b_enc.grad`` by ``index_add`` and ``b_dec.grad``
-  from them (no gradient is needed for the input);
+  from the selected columns only (``W_enc.grad[:, l] = sum of g * (x_n - b_dec)`` over the entries of latent l,
+  ``b_enc.grad[l]`` = sum of g: one ``embedding_bag`` over the entries grouped by latent) and ``b_dec.grad`` from
+  them (no gradient is needed for the input);
 - the reconstruction is a weighted sum of the selected decoder rows (``embedding_bag`` with per-sample weights),
   whose autograd gives the decoder rows' and the activations' gradients without a dense matmul. Matryoshka
   prefixes come from one call: entries sorted by (vector, latent) fall into contiguous segments per prefix band,
@@ -106,35 +106,34 @@ class SelectedPreActs(torch.autograd.Function):
     O(entries * d_vit), not a dense matmul."""
 
     @staticmethod
-    def forward(ctx, pre, row, lat, x_centered, W_enc, b_enc, b_dec):
-        ctx.save_for_backward(row, lat, x_centered, W_enc)
+    def forward(ctx, pre, row, lat, centered_and_one, W_enc, b_enc, b_dec):
+        ctx.save_for_backward(row, lat, centered_and_one, W_enc)
         return pre.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        row, lat, x_centered, W_enc = ctx.saved_tensors
+        row, lat, centered_and_one, W_enc = ctx.saved_tensors
         d_sae = W_enc.shape[1]
-        grad_b_enc = grad.new_zeros(d_sae).index_add_(0, lat, grad)
-        grad_w_enc = None
-        if ctx.needs_input_grad[4]:
-            # Row l of W_enc.T's gradient is a weighted sum of the centred inputs of latent l's entries: group the
-            # entries by latent and let embedding_bag sum each group (an empty group gives a zero row).
-            order = torch.argsort(lat, stable=True)
-            counts = torch.zeros(d_sae, dtype=torch.long, device=lat.device).index_add_(0, lat, torch.ones_like(lat))
-            starts = torch.cumsum(counts, 0) - counts
-            grad_w_enc = F.embedding_bag(row[order], x_centered, starts, mode="sum",
-                                         per_sample_weights=grad[order]).T
+        # Column l of W_enc's gradient is the sum of g * (x_n - b_dec) over latent l's entries, and b_enc[l]'s the sum
+        # of g: group the entries by latent and let one embedding_bag sum each group over the inputs with a column of
+        # ones appended (an empty group gives zeros). Unlike index_add_ on a GPU, it sums in a fixed order.
+        order = torch.argsort(lat, stable=True)
+        counts = torch.zeros(d_sae, dtype=torch.long, device=lat.device).index_add_(0, lat, torch.ones_like(lat))
+        starts = torch.cumsum(counts, 0) - counts
+        sums = F.embedding_bag(row[order], centered_and_one, starts, mode="sum", per_sample_weights=grad[order])
+        grad_w_enc, grad_b_enc = sums[:, :-1].T, sums[:, -1].contiguous()
         # d pre / d b_dec = -W_enc[:, lat]; summed over the entries that is -W_enc @ grad_b_enc.
-        grad_b_dec = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[6] else None
-        return None, None, None, None, grad_w_enc, grad_b_enc if ctx.needs_input_grad[5] else None, grad_b_dec
+        grad_b_dec = -(W_enc @ grad_b_enc)
+        return None, None, None, None, grad_w_enc, grad_b_enc, grad_b_dec
 
 
 def selected_pre_acts(
     sel: Selection, x_n: Float[Tensor, "batch d_vit"], sae: torch.nn.Module
 ) -> Float[Tensor, " n_sel"]:
     """The selected pre-activations of ``sae.pre_acts`` (``(x_n - b_dec) @ W_enc + b_enc``), differentiable."""
-    x_centered = (x_n - sae.b_dec).detach()
-    return SelectedPreActs.apply(sel.pre, sel.row, sel.lat, x_centered, sae.W_enc, sae.b_enc, sae.b_dec)
+    centered = (x_n - sae.b_dec).detach()
+    centered_and_one = torch.cat([centered, centered.new_ones(centered.shape[0], 1)], dim=1)
+    return SelectedPreActs.apply(sel.pre, sel.row, sel.lat, centered_and_one, sae.W_enc, sae.b_enc, sae.b_dec)
 
 
 def decode_bands(
@@ -153,6 +152,7 @@ def decode_bands(
 
 
 def _mse(x: Float[Tensor, "batch d_vit"], x_hat: Float[Tensor, "batch d_vit"]) -> Tensor:
+    """``nn._mse`` (saev 0.1.0's: the mean over batch and d_vit); nn imports this module, so it is not imported."""
     return (x - x_hat).pow(2).mean()
 
 
@@ -169,14 +169,13 @@ def train_forward(
     sel = select(pre, sae.cfg.k)
     f = selected_pre_acts(sel, x_n, sae).relu()
     bands = decode_bands(sel, f, sae.W_dec, sae.prefix_sizes, batch)
-    # Prefix i reconstructs from bands 0..i alone, as the dense path's cumulative prefix sums.
-    prefixes = bands.cumsum(dim=1) + sae.b_dec[None, None, :] if len(sae.prefix_sizes) > 1 else None
-    if prefixes is None:
+    if len(sae.prefix_sizes) == 1:
         x_hat_n = bands[:, 0] + sae.b_dec
         mse = _mse(x_n, x_hat_n)
-    else:
+    else:  # Matryoshka: prefix i reconstructs from bands 0..i alone, as the dense path's cumulative sums do
+        prefixes = bands.cumsum(dim=1) + sae.b_dec
         x_hat_n = prefixes[:, -1]
-        mse = torch.stack([_mse(x_n, prefixes[:, i]) for i in range(prefixes.shape[1])]).mean()
+        mse = torch.stack([_mse(x_n, prefixes[:, i]) for i in range(len(sae.prefix_sizes))]).mean()
     aux = _aux_loss(sae, x_n, pre, x_hat_n)
     with torch.no_grad():  # the dense activations, written over the pre-activations no longer needed
         f_x = pre.zero_().view(-1).index_put_((sel.row * pre.shape[1] + sel.lat,), f.detach()).view_as(pre)
