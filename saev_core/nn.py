@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import config
+from . import config, sparse_topk
 from .errors import UserError
 from .files import atomic_write
 
@@ -273,9 +273,21 @@ class TopKSAE(UnitNormDecoder):
     Matryoshka SAE.
     """
 
+    sparse_training = False
+    """Train through ``saev_core.sparse_topk`` (the trainer sets it): the dense forward's loss and gradients with
+    only the encoder's forward matmul dense."""
+
     def __init__(self, cfg: config.SparseAutoencoderConfig):
         super().__init__(cfg)
         self.prefix_sizes = matryoshka_prefix_sizes(cfg.d_sae, cfg.n_prefixes)
+
+    def forward(self, x):
+        if not (self.training and self.sparse_training):
+            return super().forward(x)
+        x_hat_n, f_x, mse, aux = sparse_topk.train_forward(self, x)
+        sparsity = mse.new_zeros(())
+        self.update_stats(f_x)
+        return Output(self.denormalize(x_hat_n), f_x, Loss(mse, sparsity, aux, mse + sparsity + aux))
 
     def activate(self, pre):
         vals, idx = pre.topk(self.cfg.k, dim=-1)

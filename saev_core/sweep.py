@@ -46,12 +46,16 @@ PER_MEMBER_FIELDS: tuple[str, ...] = (
     "ckpt_every",
     "log_every",
     "sweep",
+    "sparse_topk",
 )
 
 # Fields that cannot change a trained SAE, left out of ``member_id`` so that moving the checkpoint folder, logging
-# more often or running on another device or thread count finds the same member. (cpu and cuda, or 1 and 8
-# threads, differ in the last bits of float arithmetic; we count that as the same experiment.)
-MEMBER_ID_IGNORED: tuple[str, ...] = ("ckpt_path", "log_every", "ckpt_every", "sweep", "device", "n_threads")
+# more often or running on another device, thread count or topk code path finds the same member. (cpu and cuda,
+# 1 and 8 threads, or sparse and dense topk differ in the last bits of float arithmetic; we count that as the same
+# experiment.)
+MEMBER_ID_IGNORED: tuple[str, ...] = (
+    "ckpt_path", "log_every", "ckpt_every", "sweep", "device", "n_threads", "sparse_topk",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saev_core import config, nn
+from saev_core import config, nn, sparse_topk
 from saev_core.checkpoints import absolute_ckpt
 from saev_core.errors import UserError
 from saev_core.files import absolute, atomic_write, atomic_write_json, read_json, remove_if_exists
@@ -433,6 +433,7 @@ def _make_member(
     cfg: config.TrainConfig, mean: np.ndarray, scale: float, b_dec: np.ndarray, device: str
 ) -> _Member:
     sae = nn.make_sae(cfg.sae)  # initialised on the CPU from cfg.sae.seed alone
+    sae.sparse_training = sparse_topk.use_sparse(cfg.sparse_topk, cfg.sae)
     sae.set_normalization(torch.from_numpy(mean), scale)
     sae.init_b_dec(torch.from_numpy(b_dec))
     sae = sae.to(device).train()
