@@ -330,7 +330,10 @@ def from_table(base, table: dict, where: str, source: str):
             raise UserError(
                 f"{where}.{key} = {value!r} in {source}: expected {sweep.describe_type(hints[key])}."
             ) from None
-    return dataclasses.replace(base, **changes)
+    try:
+        return dataclasses.replace(base, **changes)
+    except UserError as err:  # a value out of range (config.check_fields): say where it is
+        raise UserError(f"[{where}] of {source}: {err}") from None
 
 
 def _visuals_plan(table: dict, source: str) -> VisualsPlan:
