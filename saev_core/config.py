@@ -38,11 +38,11 @@ def check_fields(cfg, prefix: str, rules: dict[str, tuple[str, object]]) -> None
             number = isinstance(v, numbers.Real) and not isinstance(v, bool)
             if not (number and math.isfinite(v) and ok(v)):
                 flag = prefix + name.replace("_", "-")
-                each = "each value " if isinstance(value, tuple) else ""
-                got = "" if number else f" (got a {type(v).__name__})"
+                rule = f"values each {wanted}" if isinstance(value, tuple) else wanted
+                got = "" if number else f", not a {type(v).__name__}"
                 raise UserError(
-                    f"{flag} {value!r} is invalid ({name}={value!r}): {each}must be {wanted}{got}. "
-                    f"Pass a valid {flag}, or fix key {name} in the pipeline file."
+                    f"{flag} {value!r} must be {rule}{got} ({name}={value!r}). Pass a valid {flag} (in a pipeline "
+                    f"file or checkpoint header: the key {name})."
                 )
 
 
