@@ -535,7 +535,8 @@ def _read_state_dict(f, device, not_ckpt) -> dict:
                        "when loaded; this loader reads plain tensors only. Re-save the weights as a plain state dict "
                        "of tensors (nn.dump does)") from None
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # torch's first sentence says what failed; the rest is advice (some of it unsafe) for programmers.
+        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         if "weights_only" in str(err):
             first = type(err).__name__
         raise not_ckpt(f"no readable state dict after the header: the file is cut short or damaged ({first})") from None

@@ -112,9 +112,15 @@ def check_disk_space(root: str, nbytes: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < nbytes:
         raise UserError(
-            f"The store needs {nbytes / 1e9:.2f} GB but {probe} has {free / 1e9:.2f} GB free. Free some space, "
-            "pass another --dump-to, record fewer --vit-layers or images (--n-imgs), or use --dtype float16."
+            f"The store needs {_size(nbytes)} but {probe} (--dump-to {root}) has {_size(free)} free. Free some "
+            "space, pass another --dump-to, record fewer --vit-layers or images (--n-imgs), or use --dtype float16."
         )
+
+
+def _size(nbytes: int) -> str:
+    if nbytes >= 1e8:
+        return f"{nbytes / 1e9:.2f} GB"
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
 
 
 def block_batches(layout: Layout, blocks: list[int], batch_size: int) -> list[list[int]]:

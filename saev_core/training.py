@@ -610,7 +610,7 @@ def _read_train_state(path: str, m: _Member, step: int, start_over: str) -> dict
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=m.sae.b_dec.device, weights_only=True)
     except pickle.UnpicklingError:
-        raise damaged("it holds Python objects other than tensors; it is never run") from None
+        raise damaged("not a torch file of plain tensors (one holding other Python objects is never run)") from None
     except Exception as err:
         raise damaged(f"unreadable: {type(err).__name__}") from None
     keys = {"member_id", "step", "model", "optimizer", "loader"}
