@@ -270,8 +270,8 @@ def _report_unreadable(root: str, unlisted: list[OSError], undecodable: list[str
     if not problems:
         return
     if not skip_bad:
-        fixes = (["make the folders readable"] if unlisted else []) + (
-            ["rename the files to UTF-8 names (e.g. `convmv -r -f latin1 -t utf8 --notest FOLDER`)"] if undecodable else [])
+        rename = "rename the files to UTF-8 names (e.g. `convmv -r -f latin1 -t utf8 --notest FOLDER`)"
+        fixes = (["make the folders readable"] if unlisted else []) + ([rename] if undecodable else [])
         raise UserError(
             f"In the image folder {root}, {'; '.join(problems)}. Fix: {' and '.join(fixes)}, or pass --data.skip-bad "
             "to skip them with a warning."

@@ -189,6 +189,12 @@ def pipeline_file(w: World, t: Path, edit: Callable[[str], str]) -> Call:
     return Call(["pipeline", "--path", str(write(t / "p.toml", edit(text)))])
 
 
+def random_weights_at(w: World, t: Path, weights: Path) -> Call:
+    """A pipeline whose [demo] random_vit creates the tiny ViT's random weights at ``weights``."""
+    at = f'vit_ckpt = "saev-tiny-clip/{weights}"'
+    return pipeline_file(w, t, lambda s: s.replace(f'vit_ckpt = "{w.vit_ckpt}"', at) + "\n[demo]\nrandom_vit = true\n")
+
+
 def replace_table(text: str, table: str, body: str) -> str:
     """``text`` with ``body`` added at the top of ``[table]`` (later duplicates would be a TOML error)."""
     return text.replace(f"[{table}]\n", f"[{table}]\n{body}\n", 1)
@@ -290,7 +296,8 @@ def undecodable_image(w: World, t: Path) -> Call:
 
 ROWS = [
     # -- recording ---------------------------------------------------------------------------------------------
-    row("rec-dump-to-is-a-file", lambda w, t, m: Call(w.activations(dump_to=write(t / "f", "x"))), "--dump-to", "{t}/f"),
+    row("rec-dump-to-is-a-file", lambda w, t, m: Call(w.activations(dump_to=write(t / "f", "x"))),
+        "--dump-to", "{t}/f"),
     row("rec-dump-to-under-a-file", lambda w, t, m: Call(w.activations(dump_to=write(t / "f", "x") / "acts")),
         "--dump-to", "{t}/f"),
     row("rec-dump-to-read-only", lambda w, t, m: Call(w.activations(dump_to=read_only_folder(t / "ro", m) / "acts")),
@@ -390,13 +397,9 @@ ROWS = [
     row("pipe-dump-to-is-a-file", lambda w, t, m: (write(t / "acts", "x"), pipeline_file(w, t, lambda s: s))[1],
         "{t}/p.toml", "dump_to", "{t}/acts"),
     row("pipe-random-weights-folder-under-a-file",
-        lambda w, t, m: (write(t / "f", "x"), pipeline_file(w, t, lambda s: s.replace(
-            f'vit_ckpt = "{w.vit_ckpt}"', f'vit_ckpt = "saev-tiny-clip/{t}/f/w.pt"') + "\n[demo]\nrandom_vit = true\n"))[1],
-        "random_vit", "{t}/f"),
+        lambda w, t, m: random_weights_at(w, t, write(t / "f", "x") / "w.pt"), "random_vit", "{t}/f"),
     row("pipe-random-weights-disk-full",
-        lambda w, t, m: (full_disk(t / "full", m), pipeline_file(w, t, lambda s: s.replace(
-            f'vit_ckpt = "{w.vit_ckpt}"', f'vit_ckpt = "saev-tiny-clip/{t}/full/w.pt"') + "\n[demo]\nrandom_vit = true\n"))[1],
-        "{t}/full/w.pt", "disk"),
+        lambda w, t, m: random_weights_at(w, t, full_disk(t / "full", m) / "w.pt"), "{t}/full/w.pt", "disk"),
     # -- checkpoint loading (visuals) ---------------------------------------------------------------------------
     row("ckpt-header-sizes-absurd",
         lambda w, t, m: Call(w.visuals(sae_file(t, with_cfg(w, d_vit=10_000_000, exp_factor=1_000_000), good_state(w)),
@@ -551,3 +554,25 @@ def test_fifo_named_like_an_image_is_warned_once_and_skipped_without_hanging(wor
     result = run_cli(Call(argv[:-1] + [str(images)]), tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("cat/pipe.png") == 1 and "not regular files" in result.stderr
+
+
+def test_skip_bad_turns_unlistable_folders_and_non_utf8_names_into_one_warning(tmp_path, monkeypatch):
+    from saev_core import images
+
+    write(tmp_path / "a" / "x.png", b"")
+    write(tmp_path / "locked" / "y.png", b"")
+    with open(os.path.join(os.fsencode(tmp_path), b"a", b"caf\xe9.png"), "wb"):
+        pass
+    scandir = os.scandir
+
+    def unlistable(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", unlistable)
+    with pytest.warns(images.IgnoredFilesWarning) as caught:
+        found, _ = images.list_image_files(str(tmp_path), skip_bad=True)
+    assert found == ["a/x.png"]
+    [warning] = [str(w.message) for w in caught if "skip-bad" in str(w.message)]
+    assert f"{tmp_path}/locked" in warning and "b'a/caf\\xe9.png'" in warning
