@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saev_core import config, images, stats, vit as vitlib
+from saev_core import checkpoints, config, images, stats, vit as vitlib
 from saev_core.errors import UserError
 from saev_core.files import absolute, check_output_folder, check_url, is_url, join, write_error
 from saev_core.images import BAD_IMAGE
@@ -404,13 +404,14 @@ def prepare(cfg: config.ActivationsConfig, with_transform: bool):
     check_url(cfg.dump_to, "--dump-to")
     check_output_folder(cfg.dump_to, "--dump-to")
 
+    checkpoints.parse_ckpt(cfg.vit_family, cfg.vit_ckpt)  # a missing weights file: its UserError, before any work
+    transform = vitlib.make_img_transform(cfg.vit_family, cfg.vit_ckpt) if with_transform else None
+    source = images.make_image_source(cfg.data, transform, cfg.n_imgs)  # before the model: image errors fail fast
     vit = vitlib.make_vit(cfg.vit_family, cfg.vit_ckpt)
     vitlib.check_d_vit(vit, cfg.d_vit)
     recorder = vitlib.RecordedVisionTransformer(
         vit, cfg.n_patches_per_img or vit.n_patches_per_img, cfg.cls_token, list(cfg.vit_layers)
     )
-    transform = vitlib.make_img_transform(cfg.vit_family, cfg.vit_ckpt) if with_transform else None
-    source = images.make_image_source(cfg.data, transform, cfg.n_imgs)
     plan = plan_recording(cfg, vit, recorder, source)
     existing = open_if_created(plan.path)
     missing = plan.nbytes if existing is None else existing.missing_bytes()
