@@ -13,7 +13,7 @@ import tyro
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.files import atomic_write_bytes
+from saev_core.files import atomic_write_bytes, write_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,14 +121,21 @@ def run_explore(cfg: config.ExploreConfig) -> str:
     return explorer.serve(cfg)
 
 
+def os_error_line(err: OSError) -> str:
+    """One line for an OSError: the file it names, what the system said, what to check."""
+    if getattr(err, "filename", None):
+        return str(write_error(err.filename, err, action="use"))
+    return f"{err.strerror or err}. Check the paths given on the command line or in the pipeline file."
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse argv (sys.argv[1:] when None), run the command, print its main result last on stdout."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    cmd = tyro.cli(
-        Command, args=argv, prog="python -m saev_core", config=(tyro.conf.CascadeSubcommandArgs,),
-        description="Record ViT activations to a zarr store, train sparse autoencoders on them, and look at their latents.",
-    )
     try:
+        cmd = tyro.cli(
+            Command, args=argv, prog="python -m saev_core", config=(tyro.conf.CascadeSubcommandArgs,),
+            description="Record ViT activations to a zarr store, train sparse autoencoders on them, and look at their latents.",
+        )
         if isinstance(cmd, config.ActivationsConfig):
             out = run_activations(cmd)
         elif isinstance(cmd, config.TrainConfig):
@@ -143,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             out = run_pipeline(cmd)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file-system failure no module turned into a UserError: still one line, no traceback
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
         return 2
     print(out, flush=True)
     return 0

@@ -5,10 +5,45 @@ Field docstrings become the CLI's ``--help``.
 """
 
 import dataclasses
+import math
+import numbers
 import os
 from typing import Literal
 
 Device = Literal["auto", "cpu", "cuda"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Range checks, run when a config is built (CLI, pipeline file, sweep, checkpoint header), so a bad number fails at
+# once with its flag instead of deep inside torch or the data loader.
+# ----------------------------------------------------------------------------------------------------------------
+
+AT_LEAST_0 = ("at least 0", lambda v: v >= 0)
+AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
+POSITIVE = ("a positive finite number", lambda v: v > 0)
+ANY = ("a finite number", lambda v: True)
+SEED = ("an integer in [0, 2**63)", lambda v: 0 <= v < 2**63)
+
+
+def check_fields(cfg, prefix: str, rules: dict[str, tuple[str, object]]) -> None:
+    """Raise UserError for the first field of ``cfg`` that is not a finite number satisfying its rule (None passes:
+    it means "unset"; a tuple is checked element by element). ``prefix`` makes the CLI flag: ``--sae.`` + ``k``."""
+    from saev_core.errors import UserError
+
+    for name, (wanted, ok) in rules.items():
+        value = getattr(cfg, name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is None:
+                continue
+            number = isinstance(v, numbers.Real) and not isinstance(v, bool)
+            if not (number and math.isfinite(v) and ok(v)):
+                flag = prefix + name.replace("_", "-")
+                rule = f"values each {wanted}" if isinstance(value, tuple) else wanted
+                got = "" if number else f", not a {type(v).__name__}"
+                raise UserError(
+                    f"{flag} {value!r} must be {rule}{got} ({name}={value!r}). Pass a valid {flag} (in a pipeline "
+                    f"file or checkpoint header: the key {name})."
+                )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -35,6 +70,9 @@ class EmbeddedDataset:
     """Where the generated images go; empty means $SAEV_CACHE/embedded or ~/.cache/saev/embedded."""
     n_imgs_per_photo: int = 16
     """Crops, scales and flips made per source photograph."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "--data.", {"n_imgs_per_photo": AT_LEAST_1})
 
 
 DatasetConfig = ImageFolderDataset | EmbeddedDataset
@@ -84,6 +122,13 @@ class ActivationsConfig:
     dry_run: bool = False
     """Print the store's path and size and check the free disk space, then stop without recording."""
 
+    def __post_init__(self) -> None:
+        check_fields(self, "--", {
+            "d_vit": AT_LEAST_1, "n_patches_per_img": AT_LEAST_1, "n_patches_per_shard": AT_LEAST_1,
+            "vit_batch_size": AT_LEAST_1, "n_workers": AT_LEAST_0, "n_imgs": AT_LEAST_1, "seed": SEED,
+            "vit_layers": ANY,
+        })
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # SAEs and training
@@ -127,6 +172,13 @@ class SparseAutoencoderConfig:
     seed: int = 0
     """Weight-initialisation seed; a sweep gives member i the seed base + i."""
 
+    def __post_init__(self) -> None:
+        check_fields(self, "--sae.", {
+            "d_vit": AT_LEAST_1, "exp_factor": AT_LEAST_1, "sparsity_coeff": AT_LEAST_0, "k": AT_LEAST_1,
+            "n_prefixes": AT_LEAST_1, "auxk_alpha": AT_LEAST_0, "k_aux": AT_LEAST_1, "dead_after_n_patches": AT_LEAST_1,
+            "jumprelu_init_threshold": ANY, "jumprelu_bandwidth": POSITIVE, "decoder_init_norm": POSITIVE, "seed": SEED,
+        })
+
     @property
     def d_sae(self) -> int:
         return self.d_vit * self.exp_factor
@@ -150,6 +202,11 @@ class DataLoadConfig:
     """Fraction of images (not patches) held out for evaluation."""
     buffer_chunks: int = 32
     """Store chunks held in the shuffle buffer."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "--data.", {
+            "layer": ANY, "val_frac": ("in [0, 1)", lambda v: 0 <= v < 1), "buffer_chunks": AT_LEAST_1,
+        })
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +250,13 @@ class TrainConfig:
     seed: int = 42
     """Data-order seed and base of the SAE seeds."""
 
+    def __post_init__(self) -> None:
+        check_fields(self, "--", {
+            "n_patches": AT_LEAST_1, "sae_batch_size": AT_LEAST_1, "lr": POSITIVE, "n_lr_warmup": AT_LEAST_0,
+            "n_sparsity_warmup": AT_LEAST_0, "max_grad_norm": ANY, "ckpt_every": AT_LEAST_1, "log_every": AT_LEAST_1,
+            "n_threads": AT_LEAST_1, "seed": SEED,
+        })
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Top-k visuals
@@ -209,6 +273,9 @@ class VisualsDataConfig:
     """Layer, as recorded (-2) or resolved (10) (default: the SAE's)."""
     patches: Literal["patches", "cls"] | None = None
     """Rank images by their best patch (patches) or by their CLS token (cls) (default: the SAE's token mode)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "--data.", {"layer": ANY})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +307,12 @@ class VisualsConfig:
     """Seed of the random selection."""
     device: Device = "auto"
     """Where the SAE runs: auto picks cuda when available."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "--", {
+            "top_k": AT_LEAST_1, "n_imgs_per_latent": AT_LEAST_1, "log_freq_range": ANY, "log_value_range": ANY,
+            "include_latents": AT_LEAST_0, "n_latents": AT_LEAST_0, "seed": SEED,
+        })
 
 
 @dataclasses.dataclass(frozen=True)

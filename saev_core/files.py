@@ -6,12 +6,17 @@ killed run leaves the old file or the new one, never half of one, and a power lo
 """
 
 import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable
 from typing import BinaryIO
+
+from saev_core.errors import UserError
 
 
 def is_url(path: str) -> bool:
@@ -31,23 +36,134 @@ def absolute(path: str) -> str:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> str:
     """Call ``write(f)`` on a temporary binary file beside ``path``, fsync it, rename it over ``path`` and fsync the
-    folder. Creates the folder. Returns the absolute path."""
+    folder. Creates the folder. Returns the absolute path.
+
+    A file-system failure (read-only, permission, a file where a folder should be, disk full, also inside torch's
+    writer) is a UserError naming ``path``. Temporaries that a killed process left in the folder are removed first.
+    """
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + "-", suffix=".tmp")
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}-{os.getpid()}-", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the output gets the user's usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        remove_if_exists(tmp)
+    except BaseException as err:
+        if tmp is not None:
+            remove_if_exists(tmp)
+        if isinstance(err, OSError) or _is_torch_write_error(err):
+            raise write_error(path, err) from None
         raise
     fsync_folder(folder)
     return path
+
+
+def write_error(path: str | os.PathLike, err: BaseException, action: str = "write") -> UserError:
+    """The UserError for a failed write (or other ``action``) on ``path``: what the file system said, in words, and
+    what to do."""
+    path = os.fspath(path)
+    code = getattr(err, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or _is_torch_write_error(err):
+        free = _free_bytes(os.path.dirname(path) or ".")
+        room = f" ({free / 1e6:.1f} MB free there)" if free is not None else ""
+        why = "the disk is full" if code else "the write stopped part-way, most likely on a full disk"
+        return UserError(f"Cannot {action} {path}: {why}{room}. Free some space or choose another output folder, then "
+                         "run the same command again (finished work is kept).")
+    if code == errno.EROFS:
+        why, fix = "the file system is read-only", "choose an output folder on a writable disk"
+    elif code in (errno.EACCES, errno.EPERM):
+        why, fix = "permission denied", "choose an output folder you may write to, or fix its permissions"
+    elif code in (errno.ENOTDIR, errno.EEXIST):
+        why, fix = "a file is in the way where a folder is needed", "move that file or choose another output folder"
+    elif code == errno.EISDIR:
+        why, fix = "it is a folder", "remove that folder or choose another output path"
+    else:
+        why, fix = getattr(err, "strerror", None) or str(err), "check the output path"
+    where = getattr(err, "filename", None)
+    where = f" ({where})" if where and os.fspath(where) != path else ""
+    return UserError(f"Cannot {action} {path}{where}: {why}. Fix: {fix}.")
+
+
+def _is_torch_write_error(err: BaseException) -> bool:
+    """torch.save's C++ writer reports a failed write (a full disk) as a RuntimeError: "unexpected pos ..." or
+    "PytorchStreamWriter failed writing file ..."."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("unexpected pos" in text or "PytorchStreamWriter failed" in text)
+
+
+def _free_bytes(folder: str) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def check_output_folder(path: str, flag: str) -> None:
+    """Fail at once, before any work, when the output folder ``path`` (given as ``flag``) cannot be written: it is a
+    file, a file stands where one of its parents should be, or the nearest existing folder is read-only or not ours.
+    URLs are checked when they are opened."""
+    if is_url(path):
+        return
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        what = "is a file" if probe == path else f"cannot be created: {probe} is a file, not a folder"
+        raise UserError(f"{flag} {path} {what}. Pass a folder (it is created if missing), or move the file.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(probe) else "permission denied"
+        raise UserError(f"{flag} {path} cannot be written ({why} at {probe}). Pass a folder you may write to.")
+
+
+def _read_only(folder: str) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+# Temporaries carry the writer's process id, so a later run can tell a killed writer's leftovers from a live one's.
+_TEMPORARY_RE = re.compile(r"^\..+-(\d+)-[A-Za-z0-9_]+\.(tmp|partial)$")
+_CLEANED: set[str] = set()
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Remove the temporaries in ``folder`` whose writing process no longer runs (a crash or kill -9 left them);
+    once per folder and process. Returns the removed paths."""
+    if folder in _CLEANED:
+        return []
+    _CLEANED.add(folder)
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMPORARY_RE.match(name)
+        if match and not process_is_alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+    return removed
+
+
+def process_is_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # exists but is someone else's (or cannot be asked): leave its files alone
+    return True
 
 
 _UMASK_LOCK = threading.Lock()
@@ -96,3 +212,25 @@ def fsync_folder(folder: str) -> None:
 def remove_if_exists(path: str | os.PathLike) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
+
+
+def check_url(url: str, flag: str) -> None:
+    """Fail at once when fsspec cannot open ``url``'s protocol: unknown, or its package (s3fs for s3://) missing."""
+    if not is_url(url):
+        return
+    import fsspec
+
+    protocol = str(url).split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as err:
+        package = {"s3": "s3fs (pip install -e '.[s3]')", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+        raise UserError(
+            f"{flag} {url!r}: the {protocol}:// file system needs a package that is not installed "
+            f"({str(err).splitlines()[0]}). Install {package.get(protocol, 'it')}, or pass a local path."
+        ) from None
+    except ValueError:
+        raise UserError(
+            f"{flag} {url!r}: unknown URL protocol {protocol!r}. Pass a local path or a URL fsspec knows "
+            "(s3://, gs://, memory://, file://...)."
+        ) from None

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import time
 import uuid
 import warnings
@@ -169,7 +170,7 @@ def make_image_source(
     else:
         raise TypeError(f"not an image-source config: {cfg!r}")
     root = os.path.abspath(os.path.expanduser(root))
-    images, ignored = list_image_files(root)
+    images, ignored = list_image_files(root, skip_bad=getattr(cfg, "skip_bad", False))
     if ignored:
         shown = ", ".join(ignored[:10]) + (f" and {len(ignored) - 10} more" if len(ignored) > 10 else "")
         warnings.warn(
@@ -191,15 +192,19 @@ def make_image_source(
     return ImageSource(root, images, labels, class_names, transform)
 
 
-def list_image_files(root: str) -> tuple[list[str], list[str]]:
-    """(image paths, other files), POSIX paths relative to ``root``, sorted; dotfiles and dot-folders skipped."""
+def list_image_files(root: str, skip_bad: bool = False) -> tuple[list[str], list[str]]:
+    """(image paths, other files), POSIX paths relative to ``root``, sorted; dotfiles and dot-folders skipped.
+
+    Only regular files are images: a FIFO, socket or device with an image name would block or fail the decoder, so
+    it is named in one warning and skipped. A sub-folder that cannot be listed, or a name that is not valid UTF-8
+    (the store keeps names as UTF-8 text), is a UserError, or with ``skip_bad`` a warning naming it."""
     if not os.path.exists(root):
         raise UserError(f"Image folder {root} does not exist. Check the path given as --data.root.")
     if not os.path.isdir(root):
         raise UserError(f"{root} is a file, not a folder. Give --data.root the folder that holds the images.")
-    images, others = [], []
+    images, others, special, unlisted, undecodable = [], [], [], [], []
     seen = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unlisted.append):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink loop
             dirnames[:] = []
@@ -212,9 +217,67 @@ def list_image_files(root: str) -> tuple[list[str], list[str]]:
                 continue
             rel = name if rel_dir == "." else os.path.join(rel_dir, name)
             rel = rel.replace(os.sep, "/")
+            if not _is_utf8(rel):
+                undecodable.append(rel)
+                continue
             ext = os.path.splitext(name)[1].lower()
-            (images if ext in IMAGE_EXTENSIONS else others).append(rel)
+            if ext not in IMAGE_EXTENSIONS:
+                others.append(rel)
+            elif _is_regular_file(os.path.join(dirpath, name)):
+                images.append(rel)
+            else:
+                special.append(rel)
+    _report_unreadable(root, unlisted, undecodable, skip_bad)
+    if special:
+        warnings.warn(
+            f"{len(special)} path(s) in {root} have image names but are not regular files (FIFO, socket, device or "
+            f"broken link) and were skipped: {_shown(sorted(special))}",
+            IgnoredFilesWarning,
+            stacklevel=3,
+        )
     return sorted(images), sorted(others)
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk keeps undecodable bytes as lone surrogates
+        return False
+    return True
+
+
+def _is_regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+def _report_unreadable(root: str, unlisted: list[OSError], undecodable: list[str], skip_bad: bool) -> None:
+    """Folders that could not be listed and names that are not UTF-8: an error, or with skip_bad a warning."""
+    problems = []
+    if unlisted:
+        folders = [f"{err.filename} ({err.strerror or err})" for err in unlisted]
+        problems.append(f"{len(folders)} folder(s) could not be listed: {_shown(folders)}")
+    if undecodable:
+        names = [repr(os.fsencode(name)) for name in sorted(undecodable)]
+        problems.append(f"{len(names)} file name(s) are not valid UTF-8 (the store keeps names as UTF-8 text): "
+                        f"{_shown(names)}")
+    if not problems:
+        return
+    if not skip_bad:
+        rename = "rename the files to UTF-8 names (e.g. `convmv -r -f latin1 -t utf8 --notest FOLDER`)"
+        fixes = (["make the folders readable"] if unlisted else []) + ([rename] if undecodable else [])
+        raise UserError(
+            f"In the image folder {root}, {'; '.join(problems)}. Fix: {' and '.join(fixes)}, or pass --data.skip-bad "
+            "to skip them with a warning."
+        )
+    warnings.warn(f"In the image folder {root}, {'; '.join(problems)}; skipped (--data.skip-bad).",
+                  IgnoredFilesWarning, stacklevel=3)
 
 
 def _class_of(rel_path: str) -> str:

@@ -26,6 +26,8 @@ import numpy as np
 from jaxtyping import Float
 from PIL import Image
 
+from saev_core.files import remove_stale_temporaries
+
 Box = tuple[float, float, float, float]
 """(left, top, right, bottom) in pixel coordinates; right and bottom are exclusive edges."""
 
@@ -266,7 +268,9 @@ def save_png(img: Image.Image, path: str | os.PathLike) -> str:
     PNG's row filters, photos have few repeated strings, so Huffman-only coding is about 1.5x faster than zlib
     level 1 and gives files no larger (measured: 127 vs 139 KB at 224x298)."""
     path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    folder = os.path.dirname(path) or "."
+    remove_stale_temporaries(folder)  # what a killed render left (once per folder and process)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}-{os.getpid()}-{uuid.uuid4().hex}.tmp")
     try:
         img.save(tmp, format="PNG", compress_level=1, compress_type=zlib.Z_HUFFMAN_ONLY)
         os.replace(tmp, path)

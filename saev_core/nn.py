@@ -487,7 +487,10 @@ def dump(path: str | os.PathLike, sae: SparseAutoencoder, provenance: dict | Non
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Read a checkpoint written by ``dump`` or by saev 0.1.0; returns the SAE in eval mode on ``device``."""
+    """Read a checkpoint written by ``dump`` or by saev 0.1.0; returns the SAE in eval mode on ``device``.
+
+    Nothing is allocated before the header's sizes agree with the tensors in the file, and the tensors are read
+    with torch's ``weights_only`` unpickler alone (a file that needs more is refused, never run)."""
     path = _ckpt_file(path)
     expected = "expected an SAE checkpoint: a JSON header line, then a torch state dict (saev-dagster or saev 0.1.0)"
 
@@ -496,25 +499,30 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseA
 
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist; {expected}.")
-    with open(path, "rb") as f:
-        line = f.readline(_MAX_HEADER_BYTES)
-        if not line.endswith(b"\n"):
-            raise not_ckpt("empty file" if not line else "no header line")
-        try:
-            header = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise not_ckpt(f"the first line is not JSON: {err}") from None
-        if not isinstance(header, dict):
-            raise not_ckpt("the header is not a JSON object")
-        cfg, legacy = _cfg_from_header(header, not_ckpt)
-        try:
-            state = torch.load(f, map_location=device, weights_only=True)
-        except Exception as err:
-            raise not_ckpt(f"no readable state dict after the header: {err}") from None
+    try:
+        with open(path, "rb") as f:
+            line = f.readline(_MAX_HEADER_BYTES)
+            if not line.endswith(b"\n"):
+                raise not_ckpt("empty file" if not line else "no header line")
+            try:
+                header = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise not_ckpt(f"the first line is not JSON: {err}") from None
+            if not isinstance(header, dict):
+                raise not_ckpt("the header is not a JSON object")
+            cfg, legacy = _cfg_from_header(header, not_ckpt)
+            state = _read_state_dict(f, device, not_ckpt)
+    except OSError as err:
+        raise UserError(f"Cannot read {path}: {err.strerror or err}. Check the path and its permissions.") from None
 
-    sae = make_sae(cfg)
-    if not isinstance(state, dict):
-        raise not_ckpt("the data after the header is not a state dict")
+    provenance = header.get("provenance") or {}
+    if not isinstance(provenance, dict):
+        raise not_ckpt(f"the header's provenance is {type(provenance).__name__}, not a JSON object")
+    _check_sizes(cfg, state, not_ckpt)  # before make_sae allocates d_vit x d_sae twice
+    try:
+        sae = make_sae(cfg)
+    except UserError as err:  # settings no variant trains with (k > d_sae...)
+        raise not_ckpt(f"the header's cfg: {err}") from None
     # Firing counters are training state: files from before every variant kept them load with zeros.
     optional = {"mean", "scale", "n_patches_since_fired"} if legacy else {"n_patches_since_fired"}
     try:
@@ -523,26 +531,79 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseA
         raise not_ckpt(f"weights do not match the header: {err}") from None
     if unexpected or set(missing) - optional:
         raise not_ckpt(f"state dict keys do not match arch {cfg.arch}: missing {missing}, unexpected {unexpected}")
-    sae.provenance = dict(header.get("provenance") or {})
+    sae.provenance = dict(provenance)
     return sae.to(device).eval()
 
 
+def _read_state_dict(f, device, not_ckpt) -> dict:
+    """The state dict after the header, read by torch's weights-only unpickler. Torch's own message for a refused
+    file advises turning that safety off; it must never reach the user, so it is replaced, not passed on."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's remarks on pickle protocols are not the user's business
+            state = torch.load(f, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise not_ckpt("the data after the header holds Python objects other than tensors, which could run code "
+                       "when loaded; this loader reads plain tensors only. Re-save the weights as a plain state dict "
+                       "of tensors (nn.dump does)") from None
+    except Exception as err:
+        # torch's first sentence says what failed; the rest is advice (some of it unsafe) for programmers.
+        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err):
+            first = type(err).__name__
+        raise not_ckpt(f"no readable state dict after the header: the file is cut short or damaged ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise not_ckpt("the data after the header is not a state dict of named tensors")
+    return state
+
+
+def _check_sizes(cfg: config.SparseAutoencoderConfig, state: dict, not_ckpt) -> None:
+    """The weights' shapes the header's d_vit and d_sae imply, against the tensors actually in the file."""
+    want = {"W_enc": (cfg.d_vit, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_vit), "b_enc": (cfg.d_sae,),
+            "b_dec": (cfg.d_vit,)}
+    for name, shape in want.items():
+        if name not in state:
+            raise not_ckpt(f"the state dict has no {name}")
+        if tuple(state[name].shape) != shape:
+            raise not_ckpt(f"the header says d_vit={cfg.d_vit}, d_sae={cfg.d_sae}, so {name} should be "
+                           f"{list(shape)}, but the file holds {list(state[name].shape)}")
+
+
 def _cfg_from_header(header: dict, not_ckpt) -> tuple[config.SparseAutoencoderConfig, bool]:
-    """The config a header describes, and whether it is a saev 0.1.0 header."""
+    """The config a header describes, and whether it is a saev 0.1.0 header; every field's type and range checked."""
     if "schema" in header:
         if header["schema"] != SCHEMA:
             raise not_ckpt(f"schema {header['schema']!r} is not supported (this version reads schema {SCHEMA})")
-        try:
-            return config.SparseAutoencoderConfig(**header["cfg"]), False
-        except (KeyError, TypeError) as err:
-            raise not_ckpt(f"the header's cfg does not fit this version's SAE config: {err}") from None
+        fields = header.get("cfg")
+        if not isinstance(fields, dict):
+            raise not_ckpt(f"the header's cfg is {type(fields).__name__}, not a JSON object")
+        return _typed_cfg(fields, "cfg.", not_ckpt), False
     if "d_vit" in header and "exp_factor" in header:  # saev 0.1.0: the relu recipe, identity normalisation.
-        legacy = config.SparseAutoencoderConfig(
-            d_vit=int(header["d_vit"]),
-            exp_factor=int(header["exp_factor"]),
-            arch="relu",
-            sparsity_coeff=float(header.get("sparsity_coeff", config.SparseAutoencoderConfig.sparsity_coeff)),
-            seed=int(header.get("seed", 0)),
-        )
-        return legacy, True
+        fields = {"d_vit": header["d_vit"], "exp_factor": header["exp_factor"], "arch": "relu",
+                  **{k: header[k] for k in ("sparsity_coeff", "seed") if k in header}}
+        return _typed_cfg(fields, "", not_ckpt), True
     raise not_ckpt("the header has neither 'schema' nor saev 0.1.0's 'd_vit' and 'exp_factor'")
+
+
+def _typed_cfg(fields: dict, where: str, not_ckpt) -> config.SparseAutoencoderConfig:
+    import typing
+
+    from saev_core.sweep import coerce, describe_type
+
+    hints = typing.get_type_hints(config.SparseAutoencoderConfig)
+    changes = {}
+    for key, value in fields.items():
+        if key not in hints:
+            raise not_ckpt(f"the header's {where}{key} is not a field of this version's SAE config")
+        try:
+            changes[key] = coerce(value, hints[key])
+        except TypeError:
+            raise not_ckpt(f"the header's {where}{key} = {value!r} is not {describe_type(hints[key])}") from None
+    try:
+        return config.SparseAutoencoderConfig(**changes)
+    except UserError as err:
+        raise not_ckpt(f"the header's {where.rstrip('.') or 'fields'}: {err}") from None

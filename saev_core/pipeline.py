@@ -14,6 +14,7 @@ import typing
 
 from saev_core import config, sweep
 from saev_core.errors import UserError
+from saev_core.files import check_output_folder
 
 DATA_KINDS: dict[str, type] = {
     "embedded-dataset": config.EmbeddedDataset,
@@ -344,7 +345,10 @@ def from_table(base, table: dict, where: str, source: str):
             raise UserError(
                 f"{where}.{key} = {value!r} in {source}: expected {sweep.describe_type(hints[key])}."
             ) from None
-    return dataclasses.replace(base, **changes)
+    try:
+        return dataclasses.replace(base, **changes)
+    except UserError as err:  # a value out of range (config.check_fields): say where it is
+        raise UserError(f"[{where}] of {source}: {err}") from None
 
 
 def _visuals_plan(table: dict, source: str) -> VisualsPlan:
@@ -467,10 +471,23 @@ def _fanout(value, source: str) -> int:
     return value
 
 
+def check_outputs(pipe: Pipeline) -> None:
+    """Before a run: every output folder of the pipeline can be written (UserError naming the key otherwise)."""
+    from saev_core import checkpoints
+
+    check_output_folder(pipe.activations.dump_to, f"[activations] dump_to in {pipe.path}:")
+    check_output_folder(pipe.train.ckpt_path, f"[train] ckpt_path in {pipe.path}:")
+    check_output_folder(pipe.visuals.visuals.dump_to, f"[visuals] dump_to in {pipe.path}:")
+    ref = checkpoints.parse_ckpt(pipe.activations.vit_family, pipe.activations.vit_ckpt, must_exist=False)
+    if pipe.random_vit and ref.path is not None and not os.path.exists(ref.path):
+        check_output_folder(os.path.dirname(ref.path), f"[demo] random_vit: the folder of vit_ckpt in {pipe.path}:")
+
+
 def prepare_demo_checkpoint(pipe: Pipeline) -> None:
     """With [demo] random_vit, create the random-weight checkpoint the pipeline names when it is missing."""
     from saev_core import checkpoints, vit
 
+    check_outputs(pipe)
     if not pipe.random_vit:
         return
     ref = checkpoints.parse_ckpt(pipe.activations.vit_family, pipe.activations.vit_ckpt, must_exist=False)

@@ -5,6 +5,7 @@ same batches (and so exactly the same numbers) as an uninterrupted one. A backgr
 blocks while the ViT works on the next one.
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -18,9 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saev_core import config, images, stats, vit as vitlib
+from saev_core import checkpoints, config, images, stats, vit as vitlib
 from saev_core.errors import UserError
-from saev_core.files import absolute, is_url, join
+from saev_core.files import absolute, check_output_folder, check_url, is_url, join, write_error
 from saev_core.images import BAD_IMAGE
 from saev_core.store import ActivationStore, open_if_created
 from saev_core.store_metadata import Layout, StoreMetadata
@@ -125,9 +126,15 @@ def check_disk_space(root: str, nbytes: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < nbytes:
         raise UserError(
-            f"The store needs {nbytes / 1e9:.2f} GB but {probe} has {free / 1e9:.2f} GB free. Free some space, "
-            "pass another --dump-to, record fewer --vit-layers or images (--n-imgs), or use --dtype float16."
+            f"The store needs {_size(nbytes)} but {probe} (--dump-to {root}) has {_size(free)} free. Free some "
+            "space, pass another --dump-to, record fewer --vit-layers or images (--n-imgs), or use --dtype float16."
         )
+
+
+def _size(nbytes: int) -> str:
+    if nbytes >= 1e8:
+        return f"{nbytes / 1e9:.2f} GB"
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
 
 
 def block_batches(layout: Layout, blocks: list[int], batch_size: int) -> list[list[int]]:
@@ -186,11 +193,51 @@ def record_activations(
     part = (i, n): record only the i-th of n contiguous, disjoint block ranges (``block_part``), so n workers can
     fill one store side by side (one writer per block); create the store first (``create_store``)."""
     recorder, source, plan = prepare(cfg, with_transform=True)
-    store = ActivationStore.create(absolute(cfg.dump_to), plan.metadata, source.paths, source.labels, source.class_names)
-    missing = store.missing_blocks()
-    if part is not None:
-        mine = set(block_part(store.layout.n_blocks, *part))
-        missing = [b for b in missing if b in mine]
+    fresh = open_if_created(plan.path) is None
+    dump_to_existed = is_url(cfg.dump_to) or os.path.exists(cfg.dump_to)
+    store = None
+    try:
+        store = ActivationStore.create(
+            absolute(cfg.dump_to), plan.metadata, source.paths, source.labels, source.class_names)
+        missing = store.missing_blocks()
+        if part is not None:
+            mine = set(block_part(store.layout.n_blocks, *part))
+            missing = [b for b in missing if b in mine]
+        for path in store.remove_stale_partials(missing, everything=part is None):
+            logger.info("removed %s, left by an interrupted write", path)
+        return _record_into(cfg, store, recorder, source, missing, show_progress, on_progress)
+    except BaseException as err:
+        if fresh and part is None and not _any_block_written(store):
+            _remove_store(plan.path, None if dump_to_existed else absolute(cfg.dump_to))
+        if isinstance(err, OSError):
+            raise write_error(plan.path, err) from None
+        raise
+
+
+def _any_block_written(store: ActivationStore | None) -> bool:
+    try:
+        return store is not None and bool(store.completed_blocks().any())
+    except Exception:  # the store cannot even be read back: nothing in it to keep
+        return False
+
+
+def _remove_store(path: str, empty_parent: str | None) -> None:
+    """Remove a store that failed before its first block (nothing in it worth keeping), and the --dump-to folder
+    this run created for it when nothing else is in it."""
+    if is_url(path):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(path)
+        with contextlib.suppress(Exception):
+            fs.rm(root, recursive=True)
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    if empty_parent is not None:
+        with contextlib.suppress(OSError):
+            os.rmdir(empty_parent)
+
+
+def _record_into(cfg, store, recorder, source, missing, show_progress, on_progress) -> RecordResult:
     device = config.resolve_device(cfg.device)
     batches = block_batches(store.layout, missing, cfg.vit_batch_size)
     loader = torch.utils.data.DataLoader(
@@ -368,14 +415,17 @@ def prepare(cfg: config.ActivationsConfig, with_transform: bool):
     store exists, so bad input never leaves a store behind."""
     if cfg.vit_batch_size < 1:
         raise UserError(f"--vit-batch-size {cfg.vit_batch_size} must be at least 1.")
+    check_url(cfg.dump_to, "--dump-to")
+    check_output_folder(cfg.dump_to, "--dump-to")
 
+    checkpoints.parse_ckpt(cfg.vit_family, cfg.vit_ckpt)  # a missing weights file: its UserError, before any work
+    transform = vitlib.make_img_transform(cfg.vit_family, cfg.vit_ckpt) if with_transform else None
+    source = images.make_image_source(cfg.data, transform, cfg.n_imgs)  # before the model: image errors fail fast
     vit = vitlib.make_vit(cfg.vit_family, cfg.vit_ckpt)
     vitlib.check_d_vit(vit, cfg.d_vit)
     recorder = vitlib.RecordedVisionTransformer(
         vit, cfg.n_patches_per_img or vit.n_patches_per_img, cfg.cls_token, list(cfg.vit_layers)
     )
-    transform = vitlib.make_img_transform(cfg.vit_family, cfg.vit_ckpt) if with_transform else None
-    source = images.make_image_source(cfg.data, transform, cfg.n_imgs)
     plan = plan_recording(cfg, vit, recorder, source)
     existing = open_if_created(plan.path)
     missing = plan.nbytes if existing is None else existing.missing_bytes()

@@ -5,8 +5,10 @@ every layer); it is written whole, once, and marked complete in ``progress`` onl
 written, so a killed writer never leaves a block that looks complete.
 """
 
+import contextlib
 import functools
 import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 
@@ -14,7 +16,7 @@ import numpy as np
 import zarr
 
 from saev_core.errors import UserError
-from saev_core.files import is_url, join
+from saev_core.files import check_url, is_url, join, write_error
 from saev_core.shards import PlainShardLayout
 from saev_core.store_metadata import FORMAT_VERSION, Layout, StoreMetadata
 
@@ -45,17 +47,15 @@ class ActivationStore:
     @classmethod
     def open(cls, path_or_url: str, mode: str = "r") -> "ActivationStore":
         """Open an existing store from a local path or an fsspec URL (s3://, gs://, memory://)."""
-        if not is_url(path_or_url) and not os.path.isdir(path_or_url):
-            raise UserError(
-                f"No activation store at {path_or_url!r}. Pass the path that `python -m saev_core activations` "
-                "printed on its last line (<dump_to>/<key>)."
-            )
+        check_url(path_or_url, "The activation store")
+        if not is_url(path_or_url):
+            _check_local_store_path(path_or_url)
         try:
             group = zarr.open_group(path_or_url, mode=mode)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError) as err:
             raise UserError(
-                f"No activation store at {path_or_url!r} ({err}). Pass the path that `python -m saev_core "
-                "activations` printed on its last line."
+                f"No activation store at {path_or_url!r} ({type(err).__name__}: {err}). Pass the path that "
+                "`python -m saev_core activations` printed on its last line."
             ) from None
         return cls(group, path_or_url)
 
@@ -209,14 +209,37 @@ class ActivationStore:
                 f"Block {block} (images {start}..{end - 1}) has NaN or Inf activations; nothing was marked "
                 "complete. Check the ViT checkpoint and the --dtype (float16 overflows on large activations)."
             )
-        for i, (arr, plain) in enumerate(self._layer_writers):
-            if plain is not None and end - start == self.layout.imgs_per_shard:
-                plain.write_shard(block, acts[i])  # a whole shard: its file directly, without zarr's two copies
-            else:
-                arr[start:end] = acts[i]
-        if valid is not None and not np.all(valid):
-            self.group["image_index/valid"][start:end] = np.asarray(valid, dtype=np.uint8)
-        self._progress[block] = 1
+        try:
+            for i, (arr, plain) in enumerate(self._layer_writers):
+                if plain is not None and end - start == self.layout.imgs_per_shard:
+                    plain.write_shard(block, acts[i])  # a whole shard: its file directly, without zarr's two copies
+                else:
+                    arr[start:end] = acts[i]
+            if valid is not None and not np.all(valid):
+                self.group["image_index/valid"][start:end] = np.asarray(valid, dtype=np.uint8)
+            self._progress[block] = 1
+        except OSError as err:  # full disk, read-only, permissions: the block stays unmarked, the rerun writes it
+            raise write_error(f"{self.path} (block {block})", err) from None
+
+    def remove_stale_partials(self, blocks: Sequence[int], everything: bool) -> list[str]:
+        """Remove the temporary files (``*.partial``: our shard writer's and zarr's) that a killed writer left in
+        this local store: those of ``blocks`` (the blocks this run writes), and with ``everything`` (no other
+        writer may be at work) every one. Returns the removed paths."""
+        if is_url(self.path):
+            return []
+        mine, removed = {int(b) for b in blocks}, []
+        for dirpath, _, filenames in os.walk(self.path):
+            for name in filenames:
+                if not name.endswith(".partial"):
+                    continue
+                path = os.path.join(dirpath, name)
+                parts = os.path.relpath(path, self.path).split(os.sep)
+                block = parts[parts.index("c") + 1].split(".")[0] if "c" in parts[:-1] else ""
+                if everything or (block.isdigit() and int(block) in mine):
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+                        removed.append(path)
+        return removed
 
     @functools.cached_property
     def _layer_writers(self) -> list[tuple[zarr.Array, "PlainShardLayout | None"]]:
@@ -247,6 +270,44 @@ class ActivationStore:
         if "scale" not in group.attrs:
             return None
         return np.asarray(group["mean"][:]), float(group.attrs["scale"])
+
+
+def _check_local_store_path(path: str) -> None:
+    """A local path that is not a store: say what it is instead (missing, a file, a part of a store, the folder of
+    stores above one) and which path to pass."""
+    printed = "Pass the path that `python -m saev_core activations` printed on its last line (<dump_to>/<key>)."
+    if not os.path.isdir(path):
+        what = "is a file, not an activation store" if os.path.exists(path) else "does not exist"
+        raise UserError(f"No activation store at {path!r}: it {what}. {printed}")
+    if _is_store_folder(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent != os.path.dirname(parent):
+        if _is_store_folder(parent):
+            raise UserError(f"{path!r} is a part (an array or group) inside the activation store {parent}; pass "
+                            f"the store itself: {parent}")
+        parent = os.path.dirname(parent)
+    try:
+        stores = sorted(name for name in os.listdir(path) if _is_store_folder(os.path.join(path, name)))
+    except OSError:
+        stores = []
+    if stores:
+        shown = ", ".join(os.path.join(path, s) for s in stores[:3]) + (" ..." if len(stores) > 3 else "")
+        raise UserError(f"{path!r} is the folder that holds activation stores (--dump-to), not a store; pass one "
+                        f"of the stores in it: {shown}")
+    raise UserError(f"No activation store at {path!r}: the folder has no zarr.json with a store's format_version "
+                    f"(a recording killed while creating the store leaves that: run it again). {printed}")
+
+
+def _is_store_folder(folder: str) -> bool:
+    """Whether ``folder`` holds a zarr group whose attributes carry the store's format_version."""
+    try:
+        with open(os.path.join(folder, "zarr.json"), "rb") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("node_type") == "group" and "format_version" in meta.get(
+        "attributes", {})
 
 
 def all_finite(x: np.ndarray) -> bool:

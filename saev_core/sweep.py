@@ -101,7 +101,10 @@ def grid(base: config.TrainConfig, sweep: dict[str, Any], source: str = "<sweep>
     ``sae.seed`` itself (anywhere, even as a scalar): then every member keeps the seed the sweep gives it.
     """
     _check_table(sweep, type(base), "", source)
-    cfgs = [_apply(base, d) for d in expand(sweep)]
+    try:
+        cfgs = [_apply(base, d) for d in expand(sweep)]
+    except UserError as err:  # a value out of range (config.check_fields): say which file holds it
+        raise UserError(f"{source}: {err}") from None
     if _sets_sae_seed(sweep):
         return cfgs
     return [

@@ -48,7 +48,8 @@ from torch import Tensor
 from saev_core import config, nn, sparse_topk
 from saev_core.checkpoints import absolute_ckpt
 from saev_core.errors import UserError
-from saev_core.files import absolute, atomic_write, atomic_write_json, read_json, remove_if_exists
+from saev_core.files import (absolute, atomic_write, atomic_write_json, check_output_folder, read_json,
+                             remove_if_exists)
 from saev_core.loader import ActivationLoader
 from saev_core.metrics import ReconstructionMetrics
 from saev_core.stats import normalization
@@ -123,6 +124,8 @@ def train_sweep(
 
     Unset settings are fitted to each config's run first (``fit_to_run``); each distinct note goes to the log
     (a warning) and to ``on_note``, once."""
+    for folder in dict.fromkeys(c.ckpt_path for c in cfgs):
+        check_output_folder(folder, "--ckpt-path")
     fitted = [fit_to_run(c) for c in cfgs]
     cfgs = [c for c, _ in fitted]
     for note in dict.fromkeys(note for _, notes in fitted for note in notes):
@@ -395,6 +398,13 @@ def evaluate(saes: list[nn.SparseAutoencoder], val_loader: ActivationLoader, dev
         sae.eval()
     for x in val_loader:
         x = x.to(device, non_blocking=True)
+        if not bool(torch.isfinite(x).all()):
+            store = val_loader.store
+            raise UserError(
+                f"The held-out activations of {store.path} (layer {val_loader.data_cfg.layer}) contain NaN or Inf, "
+                "so every SAE's held-out metrics would be NaN; nothing was written as finished (the last training "
+                "checkpoint is kept). Record the layer again (check the ViT checkpoint and --dtype)."
+            )
         for sae, acc in zip(saes, accs):
             f_x = sae.encode(x)
             acc.update(x, sae.decode(f_x), f_x)
@@ -464,9 +474,9 @@ def _raise_if_nonfinite(first_bad: Tensor, members: list[_Member], group_file: s
     steps = first_bad.tolist()
     if max(steps) < 0:
         return
-    kept = read_json(group_file)
-    where = (f"the last good checkpoint is kept: {group_file} (step {kept['step']}; member files "
-             f"<member>/train_state-{kept['step']}.pt)" if kept else "no checkpoint had been written yet")
+    kept = _pointer_step(group_file)
+    where = (f"the last good checkpoint is kept: {group_file} (step {kept}; member files "
+             f"<member>/train_state-{kept}.pt)" if kept else "no checkpoint had been written yet")
     data_step = steps[-1]
     if data_step >= 0 and data_step <= min((s for s in steps[:-1] if s >= 0), default=data_step):
         raise UserError(
@@ -544,11 +554,22 @@ def _save_train_state(group_file: str, members: list[_Member], done: int, n_step
 
 
 def _load_train_state(group_file: str, members: list[_Member], device: str) -> tuple[int, dict | None]:
-    """(first step to run, loader state) from the group pointer; (0, None) when there is nothing to resume."""
-    pointer = read_json(group_file)
-    if pointer is None:
+    """(first step to run, loader state) from the group pointer; (0, None) when there is nothing to resume.
+
+    A damaged pointer (cut by a crash or edited) falls back to the latest step whose state files every member has;
+    a damaged or foreign state file is a UserError naming it and saying how to start over."""
+    start_over = (f"To train this group from step 0 instead, delete {group_file} and the train_state-*.pt files in "
+                  f"{', '.join(m.folder for m in members)}, then run the same command again.")
+    if not os.path.lexists(group_file):
         return 0, None
-    step = pointer["step"]
+    step = _pointer_step(group_file)
+    if step is None:
+        step = _latest_common_step(members)
+        if step is None:
+            raise UserError(f"The resume pointer {group_file} is damaged (not JSON with a step) and no step has a "
+                            f"state file for every SAE of the group. {start_over}")
+        logger.warning("The resume pointer %s is damaged; resuming from step %d, the latest step every SAE of the "
+                       "group has a state file for.", group_file, step)
     paths = [os.path.join(m.folder, f"train_state-{step}.pt") for m in members]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
@@ -557,11 +578,57 @@ def _load_train_state(group_file: str, members: list[_Member], device: str) -> t
         return 0, None
     loader_state = None
     for m, path in zip(members, paths):
-        state = torch.load(path, map_location=device, weights_only=True)
-        m.sae.load_state_dict(state["model"])
-        m.optimizer.load_state_dict(state["optimizer"])
+        state = _read_train_state(path, m, step, start_over)
         loader_state = state["loader"]
     return step, loader_state
+
+
+def _pointer_step(group_file: str) -> int | None:
+    """The step the group pointer names; None when it is cut short or malformed."""
+    try:
+        pointer = read_json(group_file)
+    except (OSError, ValueError):
+        return None
+    step = pointer.get("step") if isinstance(pointer, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) and step > 0 else None
+
+
+def _latest_common_step(members: list[_Member]) -> int | None:
+    steps = None
+    for m in members:
+        mine = {int(STATE_RE.search(p).group(1)) for p in glob.glob(os.path.join(m.folder, "train_state-*.pt"))}
+        steps = mine if steps is None else steps & mine
+    return max(steps) if steps else None
+
+
+def _read_train_state(path: str, m: _Member, step: int, start_over: str) -> dict:
+    """Load member ``m``'s state of ``step`` from ``path`` into its SAE and optimizer; UserError when the file is
+    cut short, is not a train state, or belongs to another member or step."""
+    import pickle
+    import warnings
+
+    def damaged(why: str) -> UserError:
+        return UserError(f"The resume state {path} is damaged or foreign ({why}). {start_over}")
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=m.sae.b_dec.device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise damaged("not a torch file of plain tensors (one holding other Python objects is never run)") from None
+    except Exception as err:
+        raise damaged(f"unreadable: {type(err).__name__}") from None
+    keys = {"member_id", "step", "model", "optimizer", "loader"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise damaged("not a train state: it lacks " + ", ".join(sorted(keys - set(state or {}))))
+    if state["member_id"] != m.id or state["step"] != step:
+        raise damaged(f"it is member {state['member_id']!r} at step {state['step']!r}, not {m.id!r} at step {step}")
+    try:
+        m.sae.load_state_dict(state["model"])
+        m.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise damaged(f"its weights do not fit this SAE: {str(err).splitlines()[0]}") from None
+    return state
 
 
 def _prepare_log_file(m: _Member, cfg_json: dict, keep_before: int) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from saev_core import association, config, gallery, imaging, images, nn, stats, topk, vit as vitlib
 from saev_core.errors import UserError
-from saev_core.files import atomic_write_json, read_json
+from saev_core.files import atomic_write_json, check_output_folder, read_json
 from saev_core.store import ActivationStore
 
 logger = logging.getLogger("saev_core.visuals")
@@ -96,6 +96,7 @@ def resolve_inputs(cfg: config.VisualsConfig, device: str) -> VisualsInputs:
 def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> VisualsResult:
     """Run the whole job; the top-k pass only when ``<dump_to>/cache`` does not already hold it."""
     check_config(cfg)
+    check_output_folder(cfg.dump_to, "--dump-to")
     device = config.resolve_device(cfg.device)
     inputs = resolve_inputs(cfg, device)
     image_root = _image_root(cfg, inputs.store)  # checked before the long pass

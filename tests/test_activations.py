@@ -194,7 +194,7 @@ def test_dry_run_refuses_when_the_disk_lacks_room(capsys, tmp_path, tiny_clip_ck
     code = main(["activations", "--vit-ckpt", tiny_clip_ckpt, "--dump-to", str(tmp_path / "acts"), "--dry-run",
                  "data:image-folder-dataset", "--data.root", str(tmp_path / "imgs")])
     assert code == 2
-    assert "GB free" in capsys.readouterr().err
+    assert "has 1.0 kB free" in capsys.readouterr().err
 
 
 # ---- resume after a real kill ----------------------------------------------------------------------------------

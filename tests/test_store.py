@@ -214,7 +214,7 @@ def test_a_shard_write_that_fails_midway_leaves_the_old_shard_and_no_mark(tmp_pa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(shards, "_write_all", write_half_then_die)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(UserError, match=f"Cannot write {store.path} \\(block 1\\): the disk is full"):
         store.write_block(1, acts[:, 4:8] + 1)
     assert tree(store.path) == before  # the old shard whole, no *.partial file
     assert store.missing_blocks() == [1]

@@ -588,10 +588,11 @@ def test_fit_to_run_known_answers_for_the_default_run_and_a_fitted_config():
 
 @pytest.mark.parametrize(("arch", "window_batches"), [("topk", 1), ("batchtopk", 3)])
 def test_training_stream_dead_count_matches_a_replay_of_the_training_stream(store, tmp_path, arch, window_batches):
-    # lr = 0 keeps the initial weights, so replaying the training batches through the saved SAE says when every
-    # latent fired; dead = did not fire in the last window_batches * 128 training vectors.
+    # lr = 1e-30 (0 is refused) keeps the initial weights to float32 precision, so replaying the training batches
+    # through the saved SAE says when every latent fired; dead = did not fire in the last window_batches * 128
+    # training vectors.
     n_steps, batch = 30, 128
-    cfg = train_cfg(store, tmp_path, n_patches=n_steps * batch, sae_batch_size=batch, lr=0.0,
+    cfg = train_cfg(store, tmp_path, n_patches=n_steps * batch, sae_batch_size=batch, lr=1e-30,
                     sae={"arch": arch, "k": 1, "exp_factor": 16, "dead_after_n_patches": window_batches * batch})
     [r] = training.train_sweep([cfg], show_progress=False)
     sae = nn.load(r.ckpt_path).train()  # train mode: batchtopk picks over the batch, as in training
