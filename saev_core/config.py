@@ -331,6 +331,9 @@ class EvaluateConfig:
     device: Device = "auto"
     """Where the ViT and the SAE run."""
 
+    def __post_init__(self) -> None:
+        check_fields(self, "--", {"max_images": AT_LEAST_1, "batch_size": AT_LEAST_1})
+
 
 @dataclasses.dataclass(frozen=True)
 class ExploreConfig:
@@ -348,6 +351,9 @@ class ExploreConfig:
     """Port on 127.0.0.1 (0: any free port)."""
     device: Device = "auto"
     """Where the ViT and the SAE run for uploads."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "--", {"port": ("a port number in [0, 65535]", lambda v: 0 <= v <= 65535)})
 
 
 def resolve_device(device: Device) -> str:

@@ -7,10 +7,12 @@ killed run leaves the old file or the new one, never half of one, and a power lo
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable
@@ -47,7 +49,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     try:
         os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(folder)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}-{os.getpid()}-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=temporary_prefix(path), suffix=".tmp")
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the output gets the user's usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -129,14 +131,22 @@ def _read_only(folder: str) -> bool:
         return False
 
 
-# Temporaries carry the writer's process id, so a later run can tell a killed writer's leftovers from a live one's.
-_TEMPORARY_RE = re.compile(r"^\..+-(\d+)-[A-Za-z0-9_]+\.(tmp|partial)$")
+# Temporaries carry the writer's host and process id, so a later run can tell a killed writer's leftovers from a live
+# one's, also on a folder that several machines share (the pid of a writer on another host means nothing here).
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMPORARY_RE = re.compile(r"^\..+-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+\.(tmp|partial)$")
 _CLEANED: set[str] = set()
 
 
+def temporary_prefix(path: str | os.PathLike) -> str:
+    """The start of a temporary file's name for ``path``: hidden, with this host and process (see
+    ``remove_stale_temporaries``)."""
+    return f".{os.path.basename(path)}-{_HOST}-{os.getpid()}-"
+
+
 def remove_stale_temporaries(folder: str) -> list[str]:
-    """Remove the temporaries in ``folder`` whose writing process no longer runs (a crash or kill -9 left them);
-    once per folder and process. Returns the removed paths."""
+    """Remove the temporaries in ``folder`` that a process of this host left and that no longer runs (a crash or
+    kill -9 left them); once per folder and process. Returns the removed paths."""
     if folder in _CLEANED:
         return []
     _CLEANED.add(folder)
@@ -147,7 +157,7 @@ def remove_stale_temporaries(folder: str) -> list[str]:
         return removed
     for name in names:
         match = _TEMPORARY_RE.match(name)
-        if match and not process_is_alive(int(match.group(1))):
+        if match and match.group(1) == _HOST and not process_is_alive(int(match.group(2))):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))
                 removed.append(os.path.join(folder, name))

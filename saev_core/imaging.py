@@ -26,7 +26,7 @@ import numpy as np
 from jaxtyping import Float
 from PIL import Image
 
-from saev_core.files import remove_stale_temporaries
+from saev_core.files import remove_stale_temporaries, temporary_prefix
 
 Box = tuple[float, float, float, float]
 """(left, top, right, bottom) in pixel coordinates; right and bottom are exclusive edges."""
@@ -270,7 +270,7 @@ def save_png(img: Image.Image, path: str | os.PathLike) -> str:
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     remove_stale_temporaries(folder)  # what a killed render left (once per folder and process)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}-{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    tmp = os.path.join(folder, f"{temporary_prefix(path)}{uuid.uuid4().hex}.tmp")
     try:
         img.save(tmp, format="PNG", compress_level=1, compress_type=zlib.Z_HUFFMAN_ONLY)
         os.replace(tmp, path)

@@ -115,3 +115,20 @@ device = "cpu"
 [checks]
 max_frac_dead = {max_frac_dead}
 """
+
+
+def exact_relu_sae(d_vit: int):
+    """relu(x) - relu(-x) = x: a relu SAE (exp_factor 2, no bias, weights 0 and +-1) whose reconstruction of its
+    normalised input is exact, and whose latents j and d_vit + j are the positive and negative parts of x_j."""
+    import torch
+
+    from saev_core import config, nn
+
+    sae = nn.make_sae(config.SparseAutoencoderConfig(d_vit=d_vit, exp_factor=2, arch="relu"))
+    eye = torch.eye(d_vit)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae

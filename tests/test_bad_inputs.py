@@ -435,6 +435,12 @@ ROWS = [
     row("vis-zero-top-k", lambda w, t, m: Call(w.visuals(w.ckpt, "--top-k", "0", dump_to=t / "v")), "--top-k 0"),
     row("vis-infinite-range", lambda w, t, m: Call(w.visuals(w.ckpt, "--log-freq-range", "-6", "inf", dump_to=t / "v")),
         "--log-freq-range"),
+    row("vis-evaluate-zero-batch", lambda w, t, m: Call(["evaluate", "--ckpt", str(w.ckpt), "--batch-size", "0"]),
+        "--batch-size 0"),
+    row("vis-explore-port-out-of-range", lambda w, t, m: Call(["explore", "--visuals", str(t), "--port", "70000"]),
+        "--port 70000"),
+    row("ckpt-evaluate-missing-file", lambda w, t, m: Call(["evaluate", "--ckpt", str(t / "none.pt")]),
+        "{t}/none.pt"),
 ]
 # The pickled-object row: torch's own message would say "weights_only ... will likely succeed"; it must not show.
 

@@ -37,3 +37,24 @@ def test_urls_and_paths():
     assert files.is_url("s3://b/k") and files.is_url("memory://x") and not files.is_url("/a/b")
     assert files.join("s3://b/k/", "x") == "s3://b/k/x" and files.join("/a", "x") == "/a/x"
     assert files.absolute("s3://b") == "s3://b" and os.path.isabs(files.absolute("rel"))
+
+
+def test_only_this_hosts_dead_writers_temporaries_are_removed(tmp_path):
+    """A kill -9 leaves a temporary; the next write removes it, but not a live writer's, nor one written by another
+    machine on a shared folder (its process id means nothing here)."""
+    import subprocess
+
+    from saev_core import files
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = proc.pid  # finished and reaped: no process has this id now (barring reuse within the test)
+    target = tmp_path / "out.bin"
+    ours_dead = tmp_path / f".out.bin-{files._HOST}-{dead}-abc.tmp"
+    ours_alive = tmp_path / f"{files.temporary_prefix(target)}def.tmp"
+    other_host = tmp_path / f".out.bin-0123abcd-{dead}-ghi.tmp"
+    for p in (ours_dead, ours_alive, other_host):
+        p.write_bytes(b"half")
+    files.atomic_write_bytes(target, b"whole")
+    assert target.read_bytes() == b"whole"
+    assert not ours_dead.exists() and ours_alive.exists() and other_host.exists()

@@ -8,6 +8,7 @@ import torch
 
 from saev_core import config, nn
 from saev_core.errors import UserError
+from tests.conftest import exact_relu_sae
 
 D_VIT, EXP, BATCH = 16, 4, 32
 D_SAE = D_VIT * EXP
@@ -320,13 +321,7 @@ def test_relu_decnorm_hooks_leave_decoder_norms_free():
 
 def test_normalisation_returns_x_hat_in_raw_space_perfect_reconstruction():
     # f = [relu(x_n), relu(-x_n)] and W_dec = [I; -I] reconstruct x_n exactly; x_hat must then equal raw x.
-    sae = nn.make_sae(config.SparseAutoencoderConfig(d_vit=D_VIT, exp_factor=2, arch="relu"))
-    eye = torch.eye(D_VIT)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
+    sae = exact_relu_sae(D_VIT)
     mean = torch.randn(D_VIT)
     sae.set_normalization(mean, 0.25)
     x = acts()

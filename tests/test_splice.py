@@ -11,6 +11,7 @@ import torch
 from saev_core import config, nn, splice, vit as vitlib
 from saev_core.__main__ import main
 from saev_core.store import ActivationStore
+from tests.conftest import exact_relu_sae
 from tests.tiny_run import tiny_run
 
 LAYER = 0  # block 0 of the 2-block tiny ViT: block 1 mixes the patches into the CLS token that is pooled
@@ -35,15 +36,8 @@ def evaluator(run):
 
 
 def identity_sae(d: int) -> nn.SparseAutoencoder:
-    """relu(x) - relu(-x) = x: an SAE whose reconstruction is exact (weights 0 and +-1, no bias, no normalisation)."""
-    sae = nn.make_sae(config.SparseAutoencoderConfig(d_vit=d, exp_factor=2, arch="relu"))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae.eval()
+    """An SAE whose reconstruction is exact."""
+    return exact_relu_sae(d).eval()
 
 
 def plain_zero_ablation_cosine(ev: splice.SpliceEvaluator) -> float:
