@@ -56,6 +56,8 @@ def run(pipeline_path: str | None, home: str) -> list[str]:
         visuals = step(["topk_visuals"], partition_key=layer)
         for mat in visuals.asset_materializations_for_node("topk_visuals"):
             lines += [f"gallery (layer {layer}): {v.value}" for k, v in mat.metadata.items() if k.startswith("gallery_")]
+            lines += [f"explorer app (layer {layer}): {sys.executable} -m {v.value.split(' -m ', 1)[1]}"
+                      for k, v in mat.metadata.items() if k.startswith("explore_")]
     report = step(["sweep_report"])
     (mat,) = report.asset_materializations_for_node("sweep_report")
     lines.append(f"report: {mat.metadata['report'].value}")

@@ -197,6 +197,25 @@ def test_a_backfill_before_any_observation_is_not_recorded_again_when_the_cron_o
     assert after.get_requested_partitions(dg.AssetKey("activations")) == set()
 
 
+def test_a_fresh_demo_instance_observes_the_random_weights_it_makes(tmp_path, monkeypatch):
+    """[demo] random_vit: the checkpoint does not exist until the pipeline makes it; observing the sources on a fresh
+    instance (what the demo and the cron do first) makes it rather than failing."""
+    from saev_core.vit import checkpoint_fingerprint
+
+    write_images(tmp_path / "imgs", 4)
+    made = tmp_path / "made" / "random.pt"
+    path = tmp_path / "pipeline.toml"
+    path.write_text("[demo]\nrandom_vit = true\n" + tiny_pipeline_text(tmp_path, f"saev-tiny-clip/{made}", LAYERS))
+    monkeypatch.setenv("SAEV_PIPELINE", str(path))
+    defs = build_definitions()
+    result = observe([a for a in defs.assets if isinstance(a, dg.SourceAsset)], instance=dg.DagsterInstance.ephemeral(),
+                     resources=defs.resources)
+    assert result.success and made.is_file()
+    versions = {e.asset_key.to_user_string(): e.event_specific_data.asset_observation.data_version
+                for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"}
+    assert versions["vit_checkpoint"] == checkpoint_fingerprint("clip", f"saev-tiny-clip/{made}")
+
+
 def test_observations_say_what_was_observed(pipeline_file, own_ckpt, tmp_path):
     defs = build_definitions()
     instance = dg.DagsterInstance.ephemeral()
@@ -360,6 +379,9 @@ def test_the_demo_command_materializes_the_whole_graph_with_its_checks(pipeline_
     out = capsys.readouterr().out.strip().splitlines()
     galleries = [line.split(": ", 1)[1] for line in out if line.startswith("gallery")]
     assert len(galleries) == 2 * len(LAYERS) and all(os.path.isfile(g) for g in galleries)  # members = "all"
+    explorers = [line.split(": ", 1)[1] for line in out if line.startswith("explorer app")]
+    assert len(explorers) == len(galleries) and all(
+        e.startswith(f"{sys.executable} -m saev_core explore --visuals ") for e in explorers)
     assert out[-2] == f"report: {tmp_path / 'ckpts' / 'report.md'}" and out[-1].startswith("UI: ")
     instance = dg.DagsterInstance.from_config(str(home))
     for key in ("activations", "sae_sweep", "topk_visuals", "sweep_report"):

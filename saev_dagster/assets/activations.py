@@ -34,12 +34,11 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
 
         Observed here, not only on the cron: a backfill on an instance whose sources were never observed would
         otherwise be stale at the first cron observation and recorded a second time."""
-        from saev_core import pipeline, recording
+        from saev_core import recording
 
         layers = layers_of(context.partition_keys)
         pipe = saev_pipeline.load()
-        fail_clearly(pipeline.prepare_demo_checkpoint, pipe)
-        context.log_event(as_observation("vit_checkpoint", observe_checkpoint(pipe)))
+        context.log_event(as_observation("vit_checkpoint", observe_checkpoint(pipe)))  # makes [demo] random weights
         context.log_event(as_observation("image_source", observe_images(pipe)))
         cfg = fail_clearly(pipe.activations_for, layers, **config.overrides())
         path = fail_clearly(recording.create_store, cfg)
