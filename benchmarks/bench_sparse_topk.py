@@ -19,7 +19,6 @@ Training uses ``training.threads_for`` threads (the CPUs minus one), as ``train`
 
 import argparse
 import copy
-import dataclasses
 import os
 import statistics
 import time

@@ -21,7 +21,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from saev_core import association, config, imaging, images as imagelib, topk
+from saev_core import association, config, imaging, images as imagelib, nn, topk, visuals
 from saev_core.errors import UserError
 from saev_core.files import read_json
 
@@ -37,16 +37,13 @@ N_TABLE_ROWS = 500
 
 
 def _provenance(ckpt: str | None) -> dict:
-    """A checkpoint's provenance from its JSON header line alone (no weights read); {} when there is none."""
-    import json
-
+    """A checkpoint's provenance from its header alone (no weights read); {} when there is none or it is unreadable
+    (the caller then says what is missing)."""
     if ckpt is None:
         return {}
-    path = os.path.join(ckpt, "sae.pt") if os.path.isdir(ckpt) else ckpt
     try:
-        with open(path, "rb") as f:
-            return dict(json.loads(f.readline(1 << 20)).get("provenance") or {})
-    except (OSError, ValueError, AttributeError):
+        return nn.read_provenance(ckpt)
+    except UserError:
         return {}
 
 
@@ -72,7 +69,7 @@ class LatentBook:
         if self.ckpt is None:
             return ("No SAE checkpoint is known for this folder (its selection.json predates that field); pass "
                     "--ckpt to explain uploaded images.")
-        path = os.path.join(self.ckpt, "sae.pt") if os.path.isdir(self.ckpt) else self.ckpt
+        path = nn.ckpt_file(self.ckpt)
         if not os.path.isfile(path):
             return f"The checkpoint {path} does not exist; pass --ckpt with the SAE of {self.dump_to}."
         if topk.file_sha256(path) != self.cache.identity.sae_sha256:
@@ -172,21 +169,14 @@ class LatentBook:
         return imaging.geometry_of_transform(vitlib.make_img_transform(meta.vit_family, meta.vit_ckpt))
 
     def render(self, latent: int, rank: int) -> Image.Image:
-        """One heatmap drawn from the cache (as ``visuals.render_latents`` draws it)."""
+        """One heatmap drawn from the cache, as the gallery's are."""
         image = int(self.cache.top_images[latent, rank])
         root = self.selection.get("image_root") or self.store.metadata.image_root
         path = os.path.join(root or "", self.store.image_paths()[image])
-        try:
-            original = imagelib.load_rgb(path)
-        except OSError as err:
-            raise UserError(f"Cannot read {path} to draw latent {latent}'s heatmap ({err}); the store's images moved?"
-                            ) from None
-        side = math.isqrt(self.store.metadata.n_patches_per_img)
-        vmax = float(max(self.cache.top_values[latent, 0], self.cache.top_patches[latent].max(initial=0.0)))
-        cls = float(self.cache.top_cls[latent, rank])
-        return imaging.overlay_heatmap(original, self.cache.top_patches[latent, rank], (side, side),
-                                       self._geometry().crop_box(*original.size), vmax,
-                                       cls_value=cls if np.isfinite(cls) else None)
+        view = visuals.load_view(path, self._geometry(), fix="Have the store's images moved? Render the visuals "
+                                 "again with images:image-folder-dataset --images.root DIR.")
+        return visuals.draw_top_image(self.cache, latent, rank, view,
+                                      visuals.patch_grid(self.store.metadata.n_patches_per_img))
 
     def histogram(self, latent: int) -> Image.Image:
         """The latent's log10 value histogram (the cache's bins) as a small picture."""

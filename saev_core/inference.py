@@ -136,7 +136,7 @@ class Explainer:
         device = config.resolve_device(device)
         sae = nn.load(ckpt, device=device)
         spec = spec_from_checkpoint(sae, os.fspath(ckpt), vit_family, vit_ckpt, layer, token_mode)
-        if not sae.provenance and not sae.mean.any() and float(sae.scale) == 1.0:
+        if sae.saved_no_normalization:
             _legacy_normalization(sae, spec, store or None, os.fspath(ckpt))
         return cls(sae, spec, device)
 
@@ -196,10 +196,7 @@ def _legacy_normalization(sae: nn.SparseAutoencoder, spec: ModelSpec, store: str
     from saev_core.store import ActivationStore
 
     opened = ActivationStore.open(store)
-    patches = "patches" if spec.token_mode == "patches" else spec.token_mode
-    mean, scale = stats.normalization(opened, config.DataLoadConfig(layer=opened.recorded_layer(spec.layer),
-                                                                    patches=patches))
-    sae.set_normalization(torch.as_tensor(mean, dtype=torch.float32), scale)
+    stats.set_store_normalization(sae, opened, opened.recorded_layer(spec.layer), spec.token_mode)
 
 
 def explain(images: Sequence, ckpt: str | os.PathLike, top_n: int = 5, device: str = "auto", batch_size: int = 32,

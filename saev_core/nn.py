@@ -129,6 +129,12 @@ class SparseAutoencoder(torch.nn.Module):
         self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
         self.scale.copy_(torch.as_tensor(scale, dtype=self.scale.dtype))
 
+    @property
+    def saved_no_normalization(self) -> bool:
+        """A saev 0.1.0 file: no provenance and the identity normalisation. saev trained on normalised activations
+        but saved no statistics, so the store's must be set (``stats.set_store_normalization``)."""
+        return not self.provenance and not self.mean.any() and float(self.scale) == 1.0
+
     @torch.no_grad()
     def init_b_dec(self, mean_of_normalized_data: Float[Tensor, " d_vit"]) -> None:
         """Start b_dec at the data mean (in normalised space), as Gao et al. do (saev 0.1.0 defines this step but never
@@ -457,7 +463,8 @@ def make_sae(cfg: config.SparseAutoencoderConfig) -> SparseAutoencoder:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _ckpt_file(path: str | os.PathLike) -> str:
+def ckpt_file(path: str | os.PathLike) -> str:
+    """The checkpoint file a path names: ``path`` itself, or ``path/sae.pt`` for a member's folder."""
     path = os.fspath(path)
     return os.path.join(path, CKPT_NAME) if os.path.isdir(path) else path
 
@@ -468,7 +475,7 @@ def dump(path: str | os.PathLike, sae: SparseAutoencoder, provenance: dict | Non
     ``provenance`` (store key, layer, token mode, ViT...) is merged over ``sae.provenance``; values that are not
     JSON are written as strings.
     """
-    path = _ckpt_file(path)
+    path = ckpt_file(path)
     header = {
         "schema": SCHEMA,
         "arch": sae.cfg.arch,
@@ -491,25 +498,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseA
 
     Nothing is allocated before the header's sizes agree with the tensors in the file, and the tensors are read
     with torch's ``weights_only`` unpickler alone (a file that needs more is refused, never run)."""
-    path = _ckpt_file(path)
-    expected = "expected an SAE checkpoint: a JSON header line, then a torch state dict (saev-dagster or saev 0.1.0)"
-
-    def not_ckpt(why: str) -> UserError:
-        return UserError(f"{path} is not an SAE checkpoint ({why}); {expected}.")
-
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist; {expected}.")
+    path = ckpt_file(path)
+    not_ckpt = _not_checkpoint(path)
     try:
         with open(path, "rb") as f:
-            line = f.readline(_MAX_HEADER_BYTES)
-            if not line.endswith(b"\n"):
-                raise not_ckpt("empty file" if not line else "no header line")
-            try:
-                header = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise not_ckpt(f"the first line is not JSON: {err}") from None
-            if not isinstance(header, dict):
-                raise not_ckpt("the header is not a JSON object")
+            header = _read_header(f, not_ckpt)
             cfg, legacy = _cfg_from_header(header, not_ckpt)
             state = _read_state_dict(f, device, not_ckpt)
     except OSError as err:
@@ -533,6 +526,47 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseA
         raise not_ckpt(f"state dict keys do not match arch {cfg.arch}: missing {missing}, unexpected {unexpected}")
     sae.provenance = dict(provenance)
     return sae.to(device).eval()
+
+
+def read_provenance(path: str | os.PathLike) -> dict:
+    """The provenance in a checkpoint's header line, without reading its weights ({} for a saev 0.1.0 file)."""
+    path = ckpt_file(path)
+    not_ckpt = _not_checkpoint(path)
+    try:
+        with open(path, "rb") as f:
+            header = _read_header(f, not_ckpt)
+    except OSError as err:
+        raise UserError(f"Cannot read {path}: {err.strerror or err}. Check the path and its permissions.") from None
+    provenance = header.get("provenance") or {}
+    if not isinstance(provenance, dict):
+        raise not_ckpt(f"the header's provenance is {type(provenance).__name__}, not a JSON object")
+    return dict(provenance)
+
+
+def _not_checkpoint(path: str):
+    """The UserError maker for ``path``'s problems; raises at once when there is no file at all."""
+    expected = "expected an SAE checkpoint: a JSON header line, then a torch state dict (saev-dagster or saev 0.1.0)"
+
+    def not_ckpt(why: str) -> UserError:
+        return UserError(f"{path} is not an SAE checkpoint ({why}); {expected}.")
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; {expected}.")
+    return not_ckpt
+
+
+def _read_header(f, not_ckpt) -> dict:
+    """The JSON object on a checkpoint's first line (at most _MAX_HEADER_BYTES)."""
+    line = f.readline(_MAX_HEADER_BYTES)
+    if not line.endswith(b"\n"):
+        raise not_ckpt("empty file" if not line else "no header line")
+    try:
+        header = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise not_ckpt(f"the first line is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise not_ckpt("the header is not a JSON object")
+    return header
 
 
 def _read_state_dict(f, device, not_ckpt) -> dict:

@@ -17,7 +17,6 @@ The ViT's untouched, zero and mean passes are shared by every SAE of one (store,
 """
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from saev_core import config, images as imagelib, loader, nn, stats, vit as vitlib
 from saev_core.errors import UserError
+from saev_core.files import read_json
 from saev_core.store import ActivationStore
 
 logger = logging.getLogger("saev_core.splice")
@@ -157,11 +157,9 @@ def trained_on(ckpt: str, sae: nn.SparseAutoencoder) -> TrainedOn:
         raise UserError(f"The checkpoint {ckpt} does not record {', '.join(missing)} (a saev 0.1.0 file, or one from "
                         "elsewhere): splice-in needs the store and ViT it was trained on. Evaluate a checkpoint "
                         "written by `python -m saev_core train`.")
-    cfg_file = os.path.join(os.path.dirname(ckpt), "config.json")
     data, seed = {}, prov.get("data_seed", config.TrainConfig.seed)
-    if os.path.isfile(cfg_file):
-        with open(cfg_file) as f:
-            saved = json.load(f)
+    saved = read_json(os.path.join(os.path.dirname(ckpt), "config.json"))
+    if saved is not None:
         data, seed = saved.get("data", {}), saved.get("seed", seed)
     from saev_core.inference import findable_ckpt
 
@@ -187,12 +185,6 @@ def held_out_pixels(store: ActivationStore, on: TrainedOn, transform, max_images
     return torch.stack([transform(imagelib.load_rgb(os.path.join(root, paths[i]))) for i in val])
 
 
-def data_mean(store: ActivationStore, layer: int, token_mode: str) -> np.ndarray:
-    """The mean activation of the token mode over the store's valid images (the stats the recording cached)."""
-    cached = store.read_stats(layer, token_mode)
-    return cached[0] if cached is not None else stats.compute_stats(store, layer, token_mode)[0]
-
-
 def evaluate_checkpoints(ckpts: Sequence[str], device: str = "auto", max_images: int | None = 256,
                          batch_size: int = 32, image_root: str | None = None) -> list[SpliceResult]:
     """Splice-in fidelity of each checkpoint; checkpoints of the same store, layer and token mode share the ViT's
@@ -201,7 +193,7 @@ def evaluate_checkpoints(ckpts: Sequence[str], device: str = "auto", max_images:
     results: dict[str, SpliceResult] = {}
     groups: dict[tuple, list[tuple[str, nn.SparseAutoencoder]]] = {}
     for ckpt in ckpts:
-        path = os.path.join(ckpt, nn.CKPT_NAME) if os.path.isdir(ckpt) else ckpt
+        path = nn.ckpt_file(ckpt)
         sae = nn.load(path, device="cpu")
         on = trained_on(path, sae)
         groups.setdefault(dataclasses.astuple(on), []).append((ckpt, sae))
@@ -212,7 +204,7 @@ def evaluate_checkpoints(ckpts: Sequence[str], device: str = "auto", max_images:
         vit = vitlib.make_vit(on.vit_family, on.vit_ckpt)
         pixels = held_out_pixels(store, on, vitlib.make_img_transform(on.vit_family, on.vit_ckpt), max_images,
                                  image_root)
-        mean = torch.as_tensor(data_mean(store, recorded, on.token_mode), dtype=torch.float32)
+        mean = torch.as_tensor(stats.raw_stats(store, recorded, on.token_mode)[0], dtype=torch.float32)
         evaluator = SpliceEvaluator(vit, on.layer, on.token_mode, mean, pixels, device, batch_size)
         try:
             for ckpt, sae in members:

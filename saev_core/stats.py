@@ -95,6 +95,26 @@ def write_store_stats(store: ActivationStore) -> None:
 
 
 
+def raw_stats(store: ActivationStore, layer: int, patches: str) -> tuple[np.ndarray, float]:
+    """(mean, centred scale) of a layer's vectors of one token mode: the store's cached statistics, or one pass
+    here for a store without them (not written back: readers write nothing into their input)."""
+    cached = store.read_stats(layer, patches)
+    if cached is not None:
+        return cached
+    logger.info("the store %s has no statistics for layer %s (%s): computing them (not written back)",
+                store.path, layer, patches)
+    return compute_stats(store, layer, patches)
+
+
+def set_store_normalization(sae, store: ActivationStore, layer: int, patches: str) -> None:
+    """Give an SAE that saved no normalisation (``sae.saved_no_normalization``: saev 0.1.0) the store's, with saev's
+    defaults (scale_mean, scale_norm), so its latent values are those it was trained for."""
+    import torch
+
+    mean, scale = normalization(store, config.DataLoadConfig(layer=layer, patches=patches))
+    sae.set_normalization(torch.as_tensor(mean, dtype=torch.float32), scale)
+
+
 def normalization(store: ActivationStore, data_cfg: config.DataLoadConfig) -> tuple[np.ndarray, float]:
     """(mean [d_vit] float64, scale) for the SAE: x_n = (x - mean) * scale, as the flags of data_cfg ask.
 
@@ -107,13 +127,7 @@ def normalization(store: ActivationStore, data_cfg: config.DataLoadConfig) -> tu
     d = store.d_vit
     if not data_cfg.scale_mean and not data_cfg.scale_norm:
         return np.zeros(d), 1.0
-    cached = store.read_stats(data_cfg.layer, data_cfg.patches)
-    if cached is None:
-        logger.info("the store %s has no statistics for layer %s (%s): computing them (not written back)",
-                    store.path, data_cfg.layer, data_cfg.patches)
-        mean, scale = compute_stats(store, data_cfg.layer, data_cfg.patches)
-    else:
-        mean, scale = cached
+    mean, scale = raw_stats(store, data_cfg.layer, data_cfg.patches)
     if not data_cfg.scale_mean:
         mean, scale = np.zeros(d), math.sqrt(d / (d / scale**2 + float(mean @ mean)))
     return mean, scale if data_cfg.scale_norm else 1.0

@@ -22,8 +22,6 @@ from jaxtyping import Float, Int
 from PIL import Image
 from tqdm.auto import tqdm
 
-import torch
-
 from saev_core import association, config, gallery, imaging, images, nn, stats, topk, vit as vitlib
 from saev_core.errors import UserError
 from saev_core.files import atomic_write_json, check_output_folder, read_json
@@ -63,7 +61,7 @@ class VisualsInputs:
 def resolve_inputs(cfg: config.VisualsConfig, device: str) -> VisualsInputs:
     """Load the SAE and find its store, layer and token mode (flags first, then the checkpoint's provenance)."""
     sae = nn.load(cfg.ckpt, device=device)
-    ckpt_path = os.path.join(cfg.ckpt, nn.CKPT_NAME) if os.path.isdir(cfg.ckpt) else cfg.ckpt
+    ckpt_path = nn.ckpt_file(cfg.ckpt)
     prov = sae.provenance
     shard_root = cfg.data.shard_root or prov.get("store")
     layer = cfg.data.layer if cfg.data.layer is not None else prov.get("layer")
@@ -83,11 +81,8 @@ def resolve_inputs(cfg: config.VisualsConfig, device: str) -> VisualsInputs:
         raise UserError(f"The SAE {ckpt_path} reads {sae.cfg.d_vit}-d activations but the store {shard_root} holds "
                         f"{store.d_vit}-d ones; pass the store the SAE was trained on (--data.shard-root).")
     recorded = store.recorded_layer(layer)
-    if not prov and not sae.mean.any() and float(sae.scale) == 1.0:
-        # A saev 0.1.0 file: trained on (x - mean) / norm scale (saev's defaults) but stores neither; take the
-        # store's statistics, so latent values and rankings are those the SAE was trained for.
-        mean, scale = stats.normalization(store, config.DataLoadConfig(layer=recorded, patches=patches))
-        sae.set_normalization(torch.as_tensor(mean, dtype=torch.float32), scale)
+    if sae.saved_no_normalization:
+        stats.set_store_normalization(sae, store, recorded, patches)
         logger.info("%s carries no normalisation: using the store's (scale_mean, scale_norm), as saev 0.1.0 trained",
                     ckpt_path)
     return VisualsInputs(sae, ckpt_path, store, recorded, patches)
@@ -260,22 +255,16 @@ def render_latents(
     """Heatmaps and metadata.json for each latent's best ``n_per_latent`` images; the gallery rows, in order."""
     meta = store.metadata
     geometry = imaging.geometry_of_transform(vitlib.make_img_transform(meta.vit_family, meta.vit_ckpt))
-    grid = _patch_grid(meta.n_patches_per_img)
+    grid = patch_grid(meta.n_patches_per_img)
     paths, labels, class_names = store.image_paths(), store.image_labels(), store.class_names
-    load = functools.lru_cache(maxsize=256)(lambda i: _load_view(os.path.join(image_root, paths[i]), geometry))
+    load = functools.lru_cache(maxsize=256)(lambda i: load_view(os.path.join(image_root, paths[i]), geometry))
     jobs = [(int(latent), rank) for latent in latents for rank in range(min(n_per_latent, cache.n_images()[latent]))]
 
     def render(job: tuple[int, int]) -> None:
         latent, rank = job
-        img, box = load(int(cache.top_images[latent, rank]))
-        vmax = vmaxes[latent]
-        out = imaging.overlay_heatmap(img, cache.top_patches[latent, rank], grid, box, vmax, shortest_side=None,
-                                      cls_value=_finite_or_none(cache.top_cls[latent, rank]))
+        out = draw_top_image(cache, latent, rank, load(int(cache.top_images[latent, rank])), grid)
         imaging.save_png(out, os.path.join(dump_to, gallery.image_relpath(latent, rank)))
 
-    # One colour scale per latent, so its ranks compare: its top patch value (in cls mode the CLS ranks the images,
-    # but the heatmap shows patches, which may go higher).
-    vmaxes = {int(l): float(max(cache.top_values[l, 0], cache.top_patches[l].max(initial=0.0))) for l in latents}
     _remove_stale(dump_to, {int(l): min(n_per_latent, int(cache.n_images()[l])) for l in latents})
     with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool, \
             tqdm(total=len(jobs), unit="img", desc="heatmaps", disable=not show_progress) as bar:
@@ -325,20 +314,33 @@ def _latent_row(cache, latent: int, n_per_latent: int, paths, labels, class_name
     }
 
 
-def _load_view(path: str, geometry: imaging.ViewGeometry) -> tuple[Image.Image, imaging.Box]:
+def draw_top_image(cache: topk.TopKCache, latent: int, rank: int, view: tuple[Image.Image, imaging.Box],
+                   grid: tuple[int, int]) -> Image.Image:
+    """The latent's rank-th top image (``load_view``) with its patch values drawn over it and its CLS value below.
+
+    One colour scale per latent, so its ranks compare: its top patch value (in cls mode the CLS ranks the images,
+    but the heatmap shows patches, which may go higher)."""
+    img, box = view
+    vmax = float(max(cache.top_values[latent, 0], cache.top_patches[latent].max(initial=0.0)))
+    return imaging.overlay_heatmap(img, cache.top_patches[latent, rank], grid, box, vmax, shortest_side=None,
+                                   cls_value=_finite_or_none(cache.top_cls[latent, rank]))
+
+
+def load_view(path: str, geometry: imaging.ViewGeometry,
+              fix: str = "Pass images:image-folder-dataset --images.root DIR if the images moved."
+              ) -> tuple[Image.Image, imaging.Box]:
     """The image shrunk to the rendering size, and the ViT's crop box in its pixels."""
     try:
         original = images.load_rgb(path)
     except (OSError, ValueError) as err:
-        raise UserError(f"Cannot read the image {path} for a heatmap ({err}). Pass images:image-folder-dataset "
-                        "--images.root DIR if the images moved.") from None
+        raise UserError(f"Cannot read the image {path} for a heatmap ({err}). {fix}") from None
     box = geometry.crop_box(*original.size)
     img = imaging.fit_shortest_side(original, RENDER_SIDE)
     sx, sy = img.width / original.width, img.height / original.height
     return img, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
-def _patch_grid(n_patches: int) -> tuple[int, int]:
+def patch_grid(n_patches: int) -> tuple[int, int]:
     side = math.isqrt(n_patches)
     if side * side != n_patches:
         raise UserError(f"{n_patches} patches per image do not make a square grid; heatmaps need a square one.")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from saev_core import config, nn, splice, vit as vitlib
+from saev_core import config, nn, splice, stats, vit as vitlib
 from saev_core.__main__ import main
 from saev_core.store import ActivationStore
 from tests.conftest import exact_relu_sae
@@ -29,7 +29,7 @@ def evaluator(run):
     on = splice.trained_on(ckpt, sae)
     store = ActivationStore.open(store_path)
     pixels = splice.held_out_pixels(store, on, vitlib.make_img_transform(on.vit_family, on.vit_ckpt), None)
-    mean = torch.as_tensor(splice.data_mean(store, LAYER, "patches"), dtype=torch.float32)
+    mean = torch.as_tensor(stats.raw_stats(store, LAYER, "patches")[0], dtype=torch.float32)
     ev = splice.SpliceEvaluator(vitlib.make_vit(on.vit_family, on.vit_ckpt), LAYER, "patches", mean, pixels)
     yield ev, sae, store, on
     ev.close()
