@@ -39,8 +39,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from saev_core import config  # noqa: E402
-from saev_core.loader import ActivationLoader  # noqa: E402
-from saev_core.stats import compute_stats  # noqa: E402
+from saev_core.store.loader import ActivationLoader  # noqa: E402
+from saev_core.store.stats import compute_stats  # noqa: E402
 from saev_core.store import ActivationStore, write_store  # noqa: E402
 
 N_PATCHES, D_VIT, CHUNKS_PER_SHARD = 49, 768, 16

@@ -31,10 +31,11 @@ import tomllib
 import numpy as np
 import torch
 
-from saev_core import config, nn, training
-from saev_core.loader import split_images
+from saev_core import config, nn
+from saev_core.train import trainer
+from saev_core.store.loader import split_images
 from saev_core.store import write_store
-from saev_core.sweep import grid
+from saev_core.train.sweep import grid
 
 DEFAULT_SWEEP = """
 # topk and batchtopk at the planted k and at 2k; relu (saev's recipe) and relu-decnorm at coefficients that give an
@@ -137,7 +138,7 @@ def main() -> None:
     cfgs = grid(base, sweep, source=args.sweep or "DEFAULT_SWEEP")
 
     t0 = time.perf_counter()
-    results = training.train_sweep(cfgs, show_progress=False)
+    results = trainer.train_sweep(cfgs, show_progress=False)
     wall = time.perf_counter() - t0
 
     train_imgs, val_imgs = split_images(store, base.data.val_frac, base.seed)
@@ -150,7 +151,7 @@ def main() -> None:
     pca = pca_nmse(x_train, x_val, ranks)
 
     print(f"torch {torch.__version__}, device {config.resolve_device(args.device)}, "
-          f"{training.threads_for(cfgs[0]) if hasattr(training, 'threads_for') else torch.get_num_threads()} "
+          f"{trainer.threads_for(cfgs[0]) if hasattr(training, 'threads_for') else torch.get_num_threads()} "
           f"CPU threads; {n:,} vectors of d={args.d}: {args.k} of {args.n_atoms} atoms + noise sigma={args.sigma}")
     print(f"{len(cfgs)} SAEs (d_sae {base.sae.d_sae}), {args.n_patches:,} patches in batches of {args.batch_size}: "
           f"{wall:.1f} s wall, {args.n_patches / wall:,.0f} patches/s")

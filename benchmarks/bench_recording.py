@@ -25,8 +25,9 @@ import time
 import numpy as np
 import torch
 
-from saev_core import config, vit as vitlib
-from saev_core.recording import block_batches, record_batches
+from saev_core import config
+from saev_core.record import vit as vitlib
+from saev_core.record.recording import block_batches, record_batches
 from saev_core.store import ActivationStore, arrays_metadata
 
 

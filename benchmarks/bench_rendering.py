@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from saev_core.imaging import ViewGeometry, overlay_heatmap, save_png  # noqa: E402
+from saev_core.visuals.heatmaps import ViewGeometry, overlay_heatmap, save_png  # noqa: E402
 
 GRID = (7, 7)
 

@@ -1,7 +1,7 @@
 """Sparse vs dense topk training steps, measured side by side in one run.
 
 For each row (arch, k): two copies of one SAE (same init), one training through the dense forward (the reference)
-and one through ``saev_core.sparse_topk``, each doing ``--n-steps`` full training steps (``training.train_step``:
+and one through ``saev_core.nn.sparse_topk``, each doing ``--n-steps`` full training steps (``trainer.train_step``:
 forward, backward, decoder-norm hooks, clipping, Adam) on the same batches already in memory. The two alternate
 ``--repeats`` times (so drift in the machine's load hits both); the table gives the median patches/s of each and
 their ratio. Goal: topk at d_vit 768, d_sae 6144, k 32 trains >= 2.5x faster sparse than dense on the CPU.
@@ -14,7 +14,7 @@ latents) works in every step. ``--profile`` adds where one sparse and one dense 
         [--rows topk:32,batchtopk:32,topk:128,topk:32:aux] [--n-steps 3] [--repeats 3] [--device auto]
         [--profile]
 
-Training uses ``training.threads_for`` threads (the CPUs minus one), as ``train`` does.
+Training uses ``trainer.threads_for`` threads (the CPUs minus one), as ``train`` does.
 """
 
 import argparse
@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from saev_core import config, nn, training
+from saev_core import config, nn
+from saev_core.train import trainer
 
 
 def sync(device: str) -> None:
@@ -33,7 +34,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_members(args, arch: str, k: int, device: str) -> tuple[training._Member, training._Member]:
+def make_members(args, arch: str, k: int, device: str) -> tuple[trainer._Member, trainer._Member]:
     sae_cfg = config.SparseAutoencoderConfig(d_vit=args.d_vit, exp_factor=args.d_sae // args.d_vit, arch=arch, k=k,
                                              dead_after_n_patches=10**9)
     cfg = config.TrainConfig(sae=sae_cfg, lr=1e-4, n_lr_warmup=2)
@@ -42,18 +43,18 @@ def make_members(args, arch: str, k: int, device: str) -> tuple[training._Member
     for sparse in (False, True):
         sae = copy.deepcopy(dense).to(device)
         sae.sparse_training = sparse
-        members.append(training._Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=1e-4)))
+        members.append(trainer._Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=1e-4)))
     return members[0], members[1]
 
 
-def timed_run(m: training._Member, batches: list[torch.Tensor], n_dead: int, device: str) -> float:
+def timed_run(m: trainer._Member, batches: list[torch.Tensor], n_dead: int, device: str) -> float:
     """Seconds for one training step per batch; the first ``n_dead`` latents are marked dead first."""
     if n_dead:
         m.sae.n_patches_since_fired[:n_dead] = m.sae.dead_after_n_patches
     sync(device)
     t0 = time.perf_counter()
     for step, x in enumerate(batches):
-        training.train_step(m, x, 10 + step, 1000)
+        trainer.train_step(m, x, 10 + step, 1000)
     sync(device)
     return time.perf_counter() - t0
 
@@ -72,7 +73,7 @@ def bench_row(args, row: str, batches: list[torch.Tensor], device: str) -> dict:
     rate = {name: n / statistics.median(t) for name, t in times.items()}
     return {"row": row, "dense": rate["dense"], "sparse": rate["sparse"], "ratio": rate["sparse"] / rate["dense"],
             "ratios": [d / s for d, s in zip(times["dense"], times["sparse"])],
-            "auto": training.sparse_topk.use_sparse("auto", dense.cfg.sae)}
+            "auto": trainer.sparse_topk.use_sparse("auto", dense.cfg.sae)}
 
 
 def profile_step(args, row: str, batch: torch.Tensor, device: str) -> None:
@@ -81,11 +82,11 @@ def profile_step(args, row: str, batch: torch.Tensor, device: str) -> None:
     arch, k, *flags = row.split(":")
     dense, sparse = make_members(args, arch, int(k), device)
     for name, m in (("dense", dense), ("sparse", sparse)):
-        training.train_step(m, batch, 10, 1000)
+        trainer.train_step(m, batch, 10, 1000)
         if "aux" in flags:
             m.sae.n_patches_since_fired[: args.aux_dead] = m.sae.dead_after_n_patches
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            training.train_step(m, batch, 11, 1000)
+            trainer.train_step(m, batch, 11, 1000)
         print(f"\n== where one {name} {row} step spends its time (self CPU time, top 12 ops) ==")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
 
@@ -104,7 +105,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile one step of the first row")
     args = parser.parse_args()
     device = config.resolve_device(args.device)
-    n_threads = training.threads_for(config.TrainConfig())
+    n_threads = trainer.threads_for(config.TrainConfig())
     torch.set_num_threads(n_threads)
     print(f"torch {torch.__version__}, {n_threads} training threads of {os.cpu_count()} CPUs, device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
@@ -123,7 +124,7 @@ def main() -> None:
         print(f"{row:>18} {k / args.d_sae:>8.4f} {r['dense']:>16,.0f} {r['sparse']:>17,.0f} {r['ratio']:>13.2f} "
               f"{per_run:>18} {'sparse' if r['auto'] else 'dense':>7}", flush=True)
     print(f"(aux rows: {args.aux_dead} latents dead, k_aux {config.SparseAutoencoderConfig.k_aux}; auto: what "
-          f"--sparse-topk auto picks, k / d_sae <= {training.sparse_topk.MAX_AUTO_K_FRACTION:.4f}; load average "
+          f"--sparse-topk auto picks, k / d_sae <= {trainer.sparse_topk.MAX_AUTO_K_FRACTION:.4f}; load average "
           f"after: {os.getloadavg()[0]:.1f})")
     if args.profile:
         profile_step(args, args.rows.split(",")[0], batches[0], device)

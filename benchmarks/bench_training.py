@@ -32,8 +32,10 @@ import time
 import numpy as np
 import torch
 
-from saev_core import config, nn, shards, training
-from saev_core.stats import normalization
+from saev_core import config, nn
+from saev_core.store import shards
+from saev_core.train import trainer
+from saev_core.store.stats import normalization
 from saev_core.store import ActivationStore, write_store
 
 
@@ -89,7 +91,7 @@ def time_sweep(cfgs: list[config.TrainConfig]) -> tuple[float, float, int]:
     """(end-to-end seconds, loop seconds for steps 1..n-1, bytes read) of one train_sweep call."""
     stamps: list[float] = []
     fit = getattr(training, "fit_to_run", lambda cfg: (cfg, []))  # unset settings get their values first
-    last = training.member_id(fit(cfgs[-1])[0])
+    last = trainer.member_id(fit(cfgs[-1])[0])
 
     def on_log(step, mid, record):
         if mid == last:  # the last member finishes each step
@@ -97,7 +99,7 @@ def time_sweep(cfgs: list[config.TrainConfig]) -> tuple[float, float, int]:
 
     ReadCounter.n_bytes = 0
     t0 = time.perf_counter()
-    training.train_sweep(cfgs, show_progress=False, on_log=on_log)
+    trainer.train_sweep(cfgs, show_progress=False, on_log=on_log)
     return time.perf_counter() - t0, stamps[-1] - stamps[0], ReadCounter.n_bytes
 
 
@@ -109,18 +111,18 @@ def time_in_memory(cfgs: list[config.TrainConfig], batches: list[torch.Tensor], 
     for cfg in cfgs:
         cfg = fit(cfg)[0]
         sae = nn.make_sae(cfg.sae).to(device).train()
-        members.append(training._Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=cfg.lr)))
+        members.append(trainer._Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=cfg.lr)))
     n = len(batches)
     outside = torch.get_num_threads()
-    torch.set_num_threads(training.threads_for(cfgs[0]) if hasattr(training, "threads_for") else outside)
+    torch.set_num_threads(trainer.threads_for(cfgs[0]) if hasattr(training, "threads_for") else outside)
     try:
         for m in members:
-            training.train_step(m, batches[0], 0, n)
+            trainer.train_step(m, batches[0], 0, n)
         sync(device)
         t0 = time.perf_counter()
         for step in range(1, n):
             for m in members:
-                training.train_step(m, batches[step], step, n)
+                trainer.train_step(m, batches[step], step, n)
         sync(device)
         return time.perf_counter() - t0
     finally:
@@ -193,7 +195,7 @@ def bench_shared(args, store: ActivationStore, tmp: str) -> None:
                                        n_threads=n_threads)
                     _, loop, _ = time_sweep(cfgs)
                     rates.setdefault((name, load), []).append((args.n_steps - 1) * args.batch_size / loop)
-    auto = training.threads_for(member_cfgs(store, args, 1, "")[0])
+    auto = trainer.threads_for(member_cfgs(store, args, 1, "")[0])
     print(f"\n== sweep of {k} SAEs on a shared machine ({args.n_steps} steps of {args.batch_size} x {args.d_vit} -> "
           f"d_sae {args.d_vit * args.exp_factor}, {args.arch}; {os.cpu_count()} CPUs, auto = {auto} threads; "
           f"median of {args.shared_repeats}; load average before: {os.getloadavg()[0]:.1f}) ==")
@@ -215,10 +217,10 @@ def bench_flops(args) -> None:
         sae_cfg = config.SparseAutoencoderConfig(d_vit=d, exp_factor=args.exp_factor, arch=arch, k=32)
         cfg = config.TrainConfig(sae=sae_cfg, lr=1e-4, n_lr_warmup=2)
         sae = nn.make_sae(cfg.sae).to(device).train()
-        member = training._Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=1e-4))
+        member = trainer._Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=1e-4))
 
         def step():
-            training.train_step(member, x, 10, 100)
+            trainer.train_step(member, x, 10, 100)
 
         def matmul():
             x @ w
@@ -274,7 +276,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = plant_store(os.path.join(tmp, "store"), args)
         normalization(store, config.DataLoadConfig(shard_root=store.path, layer=-2))  # cache the statistics once
-        training.train_sweep(member_cfgs(store, args, 1, os.path.join(tmp, "warmup")), show_progress=False)
+        trainer.train_sweep(member_cfgs(store, args, 1, os.path.join(tmp, "warmup")), show_progress=False)
         if not args.skip_sweep:
             with ReadCounter():
                 bench_sweep(args, store, tmp)

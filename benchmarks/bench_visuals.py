@@ -8,18 +8,18 @@
     normal values, the store's own layout of ~4 MB chunks) and a topk SAE with random weights (d_sae = 768 * 8 =
     6144, k 32; with random weights each latent fires on ~k/d_sae of the patches, ~22% of the images). Both
     variants read the layer through ``shards.stream_chunks`` in store order and encode batches of the same number of
-    images (``topk.batch_images``: ~256 MB of latents per batch); the plain pass calls ``sae.encode`` on each batch
-    and throws the result away, the top-k pass is ``topk.topk_pass`` (``--top-k`` images per latent, token mode
+    images (``top_images.batch_images``: ~256 MB of latents per batch); the plain pass calls ``sae.encode`` on each batch
+    and throws the result away, the top-k pass is ``top_images.topk_pass`` (``--top-k`` images per latent, token mode
     patches), which adds the firing statistics, the best patch per image and the merge into the running top-k.
     The two alternate, ``--repeats`` times each; the best time of each is kept (the machine is shared), wall-clock
     and, apart, the process's CPU time (less sensitive to other work on the machine). Goal: pass / plain <= 1.3.
     The ratio is printed for each ``--n-imgs`` given because part of the merge's cost falls as the stream grows
     (once a latent's k slots hold high values few new images beat them, so fewer patch rows are copied); the rest
     of it is paid per batch, over all d_sae x (k + batch) keys, however few images enter. Writing the cache
-    (``topk.save_cache``: npz, fsynced) is timed once, for information; it is not part of the ratio. On a quiet
+    (``top_images.save_cache``: npz, fsynced) is timed once, for information; it is not part of the ratio. On a quiet
     2-core machine the defaults take about 9 minutes (12,000 images: ~1 minute per plain pass).
 
-(b) Rendering through ``visuals.render_latents``, as the job calls it: ``--render-latents`` latents x
+(b) Rendering through ``render.render_latents``, as the job calls it: ``--render-latents`` latents x
     ``--render-per-latent`` images, every one a different JPEG file of ``--width`` x ``--height`` pixels in a
     temporary folder (photo-like pixels: smooth gradients with mild noise), so each render loads and decodes its
     image (no hit in the job's view cache), shrinks it to 224 px shortest side, draws the 7 x 7 overlay with the
@@ -43,8 +43,10 @@ from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from saev_core import config, nn, topk, visuals  # noqa: E402
-from saev_core.shards import ChunkReader, stream_chunks  # noqa: E402
+from saev_core import config, nn
+from saev_core.visuals import top_images
+from saev_core.visuals import render  # noqa: E402
+from saev_core.store.shards import ChunkReader, stream_chunks  # noqa: E402
 from saev_core.store import ActivationStore, write_store  # noqa: E402
 
 
@@ -92,11 +94,11 @@ def bench_pass(args, n_imgs: int, tmp: str) -> dict:
     sae = nn.make_sae(config.SparseAutoencoderConfig(d_vit=args.d_vit, exp_factor=args.exp_factor, arch="topk",
                                                      k=args.k)).eval()
     d_sae = sae.cfg.d_sae
-    per_batch = topk.batch_images(store.n_tokens, d_sae, store.d_vit, "cpu")
-    identity = topk.CacheIdentity("bench", store.metadata.key, -2, "patches", args.top_k)
+    per_batch = top_images.batch_images(store.n_tokens, d_sae, store.d_vit, "cpu")
+    identity = top_images.CacheIdentity("bench", store.metadata.key, -2, "patches", args.top_k)
 
-    def run_pass() -> topk.TopKCache:
-        return topk.topk_pass(store, -2, "patches", sae, args.top_k, identity, device="cpu",
+    def run_pass() -> top_images.TopKCache:
+        return top_images.topk_pass(store, -2, "patches", sae, args.top_k, identity, device="cpu",
                               imgs_per_batch=per_batch)
 
     plain_pass(store, sae, per_batch, limit=2 * per_batch)  # warm-up: first large allocations, thread start-up
@@ -113,10 +115,10 @@ def bench_pass(args, n_imgs: int, tmp: str) -> dict:
         times["pass_cpu"].append(time.process_time() - c0)
     assert cache.n_vectors == n_imgs * (args.n_tokens - 1)
     t0 = time.perf_counter()
-    topk.save_cache(cache, os.path.join(tmp, f"dump-{n_imgs}"))
+    top_images.save_cache(cache, os.path.join(tmp, f"dump-{n_imgs}"))
     save_s = time.perf_counter() - t0
     full = int((cache.n_images() == args.top_k).sum())
-    cache_mb = os.path.getsize(topk.cache_path(os.path.join(tmp, f"dump-{n_imgs}"))) / 1e6
+    cache_mb = os.path.getsize(top_images.cache_path(os.path.join(tmp, f"dump-{n_imgs}"))) / 1e6
     shutil.rmtree(os.path.join(tmp, f"store-{n_imgs}"), ignore_errors=True)
     return {"n_imgs": n_imgs, "batch": per_batch, "plant_s": plant_s, "plain": min(times["plain"]),
             "pass": min(times["pass"]), "all_plain": times["plain"], "all_pass": times["pass"], "save_s": save_s,
@@ -150,22 +152,22 @@ def bench_render(args, tmp: str) -> dict:
     best = values.max(axis=2)
     order = np.argsort(-best, axis=1)
     top_values = np.take_along_axis(best, order, 1)
-    cache = topk.TopKCache(
-        identity=topk.CacheIdentity("bench", store.metadata.key, -2, "patches", k),
+    cache = top_images.TopKCache(
+        identity=top_images.CacheIdentity("bench", store.metadata.key, -2, "patches", k),
         top_values=top_values, top_images=np.arange(n_files).reshape(d_sae, k),
         top_patches=np.take_along_axis(values, order[..., None], 1), top_cls=rng.exponential(1.0, (d_sae, k)),
-        freq=np.full(d_sae, 1e-3), mean_value=np.ones(d_sae), hist=np.zeros((d_sae, len(topk.HIST_EDGES) - 1), int),
+        freq=np.full(d_sae, 1e-3), mean_value=np.ones(d_sae), hist=np.zeros((d_sae, len(top_images.HIST_EDGES) - 1), int),
         n_vectors=n_files * 49,
     )
     latents = np.arange(d_sae)
     t0 = time.perf_counter()  # the first call imports open_clip (the ViT's preprocessing) and builds the colormap
-    visuals.render_latents(cache, latents[:1], store, image_root, os.path.join(tmp, "render-warm-up"), 1)
+    render.render_latents(cache, latents[:1], store, image_root, os.path.join(tmp, "render-warm-up"), 1)
     first_s = time.perf_counter() - t0
     times = []
     for rep in range(args.repeats):
         dump_to = os.path.join(tmp, f"render-{rep}")
         t0 = time.perf_counter()
-        rows = visuals.render_latents(cache, latents, store, image_root, dump_to, per_latent)
+        rows = render.render_latents(cache, latents, store, image_root, dump_to, per_latent)
         times.append(time.perf_counter() - t0)
         assert sum(r["n_images"] for r in rows) == n_files
     with Image.open(os.path.join(tmp, "render-0", "neurons", "0", "0.png")) as img:
@@ -230,7 +232,7 @@ def main() -> None:
                   "not in the ratio.)")
         if not args.skip_render:
             r = bench_render(args, tmp)
-            print(f"\n== (b) visuals.render_latents: {r['n']} different {args.width}x{args.height} JPEGs -> "
+            print(f"\n== (b) render.render_latents: {r['n']} different {args.width}x{args.height} JPEGs -> "
                   f"{r['size'][0]}x{r['size'][1]} PNG (224 px + CLS strip), {os.cpu_count()} threads; "
                   f"best of {args.repeats} ==")
             table([("renders", "runs s", "best s", "img/s", "KB per PNG"),

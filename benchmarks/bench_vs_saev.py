@@ -17,7 +17,7 @@ folder holding the ViT weights (see below). The job, the same for both:
 
 - images: ``--images`` (default: the embedded set, 336 PNG crops in one sub-folder per photograph), read as an
   image folder (class = sub-folder). The folder must hold image files only (saev counts every file as an image).
-- activations: open_clip ViT-B-32 with random weights (``saev_core.vit.save_random_weights``; no download), layer
+- activations: open_clip ViT-B-32 with random weights (``saev_core.record.vit.save_random_weights``; no download), layer
   -2 with the CLS token, 49 patches, d_vit 768, ``--vit-batch-size`` images per forward, ``--n-workers``
   decoding workers, ``--n-patches-per-shard`` (default: all images in one shard), float32, CPU.
 - train: one ``relu`` SAE (saev 0.1.0's recipe: L1 4e-4, unit-norm decoder rows, parallel-gradient removal),
@@ -57,7 +57,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from saev_core import config, images, vit  # noqa: E402
+from saev_core import config
+from saev_core.record import images
+from saev_core.record import vit  # noqa: E402
 
 STAGES = ("activations", "train", "visuals")
 WIDE = ["--log-freq-range", "-10", "1", "--log-value-range", "-10", "10"]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from saev_core.__main__ import main
 from saev_core.store import ActivationStore
-from saev_core.vit import save_random_weights
+from saev_core.record.vit import save_random_weights
 
 
 def last_line(fn) -> str:

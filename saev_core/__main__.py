@@ -36,7 +36,7 @@ Command = (
 
 
 def run_activations(cfg: config.ActivationsConfig) -> str:
-    from saev_core import recording
+    from saev_core.record import recording
 
     if cfg.dry_run:
         plan = recording.dry_run(cfg)
@@ -56,9 +56,9 @@ def run_activations(cfg: config.ActivationsConfig) -> str:
 
 
 def run_visuals(cfg: config.VisualsConfig) -> str:
-    from saev_core import visuals
+    from saev_core.visuals import render
 
-    result = visuals.make_visuals(cfg)
+    result = render.make_visuals(cfg)
     print(
         f"rendered {result.n_images} images for {len(result.latents)} latents ({result.n_alive} of {result.d_sae} "
         f"latents fire); top-k cache {'reused' if result.cache_reused else 'computed'}",
@@ -68,10 +68,10 @@ def run_visuals(cfg: config.VisualsConfig) -> str:
 
 
 def run_train(cfg: config.TrainConfig) -> str:
-    from saev_core import training
+    from saev_core.train import trainer
 
-    report_members(training.train_main(cfg))
-    return training.sweep_csv_path(cfg.ckpt_path)
+    report_members(trainer.train_main(cfg))
+    return trainer.sweep_csv_path(cfg.ckpt_path)
 
 
 def report_members(results) -> None:
@@ -108,7 +108,7 @@ def run_evaluate(cfg: config.EvaluateConfig) -> str:
     """Print the splice-in fidelity of one checkpoint; the last line is the result as JSON."""
     import json
 
-    from saev_core import splice
+    from saev_core.analysis import splice
 
     [result] = splice.evaluate_checkpoints([cfg.ckpt], cfg.device, cfg.max_images, cfg.batch_size, cfg.images_root)
     print(f"splice-in fidelity of {cfg.ckpt}: {result.line()}")

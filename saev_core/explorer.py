@@ -21,7 +21,12 @@ import os
 import numpy as np
 from PIL import Image
 
-from saev_core import association, config, imaging, images as imagelib, nn, topk, visuals
+from saev_core import config, nn
+from saev_core.visuals import association
+from saev_core.visuals import heatmaps
+from saev_core.record import images as imagelib
+from saev_core.visuals import top_images
+from saev_core.visuals import render
 from saev_core.errors import UserError
 from saev_core.files import read_json
 
@@ -52,7 +57,7 @@ class LatentBook:
 
     def __init__(self, dump_to: str, ckpt: str | None = None):
         self.dump_to = os.path.abspath(dump_to)
-        cache = topk.read_cache(self.dump_to)
+        cache = top_images.read_cache(self.dump_to)
         if cache is None:
             raise UserError(f"No top-k cache in {self.dump_to} (cache/topk.npz): pass a folder written by `python -m "
                             "saev_core visuals --dump-to DIR`, or run that first.")
@@ -72,7 +77,7 @@ class LatentBook:
         path = nn.ckpt_file(self.ckpt)
         if not os.path.isfile(path):
             return f"The checkpoint {path} does not exist; pass --ckpt with the SAE of {self.dump_to}."
-        if topk.file_sha256(path) != self.cache.identity.sae_sha256:
+        if top_images.file_sha256(path) != self.cache.identity.sae_sha256:
             return (f"The visuals cache in {self.dump_to} was made from another SAE than {path} (their SHA-256 "
                     "differ), so its latents are not that checkpoint's. Pass --ckpt with the SAE the visuals were "
                     "made from, or render visuals of this one (`python -m saev_core visuals --ckpt ...`).")
@@ -163,20 +168,20 @@ class LatentBook:
 
     @functools.cache
     def _geometry(self):
-        from saev_core import vit as vitlib
+        from saev_core.record import vit as vitlib
 
         meta = self.store.metadata
-        return imaging.geometry_of_transform(vitlib.make_img_transform(meta.vit_family, meta.vit_ckpt))
+        return heatmaps.geometry_of_transform(vitlib.make_img_transform(meta.vit_family, meta.vit_ckpt))
 
     def render(self, latent: int, rank: int) -> Image.Image:
         """One heatmap drawn from the cache, as the gallery's are."""
         image = int(self.cache.top_images[latent, rank])
         root = self.selection.get("image_root") or self.store.metadata.image_root
         path = os.path.join(root or "", self.store.image_paths()[image])
-        view = visuals.load_view(path, self._geometry(), fix="Have the store's images moved? Render the visuals "
+        view = render.load_view(path, self._geometry(), fix="Have the store's images moved? Render the visuals "
                                  "again with images:image-folder-dataset --images.root DIR.")
-        return visuals.draw_top_image(self.cache, latent, rank, view,
-                                      visuals.patch_grid(self.store.metadata.n_patches_per_img))
+        return render.draw_top_image(self.cache, latent, rank, view,
+                                      render.patch_grid(self.store.metadata.n_patches_per_img))
 
     def histogram(self, latent: int) -> Image.Image:
         """The latent's log10 value histogram (the cache's bins) as a small picture."""
@@ -186,7 +191,7 @@ class LatentBook:
         fig = Figure(figsize=(4, 2.2), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        edges = topk.HIST_EDGES
+        edges = top_images.HIST_EDGES
         ax.bar(edges[:-1], self.cache.hist[latent], width=np.diff(edges), align="edge", color="#4c72b0")
         nz = np.flatnonzero(self.cache.hist[latent])
         if len(nz):
@@ -237,7 +242,7 @@ class SweepTable:
                  str(r["member_id"])) for _, r in self.table.iterrows()]
 
     def plot(self, member: str | None = None) -> Image.Image:
-        from saev_core import plots
+        from saev_core.analysis import plots
 
         png = plots.l0_vs_nmse_png(self.table, f"sweep {os.path.basename(self.folder.rstrip('/'))}", chosen=member)
         return Image.open(io.BytesIO(png)).convert("RGB")
@@ -304,7 +309,7 @@ class Explorer:
         if book.ckpt_problem:
             raise UserError(book.ckpt_problem)
         if book.ckpt not in self._explainers:
-            from saev_core.inference import Explainer
+            from saev_core.analysis.inference import Explainer
 
             if progress is not None:
                 progress(0.1, desc="loading the ViT and the SAE")
@@ -397,11 +402,11 @@ def build_app(cfg: config.ExploreConfig):
         try:
             ckpt = app.sweep.ckpt(member)
             folder = member_visuals_folder(app.book.dump_to, app.sweep.members, member)
-            if topk.read_cache(folder) is None:
-                from saev_core import visuals
+            if top_images.read_cache(folder) is None:
+                from saev_core.visuals import render
 
                 progress(0, desc=f"rendering the visuals of {member} (one SAE pass over the store)")
-                visuals.make_visuals(config.VisualsConfig(
+                render.make_visuals(config.VisualsConfig(
                     ckpt=ckpt, dump_to=folder, log_freq_range=(-10.0, 0.0), log_value_range=(-10.0, 10.0),
                     n_latents=50, n_imgs_per_latent=6, device=cfg.device), show_progress=True)
             app.book = app.open_book(folder, ckpt)

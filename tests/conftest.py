@@ -12,7 +12,7 @@ from PIL import Image
 def _random_ckpt(tmp_path_factory, family: str, arch: str, filename: str):
     """Save random weights for ``arch`` and yield its ``--vit-ckpt`` string; the file is deleted at session end
     (ViT-B-32 and SigLIP files are 0.6-0.8 GB, and pytest keeps the last three temporary folders)."""
-    from saev_core.vit import save_random_weights
+    from saev_core.record.vit import save_random_weights
 
     path = save_random_weights(family, arch, tmp_path_factory.mktemp("vit_ckpts") / filename, seed=0)
     yield f"{arch}/{path}"

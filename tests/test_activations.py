@@ -12,7 +12,8 @@ import torch
 import zarr
 from PIL import Image
 
-from saev_core import images, vit as vitlib
+from saev_core.record import images
+from saev_core.record import vit as vitlib
 from saev_core.__main__ import main
 from saev_core.config import ImageFolderDataset
 from saev_core.store import ActivationStore
@@ -266,7 +267,8 @@ def test_cli_subprocess_prints_store_path_last(tmp_path, tiny_clip_ckpt):
 def test_two_workers_on_disjoint_block_ranges_write_the_same_bytes_as_one(tmp_path, tiny_clip_ckpt):
     import filecmp
 
-    from saev_core import config, recording
+    from saev_core import config
+    from saev_core.record import recording
 
     write_images(tmp_path / "imgs", 7)
     base = dict(vit_family="clip", vit_ckpt=tiny_clip_ckpt, vit_layers=(0, -1), n_patches_per_shard=2 * 50 * 2,
@@ -290,7 +292,7 @@ def test_two_workers_on_disjoint_block_ranges_write_the_same_bytes_as_one(tmp_pa
 
 
 def test_the_recording_writes_the_statistics_of_every_token_mode(tmp_path, tiny_clip_ckpt, capsys):
-    from saev_core.stats import compute_stats
+    from saev_core.store.stats import compute_stats
 
     write_images(tmp_path / "imgs", 4)
     store = ActivationStore.open(record(capsys, tiny_clip_ckpt, tmp_path / "imgs", tmp_path / "acts"))

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from saev_core import association, config, nn, visuals
+from saev_core import config, nn
+from saev_core.visuals import association
+from saev_core.visuals import render
 from saev_core.store import write_store
 
 N_IMGS, N_PATCHES, D = 40, 4, 8
@@ -56,7 +58,7 @@ def test_planted_latent_ranks_first_for_its_class_with_auroc_one(planted, tmp_pa
     cfg = config.VisualsConfig(ckpt=ckpt, dump_to=str(tmp_path / "v"), data=config.VisualsDataConfig(
         shard_root=store.path, layer=-1, patches="patches"), top_k=8, n_imgs_per_latent=2,
         log_freq_range=(-10.0, 0.0), log_value_range=(-10.0, 10.0), device="cpu")
-    visuals.make_visuals(cfg, show_progress=False)
+    render.make_visuals(cfg, show_progress=False)
     out = json.loads((tmp_path / "v" / "association.json").read_text())
     best = out["top_latents_per_class"]["cat"][0]
     assert best == {"latent": PLANTED, "auroc": 1.0}

@@ -66,7 +66,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_clip_ckpt) -> World:
-    from saev_core import training
+    from saev_core.train import trainer
     from saev_core.__main__ import main
 
     root = tmp_path_factory.mktemp("bad_inputs")
@@ -251,7 +251,7 @@ def cut_pointer_and_states(ckpts: Path) -> None:
 def poisoned_heldout_store(w: World, t: Path) -> str:
     """A copy of the good store with NaN in one held-out image (the training split stays clean)."""
     from saev_core import config
-    from saev_core.loader import split_images
+    from saev_core.store.loader import split_images
     from saev_core.store import ActivationStore
 
     copy = t / "acts" / os.path.basename(w.store)
@@ -487,7 +487,7 @@ def test_bad_input_exits_2_with_one_clear_line_and_harms_nothing(bad: Row, world
 
 KILL_IN_SHARD_WRITE = textwrap.dedent("""
     import os, signal
-    from saev_core import shards
+    from saev_core.store import shards
     _write_all = shards._write_all
     def write_then_die(fd, pieces):
         os.write(fd, bytes(pieces[0][:100]))  # part of the shard is on disk, in its temporary file
@@ -497,7 +497,7 @@ KILL_IN_SHARD_WRITE = textwrap.dedent("""
 
 KILL_IN_ATOMIC_WRITE = textwrap.dedent("""
     import os, signal, torch
-    from saev_core import training
+    from saev_core.train import trainer
     _save = torch.save
     def save_then_die(obj, f, *args, **kwargs):
         if isinstance(obj, dict) and "optimizer" in obj:  # a train_state file
@@ -505,7 +505,7 @@ KILL_IN_ATOMIC_WRITE = textwrap.dedent("""
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         return _save(obj, f, *args, **kwargs)
-    training.torch.save = save_then_die
+    trainer.torch.save = save_then_die
 """)
 
 
@@ -563,7 +563,7 @@ def test_fifo_named_like_an_image_is_warned_once_and_skipped_without_hanging(wor
 
 
 def test_skip_bad_turns_unlistable_folders_and_non_utf8_names_into_one_warning(tmp_path, monkeypatch):
-    from saev_core import images
+    from saev_core.record import images
 
     write(tmp_path / "a" / "x.png", b"")
     write(tmp_path / "locked" / "y.png", b"")

@@ -124,7 +124,7 @@ def test_fanned_out_recording_writes_the_bytes_of_one_worker(pipeline_file, tmp_
     import dataclasses
     import filecmp
 
-    from saev_core import recording
+    from saev_core.record import recording
     from saev_core.pipeline import load_pipeline
 
     instance = dg.DagsterInstance.ephemeral()
@@ -163,7 +163,7 @@ def test_run_config_override_and_clear_failure(pipeline_file):
 
 
 def test_new_checkpoint_weights_request_new_activations(pipeline_file, own_ckpt, tmp_path):
-    from saev_core.vit import save_random_weights
+    from saev_core.record.vit import save_random_weights
 
     defs = build_definitions()
     sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
@@ -200,7 +200,7 @@ def test_a_backfill_before_any_observation_is_not_recorded_again_when_the_cron_o
 def test_a_fresh_demo_instance_observes_the_random_weights_it_makes(tmp_path, monkeypatch):
     """[demo] random_vit: the checkpoint does not exist until the pipeline makes it; observing the sources on a fresh
     instance (what the demo and the cron do first) makes it rather than failing."""
-    from saev_core.vit import checkpoint_fingerprint
+    from saev_core.record.vit import checkpoint_fingerprint
 
     write_images(tmp_path / "imgs", 4)
     made = tmp_path / "made" / "random.pt"
@@ -433,7 +433,7 @@ def test_dropped_sae_files_get_their_own_visuals_and_only_those(pipeline_file, t
 
 
 def test_a_changed_checkpoint_requests_the_whole_graph_with_activations_in_one_run(pipeline_file, own_ckpt, tmp_path):
-    from saev_core.vit import save_random_weights
+    from saev_core.record.vit import save_random_weights
 
     from saev_dagster import demo
 
@@ -481,7 +481,7 @@ def test_a_changed_checkpoint_requests_the_whole_graph_with_activations_in_one_r
 def test_activations_check_catches_a_store_that_does_not_match_the_vit(pipeline_file):
     import numpy as np
 
-    from saev_core import verify
+    from saev_core.record import verify
     from saev_core.pipeline import load_pipeline
 
     instance = dg.DagsterInstance.ephemeral()

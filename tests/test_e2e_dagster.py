@@ -270,7 +270,7 @@ def run_of(server: DagsterDev, run_id: str) -> dict:
 @pytest.mark.timeout(420)
 def test_dagster_dev_backfills_in_one_run_reruns_on_new_weights_and_shows_the_sweep_plot(
         browser, dagster_dev, tmp_path):
-    from saev_core.vit import save_random_weights
+    from saev_core.record.vit import save_random_weights
 
     deadline = time.monotonic() + BUDGET_S
     log = dagster_dev.log_path

@@ -15,9 +15,12 @@ import urllib.request
 import numpy as np
 import pytest
 
-from saev_core import config, explorer, topk, training, visuals
+from saev_core import config, explorer
+from saev_core.visuals import top_images
+from saev_core.train import trainer
+from saev_core.visuals import render
 from saev_core.__main__ import main
-from saev_core.inference import explain
+from saev_core.analysis.inference import explain
 from tests.conftest import write_images
 from tests.test_gallery import CHROMIUM, Chromium
 
@@ -40,9 +43,9 @@ def sweep(tmp_path_factory, tiny_clip_ckpt):
         sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=2, arch="topk", k=k, seed=k), n_patches=40 * 64,
         sae_batch_size=64, n_lr_warmup=5, ckpt_path=str(root / "ckpts"), device="cpu", log_every=1000)
         for k in (4, 8)]
-    first, second = training.train_sweep(cfgs, show_progress=False)
+    first, second = trainer.train_sweep(cfgs, show_progress=False)
     folder = str(root / "vis" / "layer_-1" / first.member_id)
-    visuals.make_visuals(config.VisualsConfig(ckpt=first.ckpt_path, dump_to=folder, top_k=8, n_imgs_per_latent=4,
+    render.make_visuals(config.VisualsConfig(ckpt=first.ckpt_path, dump_to=folder, top_k=8, n_imgs_per_latent=4,
                                               device="cpu", **WIDE), show_progress=False)
     return root, folder, first, second
 
@@ -141,7 +144,7 @@ def test_explorer_in_chromium_browses_explains_opens_members_and_stays_local(swe
     port, log = launch()
     origin = f"http://127.0.0.1:{port}/"
     tab = browser.open(origin)
-    cache = topk.read_cache(folder)
+    cache = top_images.read_cache(folder)
 
     # Pick a latent (not the one shown first): its images load, its numbers are shown.
     alive = np.flatnonzero(cache.freq > 0)
@@ -196,7 +199,7 @@ def test_explorer_in_chromium_browses_explains_opens_members_and_stays_local(swe
     wait_for(tab, "document.querySelector('button[data-tab-id=latents]').getAttribute('aria-selected') === 'true'")
     wait_for(tab, loaded_images("#latent-images"))
     other = os.path.join(os.path.dirname(folder), second.member_id)
-    assert topk.read_cache(other).identity.sae_sha256 == topk.file_sha256(second.ckpt_path)
+    assert top_images.read_cache(other).identity.sae_sha256 == top_images.file_sha256(second.ckpt_path)
     screenshot(browser, tab, "member")
 
     requests = tab.requested_urls() + [e["url"] for e in tab.events("Network.webSocketCreated")]

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saev_core.gallery import freq_vs_value_png, image_relpath, preview_grid, write_gallery
-from saev_core.imaging import ViewGeometry, overlay_heatmap, save_png
+from saev_core.visuals.gallery import freq_vs_value_png, image_relpath, preview_grid, write_gallery
+from saev_core.visuals.heatmaps import ViewGeometry, overlay_heatmap, save_png
 
 CHROMIUM = "/usr/bin/chromium"
 N_LATENTS, N_PER_LATENT = 18, 3

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saev_core.imaging import ViewGeometry, geometry_of_transform, overlay_heatmap, save_png
+from saev_core.visuals.heatmaps import ViewGeometry, geometry_of_transform, overlay_heatmap, save_png
 
 GRID = (7, 7)  # ViT-B/32 at 224 px
 
@@ -28,7 +28,7 @@ def weights_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip_transform(weights_file):
-    from saev_core.vit import make_img_transform
+    from saev_core.record.vit import make_img_transform
 
     return make_img_transform("clip", f"ViT-B-32/{weights_file}")
 
@@ -65,7 +65,7 @@ def test_open_clip_vit_b32_box_on_a_wide_image_is_the_centre_square(clip_transfo
 
 
 def test_squash_box_is_the_whole_image(weights_file):
-    from saev_core.vit import make_img_transform
+    from saev_core.record.vit import make_img_transform
 
     geometry = geometry_of_transform(make_img_transform("siglip", f"ViT-B-16-SigLIP/{weights_file}"))
     assert geometry == ViewGeometry(resize=(224, 224))
@@ -84,7 +84,7 @@ def test_resize_256_crop_224_box_matches_hand_numbers():
 
 
 def test_dinov2_family_transform_is_read_from_the_real_transform(weights_file):
-    from saev_core.vit import make_img_transform
+    from saev_core.record.vit import make_img_transform
 
     # timm's DINOv2 config has crop_pct 1.0: Resize(224) + CenterCrop(224), not 256 -> 224.
     t = make_img_transform("dinov2", f"vit_small_patch14_reg4_dinov2/{weights_file}")

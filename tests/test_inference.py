@@ -10,9 +10,10 @@ import torch
 
 import saev_core.activations
 import saev_core.nn
-from saev_core import images, topk
+from saev_core.record import images
+from saev_core.visuals import top_images
 from saev_core.errors import UserError
-from saev_core.inference import explain
+from saev_core.analysis.inference import explain
 from saev_core.store import ActivationStore
 from tests.tiny_run import tiny_run
 
@@ -43,7 +44,7 @@ def test_snippet_explain_and_visuals_pass_give_the_same_latents(run, tmp_path, m
     monkeypatch.chdir(tmp_path)  # another folder than the one the ViT path was given from
     store = ActivationStore.open(store_path)
     sae = saev_core.nn.load(ckpt)
-    cache = topk.topk_pass(store, -1, "patches", sae, 4, topk.CacheIdentity("x", store.metadata.key, -1, "patches", 4))
+    cache = top_images.topk_pass(store, -1, "patches", sae, 4, top_images.CacheIdentity("x", store.metadata.key, -1, "patches", 4))
     latent = int(np.argmax(cache.freq))
     image = int(cache.top_images[latent, 0])
     path = os.path.join(imgs, store.image_paths()[image])

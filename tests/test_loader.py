@@ -10,11 +10,15 @@ import pytest
 import torch
 import zarr
 
-from saev_core import config, loader as loader_mod, shards, stats, store_metadata
+from saev_core import config
+from saev_core.store import loader as loader_mod
+from saev_core.store import shards
+from saev_core.store import stats
+from saev_core.store import metadata as store_metadata
 from saev_core.errors import UserError
-from saev_core.loader import ActivationLoader, split_images
-from saev_core.shards import ChunkReader
-from saev_core.stats import compute_stats, normalization
+from saev_core.store.loader import ActivationLoader, split_images
+from saev_core.store.shards import ChunkReader
+from saev_core.store.stats import compute_stats, normalization
 from saev_core.store import ActivationStore, write_store
 
 D = 8

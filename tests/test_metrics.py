@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from saev_core.metrics import ReconstructionMetrics, sweep_problems
+from saev_core.nn.metrics import ReconstructionMetrics, sweep_problems
 
 
 def _feed(metrics, x, x_hat, f, sizes):

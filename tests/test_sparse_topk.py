@@ -1,7 +1,7 @@
 """Sparse topk / batchtopk training against the dense path, its reference (plain autograd through the dense
 matmuls, itself checked against written-out formulas in test_nn.py).
 
-Both paths start from the same weights and see the same batches through ``training.train_step`` (the trainer's own
+Both paths start from the same weights and see the same batches through ``trainer.train_step`` (the trainer's own
 step: schedule, backward, parallel-gradient removal, clipping, Adam, renormalisation); after many steps their
 weights, buffers and Adam states must agree. float64 makes the tolerance tight; float32 is what training uses.
 """
@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from saev_core import config, nn, sparse_topk, training
+from saev_core import config, nn
+from saev_core.nn import sparse_topk
+from saev_core.train import trainer
 from saev_core.store import write_store
 
 DEVICE = os.environ.get("SAEV_TEST_DEVICE", "cpu")
@@ -38,7 +40,7 @@ def batches(n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
     return [(torch.randn(BATCH, D_VIT, generator=gen) @ mix * 3 + 1).to(DEVICE, dtype) for _ in range(n)]
 
 
-def member_pair(cfg: config.SparseAutoencoderConfig, dtype: torch.dtype) -> tuple[training._Member, training._Member]:
+def member_pair(cfg: config.SparseAutoencoderConfig, dtype: torch.dtype) -> tuple[trainer._Member, trainer._Member]:
     """Two members with the same weights: the dense reference and the sparse path."""
     sae = nn.make_sae(cfg)
     gen = torch.Generator().manual_seed(7)
@@ -51,7 +53,7 @@ def member_pair(cfg: config.SparseAutoencoderConfig, dtype: torch.dtype) -> tupl
     for sparse in (False, True):
         copy_ = copy.deepcopy(sae).to(DEVICE, dtype).train()
         copy_.sparse_training = sparse
-        members.append(training._Member(train_cfg, "", "", copy_, torch.optim.Adam(copy_.parameters(), lr=1e-2)))
+        members.append(trainer._Member(train_cfg, "", "", copy_, torch.optim.Adam(copy_.parameters(), lr=1e-2)))
     return members[0], members[1]
 
 
@@ -72,8 +74,8 @@ def test_sparse_training_ends_at_the_dense_weights(arch, n_prefixes, dtype, n_st
     aux_steps, moved = 0, 0.0
     start = {k: v.clone() for k, v in dense.sae.state_dict().items()}
     for step, x in enumerate(batches(n_steps, dtype)):
-        s_dense = training.train_step(dense, x, step, n_steps, with_stats=True)
-        s_sparse = training.train_step(sparse, x, step, n_steps, with_stats=True)
+        s_dense = trainer.train_step(dense, x, step, n_steps, with_stats=True)
+        s_sparse = trainer.train_step(sparse, x, step, n_steps, with_stats=True)
         for key in s_dense:  # loss parts, l0 and l1 of every step
             torch.testing.assert_close(s_sparse[key], s_dense[key], atol=atol, rtol=atol, msg=f"{key} at step {step}")
         aux_steps += bool(s_dense["aux"] > 0)
@@ -150,7 +152,7 @@ def test_trainer_trains_sparse_when_asked_and_gets_the_dense_weights(tmp_path, m
     for setting in ("off", "on"):
         cfg = dataclasses.replace(base, sparse_topk=setting, ckpt_path=str(tmp_path / setting))
         n_before = len(seen)
-        (results[setting],) = training.train_sweep([cfg], show_progress=False)
+        (results[setting],) = trainer.train_sweep([cfg], show_progress=False)
         assert (len(seen) > n_before) == (setting == "on")
     assert results["on"].member_id == results["off"].member_id
     assert_states_close(nn.load(results["off"].ckpt_path), nn.load(results["on"].ckpt_path), 1e-4)

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from saev_core import config, nn, splice, stats, vit as vitlib
+from saev_core import config, nn
+from saev_core.analysis import splice
+from saev_core.store import stats
+from saev_core.record import vit as vitlib
 from saev_core.__main__ import main
 from saev_core.store import ActivationStore
 from tests.conftest import exact_relu_sae
@@ -97,7 +100,7 @@ def test_gap_is_nan_when_the_ablation_changes_nothing():
 
 
 def test_held_out_images_are_the_loaders_split(evaluator):
-    from saev_core import loader
+    from saev_core.store import loader
 
     ev, _, store, on = evaluator
     _, val = loader.split_images(store, on.val_frac, on.seed)
@@ -116,7 +119,8 @@ def test_evaluate_cli_prints_the_scores(run, capsys):
 def test_report_gains_splice_columns_when_the_pipeline_asks(run, tmp_path):
     import os
 
-    from saev_core import pipeline, report
+    from saev_core import pipeline
+    from saev_core.analysis import report
     from saev_core.errors import UserError
 
     _, _, ckpt = run

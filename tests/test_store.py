@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import zarr
 
-from saev_core import shards, store_metadata
+from saev_core.store import shards
+from saev_core.store import metadata as store_metadata
 from saev_core.errors import UserError
-from saev_core.shards import ChunkReader
+from saev_core.store.shards import ChunkReader
 from saev_core.store import ActivationStore, arrays_metadata, write_store
-from saev_core.store_metadata import StoreMetadata, plan_layout
+from saev_core.store.metadata import StoreMetadata, plan_layout
 
 
 def planted_metadata(**changes) -> StoreMetadata:

@@ -9,7 +9,7 @@ import pytest
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.sweep import (
+from saev_core.train.sweep import (
     DATA_PASS_FIELDS,
     PER_MEMBER_FIELDS,
     expand,
@@ -241,7 +241,7 @@ def test_member_id_is_equal_for_equal_configs_and_short_hex():
 
 def test_member_id_is_stable_across_processes():
     code = (
-        "from saev_core import config; from saev_core.sweep import member_id; "
+        "from saev_core import config; from saev_core.train.sweep import member_id; "
         "print(member_id(config.TrainConfig(lr=1e-3)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -283,6 +283,6 @@ def test_member_id_treats_an_int_learning_rate_like_the_float():
 
 
 def test_sweep_module_imports_without_torch_or_config_first():
-    code = "import sys, saev_core.sweep; assert 'torch' not in sys.modules; print('ok')"
+    code = "import sys, saev_core.train.sweep; assert 'torch' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "ok"

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from saev_core import config, nn, topk
+from saev_core import config, nn
+from saev_core.visuals import top_images
 from saev_core.errors import UserError
 from saev_core.store import write_store
 
@@ -27,8 +28,8 @@ def plant(tmp_path, n_imgs=30, cls_token=True, valid=None, seed=0):
     return store, acts[0]
 
 
-def identity(store, patches="patches", k=4) -> topk.CacheIdentity:
-    return topk.CacheIdentity("sae-hash", store.metadata.key, -2, patches, k)
+def identity(store, patches="patches", k=4) -> top_images.CacheIdentity:
+    return top_images.CacheIdentity("sae-hash", store.metadata.key, -2, patches, k)
 
 
 def brute_force(sae, acts, patches, k, cls_token, images):
@@ -59,7 +60,7 @@ def test_streaming_topk_equals_brute_force(tmp_path, patches, imgs_per_batch):
     valid[[3, 17]] = False  # undecodable images never count
     store, acts = plant(tmp_path, valid=valid)
     sae = make_sae()
-    got = topk.topk_pass(store, -2, patches, sae, 4, identity(store, patches), imgs_per_batch=imgs_per_batch)
+    got = top_images.topk_pass(store, -2, patches, sae, 4, identity(store, patches), imgs_per_batch=imgs_per_batch)
     images = np.flatnonzero(valid)
     values, imgs, rows, mode_f, f = brute_force(sae, acts, patches, 4, True, images)
     np.testing.assert_array_equal(got.top_images, imgs)
@@ -78,7 +79,7 @@ def test_streaming_topk_equals_brute_force(tmp_path, patches, imgs_per_batch):
     mean_when_firing = np.where(fires.any(0), (mode_f * fires).sum(0) / np.maximum(fires.sum(0), 1), 0)
     np.testing.assert_allclose(got.mean_value, mean_when_firing, rtol=1e-5)
     for latent in range(f.shape[-1]):
-        counts, _ = np.histogram(np.clip(np.log10(mode_f[fires[:, latent], latent]), -5.999, 3.999), topk.HIST_EDGES)
+        counts, _ = np.histogram(np.clip(np.log10(mode_f[fires[:, latent], latent]), -5.999, 3.999), top_images.HIST_EDGES)
         np.testing.assert_array_equal(got.hist[latent], counts)
     assert got.n_vectors == len(mode_f)
     # Exactly k distinct images where at least k fire; every latent list is distinct.
@@ -92,13 +93,13 @@ def test_streaming_topk_equals_brute_force(tmp_path, patches, imgs_per_batch):
 def test_store_without_cls_token_ranks_patches_and_has_nan_cls(tmp_path):
     store, acts = plant(tmp_path, cls_token=False)
     sae = make_sae("topk")
-    got = topk.topk_pass(store, -2, "patches", sae, 3, identity(store, k=3), imgs_per_batch=4)
+    got = top_images.topk_pass(store, -2, "patches", sae, 3, identity(store, k=3), imgs_per_batch=4)
     values, imgs, rows, _, _ = brute_force(sae, acts, "patches", 3, False, np.arange(30))
     np.testing.assert_array_equal(got.top_images, imgs)
     np.testing.assert_allclose(got.top_patches, rows, rtol=1e-5, atol=1e-6)
     assert np.isnan(got.top_cls).all()
     with pytest.raises(UserError, match="needs a CLS token"):
-        topk.topk_pass(store, -2, "cls", sae, 3, identity(store, "cls", 3))
+        top_images.topk_pass(store, -2, "cls", sae, 3, identity(store, "cls", 3))
 
 
 def test_ties_go_to_the_lower_image_index():
@@ -106,7 +107,7 @@ def test_ties_go_to_the_lower_image_index():
     d_sae, k, n_patches = 3, 4, 2
     values = torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, 0.5], [2.0, 3.0, 0.0], [2.0, 1.0, 0.5], [2.0, 1.0, 0.0],
                            [5.0, 1.0, 0.5]])  # [images, d_sae]; latent 2 fires on three images only
-    running = topk._RunningTopK(d_sae, k, n_patches, "cpu")
+    running = top_images._RunningTopK(d_sae, k, n_patches, "cpu")
     for batch in ([4, 5], [0, 2], [1, 3]):  # batches in any order: the result does not depend on it
         idx = torch.tensor(batch)
         patch_f = values[idx][:, None, :].expand(-1, n_patches, -1).contiguous()
@@ -120,26 +121,27 @@ def test_ties_go_to_the_lower_image_index():
 def test_cache_round_trip_and_refusal(tmp_path):
     store, _ = plant(tmp_path)
     ident = identity(store)
-    got = topk.topk_pass(store, -2, "patches", make_sae(), 4, ident)
+    got = top_images.topk_pass(store, -2, "patches", make_sae(), 4, ident)
     dump_to = str(tmp_path / "visuals")
-    assert topk.load_cache(dump_to, ident) is None
-    topk.save_cache(got, dump_to)
-    back = topk.load_cache(dump_to, ident)
+    assert top_images.load_cache(dump_to, ident) is None
+    top_images.save_cache(got, dump_to)
+    back = top_images.load_cache(dump_to, ident)
     for name in ("top_values", "top_images", "top_patches", "top_cls", "freq", "mean_value", "hist"):
         np.testing.assert_array_equal(getattr(back, name), getattr(got, name))
     assert back.n_vectors == got.n_vectors
-    other_sae = topk.CacheIdentity("other-hash", ident.store_key, -2, "patches", 4)
+    other_sae = top_images.CacheIdentity("other-hash", ident.store_key, -2, "patches", 4)
     with pytest.raises(UserError, match="sae_sha256"):
-        topk.load_cache(dump_to, other_sae)
-    other_store = topk.CacheIdentity("sae-hash", "0123456789abcdef", -2, "patches", 4)
+        top_images.load_cache(dump_to, other_sae)
+    other_store = top_images.CacheIdentity("sae-hash", "0123456789abcdef", -2, "patches", 4)
     with pytest.raises(UserError, match="store_key"):
-        topk.load_cache(dump_to, other_store)
+        top_images.load_cache(dump_to, other_store)
 
 
 PEAK_SCRIPT = """
 import resource, sys
 import numpy as np
-from saev_core import config, nn, topk
+from saev_core import config, nn
+from saev_core.visuals import top_images
 from saev_core.store import write_store
 
 n_imgs, n_tokens, d_vit = 50_000, 7, 8
@@ -147,10 +149,10 @@ rng = np.random.default_rng(0)
 store = write_store(sys.argv[1], lambda s, e: rng.normal(size=(1, e - s, n_tokens, d_vit)).astype(np.float32),
                     shape=(n_imgs, n_tokens, d_vit), imgs_per_shard=4096, fingerprint="big")
 sae = nn.make_sae(config.SparseAutoencoderConfig(d_vit=d_vit, exp_factor=320, arch="topk", k=4))
-topk.topk_pass(store, -2, "patches", sae, 8, topk.CacheIdentity("x", store.metadata.key, -2, "patches", 8),
+top_images.topk_pass(store, -2, "patches", sae, 8, top_images.CacheIdentity("x", store.metadata.key, -2, "patches", 8),
                imgs_per_batch=256)  # warm-up: the first call pays torch's one-time allocations
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-cache = topk.topk_pass(store, -2, "patches", sae, 8, topk.CacheIdentity("x", store.metadata.key, -2, "patches", 8),
+cache = top_images.topk_pass(store, -2, "patches", sae, 8, top_images.CacheIdentity("x", store.metadata.key, -2, "patches", 8),
                        imgs_per_batch=512)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(after - before, n_imgs * n_tokens * sae.cfg.d_sae * 4, cache.n_vectors)

@@ -21,9 +21,11 @@ import pandas as pd
 import pytest
 import torch
 
-from saev_core import config, nn, stats, training
+from saev_core import config, nn
+from saev_core.store import stats
+from saev_core.train import trainer
 from saev_core.errors import UserError
-from saev_core.loader import ActivationLoader, split_images
+from saev_core.store.loader import ActivationLoader, split_images
 from saev_core.store import ActivationStore, write_store
 
 D = 16
@@ -88,10 +90,10 @@ def test_one_pass_of_three_different_saes_equals_each_trained_alone(store, tmp_p
         dataclasses.replace(with_sae(base, arch="batchtopk", exp_factor=8, k=3, seed=3), lr=2e-3,
                             max_grad_norm=0.5),
     ]
-    together = training.train_sweep(cfgs, show_progress=False)
+    together = trainer.train_sweep(cfgs, show_progress=False)
     assert len({os.path.dirname(r.ckpt_path) for r in together}) == 3
     for i, cfg in enumerate(cfgs):
-        [alone] = training.train_sweep([dataclasses.replace(cfg, ckpt_path=str(tmp_path / f"alone{i}"))],
+        [alone] = trainer.train_sweep([dataclasses.replace(cfg, ckpt_path=str(tmp_path / f"alone{i}"))],
                                        show_progress=False)
         assert alone.member_id == together[i].member_id
         diff = max_diff(state(together[i].ckpt_path), state(alone.ckpt_path))
@@ -101,9 +103,9 @@ def test_one_pass_of_three_different_saes_equals_each_trained_alone(store, tmp_p
 
 def test_same_seed_gives_equal_tensors_and_another_sae_seed_differs(store, tmp_path):
     cfg = train_cfg(store, tmp_path / "a", n_patches=15 * 128, sae={"seed": 11})
-    [a] = training.train_sweep([cfg], show_progress=False)
-    [b] = training.train_sweep([dataclasses.replace(cfg, ckpt_path=str(tmp_path / "b"))], show_progress=False)
-    [c] = training.train_sweep([with_sae(cfg, seed=12)], show_progress=False)
+    [a] = trainer.train_sweep([cfg], show_progress=False)
+    [b] = trainer.train_sweep([dataclasses.replace(cfg, ckpt_path=str(tmp_path / "b"))], show_progress=False)
+    [c] = trainer.train_sweep([with_sae(cfg, seed=12)], show_progress=False)
     sa, sb, sc = state(a.ckpt_path), state(b.ckpt_path), state(c.ckpt_path)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["W_enc"], sc["W_enc"]) and not torch.equal(sa["W_dec"], sc["W_dec"])
@@ -119,7 +121,7 @@ def test_lr_warmup_then_decay_and_sparsity_warmup_reach_optimizer_and_loss(store
     cfg = train_cfg(store, tmp_path, n_patches=n_steps * 128, lr=peak, n_lr_warmup=n_warm,
                     n_sparsity_warmup=n_sparse, log_every=1, sae={"arch": "relu", "sparsity_coeff": coeff})
     seen = []
-    [r] = training.train_sweep([cfg], show_progress=False, on_log=lambda step, mid, rec: seen.append((step, rec)))
+    [r] = trainer.train_sweep([cfg], show_progress=False, on_log=lambda step, mid, rec: seen.append((step, rec)))
     logs = read_jsonl(os.path.join(os.path.dirname(r.ckpt_path), "metrics.jsonl"))
     assert [rec["step"] for rec in logs] == list(range(n_steps)) == [s for s, _ in seen]
     assert [rec for _, rec in seen] == logs
@@ -144,7 +146,7 @@ def test_normalisation_is_saved_and_a_fresh_load_reproduces_the_training_metrics
     store = plant(tmp_path / "store", acts, key="norm")
     cfg = train_cfg(store, tmp_path / "ckpt", n_patches=30 * 128, data=config.DataLoadConfig(
         shard_root=store.path, layer=-2, scale_mean=True, scale_norm=True, val_frac=0.25))
-    [r] = training.train_sweep([cfg], show_progress=False)
+    [r] = trainer.train_sweep([cfg], show_progress=False)
     sae = nn.load(r.ckpt_path)
     flat = acts.reshape(-1, D).astype(np.float64)
     mean = flat.mean(axis=0)
@@ -171,7 +173,7 @@ def test_normalisation_is_saved_and_a_fresh_load_reproduces_the_training_metrics
 def test_outputs_sweep_csv_provenance_and_finished_members_are_not_retrained(store, tmp_path):
     base = train_cfg(store, tmp_path, n_patches=12 * 128)
     cfgs = [base, dataclasses.replace(with_sae(base, arch="jumprelu", seed=1), lr=5e-4)]
-    results = training.train_sweep(cfgs, show_progress=False)
+    results = trainer.train_sweep(cfgs, show_progress=False)
     table = pd.read_csv(tmp_path / "sweep.csv")
     assert len(table) == 2 and list(table["member_id"]) == [r.member_id for r in results]
     for col in ["member_id", "sae.arch", "sae.exp_factor", "lr", "data.layer", "nmse", "ev", "mse", "l0", "l1",
@@ -208,7 +210,7 @@ def test_outputs_sweep_csv_provenance_and_finished_members_are_not_retrained(sto
     assert results[0].metrics["l0"] == pytest.approx(4.0) and 0 <= results[0].metrics["frac_dead"] <= 1
 
     mtimes = [os.stat(r.ckpt_path).st_mtime_ns for r in results]
-    again = training.train_sweep(cfgs, show_progress=False, on_log=lambda *a: pytest.fail("retrained"))
+    again = trainer.train_sweep(cfgs, show_progress=False, on_log=lambda *a: pytest.fail("retrained"))
     assert [os.stat(r.ckpt_path).st_mtime_ns for r in again] == mtimes
     assert [r.metrics["nmse"] for r in again] == [r.metrics["nmse"] for r in results]
 
@@ -260,12 +262,12 @@ def test_sweep_killed_mid_way_resumes_to_the_uninterrupted_weights(store, tmp_pa
     child = textwrap.dedent(f"""
         import time, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from saev_core import training
+        from saev_core.train import trainer
         from saev_core.store import ActivationStore
         from test_training import resume_cfgs
         store = ActivationStore.open({store.path!r})
         # Sleeping in the log callback slows the child down without touching the arithmetic.
-        training.train_sweep(resume_cfgs(store, {str(killed)!r}), show_progress=False,
+        trainer.train_sweep(resume_cfgs(store, {str(killed)!r}), show_progress=False,
                              on_log=lambda *a: time.sleep(0.02))
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], cwd=os.path.dirname(os.path.dirname(__file__)),
@@ -287,10 +289,10 @@ def test_sweep_killed_mid_way_resumes_to_the_uninterrupted_weights(store, tmp_pa
     assert 10 <= kept < 100 and not glob.glob(str(killed / "*" / "sae.pt"))
 
     steps_run = []
-    resumed = training.train_sweep(resume_cfgs(store, killed), show_progress=False,
+    resumed = trainer.train_sweep(resume_cfgs(store, killed), show_progress=False,
                                    on_log=lambda step, mid, rec: steps_run.append(step))
     assert min(steps_run) == kept  # it continued, it did not start over
-    uninterrupted = training.train_sweep(resume_cfgs(store, clean), show_progress=False)
+    uninterrupted = trainer.train_sweep(resume_cfgs(store, clean), show_progress=False)
     for a, b in zip(resumed, uninterrupted):
         diff = max_diff(state(a.ckpt_path), state(b.ckpt_path))
         assert diff <= 1e-6, f"{a.cfg.sae.arch}: resumed weights differ by {diff}"
@@ -311,18 +313,18 @@ def test_sweep_file_with_unknown_key_or_wrong_type_names_key_and_file(store, tmp
     bad_key = tmp_path / "bad_key.toml"
     bad_key.write_text("[sae]\nexp_factr = [2, 4]\n")
     with pytest.raises(UserError, match=r"Unknown key 'sae.exp_factr' in .*bad_key.toml.*exp_factor"):
-        training.train_main(dataclasses.replace(base, sweep=str(bad_key)))
+        trainer.train_main(dataclasses.replace(base, sweep=str(bad_key)))
     bad_type = tmp_path / "bad_type.toml"
     bad_type.write_text('lr = [1e-3, "fast"]\n')
     with pytest.raises(UserError, match=r"lr = 'fast' in .*bad_type.toml: expected float"):
-        training.train_main(dataclasses.replace(base, sweep=str(bad_type)))
+        trainer.train_main(dataclasses.replace(base, sweep=str(bad_type)))
     assert not os.path.exists(tmp_path / "sweep.csv")
 
 
 def test_sweep_file_trains_every_member_in_one_group(store, tmp_path):
     sweep = tmp_path / "sweep.toml"
     sweep.write_text('lr = [1e-3, 3e-4]\n[sae]\narch = ["topk", "relu"]\n')
-    results = training.train_main(dataclasses.replace(train_cfg(store, tmp_path, n_patches=6 * 128),
+    results = trainer.train_main(dataclasses.replace(train_cfg(store, tmp_path, n_patches=6 * 128),
                                                       sweep=str(sweep)))
     assert [(r.cfg.lr, r.cfg.sae.arch, r.cfg.sae.seed) for r in results] == [
         (1e-3, "topk", 0), (1e-3, "relu", 1), (3e-4, "topk", 2), (3e-4, "relu", 3)]
@@ -333,7 +335,7 @@ def test_sae_d_vit_that_differs_from_the_store_is_refused(store, tmp_path, capsy
     from saev_core.__main__ import main
 
     with pytest.raises(UserError) as err:
-        training.train_sweep([train_cfg(store, tmp_path, sae={"d_vit": 512})], show_progress=False)
+        trainer.train_sweep([train_cfg(store, tmp_path, sae={"d_vit": 512})], show_progress=False)
     assert str(err.value).rstrip(".") == (f"--sae.d-vit 512 does not match the store's d_vit {D} ({store.path}); "
                               f"pass --sae.d-vit {D}")
     rc = main(["train", "--data.shard-root", store.path, "--sae.d-vit", "512", "--ckpt-path", str(tmp_path)])
@@ -343,7 +345,7 @@ def test_sae_d_vit_that_differs_from_the_store_is_refused(store, tmp_path, capsy
 def test_layer_not_in_the_store_is_the_stores_error(store, tmp_path):
     cfg = train_cfg(store, tmp_path, data=config.DataLoadConfig(shard_root=store.path, layer=5))
     with pytest.raises(UserError, match=r"Layer 5 is not in the store .*\[-2\]"):
-        training.train_sweep([cfg], show_progress=False)
+        trainer.train_sweep([cfg], show_progress=False)
     assert not os.listdir(tmp_path)
 
 
@@ -371,13 +373,13 @@ def test_nan_in_the_data_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
     kept = bad_step // 2 * 2
     with pytest.raises(UserError) as err:
-        training.train_sweep([cfg], show_progress=False)
+        trainer.train_sweep([cfg], show_progress=False)
     msg = str(err.value)
-    assert f"activations of step {bad_step} contain NaN" in msg and training.member_id(cfg) in msg
+    assert f"activations of step {bad_step} contain NaN" in msg and trainer.member_id(cfg) in msg
     assert "last good checkpoint is kept" in msg and f"(step {kept};" in msg
     [pointer] = glob.glob(str(tmp_path / "ckpt" / "group-*.json"))
     assert pointer in msg and json.load(open(pointer))["step"] == kept
-    folder = tmp_path / "ckpt" / training.member_id(cfg)
+    folder = tmp_path / "ckpt" / trainer.member_id(cfg)
     assert [os.path.basename(p) for p in glob.glob(str(folder / "train_state-*.pt"))] == [f"train_state-{kept}.pt"]
     saved = torch.load(folder / f"train_state-{kept}.pt", weights_only=True)
     sae = nn.make_sae(cfg.sae)
@@ -402,9 +404,9 @@ def test_non_finite_loss_of_one_member_names_it_and_its_step(store, tmp_path, mo
 
     monkeypatch.setattr(nn.ReluSAE, "forward", diverging)
     with pytest.raises(UserError) as err:
-        training.train_sweep(cfgs, show_progress=False)
+        trainer.train_sweep(cfgs, show_progress=False)
     msg = str(err.value)
-    relu_id = training.member_id(cfgs[1])
+    relu_id = trainer.member_id(cfgs[1])
     assert f"SAE {relu_id} (relu" in msg and "non-finite loss at step 7" in msg and "(step 5;" in msg
     assert json.load(open(glob.glob(str(tmp_path / "group-*.json"))[0]))["step"] == 5
 
@@ -467,7 +469,7 @@ def test_training_from_a_float16_store_matches_float32_training_within_tolerance
         cfg = train_cfg(st, tmp_path / name.replace(" ", "_"), n_patches=150 * 128, lr=1e-2, n_lr_warmup=10,
                         ckpt_every=1000, data=config.DataLoadConfig(shard_root=st.path, layer=-2, val_frac=0.2),
                         sae={"k": k, "exp_factor": 2})
-        [results[name]] = training.train_sweep([cfg], show_progress=False)
+        [results[name]] = trainer.train_sweep([cfg], show_progress=False)
     nmse = {name: r.metrics["nmse"] for name, r in results.items()}
     assert nmse["float32"] < 0.15, nmse  # it learned the dictionary: the comparison means something
     assert nmse["float16"] == nmse["float32 of float16"], nmse
@@ -526,7 +528,7 @@ def test_relu_with_saevs_sparsity_coeff_gives_saevs_l0_on_planted_data(tmp_path)
         sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=4, arch="relu", sparsity_coeff=0.04, seed=0),
         n_patches=256_000, sae_batch_size=256, lr=1e-2, n_lr_warmup=20, ckpt_path=str(tmp_path / "ckpt"),
         device=DEVICE, log_every=10**9)
-    [r] = training.train_sweep([cfg], show_progress=False)
+    [r] = trainer.train_sweep([cfg], show_progress=False)
     lo, hi = 0.85 * min(SAEV_0_1_0_RELU_L0), 1.15 * max(SAEV_0_1_0_RELU_L0)
     assert lo <= r.metrics["l0"] <= hi, f"L0 {r.metrics['l0']:.2f}; saev 0.1.0 gives {SAEV_0_1_0_RELU_L0}"
 
@@ -536,9 +538,9 @@ def test_unset_lr_warmup_and_dead_window_fit_a_short_run_and_are_reported_once(s
                      sae={"dead_after_n_patches": None})
     cfgs = [with_sae(base, seed=1), with_sae(base, arch="relu", seed=2)]  # same fitted values: one note each
     notes = []
-    with caplog.at_level(logging.WARNING, logger="saev_core.training"):
-        results = training.train_sweep(cfgs, show_progress=False, on_note=notes.append)
-    assert [rec.getMessage() for rec in caplog.records if rec.name == "saev_core.training"] == notes
+    with caplog.at_level(logging.WARNING, logger="saev_core.train.trainer"):
+        results = trainer.train_sweep(cfgs, show_progress=False, on_note=notes.append)
+    assert [rec.getMessage() for rec in caplog.records if rec.name == "saev_core.train.trainer"] == notes
     assert len(notes) == 3
     # 40 steps of 128: warm-up 5% = 2 steps; dead window 10% of 5,120 = 512 patches; lr 4e-4 * sqrt(16384 / 64) *
     # (6103 / 40)^(1/4) = 0.0225, capped at 1e-2.
@@ -557,14 +559,14 @@ def test_unset_lr_warmup_and_dead_window_fit_a_short_run_and_are_reported_once(s
         assert [rec["lr"] for rec in logs] == pytest.approx(expected, rel=1e-9)
         with open(os.path.join(os.path.dirname(r.ckpt_path), "config.json")) as f:
             assert json.load(f)["n_lr_warmup"] == 2
-    assert [r.member_id for r in results] == [training.member_id(r.cfg) for r in results]
+    assert [r.member_id for r in results] == [trainer.member_id(r.cfg) for r in results]
 
 
 def test_explicit_settings_longer_than_the_run_are_kept_and_reported(store, tmp_path):
     cfg = train_cfg(store, tmp_path, n_patches=10 * 128, lr=1e-3, n_lr_warmup=100, n_sparsity_warmup=50,
                     sae={"arch": "relu", "dead_after_n_patches": 10**6})
     notes = []
-    [r] = training.train_sweep([cfg], show_progress=False, on_note=notes.append)
+    [r] = trainer.train_sweep([cfg], show_progress=False, on_note=notes.append)
     assert (r.cfg.lr, r.cfg.n_lr_warmup, r.cfg.sae.dead_after_n_patches) == (1e-3, 100, 10**6)
     assert len(notes) == 3
     assert "--n-lr-warmup 100 is longer than the run (10 steps)" in notes[0] and "0.0001" in notes[0]
@@ -575,15 +577,15 @@ def test_explicit_settings_longer_than_the_run_are_kept_and_reported(store, tmp_
 
 def test_fit_to_run_known_answers_for_the_default_run_and_a_fitted_config():
     default = config.TrainConfig()  # saev's defaults: d_sae 16,384; 100M patches in batches of 16,384 = 6,103 steps
-    fitted, notes = training.fit_to_run(default)
+    fitted, notes = trainer.fit_to_run(default)
     assert fitted.lr == 4e-4 and fitted.sae.dead_after_n_patches == 10_000_000
     assert fitted.n_lr_warmup == 305  # 5% of 6,103 steps, below the usual 500
     assert len(notes) == 1 and "warming up over 305 steps" in notes[0]
-    assert training.fit_to_run(fitted) == (fitted, [])
+    assert trainer.fit_to_run(fitted) == (fitted, [])
     wide = dataclasses.replace(default, sae=dataclasses.replace(default.sae, d_vit=768, exp_factor=16),
                                n_patches=10_000 * 16_384)  # ViT-B x16, a run longer than the default
-    assert training.fit_to_run(wide)[0].lr == pytest.approx(4e-4 * math.sqrt(16_384 / 12_288))
-    assert training.fit_to_run(wide)[0].n_lr_warmup == 500
+    assert trainer.fit_to_run(wide)[0].lr == pytest.approx(4e-4 * math.sqrt(16_384 / 12_288))
+    assert trainer.fit_to_run(wide)[0].n_lr_warmup == 500
 
 
 @pytest.mark.parametrize(("arch", "window_batches"), [("topk", 1), ("batchtopk", 3)])
@@ -594,7 +596,7 @@ def test_training_stream_dead_count_matches_a_replay_of_the_training_stream(stor
     n_steps, batch = 30, 128
     cfg = train_cfg(store, tmp_path, n_patches=n_steps * batch, sae_batch_size=batch, lr=1e-30,
                     sae={"arch": arch, "k": 1, "exp_factor": 16, "dead_after_n_patches": window_batches * batch})
-    [r] = training.train_sweep([cfg], show_progress=False)
+    [r] = trainer.train_sweep([cfg], show_progress=False)
     sae = nn.load(r.ckpt_path).train()  # train mode: batchtopk picks over the batch, as in training
     loader = ActivationLoader(store, cfg.data, batch, cfg.seed, "train")
     fired = []  # per training step: [d_sae] fired anywhere in the batch
@@ -620,7 +622,7 @@ def test_training_stream_dead_count_matches_a_replay_of_the_training_stream(stor
 def test_n_threads_is_torchs_thread_count_while_training_and_is_put_back(store, tmp_path, monkeypatch):
     outside = torch.get_num_threads()
     read_threads = []
-    real_loader = training.ActivationLoader
+    real_loader = trainer.ActivationLoader
 
     def loader(*args, **kw):
         read_threads.append(kw["n_read_threads"])
@@ -632,18 +634,18 @@ def test_n_threads_is_torchs_thread_count_while_training_and_is_put_back(store, 
         for n in (1, 2):
             seen = []
             cfg = train_cfg(store, tmp_path / str(n), n_patches=4 * 128, n_threads=n, log_every=1)
-            training.train_sweep([cfg], show_progress=False, on_log=lambda *a: seen.append(torch.get_num_threads()))
+            trainer.train_sweep([cfg], show_progress=False, on_log=lambda *a: seen.append(torch.get_num_threads()))
             assert seen and set(seen) == {n} and torch.get_num_threads() == 3
         assert read_threads == [1, 1, 2, 2]  # train and held-out loaders read with at most n threads
     finally:
         torch.set_num_threads(outside)
     cfg = train_cfg(store, tmp_path, n_threads=None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert training.threads_for(cfg) == 7  # auto: the CPUs this process may use, minus one
+    assert trainer.threads_for(cfg) == 7  # auto: the CPUs this process may use, minus one
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
-    assert training.threads_for(cfg) == 1
+    assert trainer.threads_for(cfg) == 1
     with pytest.raises(UserError, match="--n-threads 0 must be at least 1"):
-        training.threads_for(dataclasses.replace(cfg, n_threads=0))
+        trainer.threads_for(dataclasses.replace(cfg, n_threads=0))
 
 
 def test_defaults_recover_a_planted_dictionary_in_a_short_run(tmp_path, capsys, caplog):
@@ -653,13 +655,13 @@ def test_defaults_recover_a_planted_dictionary_in_a_short_run(tmp_path, capsys, 
 
     atoms, x = planted_dictionary(102_400)
     store = plant(tmp_path / "store", x.reshape(1600, 64, 64), imgs_per_shard=1600, key="defaults")
-    with caplog.at_level(logging.WARNING, logger="saev_core.training"):
+    with caplog.at_level(logging.WARNING, logger="saev_core.train.trainer"):
         rc = main(["train", "--data.shard-root", store.path, "--data.layer", "-2", "--sae.d-vit", "64",
                    "--sae.arch", "topk", "--sae.k", "4", "--sae.exp-factor", "4", "--n-patches", str(600 * 256),
                    "--sae-batch-size", "256", "--ckpt-path", str(tmp_path / "ckpt"), "--device", DEVICE,
                    "--log-every", "1000"])
     assert rc == 0
-    notes = [rec.getMessage() for rec in caplog.records if rec.name == "saev_core.training"]
+    notes = [rec.getMessage() for rec in caplog.records if rec.name == "saev_core.train.trainer"]
     assert [n.split(" is not set")[0] for n in notes] == ["--lr", "--n-lr-warmup", "--sae.dead-after-n-patches"]
     [ckpt] = glob.glob(str(tmp_path / "ckpt" / "*" / "sae.pt"))
     w = nn.load(ckpt).W_dec.detach().double().numpy()

@@ -9,7 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from saev_core import config, nn, topk, training, visuals
+from saev_core import config, nn
+from saev_core.visuals import top_images
+from saev_core.train import trainer
+from saev_core.visuals import render
 from saev_core.__main__ import main
 from saev_core.errors import UserError
 from tests.conftest import write_images
@@ -32,7 +35,7 @@ def trained(tmp_path_factory, tiny_clip_ckpt):
         sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=2, arch="topk", k=8), n_patches=40 * 64,
         sae_batch_size=64, n_lr_warmup=5, ckpt_path=str(root / "ckpt"), device="cpu", log_every=1000,
     )
-    [result] = training.train_sweep([cfg], show_progress=False)
+    [result] = trainer.train_sweep([cfg], show_progress=False)
     return root / "imgs", str(store_path), result.ckpt_path
 
 
@@ -53,7 +56,7 @@ def test_cli_renders_every_selected_latent_and_prints_the_gallery_last(trained, 
     assert rc == 0, err
     assert out[-1] == str(dump_to / "index.html") and os.path.isfile(out[-1])
     selection = json.loads((dump_to / "cache" / "selection.json").read_text())
-    cache = topk.load_cache(str(dump_to), _identity(ckpt, trained[1], 5))
+    cache = top_images.load_cache(str(dump_to), _identity(ckpt, trained[1], 5))
     alive = np.flatnonzero(cache.freq > 0)
     assert sorted(selection["latents"]) == alive.tolist()  # the wide ranges keep every live latent
     for latent in selection["latents"]:
@@ -72,7 +75,7 @@ def test_cli_renders_every_selected_latent_and_prints_the_gallery_last(trained, 
 def _identity(ckpt, store_path, k, patches="patches"):
     from saev_core.store import ActivationStore
 
-    return topk.CacheIdentity(topk.file_sha256(ckpt), ActivationStore.open(store_path).metadata.key, -1, patches, k)
+    return top_images.CacheIdentity(top_images.file_sha256(ckpt), ActivationStore.open(store_path).metadata.key, -1, patches, k)
 
 
 def test_rerun_reuses_the_cache_without_an_sae_forward(trained, tmp_path, capsys, monkeypatch):
@@ -98,7 +101,7 @@ def test_a_cache_from_another_sae_is_refused(trained, tmp_path, capsys):
 
 def test_a_killed_pass_leaves_no_cache(trained, tmp_path, monkeypatch):
     _, _, ckpt = trained
-    real_update = topk._RunningTopK.update
+    real_update = top_images._RunningTopK.update
     calls = []
 
     def die_on_second_batch(self, *args):
@@ -107,19 +110,19 @@ def test_a_killed_pass_leaves_no_cache(trained, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_update(self, *args)
 
-    monkeypatch.setattr(topk._RunningTopK, "update", die_on_second_batch)
+    monkeypatch.setattr(top_images._RunningTopK, "update", die_on_second_batch)
     monkeypatch.setattr(topk, "batch_images", lambda *a: 4)
     cfg = config.VisualsConfig(ckpt=ckpt, dump_to=str(tmp_path / "v"), device="cpu")
     with pytest.raises(KeyboardInterrupt):
-        visuals.make_visuals(cfg, show_progress=False)
-    assert not os.path.exists(topk.cache_path(cfg.dump_to))
+        render.make_visuals(cfg, show_progress=False)
+    assert not os.path.exists(top_images.cache_path(cfg.dump_to))
     # A kill inside the cache write itself leaves no file either (the rename never happened).
-    monkeypatch.setattr(topk._RunningTopK, "update", real_update)
+    monkeypatch.setattr(top_images._RunningTopK, "update", real_update)
     monkeypatch.setattr(np, "savez", lambda f, **arrays: (f.write(b"half"), (_ for _ in ()).throw(KeyboardInterrupt)))
     with pytest.raises(KeyboardInterrupt):
-        visuals.make_visuals(cfg, show_progress=False)
-    assert not os.path.exists(topk.cache_path(cfg.dump_to))
-    assert os.listdir(os.path.dirname(topk.cache_path(cfg.dump_to))) == []
+        render.make_visuals(cfg, show_progress=False)
+    assert not os.path.exists(top_images.cache_path(cfg.dump_to))
+    assert os.listdir(os.path.dirname(top_images.cache_path(cfg.dump_to))) == []
 
 
 def test_moved_images_work_with_images_root_and_other_images_are_refused(trained, tmp_path, capsys):
@@ -151,21 +154,21 @@ def test_a_checkpoint_without_provenance_needs_the_data_flags(trained, tmp_path,
 # -- latent selection ------------------------------------------------------------------------------------------
 
 
-def _synthetic_cache(d_sae=200, seed=0) -> topk.TopKCache:
+def _synthetic_cache(d_sae=200, seed=0) -> top_images.TopKCache:
     rng = np.random.default_rng(seed)
     freq = 10.0 ** rng.uniform(-7, 0, d_sae)
     freq[rng.choice(d_sae, 20, replace=False)] = 0.0  # dead
     mean = np.where(freq > 0, 10.0 ** rng.uniform(-2, 2, d_sae), 0.0)
     k = 2
-    ident = topk.CacheIdentity("x", "y", -2, "patches", k)
-    return topk.TopKCache(ident, np.zeros((d_sae, k), np.float32), np.zeros((d_sae, k), np.int64),
+    ident = top_images.CacheIdentity("x", "y", -2, "patches", k)
+    return top_images.TopKCache(ident, np.zeros((d_sae, k), np.float32), np.zeros((d_sae, k), np.int64),
                           np.zeros((d_sae, k, 4), np.float32), np.zeros((d_sae, k), np.float32), freq, mean,
                           np.zeros((d_sae, 50), np.int64), 1000)
 
 
 def test_filters_select_exactly_what_a_plain_recomputation_selects():
     cache = _synthetic_cache()
-    got = visuals.select_latents(cache, (-5.0, -1.0), (-1.0, 1.0), n_latents=10_000)
+    got = render.select_latents(cache, (-5.0, -1.0), (-1.0, 1.0), n_latents=10_000)
     want = [i for i in range(cache.d_sae) if cache.freq[i] > 0 and -5 <= np.log10(cache.freq[i]) <= -1
             and -1 <= np.log10(cache.mean_value[i]) <= 1]
     assert got.tolist() == want and len(want) > 5
@@ -173,16 +176,16 @@ def test_filters_select_exactly_what_a_plain_recomputation_selects():
 
 def test_n_latents_samples_the_filtered_set_reproducibly_and_includes_come_first():
     cache = _synthetic_cache()
-    everything = set(visuals.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), n_latents=10_000).tolist())
+    everything = set(render.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), n_latents=10_000).tolist())
     dead = int(np.flatnonzero(cache.freq == 0)[0])
     alive = sorted(everything)
-    a = visuals.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(alive[5], dead), n_latents=7, seed=3)
-    b = visuals.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(alive[5], dead), n_latents=7, seed=3)
+    a = render.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(alive[5], dead), n_latents=7, seed=3)
+    b = render.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(alive[5], dead), n_latents=7, seed=3)
     assert a.tolist() == b.tolist()
     assert a[0] == alive[5] and dead not in a.tolist() and len(a) == 8
     assert set(a[1:].tolist()) <= everything - {alive[5]} and sorted(a[1:].tolist()) == a[1:].tolist()
     with pytest.raises(UserError, match="not latents of this SAE"):
-        visuals.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(cache.d_sae,))
+        render.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(cache.d_sae,))
 
 
 # -- the pipeline's [visuals] table ------------------------------------------------------------------------------
@@ -207,11 +210,11 @@ def test_best_member_is_the_lowest_nmse_under_the_l0_bound():
 
 
 @pytest.mark.parametrize("table, message", [
-    ('members = "some"', "visuals.members"),
-    ("max_l0 = -1", "visuals.max_l0"),
+    ('members = "some"', "render.members"),
+    ("max_l0 = -1", "render.max_l0"),
     ('ckpt = "x.pt"', "set per member"),
     ("top_kk = 3", "Unknown key 'top_kk'"),
-    ('log_freq_range = "wide"', "visuals.log_freq_range"),
+    ('log_freq_range = "wide"', "render.log_freq_range"),
 ])
 def test_bad_visuals_table_names_the_key(tmp_path, table, message):
     from saev_core import pipeline
@@ -264,7 +267,7 @@ def test_fewer_images_or_latents_on_a_rerun_leave_no_stale_heatmaps(trained, tmp
 
 
 def test_a_saev_0_1_0_checkpoint_gets_the_stores_normalisation(trained, tmp_path):
-    from saev_core import stats
+    from saev_core.store import stats
     from saev_core.store import ActivationStore
 
     _, store_path, ckpt = trained
@@ -277,7 +280,7 @@ def test_a_saev_0_1_0_checkpoint_gets_the_stores_normalisation(trained, tmp_path
     bare = nn.dump(tmp_path / "bare" / "sae.pt", legacy)
     cfg = config.VisualsConfig(ckpt=bare, dump_to=str(tmp_path / "v"), device="cpu",
                                data=config.VisualsDataConfig(shard_root=store_path, layer=-1, patches="patches"))
-    inputs = visuals.resolve_inputs(cfg, "cpu")
+    inputs = render.resolve_inputs(cfg, "cpu")
     mean, scale = stats.normalization(ActivationStore.open(store_path),
                                       config.DataLoadConfig(layer=-1, patches="patches"))
     np.testing.assert_allclose(inputs.sae.mean.numpy(), mean, rtol=1e-6)

@@ -13,9 +13,9 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
-from saev_core import vit as vitlib
+from saev_core.record import vit as vitlib
 from saev_core.errors import UserError
-from saev_core.vit import (
+from saev_core.record.vit import (
     RecordedVisionTransformer,
     VisionTransformer,
     check_d_vit,

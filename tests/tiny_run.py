@@ -2,7 +2,8 @@
 
 import os
 
-from saev_core import config, training
+from saev_core import config
+from saev_core.train import trainer
 from saev_core.__main__ import main
 from tests.conftest import write_images
 
@@ -24,5 +25,5 @@ def tiny_run(root, tiny_clip_ckpt: str, n_imgs: int = 16, layer: int = -1, exp_f
         sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=exp_factor, arch="topk", k=8), n_patches=40 * 64,
         sae_batch_size=64, n_lr_warmup=5, ckpt_path=os.path.join(root, "ckpt"), device="cpu", log_every=1000,
     )
-    [result] = training.train_sweep([cfg], show_progress=False)
+    [result] = trainer.train_sweep([cfg], show_progress=False)
     return os.path.join(root, "imgs"), store, result.ckpt_path

@@ -34,7 +34,7 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
 
         Observed here, not only on the cron: a backfill on an instance whose sources were never observed would
         otherwise be stale at the first cron observation and recorded a second time."""
-        from saev_core import recording
+        from saev_core.record import recording
 
         layers = layers_of(context.partition_keys)
         pipe = saev_pipeline.load()
@@ -51,7 +51,7 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
     @dg.op(tags=gpu_op_tags(device), pool="gpu")
     def record_activations_part(context: dg.OpExecutionContext, job: dict, saev_pipeline: SaevPipeline) -> dict:
         """Record this job's block range (all of it when n = 1); the last writer writes the statistics."""
-        from saev_core import recording
+        from saev_core.record import recording
 
         cfg = fail_clearly(saev_pipeline.load().activations_for, tuple(job["layers"]), **job["overrides"])
         part = (job["part"], job["n"]) if job["n"] > 1 else None
@@ -62,7 +62,8 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
     @dg.op(out={"activations": dg.Out(dg.Nothing), "check": dg.Out(dg.Nothing)})
     def activations_verify(context: dg.OpExecutionContext, parts: list[dict], saev_pipeline: SaevPipeline):
         """Check the finished store against a fresh forward pass and report the recording (or the earlier one)."""
-        from saev_core import recording, verify
+        from saev_core.record import recording
+        from saev_core.record import verify
         from saev_core.files import join
         from saev_core.store import layer_name
 

@@ -19,7 +19,7 @@ def build_dropped_assets(observe_cron: str) -> list:
         automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
     )
     def sae_checkpoints(context, saev_pipeline: SaevPipeline) -> dg.DataVersionsByPartition:
-        from saev_core import watch
+        from saev_core.pipeline import watch
 
         files = fail_clearly(watch.sae_files, saev_pipeline.load().watch_folder)
         new = [name for name in files if not context.instance.has_dynamic_partition(SAE_FILES.name, name)]
@@ -36,7 +36,8 @@ def build_dropped_assets(observe_cron: str) -> list:
                     "sidecar, <file>.provenance.json).",
     )
     def dropped_sae_visuals(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
-        from saev_core import gallery, pipeline
+        from saev_core import pipeline
+        from saev_core.visuals import gallery
 
         result = fail_clearly(pipeline.dropped_sae_visuals, saev_pipeline.load(), context.partition_key)
         return dg.MaterializeResult(metadata={

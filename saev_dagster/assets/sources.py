@@ -55,7 +55,7 @@ def observe_checkpoint(pipe) -> dg.ObserveResult:
 
 def observe_images(pipe) -> dg.ObserveResult:
     """image_source's data version (fingerprint of the image list) and what was observed."""
-    from saev_core import images
+    from saev_core.record import images
 
     source = fail_clearly(pipe.image_source)
     return dg.ObserveResult(

@@ -25,7 +25,8 @@ def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsD
                     "plots with a PCA baseline at matched L0.",
     )
     def sweep_report(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
-        from saev_core import pipeline, report
+        from saev_core import pipeline
+        from saev_core.analysis import report
 
         csvs = {int(k): v for k, v in latest_values(context, "sae_sweep", layers, "sweep_csv").items()}
         if not csvs:

@@ -23,7 +23,8 @@ def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_versi
         description="For each chosen sweep member: every selected latent's top images as heatmaps, and a gallery.",
     )
     def topk_visuals(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
-        from saev_core import gallery, pipeline
+        from saev_core import pipeline
+        from saev_core.visuals import gallery
 
         layer = int(context.partition_key)
         pipe = saev_pipeline.load()

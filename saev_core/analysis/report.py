@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-from saev_core import loader, metrics, plots
+from saev_core.store import loader
+from saev_core.nn import metrics
+from saev_core.analysis import plots
 from saev_core.files import atomic_write_bytes
-from saev_core.shards import ChunkReader, stream_chunks
+from saev_core.store.shards import ChunkReader, stream_chunks
 from saev_core.store import ActivationStore
-from saev_core.tokens import check_token_mode, first_patch, vectors, vectors_per_image
+from saev_core.store.tokens import check_token_mode, first_patch, vectors, vectors_per_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +115,7 @@ SPLICE_COLUMNS = {"splice_cos": "cos_sae", "splice_cos_zero": "cos_zero", "splic
 
 def splice_results(ckpts: list[str], max_images: int, device: str = "auto") -> list:
     """Splice-in fidelity of each member (``[report] splice = true``)."""
-    from saev_core import splice
+    from saev_core.analysis import splice
 
     return splice.evaluate_checkpoints(ckpts, device=device, max_images=max_images)
 

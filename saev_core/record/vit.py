@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from saev_core.checkpoints import CheckpointRef, check_family, parse_ckpt
+from saev_core.record.checkpoints import CheckpointRef, check_family, parse_ckpt
 from saev_core.errors import UserError
 from saev_core.files import atomic_write, atomic_write_bytes
 

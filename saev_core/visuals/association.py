@@ -2,7 +2,7 @@
 
 Two views per latent, both from the store's image labels (an image folder's first sub-folder):
 
-- **label distribution of its top images**: the classes of the images in its top-k list (``topk.TopKCache``);
+- **label distribution of its top images**: the classes of the images in its top-k list (``top_images.TopKCache``);
 - **AUROC per class over all images**: how well the image's ranking value for the latent (its best patch, or its
   CLS value in ``cls`` mode) separates that class from the others. 1: every image of the class ranks above every
   other image; 0.5: no better than chance (a dead latent); 0: the class ranks last. Ties (most images have value 0
@@ -23,7 +23,7 @@ import numpy as np
 import scipy.stats
 from jaxtyping import Float, Int
 
-from saev_core import topk
+from saev_core.visuals import top_images
 from saev_core.errors import UserError
 from saev_core.files import atomic_write, atomic_write_json
 from saev_core.store import ActivationStore
@@ -84,7 +84,7 @@ def auroc_per_class(values: Float[np.ndarray, "imgs d_sae"], labels: Int[np.ndar
     return auroc
 
 
-def top_label_counts(cache: topk.TopKCache, labels: np.ndarray, n_classes: int) -> np.ndarray:
+def top_label_counts(cache: top_images.TopKCache, labels: np.ndarray, n_classes: int) -> np.ndarray:
     filled = cache.top_images >= 0
     latent_ids = np.broadcast_to(np.arange(cache.d_sae)[:, None], filled.shape)[filled]
     classes = labels[cache.top_images[filled]]
@@ -113,7 +113,7 @@ class ImageValues:
         self.values[rows[keep]] = rank.float().cpu().numpy()[keep]
 
 
-def compute(cache: topk.TopKCache, values: ImageValues, store: ActivationStore) -> Association:
+def compute(cache: top_images.TopKCache, values: ImageValues, store: ActivationStore) -> Association:
     labels = store.image_labels()
     names = store.class_names
     if (labels < 0).any() or (labels >= len(names)).any():
@@ -142,7 +142,7 @@ def json_path(dump_to: str) -> str:
     return os.path.join(dump_to, "association.json")
 
 
-def save(assoc: Association, identity: topk.CacheIdentity, dump_to: str, alive: np.ndarray) -> None:
+def save(assoc: Association, identity: top_images.CacheIdentity, dump_to: str, alive: np.ndarray) -> None:
     """cache/association.npz (the arrays, with the top-k cache's identity) and association.json (the lists)."""
     meta = {**dataclasses.asdict(identity), "association_version": ASSOCIATION_VERSION}
     atomic_write(npz_path(dump_to), lambda f: np.savez(
@@ -161,7 +161,7 @@ def save(assoc: Association, identity: topk.CacheIdentity, dump_to: str, alive: 
     })
 
 
-def load(dump_to: str, identity: topk.CacheIdentity | None = None) -> Association | None:
+def load(dump_to: str, identity: top_images.CacheIdentity | None = None) -> Association | None:
     """The association beside a visuals cache; None when absent, or made for other inputs than ``identity``."""
     path = npz_path(dump_to)
     if not os.path.isfile(path):

@@ -1,7 +1,7 @@
 """Shuffled batches of activation vectors from one layer of an activation store, for SAE training.
 
-Vectors are raw activations (float32) of a token mode (``saev_core.tokens``); the SAE normalises them itself with the
-statistics from ``saev_core.stats.normalization``.
+Vectors are raw activations (float32) of a token mode (``saev_core.store.tokens``); the SAE normalises them itself with the
+statistics from ``saev_core.store.stats.normalization``.
 
 **Train/val split** (``split_images``). Whole images are held out, never single patches: exactly
 ``round(val_frac * n_valid)`` valid images (at least one when ``val_frac > 0``, never all of them). They are taken
@@ -29,7 +29,7 @@ fsspec URLs) go through zarr into the same rows. Batches are handed out as views
 nothing refers to a batch any more (no tensor, slice or view of it left), so a batch stays valid for as long as the
 consumer keeps it.
 
-Normalisation statistics live in ``saev_core.stats``; token modes in ``saev_core.tokens``.
+Normalisation statistics live in ``saev_core.store.stats``; token modes in ``saev_core.store.tokens``.
 """
 
 import collections
@@ -46,9 +46,9 @@ from jaxtyping import Float
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.shards import ChunkReader, Scatter
+from saev_core.store.shards import ChunkReader, Scatter
 from saev_core.store import ActivationStore
-from saev_core.tokens import check_token_mode, first_patch, vectors, vectors_per_image
+from saev_core.store.tokens import check_token_mode, first_patch, vectors, vectors_per_image
 
 
 # Every random stream gets its own tag and a key of fixed length: numpy's SeedSequence treats [a, b] and [a, b, 0]

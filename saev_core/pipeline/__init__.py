@@ -12,7 +12,8 @@ import os
 import tomllib
 import typing
 
-from saev_core import config, sweep
+from saev_core import config
+from saev_core.train import sweep
 from saev_core.errors import UserError
 from saev_core.files import check_output_folder
 
@@ -51,7 +52,7 @@ class ReportPlan:
     pca_max_vectors: int = 200_000
     """Vectors per split the PCA baseline reads at most (a uniform sample of images beyond that)."""
     splice: bool = False
-    """Add splice-in fidelity columns (``saev_core.splice``: the ViT's final embedding with the layer replaced by each
+    """Add splice-in fidelity columns (``saev_core.analysis.splice``: the ViT's final embedding with the layer replaced by each
     member's reconstruction, vs zero ablation): costs four ViT passes over the held-out images plus one per member."""
     splice_max_images: int = 256
     """Held-out images the splice-in evaluation runs the ViT on at most (a seeded sample beyond that)."""
@@ -124,25 +125,25 @@ class Pipeline:
 
     def checkpoint_fingerprint(self) -> str:
         """Content fingerprint of the ViT checkpoint (part of the store key; a Dagster source's data version)."""
-        from saev_core import vit
+        from saev_core.record import vit
 
         return vit.checkpoint_fingerprint(self.activations.vit_family, self.activations.vit_ckpt)
 
     def image_source(self):
         """The images the pipeline records (listed, not decoded)."""
-        from saev_core import images
+        from saev_core.record import images
 
         return images.make_image_source(self.activations.data, None, self.activations.n_imgs)
 
     def images_fingerprint(self) -> str:
         """Fingerprint of the image list: (path, size, mtime) of every image (part of the store key)."""
-        from saev_core import images
+        from saev_core.record import images
 
         return images.image_list_fingerprint(self.image_source())
 
     def checkpoint_file(self) -> str | None:
         """The ViT checkpoint's local file (absolute), or None when it is a pretrained tag."""
-        from saev_core import checkpoints
+        from saev_core.record import checkpoints
 
         return checkpoints.parse_ckpt(self.activations.vit_family, self.activations.vit_ckpt, must_exist=False).path
 
@@ -152,7 +153,7 @@ class LayerSweep:
     """One layer's trained sweep, as the CLI and the Dagster asset report it."""
 
     results: list
-    """training.MemberResult per member."""
+    """trainer.MemberResult per member."""
     csv_path: str
     table: typing.Any
     """sweep.csv: one row per member (config, held-out metrics, checkpoint path)."""
@@ -167,11 +168,13 @@ def train_layer(
     """Train the pipeline's [sweep] on one layer of a store (one pass), then summarise it."""
     import pandas as pd
 
-    from saev_core import metrics, plots, training
+    from saev_core.nn import metrics
+    from saev_core.analysis import plots
+    from saev_core.train import trainer
 
     cfgs = pipe.sweep_for(layer, store_path)
-    results = training.train_sweep(cfgs, show_progress=show_progress, on_log=on_log, on_note=on_note)
-    csv_path = training.sweep_csv_path(cfgs[0].ckpt_path)
+    results = trainer.train_sweep(cfgs, show_progress=show_progress, on_log=on_log, on_note=on_note)
+    csv_path = trainer.sweep_csv_path(cfgs[0].ckpt_path)
     table = pd.read_csv(csv_path)
     return LayerSweep(
         results=results,
@@ -184,10 +187,10 @@ def train_layer(
 
 def sweep_report(pipe: Pipeline, sweep_csvs: dict[int, str]) -> tuple[str, list]:
     """The report over the given layers' sweeps (layer -> sweep.csv), written beside the checkpoints; returns the
-    report's path and the per-layer reports (``saev_core.report.LayerReport``)."""
+    report's path and the per-layer reports (``saev_core.analysis.report.LayerReport``)."""
     import pandas as pd
 
-    from saev_core import report
+    from saev_core.analysis import report
     from saev_core.store import ActivationStore
 
     layers = []
@@ -216,7 +219,7 @@ def _nmse_problems(pipe: Pipeline, table) -> list[str]:
 
 
 def embedded_demo_path() -> str:
-    return str(importlib.resources.files("saev_core") / "pipelines" / "demo.toml")
+    return str(importlib.resources.files("saev_core.pipeline") / "demo.toml")
 
 
 def default_pipeline_path() -> str:
@@ -225,7 +228,7 @@ def default_pipeline_path() -> str:
 
 def _resolve_paths(pipe: Pipeline, base: str) -> Pipeline:
     """Every relative local path of the pipeline made absolute against ``base`` (URLs unchanged)."""
-    from saev_core import checkpoints
+    from saev_core.record import checkpoints
     from saev_core.files import is_url
 
     def at(p: str | None) -> str | None:
@@ -258,7 +261,7 @@ def _resolve_paths(pipe: Pipeline, base: str) -> Pipeline:
 def check_inputs(pipe: Pipeline) -> None:
     """What can be checked without building the model: the checkpoint file exists (or [demo] random_vit makes it),
     the image folder exists, and the layers exist in the architecture (when its config says how many blocks)."""
-    from saev_core import checkpoints
+    from saev_core.record import checkpoints
 
     acts = pipe.activations
     ref = checkpoints.parse_ckpt(acts.vit_family, acts.vit_ckpt, must_exist=False)
@@ -355,10 +358,10 @@ def _visuals_plan(table: dict, source: str) -> VisualsPlan:
     table = dict(table)
     members = table.pop("members", "best")
     if members not in MEMBER_RULES:
-        raise UserError(f"visuals.members = {members!r} in {source}: expected one of {', '.join(map(repr, MEMBER_RULES))}.")
+        raise UserError(f"render.members = {members!r} in {source}: expected one of {', '.join(map(repr, MEMBER_RULES))}.")
     max_l0 = table.pop("max_l0", None)
     if max_l0 is not None and (not isinstance(max_l0, (int, float)) or isinstance(max_l0, bool) or max_l0 < 0):
-        raise UserError(f"visuals.max_l0 = {max_l0!r} in {source}: expected a number >= 0 (the best member's L0 bound).")
+        raise UserError(f"render.max_l0 = {max_l0!r} in {source}: expected a number >= 0 (the best member's L0 bound).")
     for key in ("ckpt", "images"):
         if key in table:
             raise UserError(f"visuals.{key} in {source} is set per member by the pipeline; remove it.")
@@ -368,7 +371,7 @@ def _visuals_plan(table: dict, source: str) -> VisualsPlan:
 
 def choose_members(plan: VisualsPlan, rows: list[dict], source: str) -> list[dict]:
     """The sweep rows (``sweep.csv``) that get visuals under the plan's rule."""
-    from saev_core import metrics
+    from saev_core.nn import metrics
 
     if plan.members == "all":
         return rows
@@ -384,7 +387,7 @@ class MemberVisuals:
     member_id: str
     ckpt_path: str
     result: typing.Any
-    """visuals.VisualsResult"""
+    """render.VisualsResult"""
 
 
 def visuals_for_layer(pipe: Pipeline, layer: int, sweep_csv: str, show_progress: bool = True) -> list[MemberVisuals]:
@@ -392,14 +395,15 @@ def visuals_for_layer(pipe: Pipeline, layer: int, sweep_csv: str, show_progress:
     <dump_to>/layer_<layer>/members.json (what the Dagster check reads)."""
     import pandas as pd
 
-    from saev_core import files, visuals
+    from saev_core import files
+    from saev_core.visuals import render
 
     rows = pd.read_csv(sweep_csv).to_dict("records")
     done = []
     for row in choose_members(pipe.visuals, rows, sweep_csv):
         cfg = dataclasses.replace(pipe.visuals.visuals, ckpt=row["ckpt"],
                                   dump_to=pipe.visuals.folder(layer, row["member_id"]))
-        done.append(MemberVisuals(row["member_id"], row["ckpt"], visuals.make_visuals(cfg, show_progress)))
+        done.append(MemberVisuals(row["member_id"], row["ckpt"], render.make_visuals(cfg, show_progress)))
     files.atomic_write_json(os.path.join(pipe.visuals.folder(layer), "members.json"),
                             {"members": [m.member_id for m in done]})
     return done
@@ -411,25 +415,27 @@ def dropped_visuals_folder(pipe: Pipeline) -> str:
 
 
 def dropped_sae_visuals(pipe: Pipeline, name: str, show_progress: bool = False):
-    """Top-k visuals of one file of the watched folder ([watch] folder); returns visuals.VisualsResult."""
-    from saev_core import visuals, watch
+    """Top-k visuals of one file of the watched folder ([watch] folder); returns render.VisualsResult."""
+    from saev_core.visuals import render
+    from saev_core.pipeline import watch
 
     if pipe.watch_folder is None:
         raise UserError(f"{pipe.path} has no [watch] folder; add one to render dropped SAE files.")
     cfg = watch.dropped_visuals_config(pipe.visuals.visuals, pipe.watch_folder, name, dropped_visuals_folder(pipe))
-    return visuals.make_visuals(cfg, show_progress)
+    return render.make_visuals(cfg, show_progress)
 
 
 def layer_visuals_problems(pipe: Pipeline, layer: int) -> list[str]:
     """What is missing from a layer's visuals (one line per problem; empty when every selected latent of every
     member has its full set of images on disk)."""
-    from saev_core import files, visuals
+    from saev_core import files
+    from saev_core.visuals import render
 
     listed = files.read_json(os.path.join(pipe.visuals.folder(layer), "members.json"))
     if listed is None:
         return [f"no visuals for layer {layer} under {pipe.visuals.folder(layer)}"]
     return [f"{member}: {problem}" for member in listed["members"]
-            for problem in visuals.missing_images(pipe.visuals.folder(layer, member))]
+            for problem in render.missing_images(pipe.visuals.folder(layer, member))]
 
 
 CHECK_KEYS = ("max_frac_dead", "max_nmse")
@@ -473,7 +479,7 @@ def _fanout(value, source: str) -> int:
 
 def check_outputs(pipe: Pipeline) -> None:
     """Before a run: every output folder of the pipeline can be written (UserError naming the key otherwise)."""
-    from saev_core import checkpoints
+    from saev_core.record import checkpoints
 
     check_output_folder(pipe.activations.dump_to, f"[activations] dump_to in {pipe.path}:")
     check_output_folder(pipe.train.ckpt_path, f"[train] ckpt_path in {pipe.path}:")
@@ -485,7 +491,8 @@ def check_outputs(pipe: Pipeline) -> None:
 
 def prepare_demo_checkpoint(pipe: Pipeline) -> None:
     """With [demo] random_vit, create the random-weight checkpoint the pipeline names when it is missing."""
-    from saev_core import checkpoints, vit
+    from saev_core.record import checkpoints
+    from saev_core.record import vit
 
     check_outputs(pipe)
     if not pipe.random_vit:

@@ -17,8 +17,8 @@ import zarr
 
 from saev_core.errors import UserError
 from saev_core.files import check_url, is_url, join, write_error
-from saev_core.shards import PlainShardLayout
-from saev_core.store_metadata import FORMAT_VERSION, Layout, StoreMetadata
+from saev_core.store.shards import PlainShardLayout
+from saev_core.store.metadata import FORMAT_VERSION, Layout, StoreMetadata
 
 
 def layer_name(layer: int) -> str:

@@ -19,14 +19,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saev_core import checkpoints, config, images, stats, vit as vitlib
+from saev_core import config
+from saev_core.record import checkpoints
+from saev_core.record import images
+from saev_core.store import stats
+from saev_core.record import vit as vitlib
 from saev_core.errors import UserError
 from saev_core.files import absolute, check_output_folder, check_url, is_url, join, write_error
-from saev_core.images import BAD_IMAGE
+from saev_core.record.images import BAD_IMAGE
 from saev_core.store import ActivationStore, open_if_created
-from saev_core.store_metadata import Layout, StoreMetadata
+from saev_core.store.metadata import Layout, StoreMetadata
 
-logger = logging.getLogger("saev_core.recording")
+logger = logging.getLogger("saev_core.record.recording")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@
 - ``n_dead`` (never fired on these vectors), ``n_almost_dead`` (freq < 1e-7, dead included), ``n_dense``
   (freq > 1e-2), and ``frac_dead``, ``frac_almost_dead``, ``frac_dense`` (divided by d_sae). On a held-out split a
   rare latent can be missing and count as dead: training reports this as ``frac_dead_heldout`` beside
-  ``frac_dead_train``, the latents that did not fire in the last N training vectors (``saev_core.training``).
+  ``frac_dead_train``, the latents that did not fire in the last N training vectors (``saev_core.train.trainer``).
 
 All values are computed in raw activation space: ``x`` and ``x_hat`` are what the SAE takes and returns.
 """

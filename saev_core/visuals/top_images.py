@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from saev_core.errors import UserError
 from saev_core.files import atomic_write
-from saev_core.shards import ChunkReader, stream_chunks
+from saev_core.store.shards import ChunkReader, stream_chunks
 from saev_core.store import ActivationStore
-from saev_core.tokens import first_patch
+from saev_core.store.tokens import first_patch
 
 CACHE_VERSION = 1
 HIST_EDGES = np.linspace(-6.0, 4.0, 51)

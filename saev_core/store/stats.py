@@ -17,11 +17,11 @@ import numpy as np
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.shards import ChunkReader, stream_chunks
+from saev_core.store.shards import ChunkReader, stream_chunks
 from saev_core.store import ActivationStore
-from saev_core.tokens import check_token_mode, first_patch, vectors
+from saev_core.store.tokens import check_token_mode, first_patch, vectors
 
-logger = logging.getLogger("saev_core.stats")
+logger = logging.getLogger("saev_core.store.stats")
 
 
 def compute_stats(

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import config
-from .errors import UserError
+from saev_core import config
+from saev_core.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp",

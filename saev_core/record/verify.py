@@ -19,7 +19,8 @@ def store_problems(cfg: config.ActivationsConfig, store_path: str, n_samples: in
     """What is wrong with the store at ``store_path`` for the recording ``cfg`` (empty: nothing found)."""
     import torch
 
-    from saev_core import images, vit as vitlib
+    from saev_core.record import images
+    from saev_core.record import vit as vitlib
 
     store = ActivationStore.open(store_path)
     missing = store.missing_blocks()

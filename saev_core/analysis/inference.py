@@ -2,7 +2,7 @@
 
 ``explain(images, ckpt)`` runs the ViT the checkpoint was trained on (family, weights, layer and token mode from
 its provenance), encodes every patch with the SAE (which applies its own saved normalisation) and returns, per
-image, the latent values of every patch, the image's top latents and their heatmaps (``imaging.overlay_heatmap``,
+image, the latent values of every patch, the image's top latents and their heatmaps (``heatmaps.overlay_heatmap``,
 the gallery's renderer). ``Explainer`` holds the ViT and the SAE so that many calls (the explorer app) build them
 once. A saev 0.1.0 file records none of this: pass ``vit_family``, ``vit_ckpt``, ``layer`` (and ``store`` for its
 normalisation).
@@ -18,10 +18,13 @@ import torch
 from jaxtyping import Float, Int
 from PIL import Image
 
-from saev_core import config, imaging, images as imagelib, nn, vit as vitlib
+from saev_core import config, nn
+from saev_core.visuals import heatmaps
+from saev_core.record import images as imagelib
+from saev_core.record import vit as vitlib
 from saev_core.errors import UserError
 
-logger = logging.getLogger("saev_core.inference")
+logger = logging.getLogger("saev_core.analysis.inference")
 RANK_MODES = ("patches", "cls", "meanpool")
 
 
@@ -79,7 +82,7 @@ def spec_from_checkpoint(sae: nn.SparseAutoencoder, ckpt_path: str, vit_family: 
 def findable_ckpt(family: str, ckpt: str, prov: dict) -> str:
     """The ViT checkpoint string, with a relative weights path (checkpoints written before provenance stored
     absolute paths) tried against the current folder, then the store's parent folders."""
-    from saev_core.checkpoints import parse_ckpt
+    from saev_core.record.checkpoints import parse_ckpt
 
     arch, _, rest = ckpt.partition("/")
     ref = parse_ckpt(family, ckpt, must_exist=False)
@@ -125,7 +128,7 @@ class Explainer:
             raise UserError(f"token_mode cls needs a CLS token, but {spec.vit_ckpt} has none.")
         self.recorder = vitlib.RecordedVisionTransformer(vit, None, vit.has_cls, [spec.layer])
         self.transform = vitlib.make_img_transform(spec.vit_family, spec.vit_ckpt)
-        self.geometry = imaging.geometry_of_transform(self.transform)
+        self.geometry = heatmaps.geometry_of_transform(self.transform)
         self.grid = vit.grid
         self.first = int(vit.has_cls)
 
@@ -171,10 +174,10 @@ class Explainer:
         n = min(top_n, image_values.shape[1])
         top = np.argsort(-image_values, axis=1, kind="stable")[:, :n]
         top_values = np.take_along_axis(image_values, top, axis=1)
-        heatmaps = [[self.heatmap(img, patch_values[i, :, latent],
-                                  None if cls_values is None else float(cls_values[i, latent]), heatmap_side)
-                     for latent in top[i]] for i, img in enumerate(pil)]
-        return Explanation(patch_values, cls_values, image_values, top, top_values, heatmaps, self.grid)
+        drawn = [[self.heatmap(img, patch_values[i, :, latent],
+                               None if cls_values is None else float(cls_values[i, latent]), heatmap_side)
+                  for latent in top[i]] for i, img in enumerate(pil)]
+        return Explanation(patch_values, cls_values, image_values, top, top_values, drawn, self.grid)
 
     def heatmap(self, img: Image.Image, values: np.ndarray, cls_value: float | None = None,
                 shortest_side: int | None = 224, vmax: float | None = None) -> Image.Image:
@@ -182,7 +185,7 @@ class Explainer:
         defaults to the image's own maximum for that latent."""
         top = float(max(values.max(initial=0.0), cls_value or 0.0)) if vmax is None else vmax
         box = self.geometry.crop_box(*img.size)
-        return imaging.overlay_heatmap(img, values, self.grid, box, top, shortest_side=shortest_side,
+        return heatmaps.overlay_heatmap(img, values, self.grid, box, top, shortest_side=shortest_side,
                                        cls_value=cls_value)
 
 
@@ -192,7 +195,7 @@ def _legacy_normalization(sae: nn.SparseAutoencoder, spec: ModelSpec, store: str
         logger.warning("%s carries no normalisation statistics (saev 0.1.0); without store= the raw activations go in "
                        "unnormalised, which is not what saev trained it on", ckpt)
         return
-    from saev_core import stats
+    from saev_core.store import stats
     from saev_core.store import ActivationStore
 
     opened = ActivationStore.open(store)

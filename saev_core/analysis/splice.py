@@ -27,12 +27,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saev_core import config, images as imagelib, loader, nn, stats, vit as vitlib
+from saev_core import config, nn
+from saev_core.record import images as imagelib
+from saev_core.store import loader
+from saev_core.store import stats
+from saev_core.record import vit as vitlib
 from saev_core.errors import UserError
 from saev_core.files import read_json
 from saev_core.store import ActivationStore
 
-logger = logging.getLogger("saev_core.splice")
+logger = logging.getLogger("saev_core.analysis.splice")
 SPLICE_MODES = ("patches", "cls")
 
 
@@ -161,7 +165,7 @@ def trained_on(ckpt: str, sae: nn.SparseAutoencoder) -> TrainedOn:
     saved = read_json(os.path.join(os.path.dirname(ckpt), "config.json"))
     if saved is not None:
         data, seed = saved.get("data", {}), saved.get("seed", seed)
-    from saev_core.inference import findable_ckpt
+    from saev_core.analysis.inference import findable_ckpt
 
     return TrainedOn(prov["store"], int(prov["layer"]), prov["token_mode"], prov["vit_family"],
                      findable_ckpt(prov["vit_family"], prov["vit_ckpt"], prov),

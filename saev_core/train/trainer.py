@@ -45,16 +45,17 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saev_core import config, nn, sparse_topk
-from saev_core.checkpoints import absolute_ckpt
+from saev_core import config, nn
+from saev_core.nn import sparse_topk
+from saev_core.record.checkpoints import absolute_ckpt
 from saev_core.errors import UserError
 from saev_core.files import (absolute, atomic_write, atomic_write_json, check_output_folder, read_json,
                              remove_if_exists)
-from saev_core.loader import ActivationLoader
-from saev_core.metrics import ReconstructionMetrics
-from saev_core.stats import normalization
+from saev_core.store.loader import ActivationLoader
+from saev_core.nn.metrics import ReconstructionMetrics
+from saev_core.store.stats import normalization
 from saev_core.store import ActivationStore
-from saev_core.sweep import grid, load_sweep, member_id, split_cfgs
+from saev_core.train.sweep import grid, load_sweep, member_id, split_cfgs
 
 logger = logging.getLogger(__name__)
 

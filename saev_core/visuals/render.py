@@ -22,12 +22,19 @@ from jaxtyping import Float, Int
 from PIL import Image
 from tqdm.auto import tqdm
 
-from saev_core import association, config, gallery, imaging, images, nn, stats, topk, vit as vitlib
+from saev_core import config, nn
+from saev_core.visuals import association
+from saev_core.visuals import gallery
+from saev_core.visuals import heatmaps
+from saev_core.record import images
+from saev_core.store import stats
+from saev_core.visuals import top_images
+from saev_core.record import vit as vitlib
 from saev_core.errors import UserError
 from saev_core.files import atomic_write_json, check_output_folder, read_json
 from saev_core.store import ActivationStore
 
-logger = logging.getLogger("saev_core.visuals")
+logger = logging.getLogger("saev_core.visuals.render")
 RENDER_SIDE = 224
 """Rendered images have this shortest side (the ViT's own view size), never more than the original."""
 
@@ -73,7 +80,7 @@ def resolve_inputs(cfg: config.VisualsConfig, device: str) -> VisualsInputs:
             f"The checkpoint {ckpt_path} does not say which activations it was trained on (a saev 0.1.0 file, or one "
             f"from elsewhere); pass {', '.join(missing)} (the store path, the layer and patches or cls)."
         )
-    if patches not in topk.RANK_MODES:
+    if patches not in top_images.RANK_MODES:
         raise UserError(f"The SAE {ckpt_path} was trained on {patches} vectors, which rank no images; pass "
                         "--data.patches patches or --data.patches cls.")
     store = ActivationStore.open(shard_root)
@@ -95,25 +102,25 @@ def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> Visua
     device = config.resolve_device(cfg.device)
     inputs = resolve_inputs(cfg, device)
     image_root = _image_root(cfg, inputs.store)  # checked before the long pass
-    identity = topk.CacheIdentity(
-        topk.file_sha256(inputs.ckpt_path), inputs.store.metadata.key, inputs.layer, inputs.patches, cfg.top_k
+    identity = top_images.CacheIdentity(
+        top_images.file_sha256(inputs.ckpt_path), inputs.store.metadata.key, inputs.layer, inputs.patches, cfg.top_k
     )
-    cache = topk.load_cache(cfg.dump_to, identity)
+    cache = top_images.load_cache(cfg.dump_to, identity)
     reused = cache is not None
     with_classes = association.has_classes(inputs.store)
     assoc = association.load(cfg.dump_to, identity) if with_classes else None
     values = association.ImageValues(inputs.store, inputs.sae.cfg.d_sae) if with_classes and assoc is None else None
     if cache is None:
-        cache = topk.topk_pass(inputs.store, inputs.layer, inputs.patches, inputs.sae, cfg.top_k, identity,
+        cache = top_images.topk_pass(inputs.store, inputs.layer, inputs.patches, inputs.sae, cfg.top_k, identity,
                                device=device, show_progress=show_progress, on_batch=values)
-        topk.save_cache(cache, cfg.dump_to)
+        top_images.save_cache(cache, cfg.dump_to)
     elif values is not None:  # a cache from before the association, or its file deleted: one pass for the values
-        topk.topk_pass(inputs.store, inputs.layer, inputs.patches, inputs.sae, 1, identity, device=device,
+        top_images.topk_pass(inputs.store, inputs.layer, inputs.patches, inputs.sae, 1, identity, device=device,
                        show_progress=show_progress, on_batch=values)
     if values is not None:
         assoc = association.compute(cache, values, inputs.store)
         association.save(assoc, identity, cfg.dump_to, cache.freq > 0)
-    logger.info("top-k cache %s (%s)", topk.cache_path(cfg.dump_to), "reused" if reused else "computed")
+    logger.info("top-k cache %s (%s)", top_images.cache_path(cfg.dump_to), "reused" if reused else "computed")
     latents = select_latents(cache, cfg.log_freq_range, cfg.log_value_range, cfg.include_latents, cfg.n_latents,
                              cfg.seed)
     rows = render_latents(cache, latents, inputs.store, image_root, cfg.dump_to, cfg.n_imgs_per_latent, show_progress)
@@ -191,7 +198,7 @@ def check_config(cfg: config.VisualsConfig) -> None:
 
 
 def select_latents(
-    cache: topk.TopKCache,
+    cache: top_images.TopKCache,
     log_freq_range: tuple[float, float],
     log_value_range: tuple[float, float],
     include_latents=(),
@@ -244,7 +251,7 @@ def _image_root(cfg: config.VisualsConfig, store: ActivationStore) -> str:
 
 
 def render_latents(
-    cache: topk.TopKCache,
+    cache: top_images.TopKCache,
     latents: Int[np.ndarray, " n"],
     store: ActivationStore,
     image_root: str,
@@ -254,7 +261,7 @@ def render_latents(
 ) -> list[dict]:
     """Heatmaps and metadata.json for each latent's best ``n_per_latent`` images; the gallery rows, in order."""
     meta = store.metadata
-    geometry = imaging.geometry_of_transform(vitlib.make_img_transform(meta.vit_family, meta.vit_ckpt))
+    geometry = heatmaps.geometry_of_transform(vitlib.make_img_transform(meta.vit_family, meta.vit_ckpt))
     grid = patch_grid(meta.n_patches_per_img)
     paths, labels, class_names = store.image_paths(), store.image_labels(), store.class_names
     load = functools.lru_cache(maxsize=256)(lambda i: load_view(os.path.join(image_root, paths[i]), geometry))
@@ -263,7 +270,7 @@ def render_latents(
     def render(job: tuple[int, int]) -> None:
         latent, rank = job
         out = draw_top_image(cache, latent, rank, load(int(cache.top_images[latent, rank])), grid)
-        imaging.save_png(out, os.path.join(dump_to, gallery.image_relpath(latent, rank)))
+        heatmaps.save_png(out, os.path.join(dump_to, gallery.image_relpath(latent, rank)))
 
     _remove_stale(dump_to, {int(l): min(n_per_latent, int(cache.n_images()[l])) for l in latents})
     with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool, \
@@ -310,11 +317,11 @@ def _latent_row(cache, latent: int, n_per_latent: int, paths, labels, class_name
         "latent": latent, "log10_freq": log_freq, "log10_mean_value": log_value,
         "max_value": float(cache.top_values[latent, 0]), "n_images": n,
         "images": [gallery.image_relpath(latent, rank) for rank in range(n)], "labels": names,
-        "hist_counts": cache.hist[latent], "hist_edges": topk.HIST_EDGES,
+        "hist_counts": cache.hist[latent], "hist_edges": top_images.HIST_EDGES,
     }
 
 
-def draw_top_image(cache: topk.TopKCache, latent: int, rank: int, view: tuple[Image.Image, imaging.Box],
+def draw_top_image(cache: top_images.TopKCache, latent: int, rank: int, view: tuple[Image.Image, heatmaps.Box],
                    grid: tuple[int, int]) -> Image.Image:
     """The latent's rank-th top image (``load_view``) with its patch values drawn over it and its CLS value below.
 
@@ -322,20 +329,20 @@ def draw_top_image(cache: topk.TopKCache, latent: int, rank: int, view: tuple[Im
     but the heatmap shows patches, which may go higher)."""
     img, box = view
     vmax = float(max(cache.top_values[latent, 0], cache.top_patches[latent].max(initial=0.0)))
-    return imaging.overlay_heatmap(img, cache.top_patches[latent, rank], grid, box, vmax, shortest_side=None,
+    return heatmaps.overlay_heatmap(img, cache.top_patches[latent, rank], grid, box, vmax, shortest_side=None,
                                    cls_value=_finite_or_none(cache.top_cls[latent, rank]))
 
 
-def load_view(path: str, geometry: imaging.ViewGeometry,
+def load_view(path: str, geometry: heatmaps.ViewGeometry,
               fix: str = "Pass images:image-folder-dataset --images.root DIR if the images moved."
-              ) -> tuple[Image.Image, imaging.Box]:
+              ) -> tuple[Image.Image, heatmaps.Box]:
     """The image shrunk to the rendering size, and the ViT's crop box in its pixels."""
     try:
         original = images.load_rgb(path)
     except (OSError, ValueError) as err:
         raise UserError(f"Cannot read the image {path} for a heatmap ({err}). {fix}") from None
     box = geometry.crop_box(*original.size)
-    img = imaging.fit_shortest_side(original, RENDER_SIDE)
+    img = heatmaps.fit_shortest_side(original, RENDER_SIDE)
     sx, sy = img.width / original.width, img.height / original.height
     return img, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 

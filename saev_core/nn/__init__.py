@@ -39,9 +39,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import config, sparse_topk
-from .errors import UserError
-from .files import atomic_write
+from saev_core import config
+from saev_core.nn import sparse_topk
+from saev_core.errors import UserError
+from saev_core.files import atomic_write
 
 SCHEMA = 1
 CKPT_NAME = "sae.pt"
@@ -280,7 +281,7 @@ class TopKSAE(UnitNormDecoder):
     """
 
     sparse_training = False
-    """Train through ``saev_core.sparse_topk`` (the trainer sets it): the dense forward's loss and gradients with
+    """Train through ``saev_core.nn.sparse_topk`` (the trainer sets it): the dense forward's loss and gradients with
     only the encoder's forward matmul dense."""
 
     def __init__(self, cfg: config.SparseAutoencoderConfig):
@@ -626,7 +627,7 @@ def _cfg_from_header(header: dict, not_ckpt) -> tuple[config.SparseAutoencoderCo
 def _typed_cfg(fields: dict, where: str, not_ckpt) -> config.SparseAutoencoderConfig:
     import typing
 
-    from saev_core.sweep import coerce, describe_type
+    from saev_core.train.sweep import coerce, describe_type
 
     hints = typing.get_type_hints(config.SparseAutoencoderConfig)
     changes = {}
