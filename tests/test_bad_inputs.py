@@ -84,7 +84,7 @@ def world(tmp_path_factory, tiny_clip_ckpt) -> World:
         raise KeyboardInterrupt  # the run dies after its last checkpoint, before its final files
 
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(open(os.devnull, "w")):
-        mp.setattr(training, "_write_member", killed)
+        mp.setattr(trainer, "_write_member", killed)
         with pytest.raises(KeyboardInterrupt):
             main(w.train("--ckpt-every", "4", ckpt_path=w.interrupted))
     assert glob.glob(str(w.interrupted / "group-*.json")) and glob.glob(str(w.interrupted / "*" / "train_state-12.pt"))

@@ -628,7 +628,7 @@ def test_n_threads_is_torchs_thread_count_while_training_and_is_put_back(store, 
         read_threads.append(kw["n_read_threads"])
         return real_loader(*args, **kw)
 
-    monkeypatch.setattr(training, "ActivationLoader", loader)
+    monkeypatch.setattr(trainer, "ActivationLoader", loader)
     torch.set_num_threads(3)
     try:
         for n in (1, 2):

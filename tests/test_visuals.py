@@ -111,7 +111,7 @@ def test_a_killed_pass_leaves_no_cache(trained, tmp_path, monkeypatch):
         return real_update(self, *args)
 
     monkeypatch.setattr(top_images._RunningTopK, "update", die_on_second_batch)
-    monkeypatch.setattr(topk, "batch_images", lambda *a: 4)
+    monkeypatch.setattr(top_images, "batch_images", lambda *a: 4)
     cfg = config.VisualsConfig(ckpt=ckpt, dump_to=str(tmp_path / "v"), device="cpu")
     with pytest.raises(KeyboardInterrupt):
         render.make_visuals(cfg, show_progress=False)
