@@ -84,14 +84,14 @@ def report_members(results) -> None:
 
 
 def run_pipeline(cmd: RunPipeline) -> str:
-    from saev_core import pipeline
+    from saev_core.pipeline import file as pipeline_file, stages
 
-    pipe = pipeline.load_pipeline(cmd.path)
-    pipeline.prepare_demo_checkpoint(pipe)
+    pipe = pipeline_file.load_pipeline(cmd.path)
+    stages.prepare_demo_checkpoint(pipe)
     store_path = run_activations(pipe.activations)
     print(store_path)
     for layer in pipe.activations.vit_layers:
-        sweep = pipeline.train_layer(pipe, layer, store_path)
+        sweep = stages.train_layer(pipe, layer, store_path)
         report_members(sweep.results)
         for problem in sweep.problems:
             print(f"warning: layer {layer}: {problem}", file=sys.stderr)
@@ -99,7 +99,7 @@ def run_pipeline(cmd: RunPipeline) -> str:
         atomic_write_bytes(png, sweep.l0_vs_nmse_png)
         print(sweep.csv_path)
         print(png)
-        for member in pipeline.visuals_for_layer(pipe, layer, sweep.csv_path):
+        for member in stages.visuals_for_layer(pipe, layer, sweep.csv_path):
             print(member.result.index_html)
     return pipe.train.ckpt_path
 

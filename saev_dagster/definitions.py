@@ -7,7 +7,7 @@ file fails the load with one message naming the file and the key.
 
 import dagster as dg
 
-from saev_core import pipeline
+from saev_core.pipeline import file as pipeline_file
 from saev_core.errors import UserError
 from saev_dagster.assets.activations import build_activations_asset
 from saev_dagster.assets.dropped import build_dropped_assets
@@ -31,20 +31,20 @@ class PipelineFileError(Exception):
 
 def build_definitions(path: str | None = None, executor: str | None = None) -> dg.Definitions:
     """The code location of a pipeline file; executor: "multiprocess" or "k8s" (None: $SAEV_DAGSTER_EXECUTOR)."""
-    path = path or pipeline.default_pipeline_path()
+    path = path or pipeline_file.default_pipeline_path()
     try:
-        pipe = pipeline.load_pipeline(path)
+        pipe = pipeline_file.load_pipeline(path)
     except UserError as err:
         raise PipelineFileError(str(err)) from None
     layers = layer_partitions(pipe.activations.vit_layers)
     return dg.Definitions(
         assets=[
-            *build_sources(pipe.observe_cron),
+            *build_sources(pipe.automation.observe_cron),
             build_activations_asset(layers, pipe.code_version("activations"), pipe.activations.device),
             build_sae_sweep_asset(layers, pipe.code_version("sae_sweep")),
             build_topk_visuals_asset(layers, pipe.code_version("topk_visuals")),
             build_sweep_report_asset(layers.get_partition_keys(), pipe.code_version("sweep_report")),
-            *(build_dropped_assets(pipe.observe_cron) if pipe.watch_folder else []),
+            *(build_dropped_assets(pipe.automation.observe_cron) if pipe.watch.folder else []),
         ],
         asset_checks=[build_topk_visuals_check(layers)],
         jobs=[

@@ -11,9 +11,9 @@ class SaevPipeline(dg.ConfigurableResource):
 
     def load(self):
         """The parsed ``saev_core.pipeline.Pipeline``; a bad file is a clear Dagster failure naming file and key."""
-        from saev_core import pipeline
+        from saev_core.pipeline import file as pipeline_file
 
-        return fail_clearly(pipeline.load_pipeline, self.path or None)
+        return fail_clearly(pipeline_file.load_pipeline, self.path or None)
 
 
 def fail_clearly(fn, *args, **kwargs):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from saev_core import pipeline
+from saev_core.pipeline import file as pipeline_file
 from saev_core.errors import UserError
 
 
@@ -34,19 +34,19 @@ dump_to = "s3://bucket/vis"
 folder = "drop"
 """)
     monkeypatch.chdir(tmp_path)  # elsewhere than the file's folder
-    pipe = pipeline.load_pipeline(path)
+    pipe = pipeline_file.load_pipeline(path)
     exp = tmp_path / "exp"
     assert pipe.activations.dump_to == str(exp / "acts")
     assert pipe.activations.data.root == str(exp / "imgs")
     assert pipe.activations.vit_ckpt == f"saev-tiny-clip/{exp / 'w.pt'}"
     assert pipe.train.ckpt_path == str(tmp_path / "ckpts")
     assert pipe.visuals.visuals.dump_to == "s3://bucket/vis"
-    assert pipe.watch_folder == str(exp / "drop")
+    assert pipe.watch.folder == str(exp / "drop")
 
 
 def test_the_embedded_demo_writes_under_the_folder_the_user_runs_from(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    pipe = pipeline.load_pipeline(pipeline.embedded_demo_path())
+    pipe = pipeline_file.load_pipeline(pipeline_file.embedded_demo_path())
     assert pipe.activations.dump_to == os.path.join(str(tmp_path), "runs", "demo", "activations")
 
 
@@ -61,16 +61,16 @@ def test_the_embedded_demo_writes_under_the_folder_the_user_runs_from(tmp_path, 
 def test_bad_inputs_fail_when_the_file_loads(tmp_path, acts, message):
     path = write(tmp_path, f"[activations]\n{acts}\n")
     with pytest.raises(UserError, match=message):
-        pipeline.load_pipeline(path)
+        pipeline_file.load_pipeline(path)
 
 
 def test_a_missing_image_folder_fails_when_the_file_loads(tmp_path):
     path = write(tmp_path, '[activations]\nvit_ckpt = "ViT-B-32/openai"\n[activations.data]\n'
                            'kind = "image-folder-dataset"\nroot = "nowhere"\n')
     with pytest.raises(UserError, match=r"activations.data.root.*nowhere.*not a folder"):
-        pipeline.load_pipeline(path)
+        pipeline_file.load_pipeline(path)
 
 
 def test_random_vit_may_name_a_file_that_does_not_exist_yet(tmp_path):
     path = write(tmp_path, '[demo]\nrandom_vit = true\n[activations]\nvit_ckpt = "ViT-B-32/w/new.pt"\n')
-    assert pipeline.load_pipeline(path).checkpoint_file() == str(tmp_path / "exp" / "w" / "new.pt")
+    assert pipeline_file.load_pipeline(path).checkpoint_file() == str(tmp_path / "exp" / "w" / "new.pt")

@@ -119,7 +119,7 @@ def test_evaluate_cli_prints_the_scores(run, capsys):
 def test_report_gains_splice_columns_when_the_pipeline_asks(run, tmp_path):
     import os
 
-    from saev_core import pipeline
+    from saev_core.pipeline import file as pipeline_file
     from saev_core.analysis import report
     from saev_core.errors import UserError
 
@@ -136,9 +136,9 @@ def test_report_gains_splice_columns_when_the_pipeline_asks(run, tmp_path):
     base = "[activations]\nvit_family = 'clip'\nvit_ckpt = 'ViT-B-32/openai'\nvit_layers = [-2]\n"
     good = tmp_path / "good.toml"
     good.write_text(base + "[report]\nsplice = true\nsplice_max_images = 8\n")
-    plan = pipeline.load_pipeline(str(good)).report
+    plan = pipeline_file.load_pipeline(str(good)).report
     assert plan.splice is True and plan.splice_max_images == 8
     bad = tmp_path / "bad.toml"
     bad.write_text(base + "[report]\nsplice = 'yes'\n")
     with pytest.raises(UserError, match="report.splice"):
-        pipeline.load_pipeline(str(bad))
+        pipeline_file.load_pipeline(str(bad))

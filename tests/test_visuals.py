@@ -197,32 +197,32 @@ def _rows():
 
 
 def test_best_member_is_the_lowest_nmse_under_the_l0_bound():
-    from saev_core import pipeline
+    from saev_core.pipeline import file as pipeline_file, stages
 
-    plan = pipeline.VisualsPlan(members="best", max_l0=32.0)
-    assert [r["member_id"] for r in pipeline.choose_members(plan, _rows(), "sweep.csv")] == ["c"]
-    unbounded = pipeline.VisualsPlan(members="best")
-    assert [r["member_id"] for r in pipeline.choose_members(unbounded, _rows(), "sweep.csv")] == ["b"]
-    everyone = pipeline.VisualsPlan(members="all")
-    assert len(pipeline.choose_members(everyone, _rows(), "sweep.csv")) == 4
+    plan = pipeline_file.VisualsPlan(members="best", max_l0=32.0)
+    assert [r["member_id"] for r in stages.choose_members(plan, _rows(), "sweep.csv")] == ["c"]
+    unbounded = pipeline_file.VisualsPlan(members="best")
+    assert [r["member_id"] for r in stages.choose_members(unbounded, _rows(), "sweep.csv")] == ["b"]
+    everyone = pipeline_file.VisualsPlan(members="all")
+    assert len(stages.choose_members(everyone, _rows(), "sweep.csv")) == 4
     with pytest.raises(UserError, match="L0 <= 2.0"):
-        pipeline.choose_members(pipeline.VisualsPlan(max_l0=2.0), _rows(), "sweep.csv")
+        stages.choose_members(pipeline_file.VisualsPlan(max_l0=2.0), _rows(), "sweep.csv")
 
 
 @pytest.mark.parametrize("table, message", [
-    ('members = "some"', "render.members"),
-    ("max_l0 = -1", "render.max_l0"),
+    ('members = "some"', "visuals.members"),
+    ("max_l0 = -1", "visuals.max_l0"),
     ('ckpt = "x.pt"', "set per member"),
     ("top_kk = 3", "Unknown key 'top_kk'"),
-    ('log_freq_range = "wide"', "render.log_freq_range"),
+    ('log_freq_range = "wide"', "visuals.log_freq_range"),
 ])
 def test_bad_visuals_table_names_the_key(tmp_path, table, message):
-    from saev_core import pipeline
+    from saev_core.pipeline import file as pipeline_file
 
     path = tmp_path / "p.toml"
     path.write_text(f"[activations]\nvit_layers = [-2]\n\n[visuals]\n{table}\n")
     with pytest.raises(UserError, match=message):
-        pipeline.load_pipeline(str(path))
+        pipeline_file.load_pipeline(str(path))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -235,12 +235,12 @@ def test_bad_visuals_table_names_the_key(tmp_path, table, message):
     ("[report]\npca = 'yes'\n", "report.pca"),
 ])
 def test_every_table_of_a_pipeline_file_is_checked(tmp_path, text, message):
-    from saev_core import pipeline
+    from saev_core.pipeline import file as pipeline_file
 
     path = tmp_path / "p.toml"
     path.write_text("[activations]\nvit_layers = [-2]\n\n" + text)
     with pytest.raises(UserError, match=message):
-        pipeline.load_pipeline(str(path))
+        pipeline_file.load_pipeline(str(path))
 
 
 def test_a_damaged_cache_is_a_clear_error(trained, tmp_path, capsys):

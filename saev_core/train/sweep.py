@@ -13,17 +13,16 @@ This module imports neither torch nor ``saev_core.config`` at import time, so ``
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import json
 import os
 import tomllib
-import types
 import typing
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from saev_core.errors import UserError
+from saev_core.tables import coerce, describe_type, field_names, unknown_key, wrong_type
 
 if TYPE_CHECKING:
     from saev_core import config
@@ -125,16 +124,11 @@ def _check_table(table: Any, cls: type, path: str, source: str) -> None:
             raise UserError(f"The sweep in {source} must be a table of {cls.__name__} fields, not {table!r}.")
         raise UserError(f"{path} = {table!r} in {source}: expected a table [{path}] of {cls.__name__} fields.")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = field_names(cls)
     for key, value in table.items():
         dotted = f"{path}.{key}" if path else key
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=3)
-            hint = f" Did you mean {', '.join(repr(f'{path}.{c}' if path else c) for c in close)}?" if close else ""
-            raise UserError(
-                f"Unknown key {dotted!r} in {source}.{hint} "
-                f"Keys allowed {'in [' + path + ']' if path else 'at the top level'}: {', '.join(names)}."
-            )
+            raise unknown_key(key, names, path, source, prefix=f"{path}." if path else "")
         values = value if isinstance(value, list) else [value]
         if not values:
             raise UserError(f"{dotted} = [] in {source}: an empty list gives no configs; give at least one value.")
@@ -148,13 +142,9 @@ def _check_table(table: Any, cls: type, path: str, source: str) -> None:
                 try:
                     coerce(v, tp)
                 except TypeError:
-                    hint = ""
-                    if typing.get_origin(tp) is Literal and isinstance(v, str):
-                        close = difflib.get_close_matches(v, [str(a) for a in typing.get_args(tp)], n=2)
-                        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-                    if typing.get_origin(tp) is tuple:
-                        hint = " A list is swept over; write a list of lists to give tuple values."
-                    raise UserError(f"{dotted} = {v!r} in {source}: expected {describe_type(tp)}.{hint}") from None
+                    hint = " A list is swept over; write a list of lists to give tuple values." if (
+                        typing.get_origin(tp) is tuple) else ""
+                    raise wrong_type(dotted, v, tp, source, hint) from None
 
 
 def _apply(obj: Any, d: dict[str, Any]) -> Any:
@@ -168,74 +158,6 @@ def _apply(obj: Any, d: dict[str, Any]) -> Any:
         else:
             changes[key] = coerce(value, tp)
     return dataclasses.replace(obj, **changes)
-
-
-def coerce(value: Any, tp: Any) -> Any:
-    """``value`` as type ``tp`` (int -> float, list -> tuple), or ``TypeError``. TOML has no null, so ``None``
-    only comes from Python callers."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        # bool is an int in Python: Literal[1] must not accept True.
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-        raise TypeError
-    if origin in (typing.Union, types.UnionType):
-        for arm in args:
-            try:
-                return coerce(value, arm)
-            except TypeError:
-                pass
-        raise TypeError
-    if tp is type(None):
-        if value is None:
-            return value
-        raise TypeError
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(v, args[0]) for v in value)
-        if args and len(args) != len(value):
-            raise TypeError
-        return tuple(coerce(v, a) for v, a in zip(value, args)) if args else tuple(value)
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise TypeError
-    return value  # an annotation we do not know how to check
-
-
-def describe_type(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe_type(a) for a in args)
-    if tp is type(None):
-        return "None"
-    if tp is float:
-        return "float (a number)"
-    if origin is tuple:
-        return "tuple " + repr(tp).replace("typing.", "")
-    return getattr(tp, "__name__", repr(tp))
 
 
 # ----------------------------------------------------------------------------------------------------------------

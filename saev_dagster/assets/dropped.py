@@ -21,7 +21,7 @@ def build_dropped_assets(observe_cron: str) -> list:
     def sae_checkpoints(context, saev_pipeline: SaevPipeline) -> dg.DataVersionsByPartition:
         from saev_core.pipeline import watch
 
-        files = fail_clearly(watch.sae_files, saev_pipeline.load().watch_folder)
+        files = fail_clearly(watch.sae_files, saev_pipeline.load().watch.folder)
         new = [name for name in files if not context.instance.has_dynamic_partition(SAE_FILES.name, name)]
         if new:
             context.instance.add_dynamic_partitions(SAE_FILES.name, new)
@@ -36,10 +36,10 @@ def build_dropped_assets(observe_cron: str) -> list:
                     "sidecar, <file>.provenance.json).",
     )
     def dropped_sae_visuals(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
-        from saev_core import pipeline
+        from saev_core.pipeline import stages
         from saev_core.visuals import gallery
 
-        result = fail_clearly(pipeline.dropped_sae_visuals, saev_pipeline.load(), context.partition_key)
+        result = fail_clearly(stages.dropped_sae_visuals, saev_pipeline.load(), context.partition_key)
         return dg.MaterializeResult(metadata={
             "gallery": dg.MetadataValue.path(result.index_html),
             "preview": png_markdown(gallery.preview_grid(result.dump_to, result.latents[:4], 6), "top images"),

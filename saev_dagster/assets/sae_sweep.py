@@ -32,12 +32,12 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version:
         description="Every SAE of the pipeline's [sweep], trained together from one pass over this layer.",
     )
     def sae_sweep(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
-        from saev_core import pipeline
+        from saev_core.pipeline import stages
 
         layer = int(context.partition_key)
         pipe = saev_pipeline.load()
         store_path = latest_store_path(context, context.partition_key)
-        sweep = fail_clearly(pipeline.train_layer, pipe, layer, store_path, show_progress=False,
+        sweep = fail_clearly(stages.train_layer, pipe, layer, store_path, show_progress=False,
                              on_log=_log_to(context), on_note=context.log.warning)
         columns = [c for c in MEMBER_COLUMNS if c[0] in sweep.table]
         return dg.MaterializeResult(

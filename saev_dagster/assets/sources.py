@@ -38,9 +38,9 @@ def build_sources(observe_cron: str) -> list[dg.SourceAsset]:
 def observe_checkpoint(pipe) -> dg.ObserveResult:
     """vit_checkpoint's data version (the checkpoint's content fingerprint) and what was observed. With [demo]
     random_vit the pipeline makes its checkpoint: a fresh instance's first observation creates the file."""
-    from saev_core import pipeline
+    from saev_core.pipeline import stages
 
-    fail_clearly(pipeline.prepare_demo_checkpoint, pipe)
+    fail_clearly(stages.prepare_demo_checkpoint, pipe)
     version = fail_clearly(pipe.checkpoint_fingerprint)
     path = fail_clearly(pipe.checkpoint_file)
     metadata = {"vit_ckpt": pipe.activations.vit_ckpt}

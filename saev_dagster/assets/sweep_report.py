@@ -25,13 +25,13 @@ def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsD
                     "plots with a PCA baseline at matched L0.",
     )
     def sweep_report(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
-        from saev_core import pipeline
+        from saev_core.pipeline import stages
         from saev_core.analysis import report
 
         csvs = {int(k): v for k, v in latest_values(context, "sae_sweep", layers, "sweep_csv").items()}
         if not csvs:
             raise dg.Failure(description="No layer's sae_sweep has been materialized yet; materialize sae_sweep first.")
-        path, reports = fail_clearly(pipeline.sweep_report, saev_pipeline.load(), csvs)
+        path, reports = fail_clearly(stages.sweep_report, saev_pipeline.load(), csvs)
         rows = report.member_rows(reports)
         metadata = {
             "members": table(rows, [c for c in COLUMNS if any(c[0] in r for r in rows)]),

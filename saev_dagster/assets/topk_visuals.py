@@ -23,13 +23,13 @@ def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_versi
         description="For each chosen sweep member: every selected latent's top images as heatmaps, and a gallery.",
     )
     def topk_visuals(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
-        from saev_core import pipeline
+        from saev_core.pipeline import stages
         from saev_core.visuals import gallery
 
         layer = int(context.partition_key)
         pipe = saev_pipeline.load()
         sweep_csv = latest_materialization_value(context, "sae_sweep", context.partition_key, "sweep_csv")
-        members = fail_clearly(pipeline.visuals_for_layer, pipe, layer, sweep_csv, show_progress=False)
+        members = fail_clearly(stages.visuals_for_layer, pipe, layer, sweep_csv, show_progress=False)
         metadata = {
             "n_members": len(members),
             "n_latents": sum(len(m.result.latents) for m in members),
@@ -54,9 +54,9 @@ def build_topk_visuals_check(partitions_def: dg.PartitionsDefinition) -> dg.Asse
     )
     def visuals_complete(context: dg.AssetCheckExecutionContext,
                                     saev_pipeline: SaevPipeline) -> dg.AssetCheckResult:
-        from saev_core import pipeline
+        from saev_core.pipeline import stages
 
-        problems = pipeline.layer_visuals_problems(saev_pipeline.load(), int(context.partition_key))
+        problems = stages.layer_visuals_problems(saev_pipeline.load(), int(context.partition_key))
         shown = "\n".join(f"- {p}" for p in problems[:50]) + (f"\n- ... {len(problems) - 50} more" if len(problems) > 50 else "")
         return dg.AssetCheckResult(passed=not problems, metadata={
             "n_problems": len(problems), "problems": dg.MetadataValue.md(shown or "none"),
