@@ -60,7 +60,7 @@ def test_definitions_import_no_torch():
 
 
 def test_asset_graph_of_the_demo_pipeline():
-    from saev_core.pipeline import load_pipeline
+    from saev_core.pipeline.file import load_pipeline
     from saev_dagster.definitions import defs
 
     graph = defs.resolve_asset_graph()
@@ -125,7 +125,7 @@ def test_fanned_out_recording_writes_the_bytes_of_one_worker(pipeline_file, tmp_
     import filecmp
 
     from saev_core.record import recording
-    from saev_core.pipeline import load_pipeline
+    from saev_core.pipeline.file import load_pipeline
 
     instance = dg.DagsterInstance.ephemeral()
     result = _materialize_all_layers(instance, {"n_workers_fanout": 2})
@@ -482,7 +482,7 @@ def test_activations_check_catches_a_store_that_does_not_match_the_vit(pipeline_
     import numpy as np
 
     from saev_core.record import verify
-    from saev_core.pipeline import load_pipeline
+    from saev_core.pipeline.file import load_pipeline
 
     instance = dg.DagsterInstance.ephemeral()
     result = _materialize_all_layers(instance)
