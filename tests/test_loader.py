@@ -386,14 +386,14 @@ def test_batches_follow_the_documented_order(tmp_path, dtype):
         chunk_of = loader.images // store.layout.imgs_per_chunk
         chunks = np.unique(chunk_of)
         # The documented rule, rebuilt here rather than taken from loader.windows(): the split's chunks permuted by
-        # a generator seeded with (_ORDER, seed, epoch), cut into consecutive windows of buffer_chunks chunks.
-        order = np.random.default_rng([loader_mod._ORDER, 7, 2]).permutation(len(chunks))
+        # a generator seeded with (ORDER_STREAM, seed, epoch), cut into consecutive windows of buffer_chunks chunks.
+        order = np.random.default_rng([loader_mod.ORDER_STREAM, 7, 2]).permutation(len(chunks))
         expected_windows = [order[i:i + cfg.buffer_chunks] for i in range(0, len(order), cfg.buffer_chunks)]
         assert len(expected_windows) > 1 and not np.array_equal(order, np.arange(len(chunks)))  # a real shuffle
         stream = []
         for w, window in enumerate(expected_windows):
             vectors = np.concatenate([reference(acts, loader.images[chunk_of == chunks[k]], patches) for k in window])
-            stream.append(vectors[np.random.default_rng([loader_mod._WINDOW, 7, 2, w]).permutation(len(vectors))])
+            stream.append(vectors[np.random.default_rng([loader_mod.WINDOW_STREAM, 7, 2, w]).permutation(len(vectors))])
         batches = one_epoch(loader)
         want = np.concatenate(stream)
         assert want.dtype == dtype

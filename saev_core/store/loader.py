@@ -11,9 +11,9 @@ needed (its first ones), and both splits read that one chunk and keep their own 
 decode) are in neither split. A store with unwritten blocks is refused.
 
 **Order of one epoch** (a pure function of ``seed`` and ``epoch``): the split's chunks are permuted by
-``np.random.default_rng([_ORDER, seed, epoch])``; consecutive groups of ``buffer_chunks`` chunks form windows; each
-window's vectors are permuted by ``default_rng([_WINDOW, seed, epoch, window index])`` (the split uses
-``[_SPLIT, seed]``; the tags keep the three streams apart); the concatenation of the permuted windows is cut
+``np.random.default_rng([ORDER_STREAM, seed, epoch])``; consecutive groups of ``buffer_chunks`` chunks form windows;
+each window's vectors are permuted by ``default_rng([WINDOW_STREAM, seed, epoch, window index])`` (the split uses
+``[SPLIT_STREAM, seed]``; the tags keep the three streams apart); the concatenation of the permuted windows is cut
 into batches of ``batch_size``. Batches run on across window boundaries, and the last batch of an epoch is yielded
 short (every vector is seen exactly once per epoch; ``len(loader)`` counts it). Resuming at ``n_vectors_done``
 skips the windows before it without reading them and yields exactly the batches an uninterrupted run would.
@@ -51,9 +51,10 @@ from saev_core.store import ActivationStore
 from saev_core.store.tokens import check_token_mode, first_patch, vectors, vectors_per_image
 
 
-# Every random stream gets its own tag and a key of fixed length: numpy's SeedSequence treats [a, b] and [a, b, 0]
-# alike, so keys of different purposes must not differ only by trailing zeros.
-_SPLIT, _ORDER, _WINDOW = 1, 2, 3
+# The shuffle contract's stream tags (public: other programs and the tests rebuild the order from them). Every random
+# stream gets its own tag and a key of fixed length: numpy's SeedSequence treats [a, b] and [a, b, 0] alike, so keys
+# of different purposes must not differ only by trailing zeros.
+SPLIT_STREAM, ORDER_STREAM, WINDOW_STREAM = 1, 2, 3
 
 
 
@@ -77,7 +78,7 @@ def split_images(store: ActivationStore, val_frac: float, seed: int) -> tuple[np
     ipc, n_imgs = store.layout.imgs_per_chunk, store.n_imgs
     is_val = np.zeros(n_imgs, dtype=bool)
     need = n_val
-    for c in np.random.default_rng([_SPLIT, seed]).permutation(math.ceil(n_imgs / ipc)):
+    for c in np.random.default_rng([SPLIT_STREAM, seed]).permutation(math.ceil(n_imgs / ipc)):
         if need == 0:
             break
         imgs = c * ipc + np.flatnonzero(valid[c * ipc:(c + 1) * ipc])
@@ -366,7 +367,7 @@ class ActivationLoader:
 
     def windows(self, epoch: int) -> list[np.ndarray]:
         """The epoch's windows: arrays of indices into the split's chunks, in reading order."""
-        order = np.random.default_rng([_ORDER, self.seed, epoch]).permutation(len(self._chunks))
+        order = np.random.default_rng([ORDER_STREAM, self.seed, epoch]).permutation(len(self._chunks))
         step = self.data_cfg.buffer_chunks
         return [order[i:i + step] for i in range(0, len(order), step)]
 
@@ -407,7 +408,7 @@ class ActivationLoader:
         lands at window position inv[i], where perm[inv[i]] = i, which is position base + inv[i] of the stream.
         """
         counts = self._counts[window]
-        perm = np.random.default_rng([_WINDOW, self.seed, epoch, w]).permutation(int(counts.sum()))
+        perm = np.random.default_rng([WINDOW_STREAM, self.seed, epoch, w]).permutation(int(counts.sum()))
         pos = np.empty_like(perm)
         pos[perm] = np.arange(base, base + len(perm))
         batches.prepare(base, base + len(perm))
