@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from saev_core import config, nn
-from saev_core.train import trainer
+from saev_core.train import fitting, trainer
 from saev_core.store.loader import split_images
 from saev_core.store import write_store
 from saev_core.train.sweep import grid
@@ -151,7 +151,7 @@ def main() -> None:
     pca = pca_nmse(x_train, x_val, ranks)
 
     print(f"torch {torch.__version__}, device {config.resolve_device(args.device)}, "
-          f"{trainer.threads_for(cfgs[0]) if hasattr(training, 'threads_for') else torch.get_num_threads()} "
+          f"{fitting.threads_for(cfgs[0])} "
           f"CPU threads; {n:,} vectors of d={args.d}: {args.k} of {args.n_atoms} atoms + noise sigma={args.sigma}")
     print(f"{len(cfgs)} SAEs (d_sae {base.sae.d_sae}), {args.n_patches:,} patches in batches of {args.batch_size}: "
           f"{wall:.1f} s wall, {args.n_patches / wall:,.0f} patches/s")

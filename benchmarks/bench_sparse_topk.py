@@ -14,7 +14,7 @@ latents) works in every step. ``--profile`` adds where one sparse and one dense 
         [--rows topk:32,batchtopk:32,topk:128,topk:32:aux] [--n-steps 3] [--repeats 3] [--device auto]
         [--profile]
 
-Training uses ``trainer.threads_for`` threads (the CPUs minus one), as ``train`` does.
+Training uses ``fitting.threads_for`` threads (the CPUs minus one), as ``train`` does.
 """
 
 import argparse
@@ -26,7 +26,8 @@ import time
 import torch
 
 from saev_core import config, nn
-from saev_core.train import trainer
+from saev_core.nn import sparse_topk
+from saev_core.train import fitting, trainer
 
 
 def sync(device: str) -> None:
@@ -34,7 +35,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_members(args, arch: str, k: int, device: str) -> tuple[trainer._Member, trainer._Member]:
+def make_members(args, arch: str, k: int, device: str) -> tuple[trainer.Member, trainer.Member]:
     sae_cfg = config.SparseAutoencoderConfig(d_vit=args.d_vit, exp_factor=args.d_sae // args.d_vit, arch=arch, k=k,
                                              dead_after_n_patches=10**9)
     cfg = config.TrainConfig(sae=sae_cfg, lr=1e-4, n_lr_warmup=2)
@@ -43,11 +44,11 @@ def make_members(args, arch: str, k: int, device: str) -> tuple[trainer._Member,
     for sparse in (False, True):
         sae = copy.deepcopy(dense).to(device)
         sae.sparse_training = sparse
-        members.append(trainer._Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=1e-4)))
+        members.append(trainer.Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=1e-4)))
     return members[0], members[1]
 
 
-def timed_run(m: trainer._Member, batches: list[torch.Tensor], n_dead: int, device: str) -> float:
+def timed_run(m: trainer.Member, batches: list[torch.Tensor], n_dead: int, device: str) -> float:
     """Seconds for one training step per batch; the first ``n_dead`` latents are marked dead first."""
     if n_dead:
         m.sae.n_patches_since_fired[:n_dead] = m.sae.dead_after_n_patches
@@ -73,7 +74,7 @@ def bench_row(args, row: str, batches: list[torch.Tensor], device: str) -> dict:
     rate = {name: n / statistics.median(t) for name, t in times.items()}
     return {"row": row, "dense": rate["dense"], "sparse": rate["sparse"], "ratio": rate["sparse"] / rate["dense"],
             "ratios": [d / s for d, s in zip(times["dense"], times["sparse"])],
-            "auto": trainer.sparse_topk.use_sparse("auto", dense.cfg.sae)}
+            "auto": sparse_topk.use_sparse("auto", dense.cfg.sae)}
 
 
 def profile_step(args, row: str, batch: torch.Tensor, device: str) -> None:
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile one step of the first row")
     args = parser.parse_args()
     device = config.resolve_device(args.device)
-    n_threads = trainer.threads_for(config.TrainConfig())
+    n_threads = fitting.threads_for(config.TrainConfig())
     torch.set_num_threads(n_threads)
     print(f"torch {torch.__version__}, {n_threads} training threads of {os.cpu_count()} CPUs, device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
@@ -124,7 +125,7 @@ def main() -> None:
         print(f"{row:>18} {k / args.d_sae:>8.4f} {r['dense']:>16,.0f} {r['sparse']:>17,.0f} {r['ratio']:>13.2f} "
               f"{per_run:>18} {'sparse' if r['auto'] else 'dense':>7}", flush=True)
     print(f"(aux rows: {args.aux_dead} latents dead, k_aux {config.SparseAutoencoderConfig.k_aux}; auto: what "
-          f"--sparse-topk auto picks, k / d_sae <= {trainer.sparse_topk.MAX_AUTO_K_FRACTION:.4f}; load average "
+          f"--sparse-topk auto picks, k / d_sae <= {sparse_topk.MAX_AUTO_K_FRACTION:.4f}; load average "
           f"after: {os.getloadavg()[0]:.1f})")
     if args.profile:
         profile_step(args, args.rows.split(",")[0], batches[0], device)

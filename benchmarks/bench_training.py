@@ -34,7 +34,7 @@ import torch
 
 from saev_core import config, nn
 from saev_core.store import shards
-from saev_core.train import trainer
+from saev_core.train import fitting, trainer
 from saev_core.store.stats import normalization
 from saev_core.store import ActivationStore, write_store
 
@@ -90,7 +90,7 @@ def sync(device: str) -> None:
 def time_sweep(cfgs: list[config.TrainConfig]) -> tuple[float, float, int]:
     """(end-to-end seconds, loop seconds for steps 1..n-1, bytes read) of one train_sweep call."""
     stamps: list[float] = []
-    fit = getattr(training, "fit_to_run", lambda cfg: (cfg, []))  # unset settings get their values first
+    fit = fitting.fit_to_run  # unset settings get their values first
     last = trainer.member_id(fit(cfgs[-1])[0])
 
     def on_log(step, mid, record):
@@ -106,15 +106,15 @@ def time_sweep(cfgs: list[config.TrainConfig]) -> tuple[float, float, int]:
 def time_in_memory(cfgs: list[config.TrainConfig], batches: list[torch.Tensor], device: str) -> float:
     """Seconds for steps 1..n-1 of every member on batches already on the device (step 0 is a warm-up), with the
     CPU threads the sweep trains with."""
-    fit = getattr(training, "fit_to_run", lambda cfg: (cfg, []))
+    fit = fitting.fit_to_run
     members = []
     for cfg in cfgs:
         cfg = fit(cfg)[0]
         sae = nn.make_sae(cfg.sae).to(device).train()
-        members.append(trainer._Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=cfg.lr)))
+        members.append(trainer.Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=cfg.lr)))
     n = len(batches)
     outside = torch.get_num_threads()
-    torch.set_num_threads(trainer.threads_for(cfgs[0]) if hasattr(training, "threads_for") else outside)
+    torch.set_num_threads(fitting.threads_for(cfgs[0]))
     try:
         for m in members:
             trainer.train_step(m, batches[0], 0, n)
@@ -195,7 +195,7 @@ def bench_shared(args, store: ActivationStore, tmp: str) -> None:
                                        n_threads=n_threads)
                     _, loop, _ = time_sweep(cfgs)
                     rates.setdefault((name, load), []).append((args.n_steps - 1) * args.batch_size / loop)
-    auto = trainer.threads_for(member_cfgs(store, args, 1, "")[0])
+    auto = fitting.threads_for(member_cfgs(store, args, 1, "")[0])
     print(f"\n== sweep of {k} SAEs on a shared machine ({args.n_steps} steps of {args.batch_size} x {args.d_vit} -> "
           f"d_sae {args.d_vit * args.exp_factor}, {args.arch}; {os.cpu_count()} CPUs, auto = {auto} threads; "
           f"median of {args.shared_repeats}; load average before: {os.getloadavg()[0]:.1f}) ==")
@@ -217,7 +217,7 @@ def bench_flops(args) -> None:
         sae_cfg = config.SparseAutoencoderConfig(d_vit=d, exp_factor=args.exp_factor, arch=arch, k=32)
         cfg = config.TrainConfig(sae=sae_cfg, lr=1e-4, n_lr_warmup=2)
         sae = nn.make_sae(cfg.sae).to(device).train()
-        member = trainer._Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=1e-4))
+        member = trainer.Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=1e-4))
 
         def step():
             trainer.train_step(member, x, 10, 100)

@@ -497,7 +497,7 @@ KILL_IN_SHARD_WRITE = textwrap.dedent("""
 
 KILL_IN_ATOMIC_WRITE = textwrap.dedent("""
     import os, signal, torch
-    from saev_core.train import trainer
+    from saev_core.train import resume
     _save = torch.save
     def save_then_die(obj, f, *args, **kwargs):
         if isinstance(obj, dict) and "optimizer" in obj:  # a train_state file
@@ -505,7 +505,7 @@ KILL_IN_ATOMIC_WRITE = textwrap.dedent("""
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         return _save(obj, f, *args, **kwargs)
-    trainer.torch.save = save_then_die
+    resume.torch.save = save_then_die  # the train_state writer's torch.save
 """)
 
 

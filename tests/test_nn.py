@@ -216,6 +216,11 @@ def test_auxk_is_zero_without_dead_latents():
     assert sae(acts()).loss.aux == 0
 
 
+def test_every_arch_the_config_accepts_has_a_variant_and_no_other():
+    """check_config validates against the config's arch names; make_sae builds from the variants' table."""
+    assert tuple(nn.ARCHS) == nn.ARCH_NAMES == tuple(ARCHS)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_patches_since_fired_counts_in_training_only_for_every_arch(arch):
     sae = make(arch).eval()

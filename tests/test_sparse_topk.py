@@ -40,7 +40,7 @@ def batches(n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
     return [(torch.randn(BATCH, D_VIT, generator=gen) @ mix * 3 + 1).to(DEVICE, dtype) for _ in range(n)]
 
 
-def member_pair(cfg: config.SparseAutoencoderConfig, dtype: torch.dtype) -> tuple[trainer._Member, trainer._Member]:
+def member_pair(cfg: config.SparseAutoencoderConfig, dtype: torch.dtype) -> tuple[trainer.Member, trainer.Member]:
     """Two members with the same weights: the dense reference and the sparse path."""
     sae = nn.make_sae(cfg)
     gen = torch.Generator().manual_seed(7)
@@ -53,7 +53,7 @@ def member_pair(cfg: config.SparseAutoencoderConfig, dtype: torch.dtype) -> tupl
     for sparse in (False, True):
         copy_ = copy.deepcopy(sae).to(DEVICE, dtype).train()
         copy_.sparse_training = sparse
-        members.append(trainer._Member(train_cfg, "", "", copy_, torch.optim.Adam(copy_.parameters(), lr=1e-2)))
+        members.append(trainer.Member(train_cfg, "", "", copy_, torch.optim.Adam(copy_.parameters(), lr=1e-2)))
     return members[0], members[1]
 
 

@@ -23,7 +23,7 @@ import torch
 
 from saev_core import config, nn
 from saev_core.store import stats
-from saev_core.train import trainer
+from saev_core.train import fitting, trainer
 from saev_core.errors import UserError
 from saev_core.store.loader import ActivationLoader, split_images
 from saev_core.store import ActivationStore, write_store
@@ -577,15 +577,15 @@ def test_explicit_settings_longer_than_the_run_are_kept_and_reported(store, tmp_
 
 def test_fit_to_run_known_answers_for_the_default_run_and_a_fitted_config():
     default = config.TrainConfig()  # saev's defaults: d_sae 16,384; 100M patches in batches of 16,384 = 6,103 steps
-    fitted, notes = trainer.fit_to_run(default)
+    fitted, notes = fitting.fit_to_run(default)
     assert fitted.lr == 4e-4 and fitted.sae.dead_after_n_patches == 10_000_000
     assert fitted.n_lr_warmup == 305  # 5% of 6,103 steps, below the usual 500
     assert len(notes) == 1 and "warming up over 305 steps" in notes[0]
-    assert trainer.fit_to_run(fitted) == (fitted, [])
+    assert fitting.fit_to_run(fitted) == (fitted, [])
     wide = dataclasses.replace(default, sae=dataclasses.replace(default.sae, d_vit=768, exp_factor=16),
                                n_patches=10_000 * 16_384)  # ViT-B x16, a run longer than the default
-    assert trainer.fit_to_run(wide)[0].lr == pytest.approx(4e-4 * math.sqrt(16_384 / 12_288))
-    assert trainer.fit_to_run(wide)[0].n_lr_warmup == 500
+    assert fitting.fit_to_run(wide)[0].lr == pytest.approx(4e-4 * math.sqrt(16_384 / 12_288))
+    assert fitting.fit_to_run(wide)[0].n_lr_warmup == 500
 
 
 @pytest.mark.parametrize(("arch", "window_batches"), [("topk", 1), ("batchtopk", 3)])
@@ -641,11 +641,11 @@ def test_n_threads_is_torchs_thread_count_while_training_and_is_put_back(store, 
         torch.set_num_threads(outside)
     cfg = train_cfg(store, tmp_path, n_threads=None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert trainer.threads_for(cfg) == 7  # auto: the CPUs this process may use, minus one
+    assert fitting.threads_for(cfg) == 7  # auto: the CPUs this process may use, minus one
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
-    assert trainer.threads_for(cfg) == 1
+    assert fitting.threads_for(cfg) == 1
     with pytest.raises(UserError, match="--n-threads 0 must be at least 1"):
-        trainer.threads_for(dataclasses.replace(cfg, n_threads=0))
+        fitting.threads_for(dataclasses.replace(cfg, n_threads=0))
 
 
 def test_defaults_recover_a_planted_dictionary_in_a_short_run(tmp_path, capsys, caplog):

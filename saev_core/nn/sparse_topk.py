@@ -29,6 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from saev_core import config
+from saev_core.nn.sae import mean_squared_error
 
 SparseSetting = Literal["auto", "on", "off"]
 
@@ -151,11 +152,6 @@ def decode_bands(
     return bands.view(batch, len(bounds), -1)
 
 
-def _mse(x: Float[Tensor, "batch d_vit"], x_hat: Float[Tensor, "batch d_vit"]) -> Tensor:
-    """``nn._mse`` (saev 0.1.0's: the mean over batch and d_vit); nn imports this module, so it is not imported."""
-    return (x - x_hat).pow(2).mean()
-
-
 def train_forward(
     sae: torch.nn.Module, x: Float[Tensor, "batch d_vit"]
 ) -> tuple[Float[Tensor, "batch d_vit"], Float[Tensor, "batch d_sae"], Tensor, Tensor]:
@@ -171,11 +167,11 @@ def train_forward(
     bands = decode_bands(sel, f, sae.W_dec, sae.prefix_sizes, batch)
     if len(sae.prefix_sizes) == 1:
         x_hat_n = bands[:, 0] + sae.b_dec
-        mse = _mse(x_n, x_hat_n)
+        mse = mean_squared_error(x_n, x_hat_n)
     else:  # Matryoshka: prefix i reconstructs from bands 0..i alone, as the dense path's cumulative sums do
         prefixes = bands.cumsum(dim=1) + sae.b_dec
         x_hat_n = prefixes[:, -1]
-        mse = torch.stack([_mse(x_n, prefixes[:, i]) for i in range(len(sae.prefix_sizes))]).mean()
+        mse = torch.stack([mean_squared_error(x_n, prefixes[:, i]) for i in range(len(sae.prefix_sizes))]).mean()
     aux = _aux_loss(sae, x_n, pre, x_hat_n)
     with torch.no_grad():  # the dense activations, written over the pre-activations no longer needed
         f_x = pre.zero_().view(-1).index_put_((sel.row * pre.shape[1] + sel.lat,), f.detach()).view_as(pre)

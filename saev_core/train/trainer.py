@@ -5,9 +5,9 @@ once and then through each member in turn. Members share nothing but that batch 
 schedule, no shared random state), so training K SAEs together gives the weights each would get alone.
 
 Settings left unset that depend on the SAE and the run's length (``lr``, ``n_lr_warmup``,
-``sae.dead_after_n_patches``) are fitted to the run first (``fit_to_run``); what was chosen, and any explicit setting
-that does not fit the run, is reported once, in the log and through ``on_note``. Training uses ``n_threads`` CPU
-threads (``threads_for``).
+``sae.dead_after_n_patches``) are fitted to the run first (``fitting.fit_to_run``); what was chosen, and any
+explicit setting that does not fit the run, is reported once, in the log and through ``on_note``. Training uses
+``n_threads`` CPU threads (``fitting.threads_for``).
 
 Per member and step: lr = ``lr_at(step)`` (linear warm-up over ``n_lr_warmup`` steps, then linear decay that
 reaches 0 just after the last step), ``sae.sparsity_scale = min(1, step / n_sparsity_warmup)``, backward,
@@ -21,22 +21,16 @@ mean value per latent on held-out data) and ``metrics.json`` (held-out metrics a
 written last: its presence with ``sae.pt`` marks the member finished, and a rerun skips it).
 ``<ckpt_path>/sweep.csv`` has one row per member.
 
-Resume: every ``ckpt_every`` steps (before the last) each member writes ``train_state-<step>.pt`` (weights,
-buffers, Adam state, step, loader position, schedule values), each atomically, and only then the group pointer
-``<ckpt_path>/group-<hash of the member ids>.json`` naming that step is replaced; older state files go after
-that. A kill at any moment leaves the pointer naming a step whose files all exist. A rerun of the same command
-loads them and continues; the result equals an uninterrupted run's.
+Resume (``resume``): every ``ckpt_every`` steps the group's state goes to disk, so a rerun of the same command after
+a kill continues from there and ends with an uninterrupted run's weights.
 """
 
 import contextlib
 import dataclasses
-import glob
-import hashlib
 import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 
@@ -55,6 +49,8 @@ from saev_core.store.loader import ActivationLoader
 from saev_core.nn.metrics import ReconstructionMetrics
 from saev_core.store.stats import normalization
 from saev_core.store import ActivationStore
+from saev_core.train import resume
+from saev_core.train.fitting import fit_to_run, threads_for, torch_threads
 from saev_core.train.sweep import grid, load_sweep, member_id, split_cfgs
 
 logger = logging.getLogger(__name__)
@@ -66,22 +62,6 @@ OnNote = Callable[[str], None]
 
 SUMMARY_METRICS = ("nmse", "ev", "mse", "l0", "l1", "frac_dead_train", "frac_dead_heldout", "frac_dense", "frac_dead")
 """The metrics that go in sweep.csv (``frac_dead`` is the old name of ``frac_dead_train``)."""
-
-AUTO_LR = 4e-4
-"""``lr`` left unset: saev 0.1.0's default learning rate for saev's default run (``AUTO_LR_D_SAE`` latents over
-``AUTO_LR_STEPS`` steps), scaled up for narrower SAEs and shorter runs (``auto_lr``)."""
-AUTO_LR_D_SAE = 16_384
-"""d_sae of saev's (and our) default SAE: d_vit 1024 x 16."""
-AUTO_LR_STEPS = 100_000_000 // 16_384
-"""Steps of saev's (and our) default run: 100M patches in batches of 16,384."""
-MAX_AUTO_LR = 1e-2
-NOMINAL_N_LR_WARMUP = 500
-"""``n_lr_warmup`` left unset: this, or ``MAX_AUTO_WARMUP_FRACTION`` of the steps when that is less."""
-MAX_AUTO_WARMUP_FRACTION = 0.05
-MAX_AUTO_DEAD_FRACTION = 0.10
-"""``sae.dead_after_n_patches`` left unset: at most this fraction of ``n_patches``."""
-
-STATE_RE = re.compile(r"train_state-(\d+)\.pt$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +78,9 @@ class MemberResult:
 
 
 @dataclasses.dataclass
-class _Member:
+class Member:
+    """One SAE of a group while it trains: what the loop steps and what ``resume`` saves and restores."""
+
     cfg: config.TrainConfig
     id: str
     folder: str
@@ -174,107 +156,8 @@ def train_group(
         if c not in todo:
             logger.info("%s is already trained (%s); not training it again.", member_id(c), folders[member_id(c)])
     if todo:
-        _train_members(todo, store, n_steps, show_progress, on_log, desc, _group_file(base.ckpt_path, folders))
+        _train_members(todo, store, n_steps, show_progress, on_log, desc, resume.pointer_path(base.ckpt_path, folders))
     return [_read_result(c, folders[member_id(c)]) for c in cfgs]
-
-
-def auto_lr(d_sae: int, n_steps: int) -> float:
-    """The learning rate ``lr`` None stands for: ``AUTO_LR * sqrt(AUTO_LR_D_SAE / d_sae) *
-    max(1, AUTO_LR_STEPS / n_steps) ** 0.25``, at most ``MAX_AUTO_LR``.
-
-    saev's 4e-4 for saev's default run; 1/sqrt(d_sae) is the width rule of EleutherAI's sparsify and of
-    dictionary_learning; the run-length factor lets a short run move the decoder far enough (measured on the
-    planted benchmark and the demo, docs/benchmarks.md: 4e-4 fails both)."""
-    lr = AUTO_LR * math.sqrt(AUTO_LR_D_SAE / d_sae) * max(1.0, AUTO_LR_STEPS / n_steps) ** 0.25
-    return min(MAX_AUTO_LR, lr)
-
-
-def fit_to_run(cfg: config.TrainConfig) -> tuple[config.TrainConfig, list[str]]:
-    """``cfg`` with its unset settings (None) filled in for this run, and notes on what the run chose or on
-    explicit settings that do not fit it.
-
-    ``lr`` None: ``auto_lr(d_sae, steps)``. ``n_lr_warmup`` None: ``NOMINAL_N_LR_WARMUP`` steps, at most 5% of the
-    steps (at least 1). ``sae.dead_after_n_patches`` None: ``nn.NOMINAL_DEAD_AFTER_N_PATCHES``, at most 10% of
-    ``n_patches``. Values set explicitly are kept; a warm-up longer than the run, or a dead window longer than the
-    patches seen, gets a note saying what it does to this run. A fitted config fits to itself, without notes.
-    """
-    n_steps = cfg.n_patches // cfg.sae_batch_size if cfg.sae_batch_size > 0 else 0
-    if n_steps < 1:
-        return cfg, []  # train_group says what is wrong
-    n_seen = n_steps * cfg.sae_batch_size
-    notes = []
-    lr = cfg.lr
-    if lr is None:
-        lr = auto_lr(cfg.sae.d_sae, n_steps)
-        if lr != AUTO_LR:
-            notes.append(
-                f"--lr is not set: using {lr:.3g} for d_sae {cfg.sae.d_sae} over {n_steps} steps (saev's {AUTO_LR:g} "
-                f"for d_sae {AUTO_LR_D_SAE} over {AUTO_LR_STEPS} steps, scaled; docs/training.md). Pass --lr to choose."
-            )
-    warmup = cfg.n_lr_warmup
-    if warmup is None:
-        warmup = min(NOMINAL_N_LR_WARMUP, max(1, int(MAX_AUTO_WARMUP_FRACTION * n_steps)))
-        if warmup < NOMINAL_N_LR_WARMUP:
-            usual = (f"are longer than this run ({n_steps} steps)" if NOMINAL_N_LR_WARMUP >= n_steps
-                     else f"would be {NOMINAL_N_LR_WARMUP / n_steps:.0%} of this run's {n_steps} steps")
-            notes.append(
-                f"--n-lr-warmup is not set, and its usual {NOMINAL_N_LR_WARMUP} steps {usual}: warming up over "
-                f"{warmup} steps (5%) instead. Pass --n-lr-warmup to choose."
-            )
-    elif warmup > n_steps:
-        notes.append(
-            f"--n-lr-warmup {warmup} is longer than the run ({n_steps} steps): the learning rate only reaches "
-            f"{lr * n_steps / warmup:.3g}, not --lr {lr:.3g}. Kept as set; leave it unset to fit it to the run."
-        )
-    if cfg.n_sparsity_warmup > n_steps and cfg.sae.arch in ("relu", "relu-decnorm", "jumprelu"):
-        notes.append(
-            f"--n-sparsity-warmup {cfg.n_sparsity_warmup} is longer than the run ({n_steps} steps): the sparsity "
-            f"coefficient only reaches {n_steps / cfg.n_sparsity_warmup:.0%} of --sae.sparsity-coeff. Kept as set."
-        )
-    dead = cfg.sae.dead_after_n_patches
-    if dead is None:
-        dead = min(nn.NOMINAL_DEAD_AFTER_N_PATCHES, max(1, int(MAX_AUTO_DEAD_FRACTION * cfg.n_patches)))
-        if dead < nn.NOMINAL_DEAD_AFTER_N_PATCHES:
-            notes.append(
-                f"--sae.dead-after-n-patches is not set, and its usual {nn.NOMINAL_DEAD_AFTER_N_PATCHES:,} exceeds "
-                f"10% of the {cfg.n_patches:,} patches of this run: a latent counts as dead after {dead:,} patches "
-                f"without firing instead. Pass --sae.dead-after-n-patches to choose."
-            )
-    elif dead > n_seen:
-        auxk = " and AuxK never acts" if cfg.sae.arch in ("topk", "batchtopk") else ""
-        notes.append(
-            f"--sae.dead-after-n-patches {dead:,} exceeds the {n_seen:,} patches this run sees: no latent can count "
-            f"as dead (frac_dead_train is 0{auxk}). Kept as set; leave it unset to fit it to the run."
-        )
-    fitted = dataclasses.replace(cfg, lr=lr, n_lr_warmup=warmup,
-                                 sae=dataclasses.replace(cfg.sae, dead_after_n_patches=dead))
-    return fitted, notes
-
-
-def threads_for(cfg: config.TrainConfig) -> int:
-    """CPU threads for training: ``n_threads``, or (None) the CPUs this process may use minus one, at least 1.
-
-    One core is left to the loader's thread and to other work: torch's threads wait for each other at every
-    operation, so one of them losing its core to another process stalls them all (measured: 4.8x slower on
-    2 cores with one core busy elsewhere; docs/benchmarks.md)."""
-    if cfg.n_threads is not None:
-        if cfg.n_threads < 1:
-            raise UserError(f"--n-threads {cfg.n_threads} must be at least 1 (or leave it unset for auto).")
-        return cfg.n_threads
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, available - 1)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to n for the block, then back to what they were."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training one group
@@ -299,19 +182,19 @@ def _train_members(
         )
     mean, scale, b_dec = _normalization(store, base.data)
     members = [_make_member(c, mean, scale, b_dec, device) for c in cfgs]
-    start, loader_state = _load_train_state(group_file, members, device)
+    start, loader_state = resume.load_train_state(group_file, members, device)
     if loader_state is not None:
         train_loader.load_state_dict(loader_state)
         logger.info("Resuming %d SAEs from step %d of %d (%s).", len(members), start, n_steps, group_file)
     for m in members:
-        _prepare_log_file(m, cfg_json=dataclasses.asdict(m.cfg), keep_before=start)
+        resume.prepare_log_file(m, cfg_json=dataclasses.asdict(m.cfg), keep_before=start)
 
     def save(done: int) -> None:
-        _save_train_state(group_file, members, done, n_steps, train_loader.state_dict())
+        resume.save_train_state(group_file, members, done, n_steps, train_loader.state_dict())
 
     logger.info("Training %d SAEs for %d steps with %d CPU threads.", len(members), n_steps - start, n_threads)
     progress = _progress(show_progress, desc, n_steps, start, base.sae_batch_size)
-    with _torch_threads(n_threads):
+    with torch_threads(n_threads):
         with contextlib.closing(_full_batches(train_loader, base.sae_batch_size)) as batches, progress:
             _run_steps(members, batches, start, n_steps, device, progress, on_log, save, group_file, store)
         heldout = evaluate([m.sae for m in members], val_loader, device)
@@ -322,7 +205,7 @@ def _train_members(
 
 
 def _run_steps(
-    members: list[_Member], batches: Iterator[Tensor], start: int, n_steps: int, device: str, progress,
+    members: list[Member], batches: Iterator[Tensor], start: int, n_steps: int, device: str, progress,
     on_log: OnLog | None, save: Callable[[int], None], group_file: str, store: ActivationStore,
 ) -> None:
     """The hot loop: each batch goes to the device once and through every member; logs, NaN checks, checkpoints."""
@@ -351,7 +234,7 @@ def _run_steps(
 
 
 def train_step(
-    m: _Member, x: Float[Tensor, "batch d_vit"], step: int, n_steps: int, with_stats: bool = False
+    m: Member, x: Float[Tensor, "batch d_vit"], step: int, n_steps: int, with_stats: bool = False
 ) -> dict[str, Tensor]:
     """One optimiser step of one SAE; returns detached scalars: loss parts (and l0, l1 when ``with_stats``)."""
     lr = lr_at(step, m.cfg.lr, m.cfg.n_lr_warmup, n_steps)
@@ -442,7 +325,7 @@ def _normalization(store: ActivationStore, data: config.DataLoadConfig) -> tuple
 
 def _make_member(
     cfg: config.TrainConfig, mean: np.ndarray, scale: float, b_dec: np.ndarray, device: str
-) -> _Member:
+) -> Member:
     sae = nn.make_sae(cfg.sae)  # initialised on the CPU from cfg.sae.seed alone
     sae.sparse_training = sparse_topk.use_sparse(cfg.sparse_topk, cfg.sae)
     sae.set_normalization(torch.from_numpy(mean), scale)
@@ -450,7 +333,7 @@ def _make_member(
     sae = sae.to(device).train()
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     mid = member_id(cfg)
-    return _Member(cfg, mid, os.path.join(cfg.ckpt_path, mid), sae, optimizer)
+    return Member(cfg, mid, os.path.join(cfg.ckpt_path, mid), sae, optimizer)
 
 
 def _full_batches(loader: ActivationLoader, batch_size: int) -> Iterator[Tensor]:
@@ -471,11 +354,11 @@ def _track_nonfinite(first_bad: Tensor, step: int, x: Tensor, losses: list[Tenso
     return torch.where((first_bad < 0) & bad, step, first_bad)
 
 
-def _raise_if_nonfinite(first_bad: Tensor, members: list[_Member], group_file: str, store: ActivationStore):
+def _raise_if_nonfinite(first_bad: Tensor, members: list[Member], group_file: str, store: ActivationStore):
     steps = first_bad.tolist()
     if max(steps) < 0:
         return
-    kept = _pointer_step(group_file)
+    kept = resume.pointer_step(group_file)
     where = (f"the last good checkpoint is kept: {group_file} (step {kept}; member files "
              f"<member>/train_state-{kept}.pt)" if kept else "no checkpoint had been written yet")
     data_step = steps[-1]
@@ -493,7 +376,7 @@ def _raise_if_nonfinite(first_bad: Tensor, members: list[_Member], group_file: s
     )
 
 
-def _log(m: _Member, step: int, stats: dict[str, Tensor], patches_per_s: float, on_log: OnLog | None) -> None:
+def _log(m: Member, step: int, stats: dict[str, Tensor], patches_per_s: float, on_log: OnLog | None) -> None:
     record = {
         "step": step,
         "lr": m.optimizer.param_groups[0]["lr"],
@@ -528,139 +411,18 @@ def _provenance(store: ActivationStore, cfg: config.TrainConfig, n_steps: int) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Files: train state (resume), logs, results
+# Files: results
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _group_file(ckpt_path: str, folders: dict[str, str]) -> str:
-    digest = hashlib.sha256(",".join(sorted(folders)).encode()).hexdigest()[:12]
-    return os.path.join(ckpt_path, f"group-{digest}.json")
-
-
-def _save_train_state(group_file: str, members: list[_Member], done: int, n_steps: int, loader_state: dict):
-    """Every member's state file first, then the pointer, then the old files: a kill leaves a usable pointer."""
-    for m in members:
-        state = {
-            "member_id": m.id, "step": done, "n_steps": n_steps, "model": m.sae.state_dict(),
-            "optimizer": m.optimizer.state_dict(), "loader": loader_state,
-            "schedule": {"lr": m.optimizer.param_groups[0]["lr"], "sparsity_scale": m.sae.sparsity_scale},
-        }
-        atomic_write(os.path.join(m.folder, f"train_state-{done}.pt"), lambda f, s=state: torch.save(s, f))
-    atomic_write_json(group_file, {"step": done, "n_steps": n_steps, "members": [m.id for m in members],
-                             "time": time.time()})
-    for m in members:
-        for path in glob.glob(os.path.join(m.folder, "train_state-*.pt")):
-            if int(STATE_RE.search(path).group(1)) != done:
-                remove_if_exists(path)
-
-
-def _load_train_state(group_file: str, members: list[_Member], device: str) -> tuple[int, dict | None]:
-    """(first step to run, loader state) from the group pointer; (0, None) when there is nothing to resume.
-
-    A damaged pointer (cut by a crash or edited) falls back to the latest step whose state files every member has;
-    a damaged or foreign state file is a UserError naming it and saying how to start over."""
-    start_over = (f"To train this group from step 0 instead, delete {group_file} and the train_state-*.pt files in "
-                  f"{', '.join(m.folder for m in members)}, then run the same command again.")
-    if not os.path.lexists(group_file):
-        return 0, None
-    step = _pointer_step(group_file)
-    if step is None:
-        step = _latest_common_step(members)
-        if step is None:
-            raise UserError(f"The resume pointer {group_file} is damaged (not JSON with a step) and no step has a "
-                            f"state file for every SAE of the group. {start_over}")
-        logger.warning("The resume pointer %s is damaged; resuming from step %d, the latest step every SAE of the "
-                       "group has a state file for.", group_file, step)
-    paths = [os.path.join(m.folder, f"train_state-{step}.pt") for m in members]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        logger.warning("Checkpoint %s names step %d but %s is missing; training from the start.",
-                       group_file, step, missing[0])
-        return 0, None
-    loader_state = None
-    for m, path in zip(members, paths):
-        state = _read_train_state(path, m, step, start_over)
-        loader_state = state["loader"]
-    return step, loader_state
-
-
-def _pointer_step(group_file: str) -> int | None:
-    """The step the group pointer names; None when it is cut short or malformed."""
-    try:
-        pointer = read_json(group_file)
-    except (OSError, ValueError):
-        return None
-    step = pointer.get("step") if isinstance(pointer, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) and step > 0 else None
-
-
-def _latest_common_step(members: list[_Member]) -> int | None:
-    steps = None
-    for m in members:
-        mine = {int(STATE_RE.search(p).group(1)) for p in glob.glob(os.path.join(m.folder, "train_state-*.pt"))}
-        steps = mine if steps is None else steps & mine
-    return max(steps) if steps else None
-
-
-def _read_train_state(path: str, m: _Member, step: int, start_over: str) -> dict:
-    """Load member ``m``'s state of ``step`` from ``path`` into its SAE and optimizer; UserError when the file is
-    cut short, is not a train state, or belongs to another member or step."""
-    import pickle
-    import warnings
-
-    def damaged(why: str) -> UserError:
-        return UserError(f"The resume state {path} is damaged or foreign ({why}). {start_over}")
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=m.sae.b_dec.device, weights_only=True)
-    except pickle.UnpicklingError:
-        raise damaged("not a torch file of plain tensors (one holding other Python objects is never run)") from None
-    except Exception as err:
-        raise damaged(f"unreadable: {type(err).__name__}") from None
-    keys = {"member_id", "step", "model", "optimizer", "loader"}
-    if not isinstance(state, dict) or not keys <= set(state):
-        raise damaged("not a train state: it lacks " + ", ".join(sorted(keys - set(state or {}))))
-    if state["member_id"] != m.id or state["step"] != step:
-        raise damaged(f"it is member {state['member_id']!r} at step {state['step']!r}, not {m.id!r} at step {step}")
-    try:
-        m.sae.load_state_dict(state["model"])
-        m.optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise damaged(f"its weights do not fit this SAE: {str(err).splitlines()[0]}") from None
-    return state
-
-
-def _prepare_log_file(m: _Member, cfg_json: dict, keep_before: int) -> None:
-    """config.json, and metrics.jsonl without the lines of steps that will run again (all of them when fresh)."""
-    os.makedirs(m.folder, exist_ok=True)
-    atomic_write_json(os.path.join(m.folder, "config.json"), cfg_json)
-    path = os.path.join(m.folder, "metrics.jsonl")
-    kept = []
-    if keep_before > 0 and os.path.isfile(path):
-        with open(path) as f:
-            kept = [line for line in f if _logged_step(line) < keep_before]
-    atomic_write(path, lambda f: f.write("".join(kept).encode()))
-
-
-def _logged_step(line: str) -> int | float:
-    """The step of a metrics.jsonl line; inf for a line a kill cut short (it is dropped)."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-def _write_member(m: _Member, metrics: dict, provenance: dict) -> None:
+def _write_member(m: Member, metrics: dict, provenance: dict) -> None:
     """sae.pt, latent_stats.npz, then metrics.json (last: marks the member finished), then drop the train state."""
     nn.dump(m.folder, m.sae, provenance)
     atomic_write(os.path.join(m.folder, "latent_stats.npz"), lambda f: np.savez(
         f, firing_freq=metrics["firing_freq"], mean_value=metrics["mean_value"]))
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, np.ndarray)}
     atomic_write_json(os.path.join(m.folder, "metrics.json"), scalars)
-    for path in glob.glob(os.path.join(m.folder, "train_state-*.pt")):
-        remove_if_exists(path)
+    resume.remove_train_states(m.folder)
 
 
 def _is_finished(folder: str) -> bool:
