@@ -14,6 +14,7 @@ import torch
 
 from saev_core import config
 from saev_core.errors import UserError
+from saev_core.tables import from_table
 from saev_core.files import atomic_write
 from saev_core.nn.sae import SparseAutoencoder
 from saev_core.nn.variants import make_sae
@@ -184,20 +185,8 @@ def _cfg_from_header(header: dict, not_ckpt) -> tuple[config.SparseAutoencoderCo
 
 
 def _typed_cfg(fields: dict, where: str, not_ckpt) -> config.SparseAutoencoderConfig:
-    import typing
-
-    from saev_core.train.sweep import coerce, describe_type
-
-    hints = typing.get_type_hints(config.SparseAutoencoderConfig)
-    changes = {}
-    for key, value in fields.items():
-        if key not in hints:
-            raise not_ckpt(f"the header's {where}{key} is not a field of this version's SAE config")
-        try:
-            changes[key] = coerce(value, hints[key])
-        except TypeError:
-            raise not_ckpt(f"the header's {where}{key} = {value!r} is not {describe_type(hints[key])}") from None
+    """The header's fields through the one table reader (same words as a bad key in a sweep or pipeline file)."""
     try:
-        return config.SparseAutoencoderConfig(**changes)
+        return from_table(config.SparseAutoencoderConfig(), fields, where.rstrip(".") or "header", "the header")
     except UserError as err:
-        raise not_ckpt(f"the header's {where.rstrip('.') or 'fields'}: {err}") from None
+        raise not_ckpt(str(err).rstrip(".")) from None
