@@ -58,7 +58,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from saev_core import config
-from saev_core.record import images
+from saev_core.record import embedded  # noqa: E402
 from saev_core.record import vit  # noqa: E402
 
 STAGES = ("activations", "train", "visuals")
@@ -162,7 +162,7 @@ def main() -> None:
     work_root = args.keep or tempfile.mkdtemp(prefix="bench-vs-saev-")
     os.makedirs(work_root, exist_ok=True)
     try:
-        args.images = os.path.abspath(args.images or images.ensure_embedded_images(config.EmbeddedDataset()))
+        args.images = os.path.abspath(args.images or embedded.ensure_embedded_images(config.EmbeddedDataset()))
         n_files = sum(len(files) for _, _, files in os.walk(args.images))
         args.vit_path = os.path.join(work_root, "vit_b32_random.pt")
         if not os.path.isfile(args.vit_path):

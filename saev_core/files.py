@@ -36,12 +36,14 @@ def absolute(path: str) -> str:
     return path if is_url(path) else os.path.abspath(path)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> str:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], durable: bool = True) -> str:
     """Call ``write(f)`` on a temporary binary file beside ``path``, fsync it, rename it over ``path`` and fsync the
     folder. Creates the folder. Returns the absolute path.
 
     A file-system failure (read-only, permission, a file where a folder should be, disk full, also inside torch's
     writer) is a UserError naming ``path``. Temporaries that a killed process left in the folder are removed first.
+    ``durable=False`` skips both fsyncs, for many small files that are cheap to make again: a killed run still leaves
+    the old file or the new one, but a power loss may lose the rename.
     """
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
@@ -53,8 +55,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the output gets the user's usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None:
@@ -62,7 +65,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         if isinstance(err, OSError) or _is_torch_write_error(err):
             raise write_error(path, err) from None
         raise
-    fsync_folder(folder)
+    if durable:
+        fsync_folder(folder)
     return path
 
 

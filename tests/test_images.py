@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from saev_core import config
+from saev_core.record import embedded as embedded_set
 from saev_core.record import images
 from saev_core.errors import UserError
 
@@ -288,7 +289,7 @@ def test_fingerprint_changes_on_touch_add_and_rename_only(tmp_path):
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     cfg = config.EmbeddedDataset(cache_dir=str(tmp_path_factory.mktemp("embedded_a")))
-    return cfg, images.ensure_embedded_images(cfg)
+    return cfg, embedded_set.ensure_embedded_images(cfg)
 
 
 def _all_files(root: str) -> list[str]:
@@ -306,7 +307,7 @@ def test_embedded_set_has_336_rgb_224px_images_in_21_photo_classes(embedded):
     assert len(src) == 336 >= 256
     assert len(src.class_names) == 21
     assert "" not in src.class_names
-    assert set(src.class_names) == {name for name, _ in images.EMBEDDED_PHOTOS}
+    assert set(src.class_names) == {name for name, _ in embedded_set.EMBEDDED_PHOTOS}
     counts = np.bincount(src.labels, minlength=len(src.class_names))
     assert counts.tolist() == [16] * 21
     for i in range(len(src)):
@@ -314,7 +315,7 @@ def test_embedded_set_has_336_rgb_224px_images_in_21_photo_classes(embedded):
             assert img.format == "PNG" and img.mode == "RGB" and img.size == (224, 224)
         assert src.class_names[src.labels[i]] == src.paths[i].split("/")[0]
     assert len(_all_files(folder)) == len(src)  # nothing else in the folder
-    assert {os.stat(src.abspath(i)).st_mtime_ns for i in range(len(src))} == {images.EMBEDDED_MTIME_NS}
+    assert {os.stat(src.abspath(i)).st_mtime_ns for i in range(len(src))} == {embedded_set.EMBEDDED_MTIME_NS}
 
 
 def test_embedded_set_is_reused_without_loading_photos(embedded, monkeypatch):
@@ -323,14 +324,14 @@ def test_embedded_set_is_reused_without_loading_photos(embedded, monkeypatch):
     def fail():
         raise AssertionError("the photos were loaded again")
 
-    monkeypatch.setattr(images, "_load_photos", fail)
-    assert images.ensure_embedded_images(cfg) == folder
+    monkeypatch.setattr(embedded_set, "_load_photos", fail)
+    assert embedded_set.ensure_embedded_images(cfg) == folder
 
 
 def test_embedded_generation_is_deterministic_across_cache_dirs(embedded, tmp_path):
     cfg_a, folder_a = embedded
     cfg_b = config.EmbeddedDataset(cache_dir=str(tmp_path / "b"))
-    folder_b = images.ensure_embedded_images(cfg_b)
+    folder_b = embedded_set.ensure_embedded_images(cfg_b)
     assert folder_b != folder_a
     files = _all_files(folder_a)
     assert _all_files(folder_b) == files
@@ -357,7 +358,7 @@ def test_killed_generation_is_not_taken_as_complete(embedded, tmp_path, monkeypa
     os.utime(leftover, (1, 1))
 
     # this run is "killed" after two photos
-    real_write = images._write_crops
+    real_write = embedded_set._write_crops
     calls = []
 
     def write_then_die(*args):
@@ -366,17 +367,17 @@ def test_killed_generation_is_not_taken_as_complete(embedded, tmp_path, monkeypa
         calls.append(args)
         real_write(*args)
 
-    monkeypatch.setattr(images, "_write_crops", write_then_die)
+    monkeypatch.setattr(embedded_set, "_write_crops", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        images.ensure_embedded_images(cfg)
+        embedded_set.ensure_embedded_images(cfg)
     assert not os.path.exists(final)
     assert os.listdir(cache) == []  # the stale leftover and this run's temp folder are both gone
 
     # a fresh leftover (a generation that may still be running elsewhere) is left alone and never used
     (leftover / "astronaut").mkdir(parents=True)
     (leftover / "astronaut" / "000.png").write_bytes(b"partial")
-    monkeypatch.setattr(images, "_write_crops", real_write)
-    assert images.ensure_embedded_images(cfg) == final
+    monkeypatch.setattr(embedded_set, "_write_crops", real_write)
+    assert embedded_set.ensure_embedded_images(cfg) == final
     assert _all_files(final) == _all_files(folder_a)
     assert sorted(os.listdir(cache)) == sorted([leftover.name, os.path.basename(final)])
 
@@ -386,11 +387,11 @@ def test_photos_that_fail_to_load_are_skipped_and_the_set_still_reaches_256(tmp_
         raise OSError("needs a download")
 
     keep = {"camera", "coins"}
-    photos = (("broken", broken),) + tuple(p for p in images.EMBEDDED_PHOTOS if p[0] in keep)
-    monkeypatch.setattr(images, "EMBEDDED_PHOTOS", photos)
+    photos = (("broken", broken),) + tuple(p for p in embedded_set.EMBEDDED_PHOTOS if p[0] in keep)
+    monkeypatch.setattr(embedded_set, "EMBEDDED_PHOTOS", photos)
     cfg = config.EmbeddedDataset(cache_dir=str(tmp_path))
     with pytest.warns(UserWarning, match="broken.*needs a download"):
-        folder = images.ensure_embedded_images(cfg)
+        folder = embedded_set.ensure_embedded_images(cfg)
     src = images.make_image_source(cfg)
     assert src.root == folder
     assert src.class_names == sorted(keep)
@@ -401,4 +402,4 @@ def test_docs_table_lists_every_embedded_photo():
     with open(DOCS) as f:
         rows = [line for line in f if line.startswith("|")]
     named = {line.split("|")[1].strip().strip("`") for line in rows}
-    assert {name for name, _ in images.EMBEDDED_PHOTOS} <= named
+    assert {name for name, _ in embedded_set.EMBEDDED_PHOTOS} <= named

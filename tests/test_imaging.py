@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from saev_core.errors import UserError
 from saev_core.visuals.heatmaps import ViewGeometry, geometry_of_transform, overlay_heatmap, save_png
 
 GRID = (7, 7)  # ViT-B/32 at 224 px
@@ -264,6 +265,8 @@ def test_save_png_round_trips_and_leaves_no_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == ["0.png"]
     with Image.open(path) as again:
         assert np.array_equal(np.asarray(again), np.asarray(img)[:, ::-1])
-    with pytest.raises(OSError):
-        save_png(img, tmp_path / "missing" / "1.png")
-    assert os.listdir(tmp_path) == ["0.png"]
+    (tmp_path / "dir.png").mkdir()  # the rename fails after the PNG is written: its temporary must go
+    with pytest.raises(UserError, match="it is a folder"):
+        save_png(img, tmp_path / "dir.png")
+    assert sorted(os.listdir(tmp_path)) == ["0.png", "dir.png"]
+    assert save_png(img, tmp_path / "missing" / "1.png") == str(tmp_path / "missing" / "1.png")  # folder made

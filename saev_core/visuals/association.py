@@ -16,7 +16,6 @@ The matrix is collected during the top-k pass (``topk_pass(on_batch=...)``) or b
 """
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -25,8 +24,9 @@ from jaxtyping import Float, Int
 
 from saev_core.visuals import top_images
 from saev_core.errors import UserError
-from saev_core.files import atomic_write, atomic_write_json
+from saev_core.files import atomic_write_json
 from saev_core.store import ActivationStore
+from saev_core.visuals.npz_cache import identity_mismatch, read_npz_with_meta, write_npz_with_meta
 
 ASSOCIATION_VERSION = 1
 MAX_MATRIX_BYTES = 1 << 28
@@ -145,9 +145,9 @@ def json_path(dump_to: str) -> str:
 def save(assoc: Association, identity: top_images.CacheIdentity, dump_to: str, alive: np.ndarray) -> None:
     """cache/association.npz (the arrays, with the top-k cache's identity) and association.json (the lists)."""
     meta = {**dataclasses.asdict(identity), "association_version": ASSOCIATION_VERSION}
-    atomic_write(npz_path(dump_to), lambda f: np.savez(
-        f, meta=np.array(json.dumps(meta)), class_names=np.array(assoc.class_names, dtype=str), auroc=assoc.auroc,
-        top_label_counts=assoc.top_label_counts, n_images=assoc.n_images))
+    write_npz_with_meta(npz_path(dump_to), meta, {
+        "class_names": np.array(assoc.class_names, dtype=str), "auroc": assoc.auroc,
+        "top_label_counts": assoc.top_label_counts, "n_images": assoc.n_images})
     atomic_write_json(json_path(dump_to), {
         "class_names": assoc.class_names,
         "n_images": assoc.n_images.tolist(),
@@ -163,17 +163,15 @@ def save(assoc: Association, identity: top_images.CacheIdentity, dump_to: str, a
 
 def load(dump_to: str, identity: top_images.CacheIdentity | None = None) -> Association | None:
     """The association beside a visuals cache; None when absent, or made for other inputs than ``identity``."""
-    path = npz_path(dump_to)
-    if not os.path.isfile(path):
+    def build(meta: dict, z: dict[str, np.ndarray]) -> tuple[dict, Association]:
+        return meta, Association([str(n) for n in z["class_names"]], z["auroc"], z["top_label_counts"], z["n_images"])
+
+    read = read_npz_with_meta(npz_path(dump_to), ("class_names", "auroc", "top_label_counts", "n_images"), build)
+    if read is None:
         return None
-    try:
-        with np.load(path) as z:
-            meta = json.loads(str(z["meta"]))
-            assoc = Association([str(n) for n in z["class_names"]], z["auroc"], z["top_label_counts"], z["n_images"])
-    except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways
-        raise UserError(f"{path} cannot be read ({type(err).__name__}: {err}); delete it to compute it again.") from None
+    meta, assoc = read
     if meta.get("association_version") != ASSOCIATION_VERSION:
         return None
-    if identity is not None and {k: meta.get(k) for k in dataclasses.asdict(identity)} != dataclasses.asdict(identity):
+    if identity is not None and identity_mismatch(meta, identity):
         return None
     return assoc

@@ -17,7 +17,6 @@ Format: docs/visuals-format.md.
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 
@@ -28,10 +27,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saev_core.errors import UserError
-from saev_core.files import atomic_write
 from saev_core.store.shards import ChunkReader, stream_chunks
 from saev_core.store import ActivationStore
 from saev_core.store.tokens import first_patch
+from saev_core.visuals.npz_cache import identity_mismatch, read_npz_with_meta, write_npz_with_meta
 
 CACHE_VERSION = 1
 HIST_EDGES = np.linspace(-6.0, 4.0, 51)
@@ -294,26 +293,17 @@ def file_sha256(path: str) -> str:
 def save_cache(cache: TopKCache, dump_to: str) -> str:
     """Write the cache as one npz file, atomically."""
     meta = {**dataclasses.asdict(cache.identity), "n_vectors": cache.n_vectors, "hist_edges": HIST_EDGES.tolist()}
-    arrays = {name: getattr(cache, name) for name in _ARRAYS}
-    return atomic_write(cache_path(dump_to), lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays))
+    return write_npz_with_meta(cache_path(dump_to), meta, {name: getattr(cache, name) for name in _ARRAYS})
 
 
 def read_cache(dump_to: str) -> TopKCache | None:
     """The cache under dump_to whatever made it (its identity from its meta); None when there is none; UserError
     when it cannot be read."""
-    path = cache_path(dump_to)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with np.load(path) as z:
-            meta = json.loads(str(z["meta"]))
-            arrays = {name: z[name] for name in _ARRAYS}
-        n_vectors = int(meta["n_vectors"])
+    def build(meta: dict, arrays: dict[str, np.ndarray]) -> TopKCache:
         identity = CacheIdentity(**{f.name: meta.get(f.name) for f in dataclasses.fields(CacheIdentity)})
-    except Exception as err:  # noqa: BLE001 - a damaged file can fail in many ways (zip, JSON, keys, types)
-        raise UserError(f"The top-k cache {path} cannot be read ({type(err).__name__}: {err}); delete it to compute "
-                        "it again.") from None
-    return TopKCache(identity=identity, n_vectors=n_vectors, **arrays)
+        return TopKCache(identity=identity, n_vectors=int(meta["n_vectors"]), **arrays)
+
+    return read_npz_with_meta(cache_path(dump_to), _ARRAYS, build, what="The top-k cache")
 
 
 def load_cache(dump_to: str, identity: CacheIdentity) -> TopKCache | None:
@@ -322,9 +312,8 @@ def load_cache(dump_to: str, identity: CacheIdentity) -> TopKCache | None:
     cache = read_cache(dump_to)
     if cache is None:
         return None
-    stored, wanted = dataclasses.asdict(cache.identity), dataclasses.asdict(identity)
-    if stored != wanted:
-        diff = ", ".join(f"{k}: cache {stored[k]!r} vs now {wanted[k]!r}" for k in wanted if stored[k] != wanted[k])
+    diff = identity_mismatch(dataclasses.asdict(cache.identity), identity)
+    if diff:
         raise UserError(
             f"The top-k cache {cache_path(dump_to)} was made from other inputs ({diff}). Pass another --dump-to, or "
             f"delete {os.path.dirname(cache_path(dump_to))} to compute it again for these."
