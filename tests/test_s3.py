@@ -13,7 +13,7 @@ import pytest
 
 from saev_core.__main__ import main
 from saev_core.store import ActivationStore
-from tests.conftest import write_images
+from tests.helpers import write_images
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from saev_core.record import embedded as embedded_set
 from saev_core.record import images
 from saev_core.errors import UserError
 
-DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "embedded-images.md")
+DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "embedded-images.md")
 
 
 def _write(path, img: Image.Image | None = None, data: bytes | None = None, **save_kw):

@@ -17,7 +17,7 @@ from dagster._core.definitions.observe import observe  # not exported by dagster
 
 from saev_core.store import ActivationStore
 from saev_dagster.definitions import PipelineFileError, build_definitions
-from tests.conftest import tiny_pipeline_text, write_images
+from tests.helpers import tiny_pipeline_text, write_images
 
 LAYERS = [0, -1]
 
@@ -238,7 +238,7 @@ def test_dagster_dev_serves_the_asset_graph(tmp_path):
     proc = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "dagster"), "dev", "-w", "workspace.yaml",
          "-h", "127.0.0.1", "-p", str(port)],
-        cwd=os.path.dirname(os.path.dirname(__file__)), env=env, start_new_session=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -498,7 +498,7 @@ def test_activations_check_catches_a_store_that_does_not_match_the_vit(pipeline_
 
 
 def test_the_instance_template_limits_the_gpu_pool_that_the_heavy_assets_use(tmp_path):
-    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(__file__)), "deploy", "dagster.yaml"), tmp_path)
+    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "deploy", "dagster.yaml"), tmp_path)
     instance = dg.DagsterInstance.from_config(str(tmp_path))
     assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
     defs = build_definitions()

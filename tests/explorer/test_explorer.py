@@ -21,10 +21,10 @@ from saev_core.train import trainer
 from saev_core.visuals import render
 from saev_core.__main__ import main
 from saev_core.analysis.inference import explain
-from tests.conftest import write_images
-from tests.test_gallery import CHROMIUM, Chromium
+from tests.helpers import write_images
+from tests.browser import CHROMIUM, Chromium
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WIDE = dict(log_freq_range=(-10.0, 0.0), log_value_range=(-10.0, 10.0))
 
 

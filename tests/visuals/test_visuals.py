@@ -15,7 +15,7 @@ from saev_core.train import trainer
 from saev_core.visuals import render
 from saev_core.__main__ import main
 from saev_core.errors import UserError
-from tests.conftest import write_images
+from tests.helpers import write_images
 
 N_IMGS = 12
 

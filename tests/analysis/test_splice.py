@@ -14,8 +14,8 @@ from saev_core.store import stats
 from saev_core.record import vit as vitlib
 from saev_core.__main__ import main
 from saev_core.store import ActivationStore
-from tests.conftest import exact_relu_sae
-from tests.tiny_run import tiny_run
+from tests.helpers import exact_relu_sae
+from tests.helpers import tiny_run
 
 LAYER = 0  # block 0 of the 2-block tiny ViT: block 1 mixes the patches into the CLS token that is pooled
 

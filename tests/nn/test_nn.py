@@ -8,7 +8,7 @@ import torch
 
 from saev_core import config, nn
 from saev_core.errors import UserError
-from tests.conftest import exact_relu_sae
+from tests.helpers import exact_relu_sae
 
 D_VIT, EXP, BATCH = 16, 4, 32
 D_SAE = D_VIT * EXP

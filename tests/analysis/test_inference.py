@@ -15,7 +15,7 @@ from saev_core.visuals import top_images
 from saev_core.errors import UserError
 from saev_core.analysis.inference import explain
 from saev_core.store import ActivationStore
-from tests.tiny_run import tiny_run
+from tests.helpers import tiny_run
 
 
 @pytest.fixture(scope="module")

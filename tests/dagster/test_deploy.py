@@ -11,7 +11,7 @@ import yaml
 from saev_dagster import deployment
 from saev_dagster.definitions import build_definitions
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPU = "nvidia.com/gpu"
 
 

@@ -17,7 +17,7 @@ from saev_core.record import vit as vitlib
 from saev_core.__main__ import main
 from saev_core.config import ImageFolderDataset
 from saev_core.store import ActivationStore
-from tests.conftest import write_images
+from tests.helpers import write_images
 
 
 def record(capsys, ckpt, root, dump_to, *extra, family="clip", data_flags=()) -> str:

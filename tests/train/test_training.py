@@ -270,7 +270,7 @@ def test_sweep_killed_mid_way_resumes_to_the_uninterrupted_weights(store, tmp_pa
         trainer.train_sweep(resume_cfgs(store, {str(killed)!r}), show_progress=False,
                              on_log=lambda *a: time.sleep(0.02))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", child], cwd=os.path.dirname(os.path.dirname(__file__)),
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120

@@ -9,7 +9,7 @@ import zarr
 from PIL import Image
 
 from saev_core.__main__ import main
-from tests.conftest import write_images
+from tests.helpers import write_images
 
 
 def run(capsys, argv) -> str:

@@ -1,0 +1,114 @@
+"""Helpers the tests share: small images, a tiny pipeline file, an exact SAE, a tiny recorded-and-trained run.
+Imported by name (``from tests.helpers import write_images``), never through conftest.py, so a reader sees where a
+helper comes from."""
+
+import os
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+
+def write_images(root, n: int, size=(64, 48)) -> list[str]:
+    """n small random images spread over two classes; returns their relative paths."""
+    rng = np.random.default_rng(n)
+    rels = []
+    for i in range(n):
+        rel = f"{'cat' if i % 2 else 'dog'}/img{i:03d}.png"
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(path)
+        rels.append(rel)
+    return rels
+
+
+def tiny_pipeline_text(root, vit_ckpt: str, layers, max_frac_dead: float = 1.0) -> str:
+    """A pipeline file for the tiny ViT, small enough for a test: the images in ``root/imgs`` (write them with
+    ``write_images``), every output under ``root``, a sweep of two learning rates, visuals of every member."""
+    root = pathlib.Path(root)
+    return f"""
+[activations]
+vit_family = "clip"
+vit_ckpt = "{vit_ckpt}"
+vit_layers = {list(layers)}
+dump_to = "{root / 'acts'}"
+n_patches_per_shard = {4 * 50 * 2}
+n_workers = 0
+
+[activations.data]
+kind = "image-folder-dataset"
+root = "{root / 'imgs'}"
+
+[train]
+n_patches = 2048
+sae_batch_size = 64
+lr = 1e-3
+n_lr_warmup = 2
+ckpt_path = "{root / 'ckpts'}"
+
+[train.data]
+val_frac = 0.2
+
+[train.sae]
+d_vit = 64
+exp_factor = 2
+arch = "topk"
+k = 4
+
+[sweep]
+lr = [1e-3, 3e-3]
+
+[visuals]
+members = "all"
+dump_to = "{root / 'visuals'}"
+top_k = 4
+n_imgs_per_latent = 3
+log_freq_range = [-10.0, 0.0]
+log_value_range = [-10.0, 10.0]
+device = "cpu"
+
+[checks]
+max_frac_dead = {max_frac_dead}
+"""
+
+
+def exact_relu_sae(d_vit: int):
+    """relu(x) - relu(-x) = x: a relu SAE (exp_factor 2, no bias, weights 0 and +-1) whose reconstruction of its
+    normalised input is exact, and whose latents j and d_vit + j are the positive and negative parts of x_j."""
+    import torch
+
+    from saev_core import config, nn
+
+    sae = nn.make_sae(config.SparseAutoencoderConfig(d_vit=d_vit, exp_factor=2, arch="relu"))
+    eye = torch.eye(d_vit)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def tiny_run(root, tiny_clip_ckpt: str, n_imgs: int = 16, layer: int = -1, exp_factor: int = 2,
+             vit_ckpt: str | None = None) -> tuple[str, str, str]:
+    """(image folder, store path, sae.pt) under ``root``: n_imgs random images in two classes (cat, dog), recorded
+    with the tiny CLIP (``vit_ckpt`` overrides the checkpoint string, e.g. a relative path), one topk SAE trained."""
+    from saev_core import config
+    from saev_core.__main__ import main
+    from saev_core.train import trainer
+
+    root = str(root)
+    write_images(os.path.join(root, "imgs"), n_imgs, size=(64, 48))
+    argv = ["activations", "--vit-family", "clip", "--vit-ckpt", vit_ckpt or tiny_clip_ckpt, "--vit-layers",
+            str(layer), "--dump-to", os.path.join(root, "acts"), "--n-workers", "0", "data:image-folder-dataset",
+            "--data.root", os.path.join(root, "imgs")]
+    assert main(argv) == 0
+    store = next(os.path.join(root, "acts", p) for p in os.listdir(os.path.join(root, "acts"))
+                 if os.path.isdir(os.path.join(root, "acts", p)))
+    cfg = config.TrainConfig(
+        data=config.DataLoadConfig(shard_root=store, layer=layer, val_frac=0.25),
+        sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=exp_factor, arch="topk", k=8), n_patches=40 * 64,
+        sae_batch_size=64, n_lr_warmup=5, ckpt_path=os.path.join(root, "ckpt"), device="cpu", log_every=1000,
+    )
+    [result] = trainer.train_sweep([cfg], show_progress=False)
+    return os.path.join(root, "imgs"), store, result.ckpt_path
