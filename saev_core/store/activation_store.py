@@ -7,6 +7,7 @@ written, so a killed writer never leaves a block that looks complete.
 
 import contextlib
 import functools
+import time
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import zarr
+import zarr.errors
 
 from saev_core.errors import UserError
 from saev_core.files import check_url, is_url, join, write_error
@@ -254,12 +256,24 @@ class ActivationStore:
     # -- normalisation statistics (filled by training) -----------------------------------------------------------
 
     def write_stats(self, layer: int, patches: str, mean: np.ndarray, scale: float, n_vectors: int) -> None:
-        """Store the mean vector and norm scale of a layer for one token mode (patches, cls, meanpool)."""
+        """Store the mean vector and norm scale of a layer for one token mode (patches, cls, meanpool). Two fan-out
+        parts that finish together may both write them (the same numbers): nothing here deletes what the other
+        wrote, and a collision inside zarr's look-then-create is retried."""
         name = f"stats/{layer_name(self.recorded_layer(layer))}/{patches}"
-        group = zarr.open_group(self.group.store, path=name, mode="a")
-        arr = group.create_array("mean", shape=mean.shape, dtype="float64", overwrite=True, compressors=None)
-        arr[:] = mean.astype(np.float64)
-        group.attrs.update({"scale": float(scale), "n_vectors": int(n_vectors)})
+        for attempt in range(5):
+            try:
+                group = zarr.open_group(self.group.store, path=name, mode="a")
+                try:
+                    arr = group.create_array("mean", shape=mean.shape, dtype="float64", compressors=None)
+                except zarr.errors.ContainsArrayError:
+                    arr = group["mean"]
+                arr[:] = mean.astype(np.float64)
+                group.attrs.update({"scale": float(scale), "n_vectors": int(n_vectors)})
+                return
+            except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileNotFoundError, KeyError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def read_stats(self, layer: int, patches: str) -> tuple[np.ndarray, float] | None:
         name = f"stats/{layer_name(self.recorded_layer(layer))}/{patches}"

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -233,3 +234,30 @@ def test_every_non_finite_value_is_refused_but_huge_finite_values_pass(tmp_path,
     with pytest.raises(UserError, match="NaN or Inf"):
         store.write_block(1, block)
     assert store.missing_blocks() == [1, 2]
+
+
+def test_statistics_written_by_parts_finishing_together_are_whole(tmp_path):
+    """Fan-out parts that finish at once all write the statistics (the same numbers); none may fail or leave them
+    half-written (zarr's look-then-create raced, and overwriting deleted the other writer's array)."""
+    import threading
+
+    store = write_store(str(tmp_path / "s"), lambda s, e: np.ones((1, e - s, 3, 4), np.float32), shape=(8, 3, 4),
+                        imgs_per_shard=4, fingerprint="x")
+    errors = []
+
+    def write():
+        try:
+            ActivationStore.open(store.path, mode="r+").write_stats(-2, "patches", np.arange(4.0), 2.0, 8)
+        except Exception as err:  # noqa: BLE001 (any failure of a writer is what this test looks for)
+            errors.append(repr(err))
+
+    for _ in range(20):
+        shutil.rmtree(os.path.join(store.path, "stats", "layer_-2"), ignore_errors=True)
+        writers = [threading.Thread(target=write) for _ in range(4)]
+        for t in writers:
+            t.start()
+        for t in writers:
+            t.join()
+        mean, scale = ActivationStore.open(store.path).read_stats(-2, "patches")
+        assert scale == 2.0 and np.array_equal(mean, np.arange(4.0))
+    assert errors == []
