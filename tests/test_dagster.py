@@ -305,6 +305,72 @@ def test_sae_sweep_before_activations_is_a_clear_failure(pipeline_file):
     assert "activations[0] has never been materialized" in str(result.failure_data_for_node("sae_sweep").error)
 
 
+def test_a_user_error_in_an_asset_body_is_a_failure_whose_description_is_the_message(tmp_path):
+    """Bad input raised anywhere in a body (here the pipeline file, read inside sae_sweep) fails the step with the
+    message alone: no traceback of saev_core behind it."""
+    from saev_core.errors import UserError
+    from saev_core.pipeline import load_pipeline
+    from saev_dagster.resources import SaevPipeline
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[activations]\nvit_bathc_size = 3\n")
+    with pytest.raises(UserError) as err:
+        load_pipeline(str(bad))
+    defs = build_definitions()  # the demo pipeline's graph, run against the bad file
+    layer = defs.resolve_assets_def("sae_sweep").partitions_def.get_partition_keys()[0]
+    result = dg.materialize([*defs.assets, *defs.asset_checks], selection=["sae_sweep"], partition_key=layer,
+                            resources={**defs.resources, "saev_pipeline": SaevPipeline(path=str(bad))},
+                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    (failure,) = [e.step_failure_data for e in result.all_events if e.is_step_failure]
+    assert failure.user_failure_data.description == str(err.value)
+    assert failure.error.cls_name == "Failure" and failure.error.cause is None
+
+
+def _step_failure(body) -> "dg.StepFailureData":
+    from saev_dagster.failures import user_errors_fail_cleanly
+
+    asset = dg.asset(name="toy")(user_errors_fail_cleanly(body))
+    result = dg.materialize([asset], instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    (failure,) = [e.step_failure_data for e in result.all_events if e.is_step_failure]
+    return failure
+
+
+def test_only_user_errors_become_clean_failures_from_plain_and_yielding_bodies():
+    from saev_core.errors import UserError
+
+    def plain(error: Exception):
+        def body():
+            raise error
+        return body
+
+    def yielding(error: Exception):
+        def body():
+            raise error
+            yield dg.MaterializeResult()
+        return body
+
+    for wrap in (plain, yielding):
+        failure = _step_failure(wrap(UserError("--lr -1: must be positive.")))
+        assert failure.user_failure_data.description == "--lr -1: must be positive.", wrap
+        failure = _step_failure(wrap(ZeroDivisionError("a bug")))
+        assert failure.user_failure_data is None, wrap
+        assert failure.error.cause.cls_name == "ZeroDivisionError" and failure.error.cause.stack, wrap  # its traceback
+
+
+def test_every_body_of_the_code_location_turns_user_errors_into_clean_failures(pipeline_file):
+    defs = build_definitions()
+    bodies = {}
+    for a in defs.assets:
+        if isinstance(a, dg.SourceAsset):
+            bodies[a.key.to_user_string()] = a.observe_fn
+        else:
+            bodies.update({op.name: op.compute_fn.decorated_fn for op in a.node_def.iterate_op_defs()})
+    for check in defs.asset_checks:
+        bodies.update({op.name: op.compute_fn.decorated_fn for op in check.node_def.iterate_op_defs()})
+    assert {"sae_checkpoints", "dropped_sae_visuals", "activations_store", "topk_visuals_visuals_complete"} <= set(bodies)
+    assert [name for name, fn in bodies.items() if not getattr(fn, "fails_cleanly", False)] == []
+
+
 def test_topk_visuals_renders_every_member_and_its_check_sees_a_deleted_png(pipeline_file, tmp_path):
     instance = dg.DagsterInstance.ephemeral()
     defs = build_definitions()

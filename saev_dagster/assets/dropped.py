@@ -4,8 +4,9 @@ which renders visuals for every file dropped there and again for a file changed 
 
 import dagster as dg
 
+from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.metadata import png_markdown
-from saev_dagster.resources import SaevPipeline, fail_clearly
+from saev_dagster.resources import SaevPipeline
 
 SAE_FILES = dg.DynamicPartitionsDefinition(name="sae_files")
 GROUP = "dropped"
@@ -18,10 +19,11 @@ def build_dropped_assets(observe_cron: str) -> list:
         description="SAE checkpoint files in the [watch] folder; one partition per file name.",
         automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
     )
+    @user_errors_fail_cleanly
     def sae_checkpoints(context, saev_pipeline: SaevPipeline) -> dg.DataVersionsByPartition:
         from saev_core.pipeline import watch
 
-        files = fail_clearly(watch.sae_files, saev_pipeline.load().watch_folder)
+        files = watch.sae_files(saev_pipeline.load().watch_folder)
         new = [name for name in files if not context.instance.has_dynamic_partition(SAE_FILES.name, name)]
         if new:
             context.instance.add_dynamic_partitions(SAE_FILES.name, new)
@@ -35,11 +37,12 @@ def build_dropped_assets(observe_cron: str) -> list:
         description="Top-k visuals of one SAE file of the [watch] folder (saev 0.1.0 files need a provenance "
                     "sidecar, <file>.provenance.json).",
     )
+    @user_errors_fail_cleanly
     def dropped_sae_visuals(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
         from saev_core import pipeline
         from saev_core.visuals import gallery
 
-        result = fail_clearly(pipeline.dropped_sae_visuals, saev_pipeline.load(), context.partition_key)
+        result = pipeline.dropped_sae_visuals(saev_pipeline.load(), context.partition_key)
         return dg.MaterializeResult(metadata={
             "gallery": dg.MetadataValue.path(result.index_html),
             "preview": png_markdown(gallery.preview_grid(result.dump_to, result.latents[:4], 6), "top images"),

@@ -2,8 +2,9 @@
 
 import dagster as dg
 
+from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.metadata import latest_store_path, png_markdown, table
-from saev_dagster.resources import SaevPipeline, fail_clearly
+from saev_dagster.resources import SaevPipeline
 
 CHECK = "sweep_is_healthy"
 MEMBER_COLUMNS = [("member_id", "string"), ("sae.arch", "string"), ("sae.exp_factor", "int"), ("sae.k", "int"),
@@ -31,14 +32,15 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version:
         pool="gpu",
         description="Every SAE of the pipeline's [sweep], trained together from one pass over this layer.",
     )
+    @user_errors_fail_cleanly
     def sae_sweep(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
         from saev_core import pipeline
 
         layer = int(context.partition_key)
         pipe = saev_pipeline.load()
         store_path = latest_store_path(context, context.partition_key)
-        sweep = fail_clearly(pipeline.train_layer, pipe, layer, store_path, show_progress=False,
-                             on_log=_log_to(context), on_note=context.log.warning)
+        sweep = pipeline.train_layer(pipe, layer, store_path, show_progress=False,
+                                     on_log=_log_to(context), on_note=context.log.warning)
         columns = [c for c in MEMBER_COLUMNS if c[0] in sweep.table]
         return dg.MaterializeResult(
             metadata={

@@ -8,7 +8,8 @@ import dagster as dg
 
 from dagster._core.definitions.data_version import DATA_VERSION_TAG  # the tag observations carry (not exported)
 
-from saev_dagster.resources import SaevPipeline, fail_clearly
+from saev_dagster.failures import user_errors_fail_cleanly
+from saev_dagster.resources import SaevPipeline
 
 GROUP = "recording"
 
@@ -21,6 +22,7 @@ def build_sources(observe_cron: str) -> list[dg.SourceAsset]:
         description="The ViT checkpoint named in the pipeline file; data version = content fingerprint of the file.",
         automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
     )
+    @user_errors_fail_cleanly
     def vit_checkpoint(saev_pipeline: SaevPipeline) -> dg.ObserveResult:
         return observe_checkpoint(saev_pipeline.load())
 
@@ -29,6 +31,7 @@ def build_sources(observe_cron: str) -> list[dg.SourceAsset]:
         description="The image set named in the pipeline file; data version = fingerprint of (path, size, mtime).",
         automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
     )
+    @user_errors_fail_cleanly
     def image_source(saev_pipeline: SaevPipeline) -> dg.ObserveResult:
         return observe_images(saev_pipeline.load())
 
@@ -40,9 +43,9 @@ def observe_checkpoint(pipe) -> dg.ObserveResult:
     random_vit the pipeline makes its checkpoint: a fresh instance's first observation creates the file."""
     from saev_core import pipeline
 
-    fail_clearly(pipeline.prepare_demo_checkpoint, pipe)
-    version = fail_clearly(pipe.checkpoint_fingerprint)
-    path = fail_clearly(pipe.checkpoint_file)
+    pipeline.prepare_demo_checkpoint(pipe)
+    version = pipe.checkpoint_fingerprint()
+    path = pipe.checkpoint_file()
     metadata = {"vit_ckpt": pipe.activations.vit_ckpt}
     if path is not None and os.path.isfile(path):
         st = os.stat(path)
@@ -57,7 +60,7 @@ def observe_images(pipe) -> dg.ObserveResult:
     """image_source's data version (fingerprint of the image list) and what was observed."""
     from saev_core.record import images
 
-    source = fail_clearly(pipe.image_source)
+    source = pipe.image_source()
     return dg.ObserveResult(
         data_version=dg.DataVersion(images.image_list_fingerprint(source)),
         metadata={"root": dg.MetadataValue.path(source.root), "n_images": len(source),

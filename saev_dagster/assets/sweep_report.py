@@ -3,8 +3,9 @@ PCA baseline at matched L0; inline here and written as report.md + PNGs beside t
 
 import dagster as dg
 
+from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.metadata import latest_values, png_markdown, table
-from saev_dagster.resources import SaevPipeline, fail_clearly
+from saev_dagster.resources import SaevPipeline
 
 COLUMNS = [("layer", "int"), ("member_id", "string"), ("sae.arch", "string"), ("sae.k", "int"), ("lr", "float"),
            ("nmse", "float"), ("pca_nmse_at_l0", "float"), ("l0", "float"), ("frac_dead_train", "float"),
@@ -24,6 +25,7 @@ def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsD
         description="Every sweep member of every layer, the chosen member per layer ([report] rule), and L0-vs-NMSE "
                     "plots with a PCA baseline at matched L0.",
     )
+    @user_errors_fail_cleanly
     def sweep_report(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
         from saev_core import pipeline
         from saev_core.analysis import report
@@ -31,7 +33,7 @@ def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsD
         csvs = {int(k): v for k, v in latest_values(context, "sae_sweep", layers, "sweep_csv").items()}
         if not csvs:
             raise dg.Failure(description="No layer's sae_sweep has been materialized yet; materialize sae_sweep first.")
-        path, reports = fail_clearly(pipeline.sweep_report, saev_pipeline.load(), csvs)
+        path, reports = pipeline.sweep_report(saev_pipeline.load(), csvs)
         rows = report.member_rows(reports)
         metadata = {
             "members": table(rows, [c for c in COLUMNS if any(c[0] in r for r in rows)]),

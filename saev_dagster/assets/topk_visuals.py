@@ -2,8 +2,9 @@
 
 import dagster as dg
 
+from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.metadata import latest_materialization_value, png_markdown
-from saev_dagster.resources import SaevPipeline, fail_clearly
+from saev_dagster.resources import SaevPipeline
 
 CHECK = "visuals_complete"
 
@@ -22,6 +23,7 @@ def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_versi
         pool="gpu",
         description="For each chosen sweep member: every selected latent's top images as heatmaps, and a gallery.",
     )
+    @user_errors_fail_cleanly
     def topk_visuals(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
         from saev_core import pipeline
         from saev_core.visuals import gallery
@@ -29,7 +31,7 @@ def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_versi
         layer = int(context.partition_key)
         pipe = saev_pipeline.load()
         sweep_csv = latest_materialization_value(context, "sae_sweep", context.partition_key, "sweep_csv")
-        members = fail_clearly(pipeline.visuals_for_layer, pipe, layer, sweep_csv, show_progress=False)
+        members = pipeline.visuals_for_layer(pipe, layer, sweep_csv, show_progress=False)
         metadata = {
             "n_members": len(members),
             "n_latents": sum(len(m.result.latents) for m in members),
@@ -52,6 +54,7 @@ def build_topk_visuals_check(partitions_def: dg.PartitionsDefinition) -> dg.Asse
         asset="topk_visuals", name=CHECK, blocking=True, partitions_def=partitions_def,
         description="Every selected latent of every chosen member has all its heatmaps and metadata on disk.",
     )
+    @user_errors_fail_cleanly
     def visuals_complete(context: dg.AssetCheckExecutionContext,
                                     saev_pipeline: SaevPipeline) -> dg.AssetCheckResult:
         from saev_core import pipeline
