@@ -9,6 +9,7 @@ import time
 
 import dagster as dg
 
+from saev_dagster.assets.common import GPU_POOL, stage_asset_kwargs
 from saev_dagster.assets.sources import as_observation, observe_checkpoint, observe_images
 from saev_dagster.config import ActivationsRunConfig
 from saev_dagster.failures import user_errors_fail_cleanly
@@ -50,7 +51,7 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
             yield dg.DynamicOutput({"layers": list(layers), "overrides": config.overrides(), "part": i, "n": n,
                                     "start": time.time()}, mapping_key=f"part_{i}")
 
-    @dg.op(tags=gpu_op_tags(device), pool="gpu")
+    @dg.op(tags=gpu_op_tags(device), pool=GPU_POOL)
     @user_errors_fail_cleanly
     def record_activations_part(context: dg.OpExecutionContext, job: dict, saev_pipeline: SaevPipeline) -> dict:
         """Record this job's block range (all of it when n = 1); the last writer writes the statistics."""
@@ -108,18 +109,18 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
             metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none")},
         )
 
+    settings = stage_asset_kwargs("recording", {"pytorch", "zarr"}, code_version)
+
     @dg.graph_multi_asset(
         name="activations",
         outs={"activations": dg.AssetOut(
-            key="activations", dagster_type=dg.Nothing, kinds={"pytorch", "zarr"},
-            tags={"stage": "recording"}, owners=["team:saev"], code_version=code_version,
-            automation_condition=dg.AutomationCondition.eager(),
+            key="activations", dagster_type=dg.Nothing, **settings,
             description="ViT residual-stream activations of the pipeline's images, one zarr array per layer.",
         )},
         ins={"vit_checkpoint": dg.AssetIn(dagster_type=dg.Nothing), "image_source": dg.AssetIn(dagster_type=dg.Nothing)},
         partitions_def=partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),
-        group_name="recording",
+        group_name=settings["group_name"],  # graph_multi_asset ignores an AssetOut's group (dagster 1.13)
         check_specs=[dg.AssetCheckSpec(
             CHECK, asset="activations", blocking=True,
             description="Every block is complete, and a fresh forward pass over a few sampled images reproduces "

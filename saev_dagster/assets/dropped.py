@@ -4,6 +4,7 @@ which renders visuals for every file dropped there and again for a file changed 
 
 import dagster as dg
 
+from saev_dagster.assets.common import source_asset_kwargs, stage_asset_kwargs
 from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.metadata import png_markdown
 from saev_dagster.resources import SaevPipeline
@@ -14,10 +15,9 @@ GROUP = "dropped"
 
 def build_dropped_assets(observe_cron: str) -> list:
     @dg.observable_source_asset(
-        name="sae_checkpoints", partitions_def=SAE_FILES, group_name=GROUP, kinds={"pytorch", "folder"},
-        tags={"stage": "visuals"},
+        name="sae_checkpoints", partitions_def=SAE_FILES,
+        **source_asset_kwargs("visuals", {"pytorch", "folder"}, observe_cron, group=GROUP),
         description="SAE checkpoint files in the [watch] folder; one partition per file name.",
-        automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
     )
     @user_errors_fail_cleanly
     def sae_checkpoints(context, saev_pipeline: SaevPipeline) -> dg.DataVersionsByPartition:
@@ -31,9 +31,8 @@ def build_dropped_assets(observe_cron: str) -> list:
         return dg.DataVersionsByPartition({name: dg.DataVersion(v) for name, v in files.items()})
 
     @dg.asset(
-        name="dropped_sae_visuals", partitions_def=SAE_FILES, deps=["sae_checkpoints"], group_name=GROUP,
-        automation_condition=dg.AutomationCondition.eager(), kinds={"pytorch", "html"}, tags={"stage": "visuals"},
-        owners=["team:saev"], pool="gpu",
+        name="dropped_sae_visuals", partitions_def=SAE_FILES, deps=["sae_checkpoints"],
+        **stage_asset_kwargs("visuals", {"pytorch", "html"}, group=GROUP, gpu=True),
         description="Top-k visuals of one SAE file of the [watch] folder (saev 0.1.0 files need a provenance "
                     "sidecar, <file>.provenance.json).",
     )

@@ -8,28 +8,25 @@ import dagster as dg
 
 from dagster._core.definitions.data_version import DATA_VERSION_TAG  # the tag observations carry (not exported)
 
+from saev_dagster.assets.common import source_asset_kwargs
 from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.resources import SaevPipeline
-
-GROUP = "recording"
 
 
 def build_sources(observe_cron: str) -> list[dg.SourceAsset]:
     """The two sources, observed on the pipeline's [automation] observe_cron."""
 
     @dg.observable_source_asset(
-        name="vit_checkpoint", group_name=GROUP, kinds={"pytorch"}, tags={"stage": "recording"},
+        name="vit_checkpoint", **source_asset_kwargs("recording", {"pytorch"}, observe_cron),
         description="The ViT checkpoint named in the pipeline file; data version = content fingerprint of the file.",
-        automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
     )
     @user_errors_fail_cleanly
     def vit_checkpoint(saev_pipeline: SaevPipeline) -> dg.ObserveResult:
         return observe_checkpoint(saev_pipeline.load())
 
     @dg.observable_source_asset(
-        name="image_source", group_name=GROUP, kinds={"folder"}, tags={"stage": "recording"},
+        name="image_source", **source_asset_kwargs("recording", {"folder"}, observe_cron),
         description="The image set named in the pipeline file; data version = fingerprint of (path, size, mtime).",
-        automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
     )
     @user_errors_fail_cleanly
     def image_source(saev_pipeline: SaevPipeline) -> dg.ObserveResult:

@@ -3,6 +3,7 @@ PCA baseline at matched L0; inline here and written as report.md + PNGs beside t
 
 import dagster as dg
 
+from saev_dagster.assets.common import stage_asset_kwargs
 from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.metadata import latest_values, png_markdown, table
 from saev_dagster.resources import SaevPipeline
@@ -16,12 +17,7 @@ def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsD
     @dg.asset(
         name="sweep_report",
         deps=["sae_sweep", "topk_visuals"],
-        automation_condition=dg.AutomationCondition.eager(),
-        group_name="report",
-        kinds={"pandas", "markdown"},
-        tags={"stage": "report"},
-        owners=["team:saev"],
-        code_version=code_version,
+        **stage_asset_kwargs("report", {"pandas", "markdown"}, code_version),
         description="Every sweep member of every layer, the chosen member per layer ([report] rule), and L0-vs-NMSE "
                     "plots with a PCA baseline at matched L0.",
     )

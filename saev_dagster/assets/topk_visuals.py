@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from saev_dagster.assets.common import stage_asset_kwargs
 from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.metadata import latest_materialization_value, png_markdown
 from saev_dagster.resources import SaevPipeline
@@ -14,13 +15,7 @@ def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_versi
         name="topk_visuals",
         partitions_def=partitions_def,
         deps=["sae_sweep"],
-        automation_condition=dg.AutomationCondition.eager(),
-        group_name="visuals",
-        kinds={"pytorch", "html"},
-        tags={"stage": "visuals"},
-        owners=["team:saev"],
-        code_version=code_version,
-        pool="gpu",
+        **stage_asset_kwargs("visuals", {"pytorch", "html"}, code_version, gpu=True),
         description="For each chosen sweep member: every selected latent's top images as heatmaps, and a gallery.",
     )
     @user_errors_fail_cleanly
