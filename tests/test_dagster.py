@@ -13,9 +13,9 @@ import urllib.request
 
 import dagster as dg
 import pytest
-from dagster._core.definitions.observe import observe  # not exported by dagster 1.13's top level
 
 from saev_core.store import ActivationStore
+from saev_dagster.assets.sources import observe_sources
 from saev_dagster.definitions import PipelineFileError, build_definitions
 from tests.conftest import tiny_pipeline_text, write_images
 
@@ -57,6 +57,18 @@ def test_definitions_import_no_torch():
     code = "import sys, saev_dagster.definitions as d; d.defs; print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_only_one_module_imports_from_dagsters_private_modules():
+    """A Dagster upgrade that moves a private name breaks saev_dagster/dagster_private.py and nothing else."""
+    import re
+
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "saev_dagster")
+    private = re.compile(r"^\s*(from|import)\s+dagster\._", re.M)
+    importers = sorted(os.path.relpath(os.path.join(folder, name), package)
+                       for folder, _, names in os.walk(package) for name in names
+                       if name.endswith(".py") and private.search(open(os.path.join(folder, name)).read()))
+    assert importers == ["dagster_private.py"]
 
 
 def test_asset_graph_of_the_demo_pipeline():
@@ -166,9 +178,8 @@ def test_new_checkpoint_weights_request_new_activations(pipeline_file, own_ckpt,
     from saev_core.record.vit import save_random_weights
 
     defs = build_definitions()
-    sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
     instance = dg.DagsterInstance.ephemeral()
-    observe(sources, instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     assert _materialize_all_layers(instance, defs=defs).success
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     nothing = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
@@ -177,7 +188,7 @@ def test_new_checkpoint_weights_request_new_activations(pipeline_file, own_ckpt,
     weights = own_ckpt.split("/", 1)[1]
     save_random_weights("clip", "saev-tiny-clip", tmp_path / "new.pt", seed=5)
     os.replace(tmp_path / "new.pt", weights)
-    observe(sources, instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=nothing.cursor)
     assert after.get_requested_partitions(dg.AssetKey("activations")) == {"0", "-1"}
 
@@ -192,7 +203,7 @@ def test_a_backfill_before_any_observation_is_not_recorded_again_when_the_cron_o
     store = ActivationStore.open(mat.metadata["store_path"].value)
     assert mat.tags["dagster/input_data_version/vit_checkpoint"] == store.metadata["fingerprints"]["vit_ckpt"]
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
-    observe([a for a in defs.assets if isinstance(a, dg.SourceAsset)], instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert after.get_requested_partitions(dg.AssetKey("activations")) == set()
 
@@ -208,8 +219,7 @@ def test_a_fresh_demo_instance_observes_the_random_weights_it_makes(tmp_path, mo
     path.write_text("[demo]\nrandom_vit = true\n" + tiny_pipeline_text(tmp_path, f"saev-tiny-clip/{made}", LAYERS))
     monkeypatch.setenv("SAEV_PIPELINE", str(path))
     defs = build_definitions()
-    result = observe([a for a in defs.assets if isinstance(a, dg.SourceAsset)], instance=dg.DagsterInstance.ephemeral(),
-                     resources=defs.resources)
+    result = observe_sources(defs, dg.DagsterInstance.ephemeral())
     assert result.success and made.is_file()
     versions = {e.asset_key.to_user_string(): e.event_specific_data.asset_observation.data_version
                 for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"}
@@ -219,8 +229,7 @@ def test_a_fresh_demo_instance_observes_the_random_weights_it_makes(tmp_path, mo
 def test_observations_say_what_was_observed(pipeline_file, own_ckpt, tmp_path):
     defs = build_definitions()
     instance = dg.DagsterInstance.ephemeral()
-    result = observe([a for a in defs.assets if isinstance(a, dg.SourceAsset)], instance=instance,
-                     resources=defs.resources)
+    result = observe_sources(defs, instance)
     obs = {e.asset_key.to_user_string(): e.event_specific_data.asset_observation.metadata
            for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"}
     weights = own_ckpt.split("/", 1)[1]
@@ -471,8 +480,7 @@ def test_dropped_sae_files_get_their_own_visuals_and_only_those(pipeline_file, t
     assert _materialize_sweep(instance, "-1").success
     trained = sorted((tmp_path / "ckpts" / "layer_-1").glob("*/sae.pt"))[0]
     shutil.copy(trained, tmp_path / "watch" / "a.pt")
-    sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
-    observe(sources, instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     assert instance.get_dynamic_partitions("sae_files") == ["a.pt"]
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     result = materialize(defs, ["dropped_sae_visuals"], instance, partition_key="a.pt")
@@ -482,7 +490,7 @@ def test_dropped_sae_files_get_their_own_visuals_and_only_those(pipeline_file, t
 
     # A new file requests its own visuals and nothing else.
     shutil.copy(trained, tmp_path / "watch" / "b.pt")
-    observe(sources, instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=settled.cursor)
     assert after.get_requested_partitions(dg.AssetKey("dropped_sae_visuals")) == {"b.pt"}
     for key in ("activations", "sae_sweep", "topk_visuals"):
@@ -492,7 +500,7 @@ def test_dropped_sae_files_get_their_own_visuals_and_only_those(pipeline_file, t
     bare = nn.load(trained)
     bare.provenance = {}
     nn.dump(tmp_path / "watch" / "old.pt", bare)
-    observe(sources, instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     failed = materialize(defs, ["dropped_sae_visuals"], instance, partition_key="old.pt", raise_on_error=False)
     assert not failed.success
     assert "old.pt.provenance.json" in str(failed.failure_data_for_node("dropped_sae_visuals").error)
@@ -507,14 +515,13 @@ def test_a_changed_checkpoint_requests_the_whole_graph_with_activations_in_one_r
     assert demo.main(["--pipeline", str(pipeline_file), "--dagster-home", str(home)]) == 0
     instance = dg.DagsterInstance.from_config(str(home))
     defs = build_definitions()
-    sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     quiet = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert quiet.total_requested == 0
 
     save_random_weights("clip", "saev-tiny-clip", tmp_path / "new.pt", seed=9)
     os.replace(tmp_path / "new.pt", own_ckpt.split("/", 1)[1])
-    observe(sources, instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=quiet.cursor)
     every_layer = {str(x) for x in LAYERS}
     for key in ("activations", "sae_sweep", "topk_visuals"):

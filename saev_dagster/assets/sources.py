@@ -6,11 +6,12 @@ import os
 
 import dagster as dg
 
-from dagster._core.definitions.data_version import DATA_VERSION_TAG  # the tag observations carry (not exported)
-
 from saev_dagster.assets.common import source_asset_kwargs
+from saev_dagster.dagster_private import DATA_VERSION_TAG
 from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.resources import SaevPipeline
+
+OBSERVE_JOB = "in_process_observation_job"
 
 
 def build_sources(observe_cron: str) -> list[dg.SourceAsset]:
@@ -69,3 +70,13 @@ def as_observation(key: str, result: dg.ObserveResult) -> dg.AssetObservation:
     """An observation a run logs of a source it read: the same data version tag an observation run writes."""
     return dg.AssetObservation(asset_key=key, metadata=result.metadata,
                                tags={DATA_VERSION_TAG: result.data_version.value})
+
+
+def observe_sources(defs: dg.Definitions, instance: dg.DagsterInstance,
+                    raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+    """Observe every source of a code location in one in-process run, with its resources (as a cron tick would).
+    Dagster's own ``observe`` is private; this is what it does, in public API: an asset job over the sources."""
+    sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
+    job = dg.define_asset_job(OBSERVE_JOB, selection=dg.AssetSelection.all(include_sources=True))
+    observing = dg.Definitions(assets=sources, jobs=[job], resources=defs.resources)
+    return observing.resolve_job_def(OBSERVE_JOB).execute_in_process(instance=instance, raise_on_error=raise_on_error)
