@@ -54,9 +54,24 @@ def materialize(defs: dg.Definitions, selection, instance, **kwargs) -> dg.Execu
 
 
 def test_definitions_import_no_torch():
-    code = "import sys, saev_dagster.definitions as d; d.defs; print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))"
+    code = "import sys, saev_dagster.definitions as d; d.defs(); print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_importing_the_definitions_reads_no_pipeline_file_and_imports_no_torch(tmp_path):
+    """The code location is built when Dagster loads it (`@dg.definitions`), not when the module is imported: with
+    an unreadable pipeline file the import still succeeds, and only loading fails, naming the file."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[activations]\nvit_bathc_size = 3\n")
+    code = ("import sys, saev_dagster.definitions as d\n"
+            "print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))\n"
+            "try:\n    d.defs()\nexcept d.PipelineFileError as err:\n    print('load failed:', err)\n")
+    env = {**os.environ, "SAEV_PIPELINE": str(bad)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    imported, failed = out.strip().split("\n", 1)
+    assert imported == "[]"
+    assert failed.startswith("load failed:") and "bad.toml" in failed and "vit_bathc_size" in failed
 
 
 def test_only_one_module_imports_from_dagsters_private_modules():
@@ -73,8 +88,9 @@ def test_only_one_module_imports_from_dagsters_private_modules():
 
 def test_asset_graph_of_the_demo_pipeline():
     from saev_core.pipeline import load_pipeline
-    from saev_dagster.definitions import defs
+    from saev_dagster import definitions
 
+    defs = definitions.defs()
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {"vit_checkpoint", "image_source", "activations"} <= keys
