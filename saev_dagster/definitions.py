@@ -1,6 +1,7 @@
-"""The code location: `dagster dev -w workspace.yaml` loads `defs`. No torch is imported here.
+"""The code location: `dagster dev -w workspace.yaml` loads `defs`, a `@dg.definitions` function that Dagster
+calls when it loads the location, so importing this module reads no pipeline file. No torch is imported here.
 
-The pipeline file ($SAEV_PIPELINE, else the embedded demo) is read once here for the partitions, the observation
+The pipeline file ($SAEV_PIPELINE, else the embedded demo) is read once at load for the partitions, the observation
 cron and the code versions, and handed to every asset, check and source as the `saev_pipeline` resource. A bad
 file fails the load with one message naming the file and the key.
 """
@@ -59,4 +60,7 @@ def build_definitions(path: str | None = None, executor: str | None = None) -> d
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The code location of $SAEV_PIPELINE (else the embedded demo pipeline), built when Dagster loads it."""
+    return build_definitions()

@@ -13,7 +13,6 @@ import os
 import sys
 
 import dagster as dg
-from dagster._core.definitions.observe import observe  # not exported at the top level of dagster 1.13
 
 
 def dagster_home(path: str) -> str:
@@ -30,6 +29,7 @@ def dagster_home(path: str) -> str:
 
 def run(pipeline_path: str | None, home: str) -> list[str]:
     """Materialize everything; returns the lines to print (galleries, report)."""
+    from saev_dagster.assets.sources import observe_sources
     from saev_dagster.definitions import LAYER_JOB, REPORT_JOB, build_definitions
 
     os.environ["DAGSTER_HOME"] = dagster_home(home)
@@ -47,7 +47,7 @@ def run(pipeline_path: str | None, home: str) -> list[str]:
                              f"{failed[-1] if failed else 'see the run in the UI'}")
         return result
 
-    observe([a for a in defs.assets if isinstance(a, dg.SourceAsset)], instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     step(["activations"], tags={"dagster/asset_partition_range_start": layers[0],
                                 "dagster/asset_partition_range_end": layers[-1]})
     lines = []

@@ -9,7 +9,8 @@ import os
 
 import dagster as dg
 import yaml
-from dagster._config import process_config  # validates a config against a schema (no public equivalent in 1.13)
+
+from saev_dagster.dagster_private import process_config
 
 EXECUTORS = ("multiprocess", "k8s")
 DEFAULT_K8S_CONFIG = os.path.join(os.path.dirname(__file__), "k8s_executor.yaml")

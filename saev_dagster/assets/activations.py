@@ -9,11 +9,13 @@ import time
 
 import dagster as dg
 
+from saev_dagster.assets.common import GPU_POOL, stage_asset_kwargs
+from saev_dagster.assets.sources import as_observation, observe_checkpoint, observe_images
 from saev_dagster.config import ActivationsRunConfig
+from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.metadata import previous_materialization
 from saev_dagster.partitions import layers_of
-from saev_dagster.assets.sources import as_observation, observe_checkpoint, observe_images
-from saev_dagster.resources import SaevPipeline, fail_clearly
+from saev_dagster.resources import SaevPipeline
 
 CHECK = "activations_match_vit"
 NOTHING_INS = {"vit_checkpoint": dg.In(dg.Nothing), "image_source": dg.In(dg.Nothing)}
@@ -29,6 +31,7 @@ def gpu_op_tags(device: str) -> dict:
 def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_version: str,
                             device: str = "auto") -> dg.AssetsDefinition:
     @dg.op(ins=NOTHING_INS, out=dg.DynamicOut(dict))
+    @user_errors_fail_cleanly
     def activations_store(context: dg.OpExecutionContext, config: ActivationsRunConfig, saev_pipeline: SaevPipeline):
         """Observe the sources this run reads, create the (empty) store, then one job per disjoint block range.
 
@@ -40,26 +43,28 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
         pipe = saev_pipeline.load()
         context.log_event(as_observation("vit_checkpoint", observe_checkpoint(pipe)))  # makes [demo] random weights
         context.log_event(as_observation("image_source", observe_images(pipe)))
-        cfg = fail_clearly(pipe.activations_for, layers, **config.overrides())
-        path = fail_clearly(recording.create_store, cfg)
+        cfg = pipe.activations_for(layers, **config.overrides())
+        path = recording.create_store(cfg)
         n = config.n_workers_fanout or pipe.n_workers_fanout
         context.log.info(f"recording layers {list(layers)} into {path} with {n} op(s)")
         for i in range(n):
             yield dg.DynamicOutput({"layers": list(layers), "overrides": config.overrides(), "part": i, "n": n,
                                     "start": time.time()}, mapping_key=f"part_{i}")
 
-    @dg.op(tags=gpu_op_tags(device), pool="gpu")
+    @dg.op(tags=gpu_op_tags(device), pool=GPU_POOL)
+    @user_errors_fail_cleanly
     def record_activations_part(context: dg.OpExecutionContext, job: dict, saev_pipeline: SaevPipeline) -> dict:
         """Record this job's block range (all of it when n = 1); the last writer writes the statistics."""
         from saev_core.record import recording
 
-        cfg = fail_clearly(saev_pipeline.load().activations_for, tuple(job["layers"]), **job["overrides"])
+        cfg = saev_pipeline.load().activations_for(tuple(job["layers"]), **job["overrides"])
         part = (job["part"], job["n"]) if job["n"] > 1 else None
-        result = fail_clearly(recording.record_activations, cfg, show_progress=False, part=part,
-                              on_progress=_progress_logger(context))
+        result = recording.record_activations(cfg, show_progress=False, part=part,
+                                              on_progress=_progress_logger(context))
         return {**job, "result": result, "end": time.time()}
 
     @dg.op(out={"activations": dg.Out(dg.Nothing), "check": dg.Out(dg.Nothing)})
+    @user_errors_fail_cleanly
     def activations_verify(context: dg.OpExecutionContext, parts: list[dict], saev_pipeline: SaevPipeline):
         """Check the finished store against a fresh forward pass and report the recording (or the earlier one)."""
         from saev_core.record import recording
@@ -96,26 +101,26 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
                 "mb_written": dg.MetadataValue.float(round(result.bytes_written / 1e6, 2)),
                 "run_id": context.run_id,
             })
-        cfg = fail_clearly(saev_pipeline.load().activations_for, layers, **parts[0]["overrides"])
-        problems = fail_clearly(verify.store_problems, cfg, result.path)
+        cfg = saev_pipeline.load().activations_for(layers, **parts[0]["overrides"])
+        problems = verify.store_problems(cfg, result.path)
         yield dg.Output(None, "activations", metadata=metadata)
         yield dg.AssetCheckResult(
             check_name=CHECK, asset_key="activations", passed=not problems,
             metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none")},
         )
 
+    settings = stage_asset_kwargs("recording", {"pytorch", "zarr"}, code_version)
+
     @dg.graph_multi_asset(
         name="activations",
         outs={"activations": dg.AssetOut(
-            key="activations", dagster_type=dg.Nothing, kinds={"pytorch", "zarr"},
-            tags={"stage": "recording"}, owners=["team:saev"], code_version=code_version,
-            automation_condition=dg.AutomationCondition.eager(),
+            key="activations", dagster_type=dg.Nothing, **settings,
             description="ViT residual-stream activations of the pipeline's images, one zarr array per layer.",
         )},
         ins={"vit_checkpoint": dg.AssetIn(dagster_type=dg.Nothing), "image_source": dg.AssetIn(dagster_type=dg.Nothing)},
         partitions_def=partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),
-        group_name="recording",
+        group_name=settings["group_name"],  # graph_multi_asset ignores an AssetOut's group (dagster 1.13)
         check_specs=[dg.AssetCheckSpec(
             CHECK, asset="activations", blocking=True,
             description="Every block is complete, and a fresh forward pass over a few sampled images reproduces "

@@ -4,8 +4,10 @@ which renders visuals for every file dropped there and again for a file changed 
 
 import dagster as dg
 
+from saev_dagster.assets.common import source_asset_kwargs, stage_asset_kwargs
+from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.metadata import png_markdown
-from saev_dagster.resources import SaevPipeline, fail_clearly
+from saev_dagster.resources import SaevPipeline
 
 SAE_FILES = dg.DynamicPartitionsDefinition(name="sae_files")
 GROUP = "dropped"
@@ -13,15 +15,15 @@ GROUP = "dropped"
 
 def build_dropped_assets(observe_cron: str) -> list:
     @dg.observable_source_asset(
-        name="sae_checkpoints", partitions_def=SAE_FILES, group_name=GROUP, kinds={"pytorch", "folder"},
-        tags={"stage": "visuals"},
+        name="sae_checkpoints", partitions_def=SAE_FILES,
+        **source_asset_kwargs("visuals", {"pytorch", "folder"}, observe_cron, group=GROUP),
         description="SAE checkpoint files in the [watch] folder; one partition per file name.",
-        automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
     )
+    @user_errors_fail_cleanly
     def sae_checkpoints(context, saev_pipeline: SaevPipeline) -> dg.DataVersionsByPartition:
         from saev_core.pipeline import watch
 
-        files = fail_clearly(watch.sae_files, saev_pipeline.load().watch.folder)
+        files = watch.sae_files(saev_pipeline.load().watch.folder)
         new = [name for name in files if not context.instance.has_dynamic_partition(SAE_FILES.name, name)]
         if new:
             context.instance.add_dynamic_partitions(SAE_FILES.name, new)
@@ -29,17 +31,17 @@ def build_dropped_assets(observe_cron: str) -> list:
         return dg.DataVersionsByPartition({name: dg.DataVersion(v) for name, v in files.items()})
 
     @dg.asset(
-        name="dropped_sae_visuals", partitions_def=SAE_FILES, deps=["sae_checkpoints"], group_name=GROUP,
-        automation_condition=dg.AutomationCondition.eager(), kinds={"pytorch", "html"}, tags={"stage": "visuals"},
-        owners=["team:saev"], pool="gpu",
+        name="dropped_sae_visuals", partitions_def=SAE_FILES, deps=["sae_checkpoints"],
+        **stage_asset_kwargs("visuals", {"pytorch", "html"}, group=GROUP, gpu=True),
         description="Top-k visuals of one SAE file of the [watch] folder (saev 0.1.0 files need a provenance "
                     "sidecar, <file>.provenance.json).",
     )
+    @user_errors_fail_cleanly
     def dropped_sae_visuals(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
         from saev_core.pipeline import stages
         from saev_core.visuals import gallery
 
-        result = fail_clearly(stages.dropped_sae_visuals, saev_pipeline.load(), context.partition_key)
+        result = stages.dropped_sae_visuals(saev_pipeline.load(), context.partition_key)
         return dg.MaterializeResult(metadata={
             "gallery": dg.MetadataValue.path(result.index_html),
             "preview": png_markdown(gallery.preview_grid(result.dump_to, result.latents[:4], 6), "top images"),

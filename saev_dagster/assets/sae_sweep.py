@@ -2,8 +2,10 @@
 
 import dagster as dg
 
+from saev_dagster.assets.common import stage_asset_kwargs
+from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.metadata import latest_store_path, png_markdown, table
-from saev_dagster.resources import SaevPipeline, fail_clearly
+from saev_dagster.resources import SaevPipeline
 
 CHECK = "sweep_is_healthy"
 MEMBER_COLUMNS = [("member_id", "string"), ("sae.arch", "string"), ("sae.exp_factor", "int"), ("sae.k", "int"),
@@ -16,29 +18,24 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version:
         name="sae_sweep",
         partitions_def=partitions_def,
         deps=["activations"],
-        automation_condition=dg.AutomationCondition.eager(),
         check_specs=[dg.AssetCheckSpec(
             CHECK, asset="sae_sweep", blocking=True, partitions_def=partitions_def,  # one result per layer
             description="No member has NaN metrics or more latents than [checks] max_frac_dead that did not fire "
                         "in the last --sae.dead-after-n-patches training vectors, and the best member's NMSE is at "
                         "most [checks] max_nmse.",
         )],
-        group_name="training",
-        kinds={"pytorch"},
-        tags={"stage": "training"},
-        owners=["team:saev"],
-        code_version=code_version,
-        pool="gpu",
+        **stage_asset_kwargs("training", {"pytorch"}, code_version, gpu=True),
         description="Every SAE of the pipeline's [sweep], trained together from one pass over this layer.",
     )
+    @user_errors_fail_cleanly
     def sae_sweep(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
         from saev_core.pipeline import stages
 
         layer = int(context.partition_key)
         pipe = saev_pipeline.load()
         store_path = latest_store_path(context, context.partition_key)
-        sweep = fail_clearly(stages.train_layer, pipe, layer, store_path, show_progress=False,
-                             on_log=_log_to(context), on_note=context.log.warning)
+        sweep = stages.train_layer(pipe, layer, store_path, show_progress=False,
+                                     on_log=_log_to(context), on_note=context.log.warning)
         columns = [c for c in MEMBER_COLUMNS if c[0] in sweep.table]
         return dg.MaterializeResult(
             metadata={

@@ -6,29 +6,30 @@ import os
 
 import dagster as dg
 
-from dagster._core.definitions.data_version import DATA_VERSION_TAG  # the tag observations carry (not exported)
+from saev_dagster.assets.common import source_asset_kwargs
+from saev_dagster.dagster_private import DATA_VERSION_TAG
+from saev_dagster.failures import user_errors_fail_cleanly
+from saev_dagster.resources import SaevPipeline
 
-from saev_dagster.resources import SaevPipeline, fail_clearly
-
-GROUP = "recording"
+OBSERVE_JOB = "in_process_observation_job"
 
 
 def build_sources(observe_cron: str) -> list[dg.SourceAsset]:
     """The two sources, observed on the pipeline's [automation] observe_cron."""
 
     @dg.observable_source_asset(
-        name="vit_checkpoint", group_name=GROUP, kinds={"pytorch"}, tags={"stage": "recording"},
+        name="vit_checkpoint", **source_asset_kwargs("recording", {"pytorch"}, observe_cron),
         description="The ViT checkpoint named in the pipeline file; data version = content fingerprint of the file.",
-        automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
     )
+    @user_errors_fail_cleanly
     def vit_checkpoint(saev_pipeline: SaevPipeline) -> dg.ObserveResult:
         return observe_checkpoint(saev_pipeline.load())
 
     @dg.observable_source_asset(
-        name="image_source", group_name=GROUP, kinds={"folder"}, tags={"stage": "recording"},
+        name="image_source", **source_asset_kwargs("recording", {"folder"}, observe_cron),
         description="The image set named in the pipeline file; data version = fingerprint of (path, size, mtime).",
-        automation_condition=dg.AutomationCondition.cron_tick_passed(observe_cron),
     )
+    @user_errors_fail_cleanly
     def image_source(saev_pipeline: SaevPipeline) -> dg.ObserveResult:
         return observe_images(saev_pipeline.load())
 
@@ -40,9 +41,9 @@ def observe_checkpoint(pipe) -> dg.ObserveResult:
     random_vit the pipeline makes its checkpoint: a fresh instance's first observation creates the file."""
     from saev_core.pipeline import stages
 
-    fail_clearly(stages.prepare_demo_checkpoint, pipe)
-    version = fail_clearly(pipe.checkpoint_fingerprint)
-    path = fail_clearly(pipe.checkpoint_file)
+    stages.prepare_demo_checkpoint(pipe)
+    version = pipe.checkpoint_fingerprint()
+    path = pipe.checkpoint_file()
     metadata = {"vit_ckpt": pipe.activations.vit_ckpt}
     if path is not None and os.path.isfile(path):
         st = os.stat(path)
@@ -57,7 +58,7 @@ def observe_images(pipe) -> dg.ObserveResult:
     """image_source's data version (fingerprint of the image list) and what was observed."""
     from saev_core.record import images
 
-    source = fail_clearly(pipe.image_source)
+    source = pipe.image_source()
     return dg.ObserveResult(
         data_version=dg.DataVersion(images.image_list_fingerprint(source)),
         metadata={"root": dg.MetadataValue.path(source.root), "n_images": len(source),
@@ -69,3 +70,13 @@ def as_observation(key: str, result: dg.ObserveResult) -> dg.AssetObservation:
     """An observation a run logs of a source it read: the same data version tag an observation run writes."""
     return dg.AssetObservation(asset_key=key, metadata=result.metadata,
                                tags={DATA_VERSION_TAG: result.data_version.value})
+
+
+def observe_sources(defs: dg.Definitions, instance: dg.DagsterInstance,
+                    raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+    """Observe every source of a code location in one in-process run, with its resources (as a cron tick would).
+    Dagster's own ``observe`` is private; this is what it does, in public API: an asset job over the sources."""
+    sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
+    job = dg.define_asset_job(OBSERVE_JOB, selection=dg.AssetSelection.all(include_sources=True))
+    observing = dg.Definitions(assets=sources, jobs=[job], resources=defs.resources)
+    return observing.resolve_job_def(OBSERVE_JOB).execute_in_process(instance=instance, raise_on_error=raise_on_error)

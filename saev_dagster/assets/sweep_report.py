@@ -3,8 +3,10 @@ PCA baseline at matched L0; inline here and written as report.md + PNGs beside t
 
 import dagster as dg
 
+from saev_dagster.assets.common import stage_asset_kwargs
+from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.metadata import latest_values, png_markdown, table
-from saev_dagster.resources import SaevPipeline, fail_clearly
+from saev_dagster.resources import SaevPipeline
 
 COLUMNS = [("layer", "int"), ("member_id", "string"), ("sae.arch", "string"), ("sae.k", "int"), ("lr", "float"),
            ("nmse", "float"), ("pca_nmse_at_l0", "float"), ("l0", "float"), ("frac_dead_train", "float"),
@@ -15,15 +17,11 @@ def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsD
     @dg.asset(
         name="sweep_report",
         deps=["sae_sweep", "topk_visuals"],
-        automation_condition=dg.AutomationCondition.eager(),
-        group_name="report",
-        kinds={"pandas", "markdown"},
-        tags={"stage": "report"},
-        owners=["team:saev"],
-        code_version=code_version,
+        **stage_asset_kwargs("report", {"pandas", "markdown"}, code_version),
         description="Every sweep member of every layer, the chosen member per layer ([report] rule), and L0-vs-NMSE "
                     "plots with a PCA baseline at matched L0.",
     )
+    @user_errors_fail_cleanly
     def sweep_report(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
         from saev_core.pipeline import stages
         from saev_core.analysis import report
@@ -31,7 +29,7 @@ def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsD
         csvs = {int(k): v for k, v in latest_values(context, "sae_sweep", layers, "sweep_csv").items()}
         if not csvs:
             raise dg.Failure(description="No layer's sae_sweep has been materialized yet; materialize sae_sweep first.")
-        path, reports = fail_clearly(stages.sweep_report, saev_pipeline.load(), csvs)
+        path, reports = stages.sweep_report(saev_pipeline.load(), csvs)
         rows = report.member_rows(reports)
         metadata = {
             "members": table(rows, [c for c in COLUMNS if any(c[0] in r for r in rows)]),

@@ -2,8 +2,10 @@
 
 import dagster as dg
 
+from saev_dagster.assets.common import stage_asset_kwargs
+from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.metadata import latest_materialization_value, png_markdown
-from saev_dagster.resources import SaevPipeline, fail_clearly
+from saev_dagster.resources import SaevPipeline
 
 CHECK = "visuals_complete"
 
@@ -13,15 +15,10 @@ def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_versi
         name="topk_visuals",
         partitions_def=partitions_def,
         deps=["sae_sweep"],
-        automation_condition=dg.AutomationCondition.eager(),
-        group_name="visuals",
-        kinds={"pytorch", "html"},
-        tags={"stage": "visuals"},
-        owners=["team:saev"],
-        code_version=code_version,
-        pool="gpu",
+        **stage_asset_kwargs("visuals", {"pytorch", "html"}, code_version, gpu=True),
         description="For each chosen sweep member: every selected latent's top images as heatmaps, and a gallery.",
     )
+    @user_errors_fail_cleanly
     def topk_visuals(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
         from saev_core.pipeline import stages
         from saev_core.visuals import gallery
@@ -29,7 +26,7 @@ def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_versi
         layer = int(context.partition_key)
         pipe = saev_pipeline.load()
         sweep_csv = latest_materialization_value(context, "sae_sweep", context.partition_key, "sweep_csv")
-        members = fail_clearly(stages.visuals_for_layer, pipe, layer, sweep_csv, show_progress=False)
+        members = stages.visuals_for_layer(pipe, layer, sweep_csv, show_progress=False)
         metadata = {
             "n_members": len(members),
             "n_latents": sum(len(m.result.latents) for m in members),
@@ -52,6 +49,7 @@ def build_topk_visuals_check(partitions_def: dg.PartitionsDefinition) -> dg.Asse
         asset="topk_visuals", name=CHECK, blocking=True, partitions_def=partitions_def,
         description="Every selected latent of every chosen member has all its heatmaps and metadata on disk.",
     )
+    @user_errors_fail_cleanly
     def visuals_complete(context: dg.AssetCheckExecutionContext,
                                     saev_pipeline: SaevPipeline) -> dg.AssetCheckResult:
         from saev_core.pipeline import stages

@@ -13,9 +13,9 @@ import urllib.request
 
 import dagster as dg
 import pytest
-from dagster._core.definitions.observe import observe  # not exported by dagster 1.13's top level
 
 from saev_core.store import ActivationStore
+from saev_dagster.assets.sources import observe_sources
 from saev_dagster.definitions import PipelineFileError, build_definitions
 from tests.helpers import tiny_pipeline_text, write_images
 
@@ -54,15 +54,43 @@ def materialize(defs: dg.Definitions, selection, instance, **kwargs) -> dg.Execu
 
 
 def test_definitions_import_no_torch():
-    code = "import sys, saev_dagster.definitions as d; d.defs; print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))"
+    code = "import sys, saev_dagster.definitions as d; d.defs(); print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
+def test_importing_the_definitions_reads_no_pipeline_file_and_imports_no_torch(tmp_path):
+    """The code location is built when Dagster loads it (`@dg.definitions`), not when the module is imported: with
+    an unreadable pipeline file the import still succeeds, and only loading fails, naming the file."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[activations]\nvit_bathc_size = 3\n")
+    code = ("import sys, saev_dagster.definitions as d\n"
+            "print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))\n"
+            "try:\n    d.defs()\nexcept d.PipelineFileError as err:\n    print('load failed:', err)\n")
+    env = {**os.environ, "SAEV_PIPELINE": str(bad)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    imported, failed = out.strip().split("\n", 1)
+    assert imported == "[]"
+    assert failed.startswith("load failed:") and "bad.toml" in failed and "vit_bathc_size" in failed
+
+
+def test_only_one_module_imports_from_dagsters_private_modules():
+    """A Dagster upgrade that moves a private name breaks saev_dagster/dagster_private.py and nothing else."""
+    import re
+
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "saev_dagster")
+    private = re.compile(r"^\s*(from|import)\s+dagster\._", re.M)
+    importers = sorted(os.path.relpath(os.path.join(folder, name), package)
+                       for folder, _, names in os.walk(package) for name in names
+                       if name.endswith(".py") and private.search(open(os.path.join(folder, name)).read()))
+    assert importers == ["dagster_private.py"]
+
+
 def test_asset_graph_of_the_demo_pipeline():
     from saev_core.pipeline.file import load_pipeline
-    from saev_dagster.definitions import defs
+    from saev_dagster import definitions
 
+    defs = definitions.defs()
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {"vit_checkpoint", "image_source", "activations"} <= keys
@@ -166,9 +194,8 @@ def test_new_checkpoint_weights_request_new_activations(pipeline_file, own_ckpt,
     from saev_core.record.vit import save_random_weights
 
     defs = build_definitions()
-    sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
     instance = dg.DagsterInstance.ephemeral()
-    observe(sources, instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     assert _materialize_all_layers(instance, defs=defs).success
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     nothing = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
@@ -177,7 +204,7 @@ def test_new_checkpoint_weights_request_new_activations(pipeline_file, own_ckpt,
     weights = own_ckpt.split("/", 1)[1]
     save_random_weights("clip", "saev-tiny-clip", tmp_path / "new.pt", seed=5)
     os.replace(tmp_path / "new.pt", weights)
-    observe(sources, instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=nothing.cursor)
     assert after.get_requested_partitions(dg.AssetKey("activations")) == {"0", "-1"}
 
@@ -192,7 +219,7 @@ def test_a_backfill_before_any_observation_is_not_recorded_again_when_the_cron_o
     store = ActivationStore.open(mat.metadata["store_path"].value)
     assert mat.tags["dagster/input_data_version/vit_checkpoint"] == store.metadata["fingerprints"]["vit_ckpt"]
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
-    observe([a for a in defs.assets if isinstance(a, dg.SourceAsset)], instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert after.get_requested_partitions(dg.AssetKey("activations")) == set()
 
@@ -208,8 +235,7 @@ def test_a_fresh_demo_instance_observes_the_random_weights_it_makes(tmp_path, mo
     path.write_text("[demo]\nrandom_vit = true\n" + tiny_pipeline_text(tmp_path, f"saev-tiny-clip/{made}", LAYERS))
     monkeypatch.setenv("SAEV_PIPELINE", str(path))
     defs = build_definitions()
-    result = observe([a for a in defs.assets if isinstance(a, dg.SourceAsset)], instance=dg.DagsterInstance.ephemeral(),
-                     resources=defs.resources)
+    result = observe_sources(defs, dg.DagsterInstance.ephemeral())
     assert result.success and made.is_file()
     versions = {e.asset_key.to_user_string(): e.event_specific_data.asset_observation.data_version
                 for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"}
@@ -219,8 +245,7 @@ def test_a_fresh_demo_instance_observes_the_random_weights_it_makes(tmp_path, mo
 def test_observations_say_what_was_observed(pipeline_file, own_ckpt, tmp_path):
     defs = build_definitions()
     instance = dg.DagsterInstance.ephemeral()
-    result = observe([a for a in defs.assets if isinstance(a, dg.SourceAsset)], instance=instance,
-                     resources=defs.resources)
+    result = observe_sources(defs, instance)
     obs = {e.asset_key.to_user_string(): e.event_specific_data.asset_observation.metadata
            for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"}
     weights = own_ckpt.split("/", 1)[1]
@@ -303,6 +328,72 @@ def test_sae_sweep_before_activations_is_a_clear_failure(pipeline_file):
     result = _materialize_sweep(dg.DagsterInstance.ephemeral(), "0")
     assert not result.success
     assert "activations[0] has never been materialized" in str(result.failure_data_for_node("sae_sweep").error)
+
+
+def test_a_user_error_in_an_asset_body_is_a_failure_whose_description_is_the_message(tmp_path):
+    """Bad input raised anywhere in a body (here the pipeline file, read inside sae_sweep) fails the step with the
+    message alone: no traceback of saev_core behind it."""
+    from saev_core.errors import UserError
+    from saev_core.pipeline.file import load_pipeline
+    from saev_dagster.resources import SaevPipeline
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[activations]\nvit_bathc_size = 3\n")
+    with pytest.raises(UserError) as err:
+        load_pipeline(str(bad))
+    defs = build_definitions()  # the demo pipeline's graph, run against the bad file
+    layer = defs.resolve_assets_def("sae_sweep").partitions_def.get_partition_keys()[0]
+    result = dg.materialize([*defs.assets, *defs.asset_checks], selection=["sae_sweep"], partition_key=layer,
+                            resources={**defs.resources, "saev_pipeline": SaevPipeline(path=str(bad))},
+                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    (failure,) = [e.step_failure_data for e in result.all_events if e.is_step_failure]
+    assert failure.user_failure_data.description == str(err.value)
+    assert failure.error.cls_name == "Failure" and failure.error.cause is None
+
+
+def _step_failure(body) -> "dg.StepFailureData":
+    from saev_dagster.failures import user_errors_fail_cleanly
+
+    asset = dg.asset(name="toy")(user_errors_fail_cleanly(body))
+    result = dg.materialize([asset], instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    (failure,) = [e.step_failure_data for e in result.all_events if e.is_step_failure]
+    return failure
+
+
+def test_only_user_errors_become_clean_failures_from_plain_and_yielding_bodies():
+    from saev_core.errors import UserError
+
+    def plain(error: Exception):
+        def body():
+            raise error
+        return body
+
+    def yielding(error: Exception):
+        def body():
+            raise error
+            yield dg.MaterializeResult()
+        return body
+
+    for wrap in (plain, yielding):
+        failure = _step_failure(wrap(UserError("--lr -1: must be positive.")))
+        assert failure.user_failure_data.description == "--lr -1: must be positive.", wrap
+        failure = _step_failure(wrap(ZeroDivisionError("a bug")))
+        assert failure.user_failure_data is None, wrap
+        assert failure.error.cause.cls_name == "ZeroDivisionError" and failure.error.cause.stack, wrap  # its traceback
+
+
+def test_every_body_of_the_code_location_turns_user_errors_into_clean_failures(pipeline_file):
+    defs = build_definitions()
+    bodies = {}
+    for a in defs.assets:
+        if isinstance(a, dg.SourceAsset):
+            bodies[a.key.to_user_string()] = a.observe_fn
+        else:
+            bodies.update({op.name: op.compute_fn.decorated_fn for op in a.node_def.iterate_op_defs()})
+    for check in defs.asset_checks:
+        bodies.update({op.name: op.compute_fn.decorated_fn for op in check.node_def.iterate_op_defs()})
+    assert {"sae_checkpoints", "dropped_sae_visuals", "activations_store", "topk_visuals_visuals_complete"} <= set(bodies)
+    assert [name for name, fn in bodies.items() if not getattr(fn, "fails_cleanly", False)] == []
 
 
 def test_topk_visuals_renders_every_member_and_its_check_sees_a_deleted_png(pipeline_file, tmp_path):
@@ -405,8 +496,7 @@ def test_dropped_sae_files_get_their_own_visuals_and_only_those(pipeline_file, t
     assert _materialize_sweep(instance, "-1").success
     trained = sorted((tmp_path / "ckpts" / "layer_-1").glob("*/sae.pt"))[0]
     shutil.copy(trained, tmp_path / "watch" / "a.pt")
-    sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
-    observe(sources, instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     assert instance.get_dynamic_partitions("sae_files") == ["a.pt"]
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     result = materialize(defs, ["dropped_sae_visuals"], instance, partition_key="a.pt")
@@ -416,7 +506,7 @@ def test_dropped_sae_files_get_their_own_visuals_and_only_those(pipeline_file, t
 
     # A new file requests its own visuals and nothing else.
     shutil.copy(trained, tmp_path / "watch" / "b.pt")
-    observe(sources, instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=settled.cursor)
     assert after.get_requested_partitions(dg.AssetKey("dropped_sae_visuals")) == {"b.pt"}
     for key in ("activations", "sae_sweep", "topk_visuals"):
@@ -426,7 +516,7 @@ def test_dropped_sae_files_get_their_own_visuals_and_only_those(pipeline_file, t
     bare = nn.load(trained)
     bare.provenance = {}
     nn.dump(tmp_path / "watch" / "old.pt", bare)
-    observe(sources, instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     failed = materialize(defs, ["dropped_sae_visuals"], instance, partition_key="old.pt", raise_on_error=False)
     assert not failed.success
     assert "old.pt.provenance.json" in str(failed.failure_data_for_node("dropped_sae_visuals").error)
@@ -441,14 +531,13 @@ def test_a_changed_checkpoint_requests_the_whole_graph_with_activations_in_one_r
     assert demo.main(["--pipeline", str(pipeline_file), "--dagster-home", str(home)]) == 0
     instance = dg.DagsterInstance.from_config(str(home))
     defs = build_definitions()
-    sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     quiet = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert quiet.total_requested == 0
 
     save_random_weights("clip", "saev-tiny-clip", tmp_path / "new.pt", seed=9)
     os.replace(tmp_path / "new.pt", own_ckpt.split("/", 1)[1])
-    observe(sources, instance=instance, resources=defs.resources)
+    observe_sources(defs, instance)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=quiet.cursor)
     every_layer = {str(x) for x in LAYERS}
     for key in ("activations", "sae_sweep", "topk_visuals"):

@@ -211,8 +211,8 @@ def dagster_home(tmp_path, pipeline):
     as an update, so a backfill launched before it would be followed by an automated re-run of activations and of
     everything downstream, and a re-run could not be told apart from one caused by new weights."""
     import dagster as dg
-    from dagster._core.definitions.observe import observe  # not exported by dagster 1.13's top level
 
+    from saev_dagster.assets.sources import observe_sources
     from saev_dagster.definitions import build_definitions
 
     home = tmp_path / "dagster_home"
@@ -220,8 +220,7 @@ def dagster_home(tmp_path, pipeline):
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     defs = build_definitions(str(pipeline))
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]
-        assert observe(sources, instance=instance, resources=defs.resources).success
+        assert observe_sources(defs, instance).success
     return home
 
 
