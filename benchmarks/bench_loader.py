@@ -39,9 +39,9 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from saev_core import config  # noqa: E402
+from saev_core.store import ActivationStore, write_store  # noqa: E402
 from saev_core.store.loader import ActivationLoader  # noqa: E402
 from saev_core.store.stats import compute_stats  # noqa: E402
-from saev_core.store import ActivationStore, write_store  # noqa: E402
 
 N_PATCHES, D_VIT, CHUNKS_PER_SHARD = 49, 768, 16
 
@@ -52,9 +52,13 @@ def plant(root: str, n_imgs: int, dtype: str = "float32") -> ActivationStore:
     imgs_per_chunk = (4 * 1024 * 1024) // (n_tokens * D_VIT * np.dtype(dtype).itemsize)
     rng = np.random.default_rng(0)
     return write_store(
-        root, lambda start, end: rng.standard_normal((1, end - start, n_tokens, D_VIT), dtype=np.float32).astype(dtype),
-        shape=(n_imgs, n_tokens, D_VIT), imgs_per_shard=CHUNKS_PER_SHARD * imgs_per_chunk, fingerprint="bench",
-        resolved_layers=(10,), dtype=dtype,
+        root,
+        lambda start, end: rng.standard_normal((1, end - start, n_tokens, D_VIT), dtype=np.float32).astype(dtype),
+        shape=(n_imgs, n_tokens, D_VIT),
+        imgs_per_shard=CHUNKS_PER_SHARD * imgs_per_chunk,
+        fingerprint="bench",
+        resolved_layers=(10,),
+        dtype=dtype,
     )
 
 
@@ -103,10 +107,12 @@ def compare_dtypes(args, tmp: str, store: ActivationStore) -> None:
     stores = {args.dtype: store, other: plant(os.path.join(tmp, other), args.n_imgs, other)}
     loaders, files = {}, {}
     for dtype, st in stores.items():
-        cfg = config.DataLoadConfig(shard_root=st.path, layer=-2, patches=args.patches, val_frac=0.0,
-                                    buffer_chunks=args.buffer_chunks)
-        loaders[dtype] = ActivationLoader(st, cfg, batch_size=args.batch_size, seed=0,
-                                          n_read_threads=args.n_read_threads)
+        cfg = config.DataLoadConfig(
+            shard_root=st.path, layer=-2, patches=args.patches, val_frac=0.0, buffer_chunks=args.buffer_chunks
+        )
+        loaders[dtype] = ActivationLoader(
+            st, cfg, batch_size=args.batch_size, seed=0, n_read_threads=args.n_read_threads
+        )
         files[dtype] = shard_files(st)
     n_vectors = args.n_imgs * (N_PATCHES if args.patches == "patches" else 1)
     times: dict[tuple[str, str], list[float]] = {(d, c): [] for d in stores for c in ("hot", "cold")}
@@ -115,7 +121,7 @@ def compare_dtypes(args, tmp: str, store: ActivationStore) -> None:
         loader_epoch(loaders[dtype])
     for cache in ("hot", "cold"):
         for k in range(args.dtype_pairs):
-            for dtype in (["float32", "float16"] if k % 2 == 0 else ["float16", "float32"]):
+            for dtype in ["float32", "float16"] if k % 2 == 0 else ["float16", "float32"]:
                 if cache == "cold":
                     drop_page_cache(files[dtype])
                 else:
@@ -123,19 +129,37 @@ def compare_dtypes(args, tmp: str, store: ActivationStore) -> None:
                 n, seconds, _ = loader_epoch(loaders[dtype])
                 assert n == n_vectors, n
                 times[dtype, cache].append(seconds)
-    table = [("dtype, cache (best of %d)" % args.dtype_pairs, "store GB", "s", "vectors/s", "store MB/s",
-              "f16/f32 vectors/s")]
+    table = [
+        (
+            f"dtype, cache (best of {args.dtype_pairs})",
+            "store GB",
+            "s",
+            "vectors/s",
+            "store MB/s",
+            "f16/f32 vectors/s",
+        )
+    ]
     for cache in ("hot", "cold"):
         best = {d: min(times[d, cache]) for d in stores}
         for dtype in ("float32", "float16"):
             gb = stores[dtype].nbytes() / 1e9
             ratio = f"{best['float32'] / best['float16']:.2f}" if dtype == "float16" else ""
-            table.append((f"{dtype}, {cache}", f"{gb:.2f}", f"{best[dtype]:.2f}", f"{n_vectors / best[dtype]:,.0f}",
-                          f"{gb * 1e3 / best[dtype]:,.0f}", ratio))
+            table.append(
+                (
+                    f"{dtype}, {cache}",
+                    f"{gb:.2f}",
+                    f"{best[dtype]:.2f}",
+                    f"{n_vectors / best[dtype]:,.0f}",
+                    f"{gb * 1e3 / best[dtype]:,.0f}",
+                    ratio,
+                )
+            )
     print_table(table)
     spread = {k: f"{min(v):.2f}-{max(v):.2f}" for k, v in times.items()}
-    print(f"\nfloat16 vs float32, same numbers, {args.patches}, batch {args.batch_size}, buffer {args.buffer_chunks} "
-          f"chunks, {args.n_read_threads} read threads; epoch seconds per (dtype, cache): {spread}")
+    print(
+        f"\nfloat16 vs float32, same numbers, {args.patches}, batch {args.batch_size}, buffer {args.buffer_chunks} "
+        f"chunks, {args.n_read_threads} read threads; epoch seconds per (dtype, cache): {spread}"
+    )
 
 
 def main() -> None:
@@ -146,8 +170,12 @@ def main() -> None:
     parser.add_argument("--n-read-threads", type=int, default=2)
     parser.add_argument("--patches", default="patches", choices=["patches", "cls", "meanpool"], help="token mode")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="the store's dtype")
-    parser.add_argument("--dtype-pairs", type=int, default=3,
-                        help="pairs of float16/float32 epochs in the side-by-side comparison (0: skip it)")
+    parser.add_argument(
+        "--dtype-pairs",
+        type=int,
+        default=3,
+        help="pairs of float16/float32 epochs in the side-by-side comparison (0: skip it)",
+    )
     parser.add_argument("--dir", default=None, help="where the temporary store goes (default: the system temp dir)")
     args = parser.parse_args()
 
@@ -159,11 +187,14 @@ def main() -> None:
         itemsize = np.dtype(args.dtype).itemsize
         gb = store.n_imgs * store.n_tokens * D_VIT * itemsize / 1e9
         chunk_mb = store.layout.imgs_per_chunk * store.n_tokens * D_VIT * itemsize / 1e6
-        print(f"planted {store.n_imgs} images x {store.n_tokens} tokens x {D_VIT} {args.dtype} = {gb:.2f} GB in "
-              f"{len(files)} shards of {store.layout.imgs_per_shard} images, chunks of {store.layout.imgs_per_chunk} "
-              f"images ({chunk_mb:.1f} MB), in {time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs.")
-        cfg = config.DataLoadConfig(shard_root=store.path, layer=-2, patches=args.patches, val_frac=0.0,
-                              buffer_chunks=args.buffer_chunks)
+        print(
+            f"planted {store.n_imgs} images x {store.n_tokens} tokens x {D_VIT} {args.dtype} = {gb:.2f} GB in "
+            f"{len(files)} shards of {store.layout.imgs_per_shard} images, chunks of {store.layout.imgs_per_chunk} "
+            f"images ({chunk_mb:.1f} MB), in {time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs."
+        )
+        cfg = config.DataLoadConfig(
+            shard_root=store.path, layer=-2, patches=args.patches, val_frac=0.0, buffer_chunks=args.buffer_chunks
+        )
         loader = ActivationLoader(store, cfg, batch_size=args.batch_size, seed=0, n_read_threads=args.n_read_threads)
         n_vectors = store.n_imgs * (N_PATCHES if args.patches == "patches" else 1)
 
@@ -205,9 +236,11 @@ def main() -> None:
             first = "" if first is None else f"{first:.2f}"
             table.append((name, f"{seconds:.2f}", first, rate, f"{gb * 1e3 / seconds:,.0f}", f"{ref / seconds:.2f}"))
         print_table(table)
-        print(f"\nMB/s: store bytes covered per second ({gb:.2f} GB). ratio: over (b) in the same cache state; goal "
-              f">= 0.9. Loader: {args.dtype} store, {args.patches}, batch {args.batch_size}, buffer "
-              f"{args.buffer_chunks} chunks, {args.n_read_threads} read threads.")
+        print(
+            f"\nMB/s: store bytes covered per second ({gb:.2f} GB). ratio: over (b) in the same cache state; goal "
+            f">= 0.9. Loader: {args.dtype} store, {args.patches}, batch {args.batch_size}, buffer "
+            f"{args.buffer_chunks} chunks, {args.n_read_threads} read threads."
+        )
         if args.dtype_pairs > 0:
             compare_dtypes(args, tmp, store)
     finally:

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from saev_core import config, nn
-from saev_core.train import fitting, trainer
-from saev_core.store.loader import split_images
 from saev_core.store import write_store
+from saev_core.store.loader import split_images
+from saev_core.train import fitting, trainer
 from saev_core.train.sweep import grid
 
 DEFAULT_SWEEP = """
@@ -123,17 +123,26 @@ def main() -> None:
     sweep = tomllib.loads(DEFAULT_SWEEP) if args.sweep is None else tomllib.load(open(args.sweep, "rb"))
     tmp = args.keep or tempfile.mkdtemp(prefix="bench_planted-")
     acts = planted.x.astype(np.float32).reshape(1, args.n_imgs, args.n_tokens, args.d)
-    store = write_store(os.path.join(tmp, "store"), acts,
-                        cls_token=False, imgs_per_shard=args.n_imgs, resolved_layers=(10,),
-                        fingerprint=f"planted-{args.seed}")
+    store = write_store(
+        os.path.join(tmp, "store"),
+        acts,
+        cls_token=False,
+        imgs_per_shard=args.n_imgs,
+        resolved_layers=(10,),
+        fingerprint=f"planted-{args.seed}",
+    )
     extra = {"lr": args.lr} if args.lr is not None else {}
     if args.n_threads is not None:
         extra["n_threads"] = args.n_threads
     base = config.TrainConfig(
         data=config.DataLoadConfig(shard_root=store.path, layer=-2),
         sae=config.SparseAutoencoderConfig(d_vit=args.d, exp_factor=max(1, 2 * args.n_atoms // args.d)),
-        n_patches=args.n_patches, sae_batch_size=args.batch_size, ckpt_path=os.path.join(tmp, "ckpt"),
-        device=args.device, log_every=10**9, **extra,
+        n_patches=args.n_patches,
+        sae_batch_size=args.batch_size,
+        ckpt_path=os.path.join(tmp, "ckpt"),
+        device=args.device,
+        log_every=10**9,
+        **extra,
     )
     cfgs = grid(base, sweep, source=args.sweep or "DEFAULT_SWEEP")
 
@@ -150,14 +159,20 @@ def main() -> None:
     ranks = sorted({min(args.d, max(1, round(l0))) for l0 in l0s} | {args.k})
     pca = pca_nmse(x_train, x_val, ranks)
 
-    print(f"torch {torch.__version__}, device {config.resolve_device(args.device)}, "
-          f"{fitting.threads_for(cfgs[0])} "
-          f"CPU threads; {n:,} vectors of d={args.d}: {args.k} of {args.n_atoms} atoms + noise sigma={args.sigma}")
-    print(f"{len(cfgs)} SAEs (d_sae {base.sae.d_sae}), {args.n_patches:,} patches in batches of {args.batch_size}: "
-          f"{wall:.1f} s wall, {args.n_patches / wall:,.0f} patches/s")
+    print(
+        f"torch {torch.__version__}, device {config.resolve_device(args.device)}, "
+        f"{fitting.threads_for(cfgs[0])} "
+        f"CPU threads; {n:,} vectors of d={args.d}: {args.k} of {args.n_atoms} atoms + noise sigma={args.sigma}"
+    )
+    print(
+        f"{len(cfgs)} SAEs (d_sae {base.sae.d_sae}), {args.n_patches:,} patches in batches of {args.batch_size}: "
+        f"{wall:.1f} s wall, {args.n_patches / wall:,.0f} patches/s"
+    )
     print(f"noise floor NMSE {floor:.4f}; PCA NMSE at rank {args.k}: {pca[args.k]:.4f}\n")
-    header = (f"{'arch':>12} {'k':>3} {'coeff':>7} {'lr':>7} {'mean max cos':>13} {'atoms>0.9':>10} {'L0':>7} "
-              f"{'NMSE':>7} {'PCA@L0':>7} {'dead train':>11} {'dead held-out':>14}")
+    header = (
+        f"{'arch':>12} {'k':>3} {'coeff':>7} {'lr':>7} {'mean max cos':>13} {'atoms>0.9':>10} {'L0':>7} "
+        f"{'NMSE':>7} {'PCA@L0':>7} {'dead train':>11} {'dead held-out':>14}"
+    )
     print(header)
     for r in results:
         sae = nn.load(r.ckpt_path)
@@ -168,10 +183,15 @@ def main() -> None:
         k = r.cfg.sae.k if r.cfg.sae.arch in ("topk", "batchtopk") else "-"
         coeff = f"{r.cfg.sae.sparsity_coeff:.3g}" if r.cfg.sae.arch not in ("topk", "batchtopk") else "-"
         rank = min(args.d, max(1, round(m["l0"])))
-        print(f"{r.cfg.sae.arch:>12} {k:>3} {coeff:>7} {r.cfg.lr:>7.1e} {best.mean():>13.3f} "
-              f"{(best > 0.9).mean():>10.2f} {m['l0']:>7.2f} {m['nmse']:>7.4f} {pca[rank]:>7.4f} {dead_train:>11.1%} {dead_val:>14.1%}")
-    print(f"\n(recovery: per atom the best cosine with a decoder row; NMSE and L0 on the held-out images; PCA@L0: "
-          f"dense PCA with as many components as the member's L0; files in {tmp})")
+        print(
+            f"{r.cfg.sae.arch:>12} {k:>3} {coeff:>7} {r.cfg.lr:>7.1e} {best.mean():>13.3f} "
+            f"{(best > 0.9).mean():>10.2f} {m['l0']:>7.2f} {m['nmse']:>7.4f}"
+            f" {pca[rank]:>7.4f} {dead_train:>11.1%} {dead_val:>14.1%}"
+        )
+    print(
+        f"\n(recovery: per atom the best cosine with a decoder row; NMSE and L0 on the held-out images; PCA@L0: "
+        f"dense PCA with as many components as the member's L0; files in {tmp})"
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,15 @@ from saev_core.store import ActivationStore, arrays_metadata
 def make_store(root: str, vit, n_imgs: int, layers: list[int], resolved: list[int], n_patches_per_shard: int):
     n_tokens = vit.n_patches_per_img + 1
     meta = arrays_metadata(
-        n_imgs, n_tokens, vit.d_vit, layers, imgs_per_shard=n_patches_per_shard // (len(layers) * n_tokens),
-        fingerprint="random", vit_ckpt=vit.ckpt, resolved_layers=tuple(resolved), n_blocks_in_vit=vit.n_blocks,
+        n_imgs,
+        n_tokens,
+        vit.d_vit,
+        layers,
+        imgs_per_shard=n_patches_per_shard // (len(layers) * n_tokens),
+        fingerprint="random",
+        vit_ckpt=vit.ckpt,
+        resolved_layers=tuple(resolved),
+        n_blocks_in_vit=vit.n_blocks,
         fingerprints={"vit_ckpt": str(time.time()), "images": "random"},
     )
     return ActivationStore.create(root, meta, [f"{i}.png" for i in range(n_imgs)], [0] * n_imgs, ["random"])
@@ -67,7 +74,9 @@ def bench_forward_vs_recording(args, tmp: str) -> None:
         store = make_store(os.path.join(tmp, "rec"), vit, n_imgs, layers, recorder.resolved_layers, n_patches_per_shard)
         blocks = store.missing_blocks()
         order = block_batches(store.layout, blocks, args.batch_size)
-        batches = ((pixels[k], torch.tensor(idx), torch.zeros(len(idx), dtype=torch.long)) for k, idx in enumerate(order))
+        batches = (
+            (pixels[k], torch.tensor(idx), torch.zeros(len(idx), dtype=torch.long)) for k, idx in enumerate(order)
+        )
         t0 = time.perf_counter()
         result = record_batches(store, recorder, batches, blocks, device)
         assert store.is_complete and result.n_imgs_written == n_imgs
@@ -127,12 +136,16 @@ def bench_zarr_vs_numpy(args, tmp: str) -> None:
         else:
             times.append((zarr_write(), numpy_write()))
     ratios = sorted(t_np / t_zarr for t_zarr, t_np in times)
-    print(f"\n== store writes vs raw numpy ({mb:.0f} MB, shards of {args.imgs_per_shard} images, "
-          f"{args.write_repeats} pairs) ==")
+    print(
+        f"\n== store writes vs raw numpy ({mb:.0f} MB, shards of {args.imgs_per_shard} images, "
+        f"{args.write_repeats} pairs) =="
+    )
     print(f"numpy tofile      {mb / np.median([t for _, t in times]):8.1f} MB/s (median)")
     print(f"store write_block {mb / np.median([t for t, _ in times]):8.1f} MB/s (median)")
-    print(f"ratio             {np.median(ratios):8.3f}   (median of pairs; range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
-          "goal >= 0.9)")
+    print(
+        f"ratio             {np.median(ratios):8.3f}   (median of pairs; range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
+        "goal >= 0.9)"
+    )
 
 
 def bench_early_stop(args, tmp: str) -> None:
@@ -168,11 +181,13 @@ def bench_early_stop(args, tmp: str) -> None:
         timed(variants[name])
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.early_repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(timed(variants[name]))
     bare = min(times[names[0]])
-    print(f"\n== recording forward, early stop vs full pass vs bare forward ({args.arch}, {vit.n_blocks} blocks, "
-          f"{n_imgs} images, batch {args.batch_size}, {device}, best of {args.early_repeats}) ==")
+    print(
+        f"\n== recording forward, early stop vs full pass vs bare forward ({args.arch}, {vit.n_blocks} blocks, "
+        f"{n_imgs} images, batch {args.batch_size}, {device}, best of {args.early_repeats}) =="
+    )
     print(f"{'variant':40s} {'img/s':>8s} {'vs bare':>8s} {'spread s':>12s}")
     for name in names:
         best = min(times[name])
@@ -191,8 +206,11 @@ def main() -> None:
     parser.add_argument("--early-imgs", type=int, default=64, help="images per round of the early-stop benchmark")
     parser.add_argument("--early-repeats", type=int, default=5, help="rounds of the early-stop benchmark")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--sections", default="write,record,early",
-                        help="comma-separated: write (store writes), record (recording vs bare), early (early stop)")
+    parser.add_argument(
+        "--sections",
+        default="write,record,early",
+        help="comma-separated: write (store writes), record (recording vs bare), early (early stop)",
+    )
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     if not sections <= {"write", "record", "early"}:

@@ -75,8 +75,10 @@ def main() -> None:
             total_s = time.perf_counter() - start
             size_kb = sum(p.stat().st_size for p in pathlib.Path(tmp).iterdir()) / args.n_imgs / 1024
 
-        print(f"  {kind:10s}  overlay only: {args.n_imgs / render_s:7.0f} img/s   "
-              f"overlay + save_png: {args.n_imgs / total_s:6.0f} img/s   ({size_kb:.0f} KB per PNG)")
+        print(
+            f"  {kind:10s}  overlay only: {args.n_imgs / render_s:7.0f} img/s   "
+            f"overlay + save_png: {args.n_imgs / total_s:6.0f} img/s   ({size_kb:.0f} KB per PNG)"
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ def sync(device: str) -> None:
 
 
 def make_members(args, arch: str, k: int, device: str) -> tuple[trainer.Member, trainer.Member]:
-    sae_cfg = config.SparseAutoencoderConfig(d_vit=args.d_vit, exp_factor=args.d_sae // args.d_vit, arch=arch, k=k,
-                                             dead_after_n_patches=10**9)
+    sae_cfg = config.SparseAutoencoderConfig(
+        d_vit=args.d_vit, exp_factor=args.d_sae // args.d_vit, arch=arch, k=k, dead_after_n_patches=10**9
+    )
     cfg = config.TrainConfig(sae=sae_cfg, lr=1e-4, n_lr_warmup=2)
     members = []
     dense = nn.make_sae(sae_cfg).train()
@@ -72,9 +73,14 @@ def bench_row(args, row: str, batches: list[torch.Tensor], device: str) -> dict:
             times[name].append(timed_run(m, batches, n_dead, device))
     n = len(batches) * args.batch_size
     rate = {name: n / statistics.median(t) for name, t in times.items()}
-    return {"row": row, "dense": rate["dense"], "sparse": rate["sparse"], "ratio": rate["sparse"] / rate["dense"],
-            "ratios": [d / s for d, s in zip(times["dense"], times["sparse"])],
-            "auto": sparse_topk.use_sparse("auto", dense.cfg.sae)}
+    return {
+        "row": row,
+        "dense": rate["dense"],
+        "sparse": rate["sparse"],
+        "ratio": rate["sparse"] / rate["dense"],
+        "ratios": [d / s for d, s in zip(times["dense"], times["sparse"])],
+        "auto": sparse_topk.use_sparse("auto", dense.cfg.sae),
+    }
 
 
 def profile_step(args, row: str, batch: torch.Tensor, device: str) -> None:
@@ -97,8 +103,9 @@ def main() -> None:
     parser.add_argument("--d-vit", type=int, default=768)
     parser.add_argument("--d-sae", type=int, default=6144)
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--rows", default="topk:32,batchtopk:32,topk:128,topk:32:aux",
-                        help="comma-separated ARCH:K[:aux] rows")
+    parser.add_argument(
+        "--rows", default="topk:32,batchtopk:32,topk:128,topk:32:aux", help="comma-separated ARCH:K[:aux] rows"
+    )
     parser.add_argument("--aux-dead", type=int, default=1024, help="latents marked dead in the aux rows")
     parser.add_argument("--n-steps", type=int, default=3, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each path (median)")
@@ -108,25 +115,36 @@ def main() -> None:
     device = config.resolve_device(args.device)
     n_threads = fitting.threads_for(config.TrainConfig())
     torch.set_num_threads(n_threads)
-    print(f"torch {torch.__version__}, {n_threads} training threads of {os.cpu_count()} CPUs, device {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
-          + f", load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"torch {torch.__version__}, {n_threads} training threads of {os.cpu_count()} CPUs, device {device}"
+        + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
+        + f", load average {os.getloadavg()[0]:.1f}"
+    )
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(args.batch_size, args.d_vit, generator=gen) + 1).to(device) for _ in range(args.n_steps)]
 
-    print(f"\n== training steps, sparse vs dense ({args.n_steps} steps of {args.batch_size} x {args.d_vit} -> d_sae "
-          f"{args.d_sae}; median of {args.repeats} interleaved runs) ==")
-    print(f"{'row':>18} {'k/d_sae':>8} {'dense patches/s':>16} {'sparse patches/s':>17} {'sparse/dense':>13} "
-          f"{'per run':>18} {'auto':>7}")
+    print(
+        f"\n== training steps, sparse vs dense ({args.n_steps} steps of {args.batch_size} x {args.d_vit} -> d_sae "
+        f"{args.d_sae}; median of {args.repeats} interleaved runs) =="
+    )
+    print(
+        f"{'row':>18} {'k/d_sae':>8} {'dense patches/s':>16} {'sparse patches/s':>17} {'sparse/dense':>13} "
+        f"{'per run':>18} {'auto':>7}"
+    )
     for row in args.rows.split(","):
         r = bench_row(args, row, batches, device)
         k = int(row.split(":")[1])
         per_run = "/".join(f"{x:.2f}" for x in r["ratios"])
-        print(f"{row:>18} {k / args.d_sae:>8.4f} {r['dense']:>16,.0f} {r['sparse']:>17,.0f} {r['ratio']:>13.2f} "
-              f"{per_run:>18} {'sparse' if r['auto'] else 'dense':>7}", flush=True)
-    print(f"(aux rows: {args.aux_dead} latents dead, k_aux {config.SparseAutoencoderConfig.k_aux}; auto: what "
-          f"--sparse-topk auto picks, k / d_sae <= {sparse_topk.MAX_AUTO_K_FRACTION:.4f}; load average "
-          f"after: {os.getloadavg()[0]:.1f})")
+        print(
+            f"{row:>18} {k / args.d_sae:>8.4f} {r['dense']:>16,.0f} {r['sparse']:>17,.0f} {r['ratio']:>13.2f} "
+            f"{per_run:>18} {'sparse' if r['auto'] else 'dense':>7}",
+            flush=True,
+        )
+    print(
+        f"(aux rows: {args.aux_dead} latents dead, k_aux {config.SparseAutoencoderConfig.k_aux}; auto: what "
+        f"--sparse-topk auto picks, k / d_sae <= {sparse_topk.MAX_AUTO_K_FRACTION:.4f}; load average "
+        f"after: {os.getloadavg()[0]:.1f})"
+    )
     if args.profile:
         profile_step(args, args.rows.split(",")[0], batches[0], device)
 

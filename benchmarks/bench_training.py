@@ -33,10 +33,9 @@ import numpy as np
 import torch
 
 from saev_core import config, nn
-from saev_core.store import shards
-from saev_core.train import fitting, trainer
+from saev_core.store import ActivationStore, shards, write_store
 from saev_core.store.stats import normalization
-from saev_core.store import ActivationStore, write_store
+from saev_core.train import fitting, trainer
 
 
 class ReadCounter:
@@ -66,9 +65,13 @@ def plant_store(root: str, args) -> ActivationStore:
     n_imgs, n_tokens, d = args.n_imgs, args.n_tokens, args.d_vit
     rng = np.random.default_rng(0)
     return write_store(
-        root, lambda start, end: rng.standard_normal((1, end - start, n_tokens, d), dtype=np.float32) + 1.0,
-        shape=(n_imgs, n_tokens, d), cls_token=False, imgs_per_shard=2_400_000 // n_tokens,
-        fingerprint=str(time.time()), resolved_layers=(10,),
+        root,
+        lambda start, end: rng.standard_normal((1, end - start, n_tokens, d), dtype=np.float32) + 1.0,
+        shape=(n_imgs, n_tokens, d),
+        cls_token=False,
+        imgs_per_shard=2_400_000 // n_tokens,
+        fingerprint=str(time.time()),
+        resolved_layers=(10,),
     )
 
 
@@ -76,8 +79,15 @@ def member_cfgs(store: ActivationStore, args, k: int, ckpt: str, **kw) -> list[c
     base = config.TrainConfig(
         data=config.DataLoadConfig(shard_root=store.path, layer=-2),
         sae=config.SparseAutoencoderConfig(d_vit=args.d_vit, exp_factor=args.exp_factor, arch=args.arch, k=32),
-        n_patches=args.n_steps * args.batch_size, sae_batch_size=args.batch_size, lr=1e-4, n_lr_warmup=2,
-        ckpt_path=ckpt, ckpt_every=10**9, log_every=10**9, device=args.device, **kw,
+        n_patches=args.n_steps * args.batch_size,
+        sae_batch_size=args.batch_size,
+        lr=1e-4,
+        n_lr_warmup=2,
+        ckpt_path=ckpt,
+        ckpt_every=10**9,
+        log_every=10**9,
+        device=args.device,
+        **kw,
     )
     return [dataclasses.replace(base, sae=dataclasses.replace(base.sae, seed=i), lr=1e-4 * (1 + i)) for i in range(k)]
 
@@ -147,18 +157,26 @@ def bench_sweep(args, store: ActivationStore, tmp: str) -> None:
             single[i] = min(single.get(i, math.inf), t_single)
 
     consumed = args.n_steps * args.batch_size * args.d_vit * 4
-    print(f"\n== one pass of K SAEs vs the same steps on in-memory batches ({device}; {args.n_steps} steps of "
-          f"{args.batch_size} x {args.d_vit} -> d_sae {args.d_vit * args.exp_factor}, {args.arch}; "
-          f"best of {args.sweep_repeats}) ==")
-    print(f"{'K':>3} {'in-memory s':>12} {'sweep loop s':>13} {'loop eff':>9} {'sweep total s':>14} "
-          f"{'total eff':>10} {'MB read':>8} {'read/K=1':>9}")
+    print(
+        f"\n== one pass of K SAEs vs the same steps on in-memory batches ({device}; {args.n_steps} steps of "
+        f"{args.batch_size} x {args.d_vit} -> d_sae {args.d_vit * args.exp_factor}, {args.arch}; "
+        f"best of {args.sweep_repeats}) =="
+    )
+    print(
+        f"{'K':>3} {'in-memory s':>12} {'sweep loop s':>13} {'loop eff':>9} {'sweep total s':>14} "
+        f"{'total eff':>10} {'MB read':>8} {'read/K=1':>9}"
+    )
     for k in ks:
         per_step = mem[k] / (args.n_steps - 1)
-        print(f"{k:>3} {mem[k]:>12.3f} {loop[k]:>13.3f} {mem[k] / loop[k]:>9.2f} {total[k]:>14.3f} "
-              f"{per_step * args.n_steps / total[k]:>10.2f} {read[k] / 1e6:>8.1f} {read[k] / read[ks[0]]:>9.2f}")
-    print(f"(loop: steps 1..n-1; total adds opening, the held-out evaluation and writing checkpoints. Training "
-          f"consumes {consumed / 1e6:.1f} MB of vectors; MB read adds whole chunks read ahead and the held-out "
-          "split, and does not grow with K)")
+        print(
+            f"{k:>3} {mem[k]:>12.3f} {loop[k]:>13.3f} {mem[k] / loop[k]:>9.2f} {total[k]:>14.3f} "
+            f"{per_step * args.n_steps / total[k]:>10.2f} {read[k] / 1e6:>8.1f} {read[k] / read[ks[0]]:>9.2f}"
+        )
+    print(
+        f"(loop: steps 1..n-1; total adds opening, the held-out evaluation and writing checkpoints. Training "
+        f"consumes {consumed / 1e6:.1f} MB of vectors; MB read adds whole chunks read ahead and the held-out "
+        "split, and does not grow with K)"
+    )
     print("\n== K separate runs vs one pass (end to end) ==")
     print(f"{'K':>3} {'separate s':>11} {'one pass s':>11} {'speed-up':>9}")
     for k in ks:
@@ -191,14 +209,17 @@ def bench_shared(args, store: ActivationStore, tmp: str) -> None:
         for load in ("as is", "one core busy"):
             with busy_core(load != "as is"):
                 for name, n_threads in settings.items():
-                    cfgs = member_cfgs(store, args, k, os.path.join(tmp, f"shared-{rep}-{load}-{n_threads}"),
-                                       n_threads=n_threads)
+                    cfgs = member_cfgs(
+                        store, args, k, os.path.join(tmp, f"shared-{rep}-{load}-{n_threads}"), n_threads=n_threads
+                    )
                     _, loop, _ = time_sweep(cfgs)
                     rates.setdefault((name, load), []).append((args.n_steps - 1) * args.batch_size / loop)
     auto = fitting.threads_for(member_cfgs(store, args, 1, "")[0])
-    print(f"\n== sweep of {k} SAEs on a shared machine ({args.n_steps} steps of {args.batch_size} x {args.d_vit} -> "
-          f"d_sae {args.d_vit * args.exp_factor}, {args.arch}; {os.cpu_count()} CPUs, auto = {auto} threads; "
-          f"median of {args.shared_repeats}; load average before: {os.getloadavg()[0]:.1f}) ==")
+    print(
+        f"\n== sweep of {k} SAEs on a shared machine ({args.n_steps} steps of {args.batch_size} x {args.d_vit} -> "
+        f"d_sae {args.d_vit * args.exp_factor}, {args.arch}; {os.cpu_count()} CPUs, auto = {auto} threads; "
+        f"median of {args.shared_repeats}; load average before: {os.getloadavg()[0]:.1f}) =="
+    )
     print(f"{'threads':>34} {'as is patches/s':>16} {'one core busy':>14} {'busy / as is':>13}")
     for name in settings:
         idle, busy = (statistics.median(rates[(name, load)]) for load in ("as is", "one core busy"))
@@ -219,7 +240,7 @@ def bench_flops(args) -> None:
         sae = nn.make_sae(cfg.sae).to(device).train()
         member = trainer.Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=1e-4))
 
-        def step():
+        def step(member=member):
             trainer.train_step(member, x, 10, 100)
 
         def matmul():
@@ -238,10 +259,14 @@ def bench_flops(args) -> None:
                 out.append((time.perf_counter() - t0) / args.inner)
         t_step, t_mm = min(step_t), min(mm_t)  # the least disturbed run of each (shared machine)
         sae_flops, mm_flops = 12 * b * d * s / t_step, 2 * b * d * s / t_mm
-        print(f"{arch:>10} {t_step * 1e3:>9.2f} {sae_flops / 1e9:>12.1f} {t_mm * 1e3:>10.3f} "
-              f"{mm_flops / 1e9:>15.1f} {sae_flops / mm_flops:>6.2f}")
-    print("(a step = 6 matmuls of the matmul's size: encode, decode, and two gradients of each; plus top-k, "
-          "losses, Adam and the decoder-norm hooks, which the ratio charges to the SAE)")
+        print(
+            f"{arch:>10} {t_step * 1e3:>9.2f} {sae_flops / 1e9:>12.1f} {t_mm * 1e3:>10.3f} "
+            f"{mm_flops / 1e9:>15.1f} {sae_flops / mm_flops:>6.2f}"
+        )
+    print(
+        "(a step = 6 matmuls of the matmul's size: encode, decode, and two gradients of each; plus top-k, "
+        "losses, Adam and the decoder-norm hooks, which the ratio charges to the SAE)"
+    )
 
 
 def main() -> None:
@@ -266,8 +291,10 @@ def main() -> None:
     n_train = int(args.n_imgs * 0.9) * args.n_tokens
     if n_train < args.n_steps * args.batch_size:
         print(f"note: {args.n_steps} steps of {args.batch_size} exceed one epoch ({n_train} vectors): epochs cycle")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {config.resolve_device(args.device)}"
-          + (f" ({torch.cuda.get_device_name()})" if config.resolve_device(args.device) == "cuda" else ""))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {config.resolve_device(args.device)}"
+        + (f" ({torch.cuda.get_device_name()})" if config.resolve_device(args.device) == "cuda" else "")
+    )
 
     if not args.skip_flops:
         bench_flops(args)

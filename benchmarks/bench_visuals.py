@@ -8,9 +8,9 @@
     normal values, the store's own layout of ~4 MB chunks) and a topk SAE with random weights (d_sae = 768 * 8 =
     6144, k 32; with random weights each latent fires on ~k/d_sae of the patches, ~22% of the images). Both
     variants read the layer through ``shards.stream_chunks`` in store order and encode batches of the same number of
-    images (``top_images.batch_images``: ~256 MB of latents per batch); the plain pass calls ``sae.encode`` on each batch
-    and throws the result away, the top-k pass is ``top_images.topk_pass`` (``--top-k`` images per latent, token mode
-    patches), which adds the firing statistics, the best patch per image and the merge into the running top-k.
+    images (``top_images.batch_images``: ~256 MB of latents per batch); the plain pass calls ``sae.encode`` on each
+    batch and throws the result away, the top-k pass is ``top_images.topk_pass`` (``--top-k`` images per latent, token
+    mode patches), which adds the firing statistics, the best patch per image and the merge into the running top-k.
     The two alternate, ``--repeats`` times each; the best time of each is kept (the machine is shared), wall-clock
     and, apart, the process's CPU time (less sensitive to other work on the machine). Goal: pass / plain <= 1.3.
     The ratio is printed for each ``--n-imgs`` given because part of the merge's cost falls as the stream grows
@@ -44,17 +44,22 @@ from PIL import Image
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from saev_core import config, nn
-from saev_core.visuals import top_images
-from saev_core.visuals import render  # noqa: E402
-from saev_core.store.shards import ChunkReader, stream_chunks  # noqa: E402
 from saev_core.store import ActivationStore, write_store  # noqa: E402
+from saev_core.store.shards import ChunkReader, stream_chunks  # noqa: E402
+from saev_core.visuals import (
+    render,  # noqa: E402
+    top_images,
+)
 
 
 def plant_store(root: str, n_imgs: int, n_tokens: int, d_vit: int) -> ActivationStore:
     rng = np.random.default_rng(0)
     return write_store(
-        root, lambda start, end: rng.standard_normal((1, end - start, n_tokens, d_vit), dtype=np.float32),
-        shape=(n_imgs, n_tokens, d_vit), imgs_per_shard=2_400_000 // n_tokens, fingerprint=f"bench-visuals-{n_imgs}",
+        root,
+        lambda start, end: rng.standard_normal((1, end - start, n_tokens, d_vit), dtype=np.float32),
+        shape=(n_imgs, n_tokens, d_vit),
+        imgs_per_shard=2_400_000 // n_tokens,
+        fingerprint=f"bench-visuals-{n_imgs}",
         resolved_layers=(10,),
     )
 
@@ -71,12 +76,13 @@ def plain_pass(store: ActivationStore, sae: nn.SparseAutoencoder, imgs_per_batch
     def encode(xs: list[np.ndarray]) -> int:
         x_all = np.concatenate(xs)
         for start in range(0, len(x_all), imgs_per_batch):
-            x = torch.from_numpy(x_all[start:start + imgs_per_batch])
+            x = torch.from_numpy(x_all[start : start + imgs_per_batch])
             sae.encode(x.reshape(-1, store.d_vit))
         return len(x_all)
 
-    for c, imgs, x in stream_chunks(ChunkReader(store.array(-2)), chunks, np.split(images, starts[1:]), ipc,
-                                    store.n_imgs):
+    for c, imgs, x in stream_chunks(
+        ChunkReader(store.array(-2)), chunks, np.split(images, starts[1:]), ipc, store.n_imgs
+    ):
         xs.append(x[imgs - c * ipc])
         n += len(imgs)
         if n >= imgs_per_batch:
@@ -91,15 +97,17 @@ def bench_pass(args, n_imgs: int, tmp: str) -> dict:
     t0 = time.perf_counter()
     store = plant_store(os.path.join(tmp, f"store-{n_imgs}"), n_imgs, args.n_tokens, args.d_vit)
     plant_s = time.perf_counter() - t0
-    sae = nn.make_sae(config.SparseAutoencoderConfig(d_vit=args.d_vit, exp_factor=args.exp_factor, arch="topk",
-                                                     k=args.k)).eval()
+    sae = nn.make_sae(
+        config.SparseAutoencoderConfig(d_vit=args.d_vit, exp_factor=args.exp_factor, arch="topk", k=args.k)
+    ).eval()
     d_sae = sae.cfg.d_sae
     per_batch = top_images.batch_images(store.n_tokens, d_sae, store.d_vit, "cpu")
     identity = top_images.CacheIdentity("bench", store.metadata.key, -2, "patches", args.top_k)
 
     def run_pass() -> top_images.TopKCache:
-        return top_images.topk_pass(store, -2, "patches", sae, args.top_k, identity, device="cpu",
-                              imgs_per_batch=per_batch)
+        return top_images.topk_pass(
+            store, -2, "patches", sae, args.top_k, identity, device="cpu", imgs_per_batch=per_batch
+        )
 
     plain_pass(store, sae, per_batch, limit=2 * per_batch)  # warm-up: first large allocations, thread start-up
     times = {"plain": [], "pass": [], "plain_cpu": [], "pass_cpu": []}
@@ -120,10 +128,21 @@ def bench_pass(args, n_imgs: int, tmp: str) -> dict:
     full = int((cache.n_images() == args.top_k).sum())
     cache_mb = os.path.getsize(top_images.cache_path(os.path.join(tmp, f"dump-{n_imgs}"))) / 1e6
     shutil.rmtree(os.path.join(tmp, f"store-{n_imgs}"), ignore_errors=True)
-    return {"n_imgs": n_imgs, "batch": per_batch, "plant_s": plant_s, "plain": min(times["plain"]),
-            "pass": min(times["pass"]), "all_plain": times["plain"], "all_pass": times["pass"], "save_s": save_s,
-            "full": full, "d_sae": d_sae, "cache_mb": cache_mb, "plain_cpu": min(times["plain_cpu"]),
-            "pass_cpu": min(times["pass_cpu"])}
+    return {
+        "n_imgs": n_imgs,
+        "batch": per_batch,
+        "plant_s": plant_s,
+        "plain": min(times["plain"]),
+        "pass": min(times["pass"]),
+        "all_plain": times["plain"],
+        "all_pass": times["pass"],
+        "save_s": save_s,
+        "full": full,
+        "d_sae": d_sae,
+        "cache_mb": cache_mb,
+        "plain_cpu": min(times["plain_cpu"]),
+        "pass_cpu": min(times["pass_cpu"]),
+    }
 
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -143,8 +162,12 @@ def bench_render(args, tmp: str) -> dict:
     for rel in rels:
         photo_like(rng, args.width, args.height).save(os.path.join(image_root, rel), quality=90)
     store = write_store(
-        os.path.join(tmp, "render-store"), np.zeros((1, n_files, 50, 8), np.float32), image_paths=rels,
-        class_names=("photos",), vit_ckpt="ViT-B-32/openai", fingerprint="bench-render",
+        os.path.join(tmp, "render-store"),
+        np.zeros((1, n_files, 50, 8), np.float32),
+        image_paths=rels,
+        class_names=("photos",),
+        vit_ckpt="ViT-B-32/openai",
+        fingerprint="bench-render",
     )
     d_sae, k = n_latents, per_latent
     values = rng.exponential(1.0, (d_sae, k, 49)).astype(np.float32)
@@ -154,9 +177,13 @@ def bench_render(args, tmp: str) -> dict:
     top_values = np.take_along_axis(best, order, 1)
     cache = top_images.TopKCache(
         identity=top_images.CacheIdentity("bench", store.metadata.key, -2, "patches", k),
-        top_values=top_values, top_images=np.arange(n_files).reshape(d_sae, k),
-        top_patches=np.take_along_axis(values, order[..., None], 1), top_cls=rng.exponential(1.0, (d_sae, k)),
-        freq=np.full(d_sae, 1e-3), mean_value=np.ones(d_sae), hist=np.zeros((d_sae, len(top_images.HIST_EDGES) - 1), int),
+        top_values=top_values,
+        top_images=np.arange(n_files).reshape(d_sae, k),
+        top_patches=np.take_along_axis(values, order[..., None], 1),
+        top_cls=rng.exponential(1.0, (d_sae, k)),
+        freq=np.full(d_sae, 1e-3),
+        mean_value=np.ones(d_sae),
+        hist=np.zeros((d_sae, len(top_images.HIST_EDGES) - 1), int),
         n_vectors=n_files * 49,
     )
     latents = np.arange(d_sae)
@@ -172,8 +199,10 @@ def bench_render(args, tmp: str) -> dict:
         assert sum(r["n_images"] for r in rows) == n_files
     with Image.open(os.path.join(tmp, "render-0", "neurons", "0", "0.png")) as img:
         size = img.size
-    kb = np.mean([os.path.getsize(os.path.join(tmp, "render-0", "neurons", "0", f"{r}.png"))
-                  for r in range(per_latent)]) / 1024
+    kb = (
+        np.mean([os.path.getsize(os.path.join(tmp, "render-0", "neurons", "0", f"{r}.png")) for r in range(per_latent)])
+        / 1024
+    )
     return {"n": n_files, "best": min(times), "all": times, "size": size, "kb": kb, "first_s": first_s}
 
 
@@ -201,8 +230,10 @@ def main() -> None:
     parser.add_argument("--skip-render", action="store_true", help="only (a)")
     parser.add_argument("--dir", default=None, help="where the temporary files go (default: the system temp dir)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f} (the machine is shared: other work inflates both variants)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} (the machine is shared: other work inflates both variants)"
+    )
 
     tmp = tempfile.mkdtemp(prefix="bench-visuals-", dir=args.dir)
     try:
@@ -211,36 +242,80 @@ def main() -> None:
             for n_imgs in (int(n) for n in args.n_imgs.split(",")):
                 r = bench_pass(args, n_imgs, tmp)
                 results.append(r)
-                print(f"  n_imgs {n_imgs}: plain {', '.join(f'{t:.1f}' for t in r['all_plain'])} s; pass "
-                      f"{', '.join(f'{t:.1f}' for t in r['all_pass'])} s (store planted in {r['plant_s']:.1f} s)",
-                      flush=True)
+                print(
+                    f"  n_imgs {n_imgs}: plain {', '.join(f'{t:.1f}' for t in r['all_plain'])} s; pass "
+                    f"{', '.join(f'{t:.1f}' for t in r['all_pass'])} s (store planted in {r['plant_s']:.1f} s)",
+                    flush=True,
+                )
             r0 = results[0]
-            print(f"\n== (a) top-k pass vs plain SAE forward: {args.n_tokens} tokens x d_vit {args.d_vit} float32, "
-                  f"topk SAE d_sae {r0['d_sae']} k {args.k}, top-k {args.top_k}, {r0['batch']} images per batch; "
-                  f"best of {args.repeats} ==")
-            rows = [("images", "vectors", "plain s", "pass s", "pass/plain", "plain img/s", "pass img/s",
-                     "CPU s plain/pass", "CPU ratio", "latents full", "save_cache s", "cache MB")]
+            print(
+                f"\n== (a) top-k pass vs plain SAE forward: {args.n_tokens} tokens x d_vit {args.d_vit} float32, "
+                f"topk SAE d_sae {r0['d_sae']} k {args.k}, top-k {args.top_k}, {r0['batch']} images per batch; "
+                f"best of {args.repeats} =="
+            )
+            rows = [
+                (
+                    "images",
+                    "vectors",
+                    "plain s",
+                    "pass s",
+                    "pass/plain",
+                    "plain img/s",
+                    "pass img/s",
+                    "CPU s plain/pass",
+                    "CPU ratio",
+                    "latents full",
+                    "save_cache s",
+                    "cache MB",
+                )
+            ]
             for r in results:
-                rows.append((str(r["n_imgs"]), f"{r['n_imgs'] * args.n_tokens:,}", f"{r['plain']:.1f}",
-                             f"{r['pass']:.1f}", f"{r['pass'] / r['plain']:.2f}", f"{r['n_imgs'] / r['plain']:.0f}",
-                             f"{r['n_imgs'] / r['pass']:.0f}", f"{r['plain_cpu']:.0f}/{r['pass_cpu']:.0f}",
-                             f"{r['pass_cpu'] / r['plain_cpu']:.2f}", f"{r['full']}/{r['d_sae']}",
-                             f"{r['save_s']:.1f}", f"{r['cache_mb']:.0f}"))
+                rows.append(
+                    (
+                        str(r["n_imgs"]),
+                        f"{r['n_imgs'] * args.n_tokens:,}",
+                        f"{r['plain']:.1f}",
+                        f"{r['pass']:.1f}",
+                        f"{r['pass'] / r['plain']:.2f}",
+                        f"{r['n_imgs'] / r['plain']:.0f}",
+                        f"{r['n_imgs'] / r['pass']:.0f}",
+                        f"{r['plain_cpu']:.0f}/{r['pass_cpu']:.0f}",
+                        f"{r['pass_cpu'] / r['plain_cpu']:.2f}",
+                        f"{r['full']}/{r['d_sae']}",
+                        f"{r['save_s']:.1f}",
+                        f"{r['cache_mb']:.0f}",
+                    )
+                )
             table(rows)
-            print("(goal: pass/plain <= 1.3, wall-clock. CPU s: the process's CPU time (both threads), less sensitive "
-                  "to other work on the machine. latents full: latents with all top-k slots filled. save_cache is "
-                  "not in the ratio.)")
+            print(
+                "(goal: pass/plain <= 1.3, wall-clock. CPU s: the process's CPU time (both threads), less sensitive "
+                "to other work on the machine. latents full: latents with all top-k slots filled. save_cache is "
+                "not in the ratio.)"
+            )
         if not args.skip_render:
             r = bench_render(args, tmp)
-            print(f"\n== (b) render.render_latents: {r['n']} different {args.width}x{args.height} JPEGs -> "
-                  f"{r['size'][0]}x{r['size'][1]} PNG (224 px + CLS strip), {os.cpu_count()} threads; "
-                  f"best of {args.repeats} ==")
-            table([("renders", "runs s", "best s", "img/s", "KB per PNG"),
-                   (str(r["n"]), ", ".join(f"{t:.2f}" for t in r["all"]), f"{r['best']:.2f}",
-                    f"{r['n'] / r['best']:.0f}", f"{r['kb']:.0f}")])
-            print(f"(goal: >= 100 img/s; load + decode + shrink + overlay + PNG save + metadata.json per latent. "
-                  f"Not timed: a first call with one image, {r['first_s']:.1f} s, mostly importing open_clip, once "
-                  "per job)")
+            print(
+                f"\n== (b) render.render_latents: {r['n']} different {args.width}x{args.height} JPEGs -> "
+                f"{r['size'][0]}x{r['size'][1]} PNG (224 px + CLS strip), {os.cpu_count()} threads; "
+                f"best of {args.repeats} =="
+            )
+            table(
+                [
+                    ("renders", "runs s", "best s", "img/s", "KB per PNG"),
+                    (
+                        str(r["n"]),
+                        ", ".join(f"{t:.2f}" for t in r["all"]),
+                        f"{r['best']:.2f}",
+                        f"{r['n'] / r['best']:.0f}",
+                        f"{r['kb']:.0f}",
+                    ),
+                ]
+            )
+            print(
+                f"(goal: >= 100 img/s; load + decode + shrink + overlay + PNG save + metadata.json per latent. "
+                f"Not timed: a first call with one image, {r['first_s']:.1f} s, mostly importing open_clip, once "
+                "per job)"
+            )
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -58,8 +58,10 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from saev_core import config
-from saev_core.record import embedded  # noqa: E402
-from saev_core.record import vit  # noqa: E402
+from saev_core.record import (
+    embedded,  # noqa: E402
+    vit,  # noqa: E402
+)
 
 STAGES = ("activations", "train", "visuals")
 WIDE = ["--log-freq-range", "-10", "1", "--log-value-range", "-10", "10"]
@@ -78,21 +80,76 @@ def run(argv: list[str], cwd: str, env: dict | None = None) -> tuple[float, str]
 def ours(args, stage: str, work: str, state: dict) -> float:
     cmd = [sys.executable, "-m", "saev_core", stage]
     if stage == "activations":
-        cmd += ["--vit-family", "clip", "--vit-ckpt", f"ViT-B-32/{args.vit_path}", "--d-vit", "768",
-                "--n-patches-per-img", "49", "--vit-layers", "-2", "--dump-to", os.path.join(work, "ours-acts"),
-                "--vit-batch-size", str(args.vit_batch_size), "--n-workers", str(args.n_workers),
-                "--n-patches-per-shard", str(args.n_patches_per_shard), "--device", "cpu",
-                "data:image-folder-dataset", "--data.root", args.images]
+        cmd += [
+            "--vit-family",
+            "clip",
+            "--vit-ckpt",
+            f"ViT-B-32/{args.vit_path}",
+            "--d-vit",
+            "768",
+            "--n-patches-per-img",
+            "49",
+            "--vit-layers",
+            "-2",
+            "--dump-to",
+            os.path.join(work, "ours-acts"),
+            "--vit-batch-size",
+            str(args.vit_batch_size),
+            "--n-workers",
+            str(args.n_workers),
+            "--n-patches-per-shard",
+            str(args.n_patches_per_shard),
+            "--device",
+            "cpu",
+            "data:image-folder-dataset",
+            "--data.root",
+            args.images,
+        ]
     elif stage == "train":
-        cmd += ["--data.shard-root", state["ours_store"], "--data.layer", "-2", "--data.patches", "patches",
-                "--sae.d-vit", "768", "--sae.exp-factor", str(args.exp_factor), "--sae.arch", "relu",
-                "--n-patches", str(args.n_patches), "--sae-batch-size", str(args.sae_batch_size), "--lr", str(args.lr),
-                "--n-lr-warmup", str(args.n_lr_warmup), "--log-every", "10", "--ckpt-path",
-                os.path.join(work, "ours-ckpt"), "--device", "cpu"]
+        cmd += [
+            "--data.shard-root",
+            state["ours_store"],
+            "--data.layer",
+            "-2",
+            "--data.patches",
+            "patches",
+            "--sae.d-vit",
+            "768",
+            "--sae.exp-factor",
+            str(args.exp_factor),
+            "--sae.arch",
+            "relu",
+            "--n-patches",
+            str(args.n_patches),
+            "--sae-batch-size",
+            str(args.sae_batch_size),
+            "--lr",
+            str(args.lr),
+            "--n-lr-warmup",
+            str(args.n_lr_warmup),
+            "--log-every",
+            "10",
+            "--ckpt-path",
+            os.path.join(work, "ours-ckpt"),
+            "--device",
+            "cpu",
+        ]
     else:
-        cmd += ["--ckpt", state["ours_ckpt"], "--dump-to", os.path.join(work, "ours-visuals"), "--top-k",
-                str(args.top_k), "--n-imgs-per-latent", str(args.top_k), "--n-latents", str(args.n_latents),
-                "--device", "cpu", *WIDE]
+        cmd += [
+            "--ckpt",
+            state["ours_ckpt"],
+            "--dump-to",
+            os.path.join(work, "ours-visuals"),
+            "--top-k",
+            str(args.top_k),
+            "--n-imgs-per-latent",
+            str(args.top_k),
+            "--n-latents",
+            str(args.n_latents),
+            "--device",
+            "cpu",
+            *WIDE,
+        ]
     seconds, out = run(cmd, cwd=work)
     if stage == "activations":
         state["ours_store"] = out.strip().splitlines()[-1]
@@ -107,24 +164,90 @@ def saev(args, stage: str, work: str, state: dict) -> float:
     env = {**os.environ, "PYTHONPATH": args.saev_path}
     cmd = [sys.executable, "-m", "saev", stage]
     if stage == "activations":
-        cmd += ["--vit-family", "clip", "--vit-ckpt", f"ViT-B-32/{os.path.basename(args.vit_path)}", "--d-vit", "768",
-                "--n-patches-per-img", "49", "--vit-layers", "-2", "--dump-to", os.path.join(work, "saev-acts"),
-                "--vit-batch-size", str(args.vit_batch_size), "--n-workers", str(args.n_workers),
-                "--n-patches-per-shard", str(args.n_patches_per_shard), "--device", "cpu",
-                "data:image-folder-dataset", "--data.root", args.images]
+        cmd += [
+            "--vit-family",
+            "clip",
+            "--vit-ckpt",
+            f"ViT-B-32/{os.path.basename(args.vit_path)}",
+            "--d-vit",
+            "768",
+            "--n-patches-per-img",
+            "49",
+            "--vit-layers",
+            "-2",
+            "--dump-to",
+            os.path.join(work, "saev-acts"),
+            "--vit-batch-size",
+            str(args.vit_batch_size),
+            "--n-workers",
+            str(args.n_workers),
+            "--n-patches-per-shard",
+            str(args.n_patches_per_shard),
+            "--device",
+            "cpu",
+            "data:image-folder-dataset",
+            "--data.root",
+            args.images,
+        ]
     elif stage == "train":
-        cmd += ["--data.shard-root", state["saev_acts"], "--data.layer", "-2", "--data.patches", "patches",
-                "--sae.d-vit", "768", "--sae.exp-factor", str(args.exp_factor), "--n-patches", str(args.n_patches),
-                "--sae-batch-size", str(args.sae_batch_size), "--lr", str(args.lr), "--n-lr-warmup",
-                str(args.n_lr_warmup), "--n-workers", str(args.train_workers), "--no-track", "--log-every", "10",
-                "--device", "cpu", "--ckpt-path", os.path.join(work, "saev-ckpt"), "--log-to",
-                os.path.join(work, "saev-logs")]
+        cmd += [
+            "--data.shard-root",
+            state["saev_acts"],
+            "--data.layer",
+            "-2",
+            "--data.patches",
+            "patches",
+            "--sae.d-vit",
+            "768",
+            "--sae.exp-factor",
+            str(args.exp_factor),
+            "--n-patches",
+            str(args.n_patches),
+            "--sae-batch-size",
+            str(args.sae_batch_size),
+            "--lr",
+            str(args.lr),
+            "--n-lr-warmup",
+            str(args.n_lr_warmup),
+            "--n-workers",
+            str(args.train_workers),
+            "--no-track",
+            "--log-every",
+            "10",
+            "--device",
+            "cpu",
+            "--ckpt-path",
+            os.path.join(work, "saev-ckpt"),
+            "--log-to",
+            os.path.join(work, "saev-logs"),
+        ]
     else:
-        cmd += ["--ckpt", state["saev_ckpt"], "--data.shard-root", state["saev_acts"], "--data.layer", "-2",
-                "--data.patches", "patches", "--sort-by", "patch", "--top-k", str(args.top_k), "--n-latents",
-                str(args.n_latents), "--n-workers", str(args.train_workers), "--device", "cpu", "--dump-to",
-                os.path.join(work, "saev-visuals"), *WIDE, "images:image-folder-dataset", "--images.root",
-                args.images]
+        cmd += [
+            "--ckpt",
+            state["saev_ckpt"],
+            "--data.shard-root",
+            state["saev_acts"],
+            "--data.layer",
+            "-2",
+            "--data.patches",
+            "patches",
+            "--sort-by",
+            "patch",
+            "--top-k",
+            str(args.top_k),
+            "--n-latents",
+            str(args.n_latents),
+            "--n-workers",
+            str(args.train_workers),
+            "--device",
+            "cpu",
+            "--dump-to",
+            os.path.join(work, "saev-visuals"),
+            *WIDE,
+            "images:image-folder-dataset",
+            "--images.root",
+            args.images,
+        ]
     # saev reads the weights as ARCH/FILE relative to the working folder (see the docstring).
     seconds, _ = run(cmd, cwd=os.path.dirname(args.vit_path), env=env)
     if stage == "activations":
@@ -132,15 +255,19 @@ def saev(args, stage: str, work: str, state: dict) -> float:
     elif stage == "train":
         [state["saev_ckpt"]] = glob.glob(os.path.join(work, "saev-ckpt", "*", "sae.pt"))
     else:
-        state["saev_pngs"] = len(glob.glob(os.path.join(work, "saev-visuals", "sort_by_patch", "neurons", "*",
-                                                        "*.png")))
+        state["saev_pngs"] = len(
+            glob.glob(os.path.join(work, "saev-visuals", "sort_by_patch", "neurons", "*", "*.png"))
+        )
     return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--saev-path", default=os.environ.get("SAEV01_PATH", "/tmp/saev01"),
-                        help="folder saev 0.1.0 was installed into with pip --target")
+    parser.add_argument(
+        "--saev-path",
+        default=os.environ.get("SAEV01_PATH", "/tmp/saev01"),
+        help="folder saev 0.1.0 was installed into with pip --target",
+    )
     parser.add_argument("--images", default=None, help="image folder (default: the embedded images)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each stage (the best is kept)")
     parser.add_argument("--vit-batch-size", type=int, default=64)
@@ -167,8 +294,11 @@ def main() -> None:
         args.vit_path = os.path.join(work_root, "vit_b32_random.pt")
         if not os.path.isfile(args.vit_path):
             vit.save_random_weights("clip", "ViT-B-32", args.vit_path)
-        print(f"{n_files} images in {args.images}; ViT-B-32 random weights {args.vit_path}; {os.cpu_count()} CPUs; "
-              f"saev 0.1.0 from {args.saev_path}; load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"{n_files} images in {args.images}; ViT-B-32 random weights {args.vit_path}; {os.cpu_count()} CPUs; "
+            f"saev 0.1.0 from {args.saev_path}; load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
 
         best = {(who, stage): float("inf") for who in ("ours", "saev") for stage in STAGES}
         state: dict = {}
@@ -181,22 +311,32 @@ def main() -> None:
                     best[who, stage] = min(best[who, stage], seconds)
                     print(f"  run {rep}: {who:4s} {stage:11s} {seconds:7.1f} s", flush=True)
 
-        print(f"\n== saev_core CLI vs saev 0.1.0, {n_files} images, CPU, wall-clock per stage (best of "
-              f"{args.repeats}) ==")
+        print(
+            f"\n== saev_core CLI vs saev 0.1.0, {n_files} images, CPU, wall-clock per stage (best of {args.repeats}) =="
+        )
         rows = [("stage", "ours s", "saev 0.1.0 s", "saev / ours")]
         for stage in STAGES:
-            rows.append((stage, f"{best['ours', stage]:.1f}", f"{best['saev', stage]:.1f}",
-                         f"{best['saev', stage] / best['ours', stage]:.2f}"))
+            rows.append(
+                (
+                    stage,
+                    f"{best['ours', stage]:.1f}",
+                    f"{best['saev', stage]:.1f}",
+                    f"{best['saev', stage] / best['ours', stage]:.2f}",
+                )
+            )
         total = {who: sum(best[who, s] for s in STAGES) for who in ("ours", "saev")}
-        rows.append(("all three", f"{total['ours']:.1f}", f"{total['saev']:.1f}",
-                     f"{total['saev'] / total['ours']:.2f}"))
+        rows.append(
+            ("all three", f"{total['ours']:.1f}", f"{total['saev']:.1f}", f"{total['saev'] / total['ours']:.2f}")
+        )
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         rows.insert(1, tuple("-" * w for w in widths))
         for r in rows:
             print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        print(f"(heatmaps rendered: ours {state['ours_pngs']} at 224 px shortest side, saev {state['saev_pngs']} "
-              f"at 448 x 448; {args.n_latents} latents, top-k {args.top_k}. saev / ours > 1: ours is faster. Load "
-              f"average at the end: {os.getloadavg()[0]:.1f}.)")
+        print(
+            f"(heatmaps rendered: ours {state['ours_pngs']} at 224 px shortest side, saev {state['saev_pngs']} "
+            f"at 448 x 448; {args.n_latents} latents, top-k {args.top_k}. saev / ours > 1: ours is faster. Load "
+            f"average at the end: {os.getloadavg()[0]:.1f}.)"
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(work_root, ignore_errors=True)

@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image
 
 from saev_core.__main__ import main
-from saev_core.store import ActivationStore
 from saev_core.record.vit import save_random_weights
+from saev_core.store import ActivationStore
 
 
 def last_line(fn) -> str:
@@ -37,21 +37,68 @@ def run(args, tmp: str) -> None:
     stores = {}
     for device in (args.device, "cpu"):
         t0 = time.perf_counter()
-        stores[device] = last_line(lambda: main([
-            "activations", "--vit-ckpt", f"ViT-B-32/{weights}", "--vit-layers", "-2", "-1", "--device", device,
-            "--dump-to", f"{tmp}/acts-{device}-{len(stores)}", "--n-patches-per-shard", str(32 * 50 * 2), "--vit-batch-size", "32",
-            "data:image-folder-dataset", "--data.root", f"{tmp}/imgs"]))
+        stores[device] = last_line(
+            lambda device=device: main(
+                [
+                    "activations",
+                    "--vit-ckpt",
+                    f"ViT-B-32/{weights}",
+                    "--vit-layers",
+                    "-2",
+                    "-1",
+                    "--device",
+                    device,
+                    "--dump-to",
+                    f"{tmp}/acts-{device}-{len(stores)}",
+                    "--n-patches-per-shard",
+                    str(32 * 50 * 2),
+                    "--vit-batch-size",
+                    "32",
+                    "data:image-folder-dataset",
+                    "--data.root",
+                    f"{tmp}/imgs",
+                ]
+            )
+        )
         print(f"recorded on {device} in {time.perf_counter() - t0:.1f} s")
     gpu, cpu = (ActivationStore.open(stores[d]) for d in (args.device, "cpu"))
     for layer in (-2, -1):
         a, b = gpu.array(layer)[:], cpu.array(layer)[:]
         rel = np.abs(a - b).max() / np.abs(b).max()
-        print(f"layer {layer}: {args.device} vs cpu max |diff| {np.abs(a - b).max():.2e}, relative to max |x| {rel:.2e}")
-    csv = last_line(lambda: main([
-        "train", "--data.shard-root", stores[args.device], "--data.layer", "-2", "--sae.d-vit", "768",
-        "--sae.arch", "topk", "--sae.k", "16", "--sae.exp-factor", "8", "--n-patches", "20000",
-        "--sae-batch-size", "256", "--lr", "1e-3", "--n-lr-warmup", "2", "--device", args.device,
-        "--ckpt-path", f"{tmp}/ckpts"]))
+        print(
+            f"layer {layer}: {args.device} vs cpu max |diff| {np.abs(a - b).max():.2e}, relative to max |x| {rel:.2e}"
+        )
+    csv = last_line(
+        lambda: main(
+            [
+                "train",
+                "--data.shard-root",
+                stores[args.device],
+                "--data.layer",
+                "-2",
+                "--sae.d-vit",
+                "768",
+                "--sae.arch",
+                "topk",
+                "--sae.k",
+                "16",
+                "--sae.exp-factor",
+                "8",
+                "--n-patches",
+                "20000",
+                "--sae-batch-size",
+                "256",
+                "--lr",
+                "1e-3",
+                "--n-lr-warmup",
+                "2",
+                "--device",
+                args.device,
+                "--ckpt-path",
+                f"{tmp}/ckpts",
+            ]
+        )
+    )
     print(open(csv).read())
     import pandas as pd
 

@@ -37,16 +37,24 @@ def write_images(root: str, n: int) -> None:
 
 def cli(tree: str, *argv: str) -> str:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), PYTHONHASHSEED="0")
-    out = subprocess.run([sys.executable, "-m", "saev_core", *argv], env=env, check=True, capture_output=True,
-                         text=True, cwd=os.path.abspath(tree))
+    out = subprocess.run(
+        [sys.executable, "-m", "saev_core", *argv],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=os.path.abspath(tree),
+    )
     return out.stdout.strip().splitlines()[-1]
 
 
 def save_random_vit(tree: str, path: str) -> None:
-    code = ("import sys\n"
-            "try:\n    from saev_core.record.vit import save_random_weights\n"
-            "except ImportError:\n    from saev_core.vit import save_random_weights\n"
-            "save_random_weights('clip', 'saev-tiny-clip', sys.argv[1], seed=0)\n")
+    code = (
+        "import sys\n"
+        "try:\n    from saev_core.record.vit import save_random_weights\n"
+        "except ImportError:\n    from saev_core.vit import save_random_weights\n"
+        "save_random_weights('clip', 'saev-tiny-clip', sys.argv[1], seed=0)\n"
+    )
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
     subprocess.run([sys.executable, "-c", code, path], env=env, check=True, cwd=os.path.abspath(tree))
 
@@ -75,17 +83,81 @@ def main() -> None:
     write_images(os.path.join(out, "imgs"), 24)
     vit = os.path.join(out, "tiny_clip.pt")
     save_random_vit(args.tree, vit)
-    store = cli(args.tree, "activations", "--vit-family", "clip", "--vit-ckpt", f"saev-tiny-clip/{vit}",
-                "--vit-layers", "-2", "-1", "--n-patches-per-shard", "400", "--n-workers", "0", "--device", "cpu",
-                "--dump-to", os.path.join(out, "acts"), "data:image-folder-dataset", "--data.root",
-                os.path.join(out, "imgs"))
-    cli(args.tree, "train", "--data.shard-root", store, "--data.layer", "-1", "--sae.d-vit", "64",
-        "--sae.exp-factor", "2", "--sae.arch", "topk", "--sae.k", "4", "--n-patches", "2048", "--sae-batch-size",
-        "64", "--lr", "1e-3", "--n-lr-warmup", "2", "--seed", "3", "--device", "cpu", "--n-threads", "1",
-        "--ckpt-path", os.path.join(out, "ckpts"))
+    store = cli(
+        args.tree,
+        "activations",
+        "--vit-family",
+        "clip",
+        "--vit-ckpt",
+        f"saev-tiny-clip/{vit}",
+        "--vit-layers",
+        "-2",
+        "-1",
+        "--n-patches-per-shard",
+        "400",
+        "--n-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--dump-to",
+        os.path.join(out, "acts"),
+        "data:image-folder-dataset",
+        "--data.root",
+        os.path.join(out, "imgs"),
+    )
+    cli(
+        args.tree,
+        "train",
+        "--data.shard-root",
+        store,
+        "--data.layer",
+        "-1",
+        "--sae.d-vit",
+        "64",
+        "--sae.exp-factor",
+        "2",
+        "--sae.arch",
+        "topk",
+        "--sae.k",
+        "4",
+        "--n-patches",
+        "2048",
+        "--sae-batch-size",
+        "64",
+        "--lr",
+        "1e-3",
+        "--n-lr-warmup",
+        "2",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--n-threads",
+        "1",
+        "--ckpt-path",
+        os.path.join(out, "ckpts"),
+    )
     ckpts = sorted(os.path.join(d, "sae.pt") for d, _, f in os.walk(os.path.join(out, "ckpts")) if "sae.pt" in f)
-    cli(args.tree, "visuals", "--ckpt", ckpts[0], "--dump-to", os.path.join(out, "visuals"), "--top-k", "4",
-        "--n-imgs-per-latent", "3", "--log-freq-range", "-9", "0", "--log-value-range", "-9", "9", "--device", "cpu")
+    cli(
+        args.tree,
+        "visuals",
+        "--ckpt",
+        ckpts[0],
+        "--dump-to",
+        os.path.join(out, "visuals"),
+        "--top-k",
+        "4",
+        "--n-imgs-per-latent",
+        "3",
+        "--log-freq-range",
+        "-9",
+        "0",
+        "--log-value-range",
+        "-9",
+        "9",
+        "--device",
+        "cpu",
+    )
     print("\n".join(manifest(out)))
 
 

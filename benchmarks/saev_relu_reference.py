@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_planted import plant_dictionary  # noqa: E402
 
-WANDB_STAND_IN = '''
+WANDB_STAND_IN = """
 class _Run:
     id = "local"
     def log(self, *args, **kwargs): pass
@@ -38,7 +38,7 @@ def init(*args, mode=None, **kwargs):
     return _Run()
 class Table:
     def __init__(self, *args, **kwargs): pass
-'''
+"""
 
 
 def planted_for_saev(n: int, d: int, seed: int) -> np.ndarray:
@@ -52,8 +52,18 @@ def planted_for_saev(n: int, d: int, seed: int) -> np.ndarray:
 def write_saev_shards(root: str, x: np.ndarray, n_tokens: int) -> None:
     n_imgs, d = len(x) // n_tokens, x.shape[1]
     os.makedirs(root, exist_ok=True)
-    meta = dict(vit_family="clip", vit_ckpt="planted", layers=[-2], n_patches_per_img=n_tokens, cls_token=True,
-                d_vit=d, seed=0, n_imgs=n_imgs, n_patches_per_shard=n_imgs * (n_tokens + 1), data="planted")
+    meta = dict(
+        vit_family="clip",
+        vit_ckpt="planted",
+        layers=[-2],
+        n_patches_per_img=n_tokens,
+        cls_token=True,
+        d_vit=d,
+        seed=0,
+        n_imgs=n_imgs,
+        n_patches_per_shard=n_imgs * (n_tokens + 1),
+        data="planted",
+    )
     with open(os.path.join(root, "metadata.json"), "w") as f:
         json.dump(meta, f)
     acts = np.zeros((n_imgs, 1, n_tokens + 1, d), np.float32)
@@ -81,19 +91,34 @@ def main() -> None:
     d = 64
     x = planted_for_saev(102_400, d, seed=0)
     write_saev_shards(os.path.join(tmp, "shards"), x, n_tokens=64)
-    data = config.DataLoad(shard_root=os.path.join(tmp, "shards"), layer=-2, patches="patches", scale_mean=False,
-                           scale_norm=False)
+    data = config.DataLoad(
+        shard_root=os.path.join(tmp, "shards"), layer=-2, patches="patches", scale_mean=False, scale_norm=False
+    )
     for seed in [int(s) for s in args.seeds.split(",")]:
         sae = config.SparseAutoencoder(d_vit=d, exp_factor=4, sparsity_coeff=args.coeff, seed=seed)
-        cfg = config.Train(data=data, n_workers=0, n_patches=args.n_patches, sae=sae, lr=args.lr,
-                           n_lr_warmup=args.n_lr_warmup, sae_batch_size=args.batch_size, track=False,
-                           log_every=10**9, device="cpu", seed=seed, ckpt_path=os.path.join(tmp, "ckpt"))
+        cfg = config.Train(
+            data=data,
+            n_workers=0,
+            n_patches=args.n_patches,
+            sae=sae,
+            lr=args.lr,
+            n_lr_warmup=args.n_lr_warmup,
+            sae_batch_size=args.batch_size,
+            track=False,
+            log_every=10**9,
+            device="cpu",
+            seed=seed,
+            ckpt_path=os.path.join(tmp, "ckpt"),
+        )
         torch.manual_seed(seed)  # saev initialises from torch's global generator and seeds it nowhere
         t0 = time.perf_counter()
         saes, _, steps = training.train([cfg])
         [metrics] = training.evaluate([cfg], saes)
-        print(f"seed {seed}: {steps} steps, L0 {metrics.l0:.3f}, MSE {metrics.mse:.4f}, "
-              f"dead {metrics.n_dead}, {time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"seed {seed}: {steps} steps, L0 {metrics.l0:.3f}, MSE {metrics.mse:.4f}, "
+            f"dead {metrics.n_dead}, {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -79,12 +79,14 @@ def report_members(results) -> None:
         m = result.metrics
         print(
             f"{result.member_id}: {result.cfg.sae.arch} d_sae={result.cfg.sae.d_sae} lr={result.cfg.lr:g} "
-            f"NMSE={m['nmse']:.4f} L0={m['l0']:.1f} dead={m['frac_dead_train']:.1%} (held-out {m['frac_dead_heldout']:.1%}) -> {result.ckpt_path}"
+            f"NMSE={m['nmse']:.4f} L0={m['l0']:.1f} dead={m['frac_dead_train']:.1%} "
+            f"(held-out {m['frac_dead_heldout']:.1%}) -> {result.ckpt_path}"
         )
 
 
 def run_pipeline(cmd: RunPipeline) -> str:
-    from saev_core.pipeline import file as pipeline_file, stages
+    from saev_core.pipeline import file as pipeline_file
+    from saev_core.pipeline import stages
 
     pipe = pipeline_file.load_pipeline(cmd.path)
     stages.prepare_demo_checkpoint(pipe)
@@ -133,8 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         cmd = tyro.cli(
-            Command, args=argv, prog="python -m saev_core", config=(tyro.conf.CascadeSubcommandArgs,),
-            description="Record ViT activations to a zarr store, train sparse autoencoders on them, and look at their latents.",
+            Command,
+            args=argv,
+            prog="python -m saev_core",
+            config=(tyro.conf.CascadeSubcommandArgs,),
+            description=(
+                "Record ViT activations to a zarr store, train sparse autoencoders on them, and look at their latents."
+            ),
         )
         if isinstance(cmd, config.ActivationsConfig):
             out = run_activations(cmd)

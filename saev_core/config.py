@@ -123,11 +123,20 @@ class ActivationsConfig:
     """Print the store's path and size and check the free disk space, then stop without recording."""
 
     def __post_init__(self) -> None:
-        check_fields(self, "--", {
-            "d_vit": AT_LEAST_1, "n_patches_per_img": AT_LEAST_1, "n_patches_per_shard": AT_LEAST_1,
-            "vit_batch_size": AT_LEAST_1, "n_workers": AT_LEAST_0, "n_imgs": AT_LEAST_1, "seed": SEED,
-            "vit_layers": ANY,
-        })
+        check_fields(
+            self,
+            "--",
+            {
+                "d_vit": AT_LEAST_1,
+                "n_patches_per_img": AT_LEAST_1,
+                "n_patches_per_shard": AT_LEAST_1,
+                "vit_batch_size": AT_LEAST_1,
+                "n_workers": AT_LEAST_0,
+                "n_imgs": AT_LEAST_1,
+                "seed": SEED,
+                "vit_layers": ANY,
+            },
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,11 +182,24 @@ class SparseAutoencoderConfig:
     """Weight-initialisation seed; a sweep gives member i the seed base + i."""
 
     def __post_init__(self) -> None:
-        check_fields(self, "--sae.", {
-            "d_vit": AT_LEAST_1, "exp_factor": AT_LEAST_1, "sparsity_coeff": AT_LEAST_0, "k": AT_LEAST_1,
-            "n_prefixes": AT_LEAST_1, "auxk_alpha": AT_LEAST_0, "k_aux": AT_LEAST_1, "dead_after_n_patches": AT_LEAST_1,
-            "jumprelu_init_threshold": ANY, "jumprelu_bandwidth": POSITIVE, "decoder_init_norm": POSITIVE, "seed": SEED,
-        })
+        check_fields(
+            self,
+            "--sae.",
+            {
+                "d_vit": AT_LEAST_1,
+                "exp_factor": AT_LEAST_1,
+                "sparsity_coeff": AT_LEAST_0,
+                "k": AT_LEAST_1,
+                "n_prefixes": AT_LEAST_1,
+                "auxk_alpha": AT_LEAST_0,
+                "k_aux": AT_LEAST_1,
+                "dead_after_n_patches": AT_LEAST_1,
+                "jumprelu_init_threshold": ANY,
+                "jumprelu_bandwidth": POSITIVE,
+                "decoder_init_norm": POSITIVE,
+                "seed": SEED,
+            },
+        )
 
     @property
     def d_sae(self) -> int:
@@ -204,9 +226,15 @@ class DataLoadConfig:
     """Store chunks held in the shuffle buffer."""
 
     def __post_init__(self) -> None:
-        check_fields(self, "--data.", {
-            "layer": ANY, "val_frac": ("in [0, 1)", lambda v: 0 <= v < 1), "buffer_chunks": AT_LEAST_1,
-        })
+        check_fields(
+            self,
+            "--data.",
+            {
+                "layer": ANY,
+                "val_frac": ("in [0, 1)", lambda v: 0 <= v < 1),
+                "buffer_chunks": AT_LEAST_1,
+            },
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,11 +279,22 @@ class TrainConfig:
     """Data-order seed and base of the SAE seeds."""
 
     def __post_init__(self) -> None:
-        check_fields(self, "--", {
-            "n_patches": AT_LEAST_1, "sae_batch_size": AT_LEAST_1, "lr": POSITIVE, "n_lr_warmup": AT_LEAST_0,
-            "n_sparsity_warmup": AT_LEAST_0, "max_grad_norm": ANY, "ckpt_every": AT_LEAST_1, "log_every": AT_LEAST_1,
-            "n_threads": AT_LEAST_1, "seed": SEED,
-        })
+        check_fields(
+            self,
+            "--",
+            {
+                "n_patches": AT_LEAST_1,
+                "sae_batch_size": AT_LEAST_1,
+                "lr": POSITIVE,
+                "n_lr_warmup": AT_LEAST_0,
+                "n_sparsity_warmup": AT_LEAST_0,
+                "max_grad_norm": ANY,
+                "ckpt_every": AT_LEAST_1,
+                "log_every": AT_LEAST_1,
+                "n_threads": AT_LEAST_1,
+                "seed": SEED,
+            },
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,10 +348,19 @@ class VisualsConfig:
     """Where the SAE runs: auto picks cuda when available."""
 
     def __post_init__(self) -> None:
-        check_fields(self, "--", {
-            "top_k": AT_LEAST_1, "n_imgs_per_latent": AT_LEAST_1, "log_freq_range": ANY, "log_value_range": ANY,
-            "include_latents": AT_LEAST_0, "n_latents": AT_LEAST_0, "seed": SEED,
-        })
+        check_fields(
+            self,
+            "--",
+            {
+                "top_k": AT_LEAST_1,
+                "n_imgs_per_latent": AT_LEAST_1,
+                "log_freq_range": ANY,
+                "log_value_range": ANY,
+                "include_latents": AT_LEAST_0,
+                "n_latents": AT_LEAST_0,
+                "seed": SEED,
+            },
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,8 +79,10 @@ def write_error(path: str | os.PathLike, err: BaseException, action: str = "writ
         free = _free_bytes(os.path.dirname(path) or ".")
         room = f" ({free / 1e6:.1f} MB free there)" if free is not None else ""
         why = "the disk is full" if code else "the write stopped part-way, most likely on a full disk"
-        return UserError(f"Cannot {action} {path}: {why}{room}. Free some space or choose another output folder, then "
-                         "run the same command again (finished work is kept).")
+        return UserError(
+            f"Cannot {action} {path}: {why}{room}. Free some space or choose another output folder, then "
+            "run the same command again (finished work is kept)."
+        )
     if code == errno.EROFS:
         why, fix = "the file system is read-only", "choose an output folder on a writable disk"
     elif code in (errno.EACCES, errno.EPERM):

@@ -8,5 +8,5 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     target=dg.AssetSelection.all(include_sources=True),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Observes the ViT checkpoint and the images on [automation] observe_cron and re-runs what they make "
-                "stale, downstream in dependency order (blocking checks first).",
+    "stale, downstream in dependency order (blocking checks first).",
 )

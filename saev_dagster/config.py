@@ -19,6 +19,10 @@ class ActivationsRunConfig(dg.Config):
         """The fields the user set, as saev_core.config.ActivationsConfig field values."""
         return {
             key: value
-            for key, value in {"n_imgs": self.n_imgs, "device": self.device, "vit_batch_size": self.vit_batch_size}.items()
+            for key, value in {
+                "n_imgs": self.n_imgs,
+                "device": self.device,
+                "vit_batch_size": self.vit_batch_size,
+            }.items()
             if value
         }

@@ -8,8 +8,8 @@ file fails the load with one message naming the file and the key.
 
 import dagster as dg
 
-from saev_core.pipeline import file as pipeline_file
 from saev_core.errors import UserError
+from saev_core.pipeline import file as pipeline_file
 from saev_dagster.assets.activations import build_activations_asset
 from saev_dagster.assets.dropped import build_dropped_assets
 from saev_dagster.assets.sae_sweep import build_sae_sweep_asset
@@ -20,7 +20,6 @@ from saev_dagster.automation import automation_sensor
 from saev_dagster.deployment import choose_executor, io_manager_resources
 from saev_dagster.partitions import layer_partitions
 from saev_dagster.resources import SaevPipeline
-
 
 LAYER_JOB = "layer_assets"
 REPORT_JOB = "sweep_report_job"
@@ -49,10 +48,16 @@ def build_definitions(path: str | None = None, executor: str | None = None) -> d
         ],
         asset_checks=[build_topk_visuals_check(layers)],
         jobs=[
-            dg.define_asset_job(LAYER_JOB, selection=dg.AssetSelection.assets("activations", "sae_sweep", "topk_visuals"),
-                                description="Record, train and render, one layer partition."),
-            dg.define_asset_job(REPORT_JOB, selection=dg.AssetSelection.assets("sweep_report"),
-                                description="The sweep report over every layer."),
+            dg.define_asset_job(
+                LAYER_JOB,
+                selection=dg.AssetSelection.assets("activations", "sae_sweep", "topk_visuals"),
+                description="Record, train and render, one layer partition.",
+            ),
+            dg.define_asset_job(
+                REPORT_JOB,
+                selection=dg.AssetSelection.assets("sweep_report"),
+                description="The sweep report over every layer.",
+            ),
         ],
         sensors=[automation_sensor],
         resources={"saev_pipeline": SaevPipeline(path=path), **io_manager_resources()},

@@ -39,32 +39,44 @@ def run(pipeline_path: str | None, home: str) -> list[str]:
 
     def step(selection: list[str], **kwargs) -> dg.ExecuteInProcessResult:
         job = defs.resolve_job_def(REPORT_JOB if selection == ["sweep_report"] else LAYER_JOB)
-        result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey(k) for k in selection],
-                                        raise_on_error=False, **kwargs)
+        result = job.execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey(k) for k in selection], raise_on_error=False, **kwargs
+        )
         if not result.success:
             failed = [e.step_failure_data.error.message.strip() for e in result.all_events if e.is_step_failure]
-            raise SystemExit(f"error: materializing {selection} {kwargs.get('partition_key', '')} failed: "
-                             f"{failed[-1] if failed else 'see the run in the UI'}")
+            raise SystemExit(
+                f"error: materializing {selection} {kwargs.get('partition_key', '')} failed: "
+                f"{failed[-1] if failed else 'see the run in the UI'}"
+            )
         return result
 
     observe_sources(defs, instance)
-    step(["activations"], tags={"dagster/asset_partition_range_start": layers[0],
-                                "dagster/asset_partition_range_end": layers[-1]})
+    step(
+        ["activations"],
+        tags={"dagster/asset_partition_range_start": layers[0], "dagster/asset_partition_range_end": layers[-1]},
+    )
     lines = []
     for layer in layers:
         step(["sae_sweep"], partition_key=layer)
         visuals = step(["topk_visuals"], partition_key=layer)
         for mat in visuals.asset_materializations_for_node("topk_visuals"):
-            lines += [f"gallery (layer {layer}): {v.value}" for k, v in mat.metadata.items() if k.startswith("gallery_")]
-            lines += [f"explorer app (layer {layer}): {sys.executable} -m {v.value.split(' -m ', 1)[1]}"
-                      for k, v in mat.metadata.items() if k.startswith("explore_")]
+            lines += [
+                f"gallery (layer {layer}): {v.value}" for k, v in mat.metadata.items() if k.startswith("gallery_")
+            ]
+            lines += [
+                f"explorer app (layer {layer}): {sys.executable} -m {v.value.split(' -m ', 1)[1]}"
+                for k, v in mat.metadata.items()
+                if k.startswith("explore_")
+            ]
     report = step(["sweep_report"])
     (mat,) = report.asset_materializations_for_node("sweep_report")
     lines.append(f"report: {mat.metadata['report'].value}")
     workspace = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workspace.yaml")
     pipeline_env = f"SAEV_PIPELINE={os.path.abspath(pipeline_path)} " if pipeline_path else ""
-    lines.append(f"UI: {pipeline_env}DAGSTER_HOME={os.environ['DAGSTER_HOME']} {os.path.dirname(sys.executable)}"
-                 f"/dagster dev -w {workspace} -h 127.0.0.1 -p 3000")
+    lines.append(
+        f"UI: {pipeline_env}DAGSTER_HOME={os.environ['DAGSTER_HOME']} {os.path.dirname(sys.executable)}"
+        f"/dagster dev -w {workspace} -h 127.0.0.1 -p 3000"
+    )
     return lines
 
 

@@ -31,13 +31,16 @@ def choose_executor(name: str | None = None) -> dg.ExecutorDefinition | None:
         from dagster_k8s import k8s_job_executor
     except ImportError:
         raise ExecutorChoiceError(
-            "SAEV_DAGSTER_EXECUTOR=k8s needs the dagster-k8s package: pip install 'saev-dagster[k8s]'.") from None
+            "SAEV_DAGSTER_EXECUTOR=k8s needs the dagster-k8s package: pip install 'saev-dagster[k8s]'."
+        ) from None
     cfg = k8s_executor_config()
     checked = process_config(k8s_job_executor.config_schema.as_field().config_type, cfg)
     if not checked.success:
         path = os.environ.get("SAEV_K8S_EXECUTOR_CONFIG") or DEFAULT_K8S_CONFIG
-        raise ExecutorChoiceError(f"The k8s executor config {path!r} does not fit dagster_k8s.k8s_job_executor: "
-                                  f"{checked.errors[0].message.split(' Expected:')[0]}")
+        raise ExecutorChoiceError(
+            f"The k8s executor config {path!r} does not fit dagster_k8s.k8s_job_executor: "
+            f"{checked.errors[0].message.split(' Expected:')[0]}"
+        )
     return k8s_job_executor.configured(cfg, name="saev_k8s")
 
 
@@ -55,9 +58,9 @@ def k8s_executor_config(path: str | None = None) -> dict:
         with open(path) as f:
             cfg = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as err:
-        raise ExecutorChoiceError(f"Cannot read the k8s executor config {path!r} ($SAEV_K8S_EXECUTOR_CONFIG): "
-                                  f"{err}.") from None
+        raise ExecutorChoiceError(
+            f"Cannot read the k8s executor config {path!r} ($SAEV_K8S_EXECUTOR_CONFIG): {err}."
+        ) from None
     if not isinstance(cfg, dict):
-        raise ExecutorChoiceError(f"The k8s executor config {path!r} is not a YAML mapping of "
-                                  "k8s_job_executor fields.")
+        raise ExecutorChoiceError(f"The k8s executor config {path!r} is not a YAML mapping of k8s_job_executor fields.")
     return cfg

@@ -55,9 +55,12 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> dg.TableMetadataV
     Missing and NaN cells are left empty (None: Dagster wants every record to have every column)."""
     schema = dg.TableSchema(columns=[dg.TableColumn(name, kind) for name, kind in columns])
     cast = {"string": str, "int": int, "float": lambda v: float(f"{float(v):.4g}"), "bool": bool}  # 4 digits read
+
     def present(value) -> bool:
         return value is not None and not (isinstance(value, float) and value != value)
 
-    records = [dg.TableRecord({name: cast[kind](row[name]) if present(row.get(name)) else None
-                               for name, kind in columns}) for row in rows]
+    records = [
+        dg.TableRecord({name: cast[kind](row[name]) if present(row.get(name)) else None for name, kind in columns})
+        for row in rows
+    ]
     return dg.MetadataValue.table(records, schema=schema)

@@ -24,17 +24,36 @@ class Chromium:
         self._from_child, child_out = os.pipe()
         # Move the child's ends above fd 9 first: 3<&4 4>&3 would swap them into a loop.
         child_in, child_out = (self._above_9(fd) for fd in (child_in, child_out))
-        args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--no-default-browser-check", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--disable-extensions", "--disable-default-apps", "--mute-audio",
-                # Belt and braces: an http(s) request would go to a dead local proxy, never off the machine.
-                "--proxy-server=127.0.0.1:9", "--window-size=1280,900",
-                f"--user-data-dir={self.profile}", "--remote-debugging-pipe", "about:blank"]
+        args = [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            "--disable-default-apps",
+            "--mute-audio",
+            # Belt and braces: an http(s) request would go to a dead local proxy, never off the machine.
+            "--proxy-server=127.0.0.1:9",
+            "--window-size=1280,900",
+            f"--user-data-dir={self.profile}",
+            "--remote-debugging-pipe",
+            "about:blank",
+        ]
         self._log = open(os.path.join(self.profile, "stderr.log"), "wb")
         # The protocol wants the pipe on fds 3 (commands in) and 4 (replies out); bash puts them there (dash
         # cannot name fds above 9).
-        self.proc = subprocess.Popen(["bash", "-c", f'exec "$@" 3<&{child_in} 4>&{child_out}', "bash", *args],
-                                     pass_fds=(child_in, child_out), stdout=subprocess.DEVNULL, stderr=self._log)
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f'exec "$@" 3<&{child_in} 4>&{child_out}', "bash", *args],
+            pass_fds=(child_in, child_out),
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
         os.close(child_in)
         os.close(child_out)
         self._replies: queue.Queue = queue.Queue()
@@ -110,39 +129,53 @@ class Tab:
         self.browser, self.session = browser, session
 
     def events(self, method: str) -> list[dict]:
-        return [e["params"] for e in self.browser.events if e.get("sessionId") == self.session
-                and e.get("method") == method]
+        return [
+            e["params"] for e in self.browser.events if e.get("sessionId") == self.session and e.get("method") == method
+        ]
 
     def js(self, expression: str):
-        result = self.browser.call("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                        "awaitPromise": True}, session=self.session)
+        result = self.browser.call(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+            session=self.session,
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
     def click(self, selector: str):
         """A real mouse click (pressed + released) at the centre of the element."""
-        x, y = self.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
-                       "e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect(); "
-                       "return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        x, y = self.js(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
+            "e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect(); "
+            "return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
         for kind in ("mousePressed", "mouseReleased"):
-            self.browser.call("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left",
-                                                           "clickCount": 1}, session=self.session)
+            self.browser.call(
+                "Input.dispatchMouseEvent",
+                {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1},
+                session=self.session,
+            )
 
     def requested_urls(self) -> list[str]:
         return [e["request"]["url"] for e in self.events("Network.requestWillBeSent")]
 
     def errors(self) -> list[str]:
-        found = [f"console.{e['type']}: {e['args']}" for e in self.events("Runtime.consoleAPICalled")
-                 if e["type"] in ("error", "assert")]
+        found = [
+            f"console.{e['type']}: {e['args']}"
+            for e in self.events("Runtime.consoleAPICalled")
+            if e["type"] in ("error", "assert")
+        ]
         found += [f"exception: {e['exceptionDetails']}" for e in self.events("Runtime.exceptionThrown")]
-        found += [f"log: {e['entry']['text']} {e['entry'].get('url', '')}" for e in self.events("Log.entryAdded")
-                  if e["entry"]["level"] == "error"]
+        found += [
+            f"log: {e['entry']['text']} {e['entry'].get('url', '')}"
+            for e in self.events("Log.entryAdded")
+            if e["entry"]["level"] == "error"
+        ]
         return found
 
     def images(self) -> list[tuple[str, int]]:
-        return self.js("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete ? i.naturalWidth "
-                       ": 0])")
+        return self.js("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete ? i.naturalWidth : 0])")
 
     def row_order(self) -> list[int]:
         return self.js("Array.from(document.querySelectorAll('#latents tbody tr')).map(r => +r.dataset.latent)")

@@ -31,20 +31,20 @@ def tiny_pipeline_text(root, vit_ckpt: str, layers, max_frac_dead: float = 1.0) 
 vit_family = "clip"
 vit_ckpt = "{vit_ckpt}"
 vit_layers = {list(layers)}
-dump_to = "{root / 'acts'}"
+dump_to = "{root / "acts"}"
 n_patches_per_shard = {4 * 50 * 2}
 n_workers = 0
 
 [activations.data]
 kind = "image-folder-dataset"
-root = "{root / 'imgs'}"
+root = "{root / "imgs"}"
 
 [train]
 n_patches = 2048
 sae_batch_size = 64
 lr = 1e-3
 n_lr_warmup = 2
-ckpt_path = "{root / 'ckpts'}"
+ckpt_path = "{root / "ckpts"}"
 
 [train.data]
 val_frac = 0.2
@@ -60,7 +60,7 @@ lr = [1e-3, 3e-3]
 
 [visuals]
 members = "all"
-dump_to = "{root / 'visuals'}"
+dump_to = "{root / "visuals"}"
 top_k = 4
 n_imgs_per_latent = 3
 log_freq_range = [-10.0, 0.0]
@@ -89,8 +89,9 @@ def exact_relu_sae(d_vit: int):
     return sae
 
 
-def tiny_run(root, tiny_clip_ckpt: str, n_imgs: int = 16, layer: int = -1, exp_factor: int = 2,
-             vit_ckpt: str | None = None) -> tuple[str, str, str]:
+def tiny_run(
+    root, tiny_clip_ckpt: str, n_imgs: int = 16, layer: int = -1, exp_factor: int = 2, vit_ckpt: str | None = None
+) -> tuple[str, str, str]:
     """(image folder, store path, sae.pt) under ``root``: n_imgs random images in two classes (cat, dog), recorded
     with the tiny CLIP (``vit_ckpt`` overrides the checkpoint string, e.g. a relative path), one topk SAE trained."""
     from saev_core import config
@@ -99,16 +100,37 @@ def tiny_run(root, tiny_clip_ckpt: str, n_imgs: int = 16, layer: int = -1, exp_f
 
     root = str(root)
     write_images(os.path.join(root, "imgs"), n_imgs, size=(64, 48))
-    argv = ["activations", "--vit-family", "clip", "--vit-ckpt", vit_ckpt or tiny_clip_ckpt, "--vit-layers",
-            str(layer), "--dump-to", os.path.join(root, "acts"), "--n-workers", "0", "data:image-folder-dataset",
-            "--data.root", os.path.join(root, "imgs")]
+    argv = [
+        "activations",
+        "--vit-family",
+        "clip",
+        "--vit-ckpt",
+        vit_ckpt or tiny_clip_ckpt,
+        "--vit-layers",
+        str(layer),
+        "--dump-to",
+        os.path.join(root, "acts"),
+        "--n-workers",
+        "0",
+        "data:image-folder-dataset",
+        "--data.root",
+        os.path.join(root, "imgs"),
+    ]
     assert main(argv) == 0
-    store = next(os.path.join(root, "acts", p) for p in os.listdir(os.path.join(root, "acts"))
-                 if os.path.isdir(os.path.join(root, "acts", p)))
+    store = next(
+        os.path.join(root, "acts", p)
+        for p in os.listdir(os.path.join(root, "acts"))
+        if os.path.isdir(os.path.join(root, "acts", p))
+    )
     cfg = config.TrainConfig(
         data=config.DataLoadConfig(shard_root=store, layer=layer, val_frac=0.25),
-        sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=exp_factor, arch="topk", k=8), n_patches=40 * 64,
-        sae_batch_size=64, n_lr_warmup=5, ckpt_path=os.path.join(root, "ckpt"), device="cpu", log_every=1000,
+        sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=exp_factor, arch="topk", k=8),
+        n_patches=40 * 64,
+        sae_batch_size=64,
+        n_lr_warmup=5,
+        ckpt_path=os.path.join(root, "ckpt"),
+        device="cpu",
+        log_every=1000,
     )
     [result] = trainer.train_sweep([cfg], show_progress=False)
     return os.path.join(root, "imgs"), store, result.ckpt_path

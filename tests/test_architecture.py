@@ -67,7 +67,8 @@ def test_a_module_imports_only_its_layer_and_those_below(path):
         assert target in RANK, f"{path.name}:{line} imports {module}, which is in no layer"
         assert RANK[target] <= RANK[own], (
             f"saev_core/{path.relative_to(PACKAGE)}:{line} imports {module}: layer {own!r} may import only "
-            f"{sorted(n for n in RANK if RANK[n] <= RANK[own])}")
+            f"{sorted(n for n in RANK if RANK[n] <= RANK[own])}"
+        )
         if RANK[own] == 0 and target != own:
             assert BASE_ORDER[target] < BASE_ORDER[own], f"{path.name}:{line}: {own} may not import {module}"
 
@@ -85,8 +86,10 @@ def test_the_pipeline_file_reader_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import saev_core.pipeline.file, saev_core.train.sweep; "
-            "bad = [m for m in ('torch', 'open_clip', 'zarr') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys; import saev_core.pipeline.file, saev_core.train.sweep; "
+        "bad = [m for m in ('torch', 'open_clip', 'zarr') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stdout + done.stderr
 

@@ -29,9 +29,30 @@ from tests.helpers import tiny_pipeline_text, write_images
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
 LAYER = "-1"
-TRAIN_ARGS = ["--data.layer", LAYER, "--sae.d-vit", "64", "--sae.exp-factor", "2", "--sae.arch", "topk",
-              "--sae.k", "4", "--n-patches", "1024", "--sae-batch-size", "64", "--lr", "1e-3", "--n-lr-warmup", "2",
-              "--device", "cpu", "--n-threads", "1"]
+TRAIN_ARGS = [
+    "--data.layer",
+    LAYER,
+    "--sae.d-vit",
+    "64",
+    "--sae.exp-factor",
+    "2",
+    "--sae.arch",
+    "topk",
+    "--sae.k",
+    "4",
+    "--n-patches",
+    "1024",
+    "--sae-batch-size",
+    "64",
+    "--lr",
+    "1e-3",
+    "--n-lr-warmup",
+    "2",
+    "--device",
+    "cpu",
+    "--n-threads",
+    "1",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,14 +72,38 @@ class World:
     """A --ckpt-path whose training was killed after its step-12 checkpoint (pointer and train_state files)."""
 
     def activations(self, *extra: str, dump_to: str | Path | None = None) -> list[str]:
-        return ["activations", "--vit-family", "clip", "--vit-ckpt", self.vit_ckpt, "--vit-layers", LAYER,
-                "--n-patches-per-shard", "200", "--n-workers", "0", "--device", "cpu",
-                "--dump-to", str(dump_to or self.root / "acts"), *extra,
-                "data:image-folder-dataset", "--data.root", str(self.images)]
+        return [
+            "activations",
+            "--vit-family",
+            "clip",
+            "--vit-ckpt",
+            self.vit_ckpt,
+            "--vit-layers",
+            LAYER,
+            "--n-patches-per-shard",
+            "200",
+            "--n-workers",
+            "0",
+            "--device",
+            "cpu",
+            "--dump-to",
+            str(dump_to or self.root / "acts"),
+            *extra,
+            "data:image-folder-dataset",
+            "--data.root",
+            str(self.images),
+        ]
 
     def train(self, *extra: str, ckpt_path: str | Path, shard_root: str | None = None) -> list[str]:
-        return ["train", "--data.shard-root", shard_root or self.store, *TRAIN_ARGS, "--ckpt-path", str(ckpt_path),
-                *extra]
+        return [
+            "train",
+            "--data.shard-root",
+            shard_root or self.store,
+            *TRAIN_ARGS,
+            "--ckpt-path",
+            str(ckpt_path),
+            *extra,
+        ]
 
     def visuals(self, ckpt: str | Path, *extra: str, dump_to: str | Path) -> list[str]:
         return ["visuals", "--ckpt", str(ckpt), "--dump-to", str(dump_to), "--device", "cpu", *extra]
@@ -66,8 +111,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_clip_ckpt) -> World:
-    from saev_core.train import trainer
     from saev_core.__main__ import main
+    from saev_core.train import trainer
 
     root = tmp_path_factory.mktemp("bad_inputs")
     write_images(root / "imgs", 8)
@@ -251,8 +296,8 @@ def cut_pointer_and_states(ckpts: Path) -> None:
 def poisoned_heldout_store(w: World, t: Path) -> str:
     """A copy of the good store with NaN in one held-out image (the training split stays clean)."""
     from saev_core import config
-    from saev_core.store.loader import split_images
     from saev_core.store import ActivationStore
+    from saev_core.store.loader import split_images
 
     copy = t / "acts" / os.path.basename(w.store)
     shutil.copytree(w.store, copy)
@@ -296,151 +341,317 @@ def undecodable_image(w: World, t: Path) -> Call:
 
 ROWS = [
     # -- recording ---------------------------------------------------------------------------------------------
-    row("rec-dump-to-is-a-file", lambda w, t, m: Call(w.activations(dump_to=write(t / "f", "x"))),
-        "--dump-to", "{t}/f"),
-    row("rec-dump-to-under-a-file", lambda w, t, m: Call(w.activations(dump_to=write(t / "f", "x") / "acts")),
-        "--dump-to", "{t}/f"),
-    row("rec-dump-to-read-only", lambda w, t, m: Call(w.activations(dump_to=read_only_folder(t / "ro", m) / "acts")),
-        "--dump-to", "{t}/ro"),
+    row(
+        "rec-dump-to-is-a-file", lambda w, t, m: Call(w.activations(dump_to=write(t / "f", "x"))), "--dump-to", "{t}/f"
+    ),
+    row(
+        "rec-dump-to-under-a-file",
+        lambda w, t, m: Call(w.activations(dump_to=write(t / "f", "x") / "acts")),
+        "--dump-to",
+        "{t}/f",
+    ),
+    row(
+        "rec-dump-to-read-only",
+        lambda w, t, m: Call(w.activations(dump_to=read_only_folder(t / "ro", m) / "acts")),
+        "--dump-to",
+        "{t}/ro",
+    ),
     row("rec-dump-to-disk-full", lambda w, t, m: Call(w.activations(dump_to=full_disk(t / "full", m))), "{t}/full"),
-    row("rec-dump-to-unknown-protocol", lambda w, t, m: Call(w.activations(dump_to="nosuch://bucket/acts")),
-        "--dump-to", "nosuch"),
-    row("rec-dump-to-s3-without-s3fs", lambda w, t, m: Call(w.activations(dump_to="s3://bucket/acts"), BLOCK_S3FS),
-        "--dump-to", "s3fs"),
+    row(
+        "rec-dump-to-unknown-protocol",
+        lambda w, t, m: Call(w.activations(dump_to="nosuch://bucket/acts")),
+        "--dump-to",
+        "nosuch",
+    ),
+    row(
+        "rec-dump-to-s3-without-s3fs",
+        lambda w, t, m: Call(w.activations(dump_to="s3://bucket/acts"), BLOCK_S3FS),
+        "--dump-to",
+        "s3fs",
+    ),
     row("rec-negative-workers", lambda w, t, m: Call(w.activations("--n-workers", "-1")), "--n-workers -1"),
     row("rec-zero-batch", lambda w, t, m: Call(w.activations("--vit-batch-size", "0")), "--vit-batch-size 0"),
-    row("rec-zero-patches-per-shard", lambda w, t, m: Call(w.activations("--n-patches-per-shard", "0")),
-        "--n-patches-per-shard 0"),
+    row(
+        "rec-zero-patches-per-shard",
+        lambda w, t, m: Call(w.activations("--n-patches-per-shard", "0")),
+        "--n-patches-per-shard 0",
+    ),
     row("rec-zero-images", lambda w, t, m: Call(w.activations("--n-imgs", "0")), "--n-imgs 0"),
     row("rec-zero-d-vit", lambda w, t, m: Call(w.activations("--d-vit", "0")), "--d-vit 0"),
     row("rec-negative-seed", lambda w, t, m: Call(w.activations("--seed", "-1")), "--seed -1"),
     row("rec-unlistable-subfolder", lambda w, t, m: unlistable_subfolder(w, t), "{t}/imgs/locked", "--data.skip-bad"),
     row("rec-non-utf8-name", lambda w, t, m: non_utf8_name(w, t), "caf\\xe9.png", "UTF-8"),
-    row("rec-undecodable-image-in-the-first-block", lambda w, t, m: undecodable_image(w, t),
-        "cat/bad.png", "--data.skip-bad"),
-    row("rec-missing-image-folder", lambda w, t, m: Call(w.activations()[:-1] + [str(t / "nowhere")]),
-        "{t}/nowhere"),
+    row(
+        "rec-undecodable-image-in-the-first-block",
+        lambda w, t, m: undecodable_image(w, t),
+        "cat/bad.png",
+        "--data.skip-bad",
+    ),
+    row("rec-missing-image-folder", lambda w, t, m: Call(w.activations()[:-1] + [str(t / "nowhere")]), "{t}/nowhere"),
     # -- training ----------------------------------------------------------------------------------------------
     row("train-zero-lr", lambda w, t, m: Call(w.train("--lr", "0", ckpt_path=t / "c")), "--lr 0.0"),
     row("train-nan-lr", lambda w, t, m: Call(w.train("--lr", "nan", ckpt_path=t / "c")), "--lr nan"),
     row("train-negative-lr", lambda w, t, m: Call(w.train("--lr", "-1e-3", ckpt_path=t / "c")), "--lr -0.001"),
-    row("train-zero-batch", lambda w, t, m: Call(w.train("--sae-batch-size", "0", ckpt_path=t / "c")),
-        "--sae-batch-size 0"),
+    row(
+        "train-zero-batch",
+        lambda w, t, m: Call(w.train("--sae-batch-size", "0", ckpt_path=t / "c")),
+        "--sae-batch-size 0",
+    ),
     row("train-zero-patches", lambda w, t, m: Call(w.train("--n-patches", "0", ckpt_path=t / "c")), "--n-patches 0"),
     row("train-zero-threads", lambda w, t, m: Call(w.train("--n-threads", "0", ckpt_path=t / "c")), "--n-threads 0"),
-    row("train-zero-buffer", lambda w, t, m: Call(w.train("--data.buffer-chunks", "0", ckpt_path=t / "c")),
-        "--data.buffer-chunks 0"),
-    row("train-val-frac-above-one", lambda w, t, m: Call(w.train("--data.val-frac", "1.5", ckpt_path=t / "c")),
-        "--data.val-frac 1.5"),
+    row(
+        "train-zero-buffer",
+        lambda w, t, m: Call(w.train("--data.buffer-chunks", "0", ckpt_path=t / "c")),
+        "--data.buffer-chunks 0",
+    ),
+    row(
+        "train-val-frac-above-one",
+        lambda w, t, m: Call(w.train("--data.val-frac", "1.5", ckpt_path=t / "c")),
+        "--data.val-frac 1.5",
+    ),
     row("train-zero-k", lambda w, t, m: Call(w.train("--sae.k", "0", ckpt_path=t / "c")), "--sae.k 0"),
-    row("train-zero-ckpt-every", lambda w, t, m: Call(w.train("--ckpt-every", "0", ckpt_path=t / "c")),
-        "--ckpt-every 0"),
-    row("train-inf-grad-norm", lambda w, t, m: Call(w.train("--max-grad-norm", "inf", ckpt_path=t / "c")),
-        "--max-grad-norm inf"),
-    row("train-shard-root-is-an-array", lambda w, t, m: Call(w.train(ckpt_path=t / "c",
-                                                                     shard_root=w.store + "/layer_-1")),
-        "{w.store}/layer_-1", named=lambda w, t: [f"{w.store}/layer_-1", f"pass the store itself: {w.store}"]),
-    row("train-shard-root-is-the-dump-folder", lambda w, t, m: Call(w.train(ckpt_path=t / "c",
-                                                                            shard_root=os.path.dirname(w.store))),
-        named=lambda w, t: [os.path.dirname(w.store), w.store]),
-    row("train-shard-root-unknown-protocol", lambda w, t, m: Call(w.train(ckpt_path=t / "c", shard_root="nosuch://x")),
-        "nosuch://x"),
-    row("train-shard-root-s3-without-s3fs",
+    row(
+        "train-zero-ckpt-every", lambda w, t, m: Call(w.train("--ckpt-every", "0", ckpt_path=t / "c")), "--ckpt-every 0"
+    ),
+    row(
+        "train-inf-grad-norm",
+        lambda w, t, m: Call(w.train("--max-grad-norm", "inf", ckpt_path=t / "c")),
+        "--max-grad-norm inf",
+    ),
+    row(
+        "train-shard-root-is-an-array",
+        lambda w, t, m: Call(w.train(ckpt_path=t / "c", shard_root=w.store + "/layer_-1")),
+        "{w.store}/layer_-1",
+        named=lambda w, t: [f"{w.store}/layer_-1", f"pass the store itself: {w.store}"],
+    ),
+    row(
+        "train-shard-root-is-the-dump-folder",
+        lambda w, t, m: Call(w.train(ckpt_path=t / "c", shard_root=os.path.dirname(w.store))),
+        named=lambda w, t: [os.path.dirname(w.store), w.store],
+    ),
+    row(
+        "train-shard-root-unknown-protocol",
+        lambda w, t, m: Call(w.train(ckpt_path=t / "c", shard_root="nosuch://x")),
+        "nosuch://x",
+    ),
+    row(
+        "train-shard-root-s3-without-s3fs",
         lambda w, t, m: Call(w.train(ckpt_path=t / "c", shard_root="s3://bucket/acts/k"), BLOCK_S3FS),
-        "s3://bucket/acts/k", "s3fs"),
-    row("train-ckpt-path-is-a-file", lambda w, t, m: Call(w.train(ckpt_path=write(t / "f", "x"))), "--ckpt-path",
-        "{t}/f"),
-    row("train-ckpt-path-under-a-file", lambda w, t, m: Call(w.train(ckpt_path=write(t / "f", "x") / "c")),
-        "--ckpt-path", "{t}/f"),
-    row("train-ckpt-path-read-only", lambda w, t, m: Call(w.train(ckpt_path=read_only_folder(t / "ro", m))),
-        "--ckpt-path", "{t}/ro"),
-    row("train-ckpt-disk-full-inside-torch-save", lambda w, t, m: Call(w.train(ckpt_path=full_disk(t / "full", m))),
-        "{t}/full", "disk"),
-    row("train-resume-truncated-state",
+        "s3://bucket/acts/k",
+        "s3fs",
+    ),
+    row(
+        "train-ckpt-path-is-a-file",
+        lambda w, t, m: Call(w.train(ckpt_path=write(t / "f", "x"))),
+        "--ckpt-path",
+        "{t}/f",
+    ),
+    row(
+        "train-ckpt-path-under-a-file",
+        lambda w, t, m: Call(w.train(ckpt_path=write(t / "f", "x") / "c")),
+        "--ckpt-path",
+        "{t}/f",
+    ),
+    row(
+        "train-ckpt-path-read-only",
+        lambda w, t, m: Call(w.train(ckpt_path=read_only_folder(t / "ro", m))),
+        "--ckpt-path",
+        "{t}/ro",
+    ),
+    row(
+        "train-ckpt-disk-full-inside-torch-save",
+        lambda w, t, m: Call(w.train(ckpt_path=full_disk(t / "full", m))),
+        "{t}/full",
+        "disk",
+    ),
+    row(
+        "train-resume-truncated-state",
         lambda w, t, m: damaged_resume(w, t, lambda c: write(state_file(c), state_file(c).read_bytes()[:300])),
-        named=lambda w, t: [str(state_file(t / "ckpts")), "delete", str(pointer_file(t / "ckpts"))]),
-    row("train-resume-foreign-state",
+        named=lambda w, t: [str(state_file(t / "ckpts")), "delete", str(pointer_file(t / "ckpts"))],
+    ),
+    row(
+        "train-resume-foreign-state",
         lambda w, t, m: damaged_resume(w, t, lambda c: shutil.copy(w.ckpt, state_file(c))),
-        named=lambda w, t: [str(state_file(t / "ckpts")), "delete"]),
-    row("train-resume-state-of-another-member",
-        lambda w, t, m: damaged_resume(w, t, lambda c: torch.save(
-            {**torch.load(state_file(c), weights_only=True), "member_id": "0123456789ab"}, state_file(c))),
-        named=lambda w, t: [str(state_file(t / "ckpts")), "0123456789ab"]),
-    row("train-resume-cut-pointer-no-states", lambda w, t, m: damaged_resume(w, t, cut_pointer_and_states),
-        named=lambda w, t: [str(pointer_file(t / "ckpts")), "delete"]),
-    row("train-nan-in-heldout-image",
+        named=lambda w, t: [str(state_file(t / "ckpts")), "delete"],
+    ),
+    row(
+        "train-resume-state-of-another-member",
+        lambda w, t, m: damaged_resume(
+            w,
+            t,
+            lambda c: torch.save(
+                {**torch.load(state_file(c), weights_only=True), "member_id": "0123456789ab"}, state_file(c)
+            ),
+        ),
+        named=lambda w, t: [str(state_file(t / "ckpts")), "0123456789ab"],
+    ),
+    row(
+        "train-resume-cut-pointer-no-states",
+        lambda w, t, m: damaged_resume(w, t, cut_pointer_and_states),
+        named=lambda w, t: [str(pointer_file(t / "ckpts")), "delete"],
+    ),
+    row(
+        "train-nan-in-heldout-image",
         lambda w, t, m: Call(w.train(ckpt_path=t / "c", shard_root=poisoned_heldout_store(w, t))),
-        named=lambda w, t: [str(t / "acts"), "held-out", "NaN"]),
-    row("train-sweep-unknown-key",
+        named=lambda w, t: [str(t / "acts"), "held-out", "NaN"],
+    ),
+    row(
+        "train-sweep-unknown-key",
         lambda w, t, m: Call(w.train("--sweep", str(write(t / "s.toml", "[sae]\nkk = [1, 2]\n")), ckpt_path=t / "c")),
-        "{t}/s.toml", "kk"),
-    row("train-sweep-out-of-range",
+        "{t}/s.toml",
+        "kk",
+    ),
+    row(
+        "train-sweep-out-of-range",
         lambda w, t, m: Call(w.train("--sweep", str(write(t / "s.toml", "lr = [1e-3, -1.0]\n")), ckpt_path=t / "c")),
-        "--lr -1.0"),
+        "--lr -1.0",
+    ),
     # -- pipeline files ----------------------------------------------------------------------------------------
-    row("pipe-random-vit-string", lambda w, t, m: pipeline_file(w, t, lambda s: s + '\n[demo]\nrandom_vit = "false"\n'),
-        "{t}/p.toml", "random_vit"),
-    row("pipe-demo-unknown-key", lambda w, t, m: pipeline_file(w, t, lambda s: s + "\n[demo]\nrandom_vitt = true\n"),
-        "{t}/p.toml", "random_vitt"),
-    row("pipe-train-sweep-key", lambda w, t, m: pipeline_file(w, t, lambda s: replace_table(s, "train", 'sweep = "s"')),
-        "{t}/p.toml", "train.sweep"),
-    row("pipe-sweep-unknown-key", lambda w, t, m: pipeline_file(w, t, lambda s: s.replace("lr = [1e-3, 3e-3]",
-                                                                                          "lrr = [1e-3]")),
-        "{t}/p.toml", "lrr"),
-    row("pipe-negative-lr", lambda w, t, m: pipeline_file(w, t, lambda s: s.replace("lr = 1e-3\n", "lr = -1.0\n", 1)),
-        "{t}/p.toml", "[train]", "lr"),
-    row("pipe-negative-workers", lambda w, t, m: pipeline_file(w, t, lambda s: s.replace("n_workers = 0",
-                                                                                         "n_workers = -2")),
-        "{t}/p.toml", "n_workers"),
-    row("pipe-unknown-table", lambda w, t, m: pipeline_file(w, t, lambda s: s + "\n[trian]\nlr = 1\n"),
-        "{t}/p.toml", "[trian]"),
-    row("pipe-dump-to-is-a-file", lambda w, t, m: (write(t / "acts", "x"), pipeline_file(w, t, lambda s: s))[1],
-        "{t}/p.toml", "dump_to", "{t}/acts"),
-    row("pipe-random-weights-folder-under-a-file",
-        lambda w, t, m: random_weights_at(w, t, write(t / "f", "x") / "w.pt"), "random_vit", "{t}/f"),
-    row("pipe-random-weights-disk-full",
-        lambda w, t, m: random_weights_at(w, t, full_disk(t / "full", m) / "w.pt"), "{t}/full/w.pt", "disk"),
+    row(
+        "pipe-random-vit-string",
+        lambda w, t, m: pipeline_file(w, t, lambda s: s + '\n[demo]\nrandom_vit = "false"\n'),
+        "{t}/p.toml",
+        "random_vit",
+    ),
+    row(
+        "pipe-demo-unknown-key",
+        lambda w, t, m: pipeline_file(w, t, lambda s: s + "\n[demo]\nrandom_vitt = true\n"),
+        "{t}/p.toml",
+        "random_vitt",
+    ),
+    row(
+        "pipe-train-sweep-key",
+        lambda w, t, m: pipeline_file(w, t, lambda s: replace_table(s, "train", 'sweep = "s"')),
+        "{t}/p.toml",
+        "train.sweep",
+    ),
+    row(
+        "pipe-sweep-unknown-key",
+        lambda w, t, m: pipeline_file(w, t, lambda s: s.replace("lr = [1e-3, 3e-3]", "lrr = [1e-3]")),
+        "{t}/p.toml",
+        "lrr",
+    ),
+    row(
+        "pipe-negative-lr",
+        lambda w, t, m: pipeline_file(w, t, lambda s: s.replace("lr = 1e-3\n", "lr = -1.0\n", 1)),
+        "{t}/p.toml",
+        "[train]",
+        "lr",
+    ),
+    row(
+        "pipe-negative-workers",
+        lambda w, t, m: pipeline_file(w, t, lambda s: s.replace("n_workers = 0", "n_workers = -2")),
+        "{t}/p.toml",
+        "n_workers",
+    ),
+    row(
+        "pipe-unknown-table",
+        lambda w, t, m: pipeline_file(w, t, lambda s: s + "\n[trian]\nlr = 1\n"),
+        "{t}/p.toml",
+        "[trian]",
+    ),
+    row(
+        "pipe-dump-to-is-a-file",
+        lambda w, t, m: (write(t / "acts", "x"), pipeline_file(w, t, lambda s: s))[1],
+        "{t}/p.toml",
+        "dump_to",
+        "{t}/acts",
+    ),
+    row(
+        "pipe-random-weights-folder-under-a-file",
+        lambda w, t, m: random_weights_at(w, t, write(t / "f", "x") / "w.pt"),
+        "random_vit",
+        "{t}/f",
+    ),
+    row(
+        "pipe-random-weights-disk-full",
+        lambda w, t, m: random_weights_at(w, t, full_disk(t / "full", m) / "w.pt"),
+        "{t}/full/w.pt",
+        "disk",
+    ),
     # -- checkpoint loading (visuals) ---------------------------------------------------------------------------
-    row("ckpt-header-sizes-absurd",
-        lambda w, t, m: Call(w.visuals(sae_file(t, with_cfg(w, d_vit=10_000_000, exp_factor=1_000_000), good_state(w)),
-                                       dump_to=t / "v")),
-        "{t}/bad/sae.pt", "d_vit=10000000"),
-    row("ckpt-header-size-disagrees",
+    row(
+        "ckpt-header-sizes-absurd",
+        lambda w, t, m: Call(
+            w.visuals(sae_file(t, with_cfg(w, d_vit=10_000_000, exp_factor=1_000_000), good_state(w)), dump_to=t / "v")
+        ),
+        "{t}/bad/sae.pt",
+        "d_vit=10000000",
+    ),
+    row(
+        "ckpt-header-size-disagrees",
         lambda w, t, m: Call(w.visuals(sae_file(t, with_cfg(w, exp_factor=4), good_state(w)), dump_to=t / "v")),
-        "{t}/bad/sae.pt", "W_enc"),
-    row("ckpt-header-arch-not-a-string",
+        "{t}/bad/sae.pt",
+        "W_enc",
+    ),
+    row(
+        "ckpt-header-arch-not-a-string",
         lambda w, t, m: Call(w.visuals(sae_file(t, with_cfg(w, arch=5), good_state(w)), dump_to=t / "v")),
-        "{t}/bad/sae.pt", "cfg.arch"),
-    row("ckpt-header-k-a-string",
+        "{t}/bad/sae.pt",
+        "cfg.arch",
+    ),
+    row(
+        "ckpt-header-k-a-string",
         lambda w, t, m: Call(w.visuals(sae_file(t, with_cfg(w, k="4"), good_state(w)), dump_to=t / "v")),
-        "{t}/bad/sae.pt", "cfg.k"),
-    row("ckpt-header-negative-d-vit",
+        "{t}/bad/sae.pt",
+        "cfg.k",
+    ),
+    row(
+        "ckpt-header-negative-d-vit",
         lambda w, t, m: Call(w.visuals(sae_file(t, with_cfg(w, d_vit=-64), good_state(w)), dump_to=t / "v")),
-        "{t}/bad/sae.pt", "d_vit=-64"),
-    row("ckpt-header-provenance-a-string",
-        lambda w, t, m: Call(w.visuals(sae_file(t, {**good_header(w), "provenance": "x"}, good_state(w)),
-                                       dump_to=t / "v")),
-        "{t}/bad/sae.pt", "provenance"),
-    row("ckpt-pickled-object", lambda w, t, m: Call(w.visuals(sae_file(t, good_header(w), {"W_enc": Path("x")}),
-                                                              dump_to=t / "v")),
-        "{t}/bad/sae.pt", "tensors only"),
-    row("ckpt-truncated", lambda w, t, m: Call(w.visuals(sae_file(t, raw=Path(w.ckpt).read_bytes()[:2000]),
-                                                         dump_to=t / "v")),
-        "{t}/bad/sae.pt", "cut short"),
+        "{t}/bad/sae.pt",
+        "d_vit=-64",
+    ),
+    row(
+        "ckpt-header-provenance-a-string",
+        lambda w, t, m: Call(
+            w.visuals(sae_file(t, {**good_header(w), "provenance": "x"}, good_state(w)), dump_to=t / "v")
+        ),
+        "{t}/bad/sae.pt",
+        "provenance",
+    ),
+    row(
+        "ckpt-pickled-object",
+        lambda w, t, m: Call(w.visuals(sae_file(t, good_header(w), {"W_enc": Path("x")}), dump_to=t / "v")),
+        "{t}/bad/sae.pt",
+        "tensors only",
+    ),
+    row(
+        "ckpt-truncated",
+        lambda w, t, m: Call(w.visuals(sae_file(t, raw=Path(w.ckpt).read_bytes()[:2000]), dump_to=t / "v")),
+        "{t}/bad/sae.pt",
+        "cut short",
+    ),
     row("ckpt-empty", lambda w, t, m: Call(w.visuals(sae_file(t, raw=b""), dump_to=t / "v")), "{t}/bad/sae.pt"),
-    row("vis-dump-to-is-a-file", lambda w, t, m: Call(w.visuals(w.ckpt, dump_to=write(t / "f", "x"))), "--dump-to",
-        "{t}/f"),
-    row("vis-dump-to-read-only", lambda w, t, m: Call(w.visuals(w.ckpt, dump_to=read_only_folder(t / "ro", m))),
-        "--dump-to", "{t}/ro"),
+    row(
+        "vis-dump-to-is-a-file",
+        lambda w, t, m: Call(w.visuals(w.ckpt, dump_to=write(t / "f", "x"))),
+        "--dump-to",
+        "{t}/f",
+    ),
+    row(
+        "vis-dump-to-read-only",
+        lambda w, t, m: Call(w.visuals(w.ckpt, dump_to=read_only_folder(t / "ro", m))),
+        "--dump-to",
+        "{t}/ro",
+    ),
     row("vis-zero-top-k", lambda w, t, m: Call(w.visuals(w.ckpt, "--top-k", "0", dump_to=t / "v")), "--top-k 0"),
-    row("vis-infinite-range", lambda w, t, m: Call(w.visuals(w.ckpt, "--log-freq-range", "-6", "inf", dump_to=t / "v")),
-        "--log-freq-range"),
-    row("vis-evaluate-zero-batch", lambda w, t, m: Call(["evaluate", "--ckpt", str(w.ckpt), "--batch-size", "0"]),
-        "--batch-size 0"),
-    row("vis-explore-port-out-of-range", lambda w, t, m: Call(["explore", "--visuals", str(t), "--port", "70000"]),
-        "--port 70000"),
-    row("ckpt-evaluate-missing-file", lambda w, t, m: Call(["evaluate", "--ckpt", str(t / "none.pt")]),
-        "{t}/none.pt"),
+    row(
+        "vis-infinite-range",
+        lambda w, t, m: Call(w.visuals(w.ckpt, "--log-freq-range", "-6", "inf", dump_to=t / "v")),
+        "--log-freq-range",
+    ),
+    row(
+        "vis-evaluate-zero-batch",
+        lambda w, t, m: Call(["evaluate", "--ckpt", str(w.ckpt), "--batch-size", "0"]),
+        "--batch-size 0",
+    ),
+    row(
+        "vis-explore-port-out-of-range",
+        lambda w, t, m: Call(["explore", "--visuals", str(t), "--port", "70000"]),
+        "--port 70000",
+    ),
+    row("ckpt-evaluate-missing-file", lambda w, t, m: Call(["evaluate", "--ckpt", str(t / "none.pt")]), "{t}/none.pt"),
 ]
 # The pickled-object row: torch's own message would say "weights_only ... will likely succeed"; it must not show.
 
@@ -452,8 +663,9 @@ def run_cli(call: Call, cwd: Path, timeout: float = 180) -> subprocess.Completed
         cmd = [sys.executable, "-c", code, *call.argv]
     else:
         cmd = [sys.executable, "-m", "saev_core", *call.argv]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
 
 
 def test_the_table_covers_every_area_and_at_least_40_inputs():

@@ -23,11 +23,19 @@ def s3_server(monkeypatch, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [server, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": url}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+    }.items():
         monkeypatch.setenv(key, value)
     try:
         deadline = time.time() + 30
@@ -49,18 +57,81 @@ def s3_server(monkeypatch, tmp_path):
 
 def test_record_train_and_render_with_the_store_on_s3(s3_server, tmp_path, tiny_clip_ckpt, capsys):
     write_images(tmp_path / "imgs", 6)
-    assert main(["activations", "--vit-family", "clip", "--vit-ckpt", tiny_clip_ckpt, "--vit-layers", "-1",
-                 "--dump-to", "s3://acts/stores", "--n-workers", "0", "data:image-folder-dataset", "--data.root",
-                 str(tmp_path / "imgs")]) == 0
+    assert (
+        main(
+            [
+                "activations",
+                "--vit-family",
+                "clip",
+                "--vit-ckpt",
+                tiny_clip_ckpt,
+                "--vit-layers",
+                "-1",
+                "--dump-to",
+                "s3://acts/stores",
+                "--n-workers",
+                "0",
+                "data:image-folder-dataset",
+                "--data.root",
+                str(tmp_path / "imgs"),
+            ]
+        )
+        == 0
+    )
     store_url = capsys.readouterr().out.strip().splitlines()[-1]
     assert store_url.startswith("s3://acts/stores/")
     store = ActivationStore.open(store_url)
     assert store.is_complete and store.n_imgs == 6
 
-    assert main(["train", "--data.shard-root", store_url, "--data.layer", "-1", "--sae.d-vit", "64",
-                 "--sae.exp-factor", "2", "--sae.arch", "topk", "--sae.k", "4", "--n-patches", "2048",
-                 "--sae-batch-size", "64", "--ckpt-path", str(tmp_path / "ckpt"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data.shard-root",
+                store_url,
+                "--data.layer",
+                "-1",
+                "--sae.d-vit",
+                "64",
+                "--sae.exp-factor",
+                "2",
+                "--sae.arch",
+                "topk",
+                "--sae.k",
+                "4",
+                "--n-patches",
+                "2048",
+                "--sae-batch-size",
+                "64",
+                "--ckpt-path",
+                str(tmp_path / "ckpt"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     [ckpt] = glob.glob(str(tmp_path / "ckpt" / "*" / "sae.pt"))
-    assert main(["visuals", "--ckpt", ckpt, "--dump-to", str(tmp_path / "vis"), "--top-k", "4",
-                 "--log-freq-range", "-9", "0", "--log-value-range", "-9", "9", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "visuals",
+                "--ckpt",
+                ckpt,
+                "--dump-to",
+                str(tmp_path / "vis"),
+                "--top-k",
+                "4",
+                "--log-freq-range",
+                "-9",
+                "0",
+                "--log-value-range",
+                "-9",
+                "9",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "vis" / "index.html")

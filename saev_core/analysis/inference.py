@@ -19,10 +19,10 @@ from jaxtyping import Float, Int
 from PIL import Image
 
 from saev_core import config, nn
-from saev_core.visuals import heatmaps
+from saev_core.errors import UserError
 from saev_core.record import images as imagelib
 from saev_core.record import vit as vitlib
-from saev_core.errors import UserError
+from saev_core.visuals import heatmaps
 
 logger = logging.getLogger("saev_core.analysis.inference")
 RANK_MODES = ("patches", "cls", "meanpool")
@@ -58,9 +58,14 @@ class Explanation:
     grid: tuple[int, int]
 
 
-def spec_from_checkpoint(sae: nn.SparseAutoencoder, ckpt_path: str, vit_family: str | None = None,
-                         vit_ckpt: str | None = None, layer: int | None = None,
-                         token_mode: str | None = None) -> ModelSpec:
+def spec_from_checkpoint(
+    sae: nn.SparseAutoencoder,
+    ckpt_path: str,
+    vit_family: str | None = None,
+    vit_ckpt: str | None = None,
+    layer: int | None = None,
+    token_mode: str | None = None,
+) -> ModelSpec:
     """Arguments first, then the checkpoint's provenance; a missing piece is a UserError that names the argument."""
     prov = sae.provenance
     family = vit_family or prov.get("vit_family")
@@ -96,8 +101,10 @@ def findable_ckpt(family: str, ckpt: str, prov: dict) -> str:
             if os.path.isfile(candidate):
                 return f"{arch}/{os.path.abspath(candidate)}"
             folder = os.path.dirname(folder)
-    raise UserError(f"The ViT weights {ref.path} (vit_ckpt {ckpt!r} in the SAE's provenance) are not there any more; "
-                    "pass vit_ckpt (--vit-ckpt ARCH/path/to/weights) with where they are now.")
+    raise UserError(
+        f"The ViT weights {ref.path} (vit_ckpt {ckpt!r} in the SAE's provenance) are not there any more; "
+        "pass vit_ckpt (--vit-ckpt ARCH/path/to/weights) with where they are now."
+    )
 
 
 def _as_image(item) -> Image.Image:
@@ -108,8 +115,10 @@ def _as_image(item) -> Image.Image:
         try:
             return imagelib.load_rgb(item)
         except Exception as err:  # noqa: BLE001 - PIL raises many types for unreadable files
-            raise UserError(f"Cannot read the image {os.fspath(item)!r} ({type(err).__name__}: {err}); pass a PNG, "
-                            "JPEG or another format Pillow reads.") from None
+            raise UserError(
+                f"Cannot read the image {os.fspath(item)!r} ({type(err).__name__}: {err}); pass a PNG, "
+                "JPEG or another format Pillow reads."
+            ) from None
     raise UserError(f"Cannot use a {type(item).__name__} as an image; pass PIL images or file paths.")
 
 
@@ -122,8 +131,10 @@ class Explainer:
         self.device = device
         vit = vitlib.make_vit(spec.vit_family, spec.vit_ckpt).to(device)
         if vit.d_vit != sae.cfg.d_vit:
-            raise UserError(f"The SAE reads {sae.cfg.d_vit}-d activations but {spec.vit_ckpt} is {vit.d_vit} wide; "
-                            "pass the ViT the SAE was trained on (vit_ckpt).")
+            raise UserError(
+                f"The SAE reads {sae.cfg.d_vit}-d activations but {spec.vit_ckpt} is {vit.d_vit} wide; "
+                "pass the ViT the SAE was trained on (vit_ckpt)."
+            )
         if spec.token_mode == "cls" and not vit.has_cls:
             raise UserError(f"token_mode cls needs a CLS token, but {spec.vit_ckpt} has none.")
         self.recorder = vitlib.RecordedVisionTransformer(vit, None, vit.has_cls, [spec.layer])
@@ -133,9 +144,17 @@ class Explainer:
         self.first = int(vit.has_cls)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: str | os.PathLike, device: str = "auto", *, vit_family: str | None = None,
-                        vit_ckpt: str | None = None, layer: int | None = None, token_mode: str | None = None,
-                        store: str | None = None) -> "Explainer":
+    def from_checkpoint(
+        cls,
+        ckpt: str | os.PathLike,
+        device: str = "auto",
+        *,
+        vit_family: str | None = None,
+        vit_ckpt: str | None = None,
+        layer: int | None = None,
+        token_mode: str | None = None,
+        store: str | None = None,
+    ) -> "Explainer":
         device = config.resolve_device(device)
         sae = nn.load(ckpt, device=device)
         spec = spec_from_checkpoint(sae, os.fspath(ckpt), vit_family, vit_ckpt, layer, token_mode)
@@ -144,29 +163,32 @@ class Explainer:
         return cls(sae, spec, device)
 
     @torch.inference_mode()
-    def latents(self, pixels: Float[torch.Tensor, "imgs 3 h w"]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def latents(
+        self, pixels: Float[torch.Tensor, "imgs 3 h w"]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(patch latents [imgs, n_patches, d_sae], CLS latents [imgs, d_sae] or None, ranking values [imgs, d_sae])."""
         _, acts = self.recorder(pixels.to(self.device))
         x = acts[:, 0]
-        patch_f = self.sae.encode(x[:, self.first:].reshape(-1, x.shape[-1])).reshape(len(x), -1, self.sae.cfg.d_sae)
+        patch_f = self.sae.encode(x[:, self.first :].reshape(-1, x.shape[-1])).reshape(len(x), -1, self.sae.cfg.d_sae)
         cls_f = self.sae.encode(x[:, 0]) if self.first else None
         if self.spec.token_mode == "cls":
             rank = cls_f
         elif self.spec.token_mode == "meanpool":
-            rank = self.sae.encode(x[:, self.first:].mean(dim=1))
+            rank = self.sae.encode(x[:, self.first :].mean(dim=1))
         else:
             rank = patch_f.amax(dim=1)
         return patch_f, cls_f, rank
 
-    def __call__(self, images: Sequence, top_n: int = 5, batch_size: int = 32,
-                 heatmap_side: int | None = 224) -> Explanation:
+    def __call__(
+        self, images: Sequence, top_n: int = 5, batch_size: int = 32, heatmap_side: int | None = 224
+    ) -> Explanation:
         """Explain ``images`` (PIL images or paths) in batches of ``batch_size``."""
         if top_n < 1:
             raise UserError(f"top_n {top_n} must be at least 1.")
         pil = [_as_image(item) for item in images]
         parts = []
         for start in range(0, len(pil), batch_size):
-            pixels = torch.stack([self.transform(img) for img in pil[start:start + batch_size]])
+            pixels = torch.stack([self.transform(img) for img in pil[start : start + batch_size]])
             parts.append([t.float().cpu().numpy() if t is not None else None for t in self.latents(pixels)])
         patch_values = np.concatenate([p[0] for p in parts])
         cls_values = np.concatenate([p[1] for p in parts]) if self.first else None
@@ -174,36 +196,55 @@ class Explainer:
         n = min(top_n, image_values.shape[1])
         top = np.argsort(-image_values, axis=1, kind="stable")[:, :n]
         top_values = np.take_along_axis(image_values, top, axis=1)
-        drawn = [[self.heatmap(img, patch_values[i, :, latent],
-                               None if cls_values is None else float(cls_values[i, latent]), heatmap_side)
-                  for latent in top[i]] for i, img in enumerate(pil)]
+        drawn = [
+            [
+                self.heatmap(
+                    img,
+                    patch_values[i, :, latent],
+                    None if cls_values is None else float(cls_values[i, latent]),
+                    heatmap_side,
+                )
+                for latent in top[i]
+            ]
+            for i, img in enumerate(pil)
+        ]
         return Explanation(patch_values, cls_values, image_values, top, top_values, drawn, self.grid)
 
-    def heatmap(self, img: Image.Image, values: np.ndarray, cls_value: float | None = None,
-                shortest_side: int | None = 224, vmax: float | None = None) -> Image.Image:
+    def heatmap(
+        self,
+        img: Image.Image,
+        values: np.ndarray,
+        cls_value: float | None = None,
+        shortest_side: int | None = 224,
+        vmax: float | None = None,
+    ) -> Image.Image:
         """``img`` with one latent's patch values drawn over the region the ViT saw (the gallery's rule); vmax
         defaults to the image's own maximum for that latent."""
         top = float(max(values.max(initial=0.0), cls_value or 0.0)) if vmax is None else vmax
         box = self.geometry.crop_box(*img.size)
-        return heatmaps.overlay_heatmap(img, values, self.grid, box, top, shortest_side=shortest_side,
-                                       cls_value=cls_value)
+        return heatmaps.overlay_heatmap(
+            img, values, self.grid, box, top, shortest_side=shortest_side, cls_value=cls_value
+        )
 
 
 def _legacy_normalization(sae: nn.SparseAutoencoder, spec: ModelSpec, store: str | None, ckpt: str) -> None:
     """A saev 0.1.0 file was trained on normalised activations but saves no statistics: take them from the store."""
     if store is None:
-        logger.warning("%s carries no normalisation statistics (saev 0.1.0); without store= the raw activations go in "
-                       "unnormalised, which is not what saev trained it on", ckpt)
+        logger.warning(
+            "%s carries no normalisation statistics (saev 0.1.0); without store= the raw activations go in "
+            "unnormalised, which is not what saev trained it on",
+            ckpt,
+        )
         return
-    from saev_core.store import stats
-    from saev_core.store import ActivationStore
+    from saev_core.store import ActivationStore, stats
 
     opened = ActivationStore.open(store)
     stats.set_store_normalization(sae, opened, opened.recorded_layer(spec.layer), spec.token_mode)
 
 
-def explain(images: Sequence, ckpt: str | os.PathLike, top_n: int = 5, device: str = "auto", batch_size: int = 32,
-            **spec) -> Explanation:
+def explain(
+    images: Sequence, ckpt: str | os.PathLike, top_n: int = 5, device: str = "auto", batch_size: int = 32, **spec
+) -> Explanation:
     """Per-patch latent values, each image's ``top_n`` latents and their heatmaps, for ``images`` (PIL images or
     paths). ``spec`` may name ``vit_family``, ``vit_ckpt``, ``layer``, ``token_mode`` and ``store`` (required for a
     saev 0.1.0 file: its ViT; optional for ours: they override the provenance)."""

@@ -22,8 +22,14 @@ def l0_vs_nmse_png(
     for arch, rows in sweep.groupby("sae.arch"):
         ax.scatter(rows["l0"], rows["nmse"], label=arch, s=30)
         for _, row in rows.iterrows():
-            ax.annotate(str(row["member_id"])[:6], (row["l0"], row["nmse"]), fontsize=6, alpha=0.7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                str(row["member_id"])[:6],
+                (row["l0"], row["nmse"]),
+                fontsize=6,
+                alpha=0.7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     if pca is not None:
         ax.plot(pca[0], pca[1], color="grey", linestyle="--", marker=".", label="PCA, L0 components")
     if chosen is not None and (sweep["member_id"] == chosen).any():

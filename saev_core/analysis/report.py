@@ -10,12 +10,11 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-from saev_core.store import loader
-from saev_core.nn import metrics
 from saev_core.analysis import plots
 from saev_core.files import atomic_write_bytes
+from saev_core.nn import metrics
+from saev_core.store import ActivationStore, loader
 from saev_core.store.shards import ChunkReader, stream_chunks
-from saev_core.store import ActivationStore
 from saev_core.store.tokens import check_token_mode, first_patch, vectors, vectors_per_image
 
 
@@ -89,8 +88,9 @@ class LayerReport:
     png: bytes
 
 
-def layer_report(layer: int, sweep_csv: str, max_l0: float | None, pca: PCABaseline | None,
-                 splice: dict | None = None) -> LayerReport:
+def layer_report(
+    layer: int, sweep_csv: str, max_l0: float | None, pca: PCABaseline | None, splice: dict | None = None
+) -> LayerReport:
     """One layer's table (sweep.csv plus the PCA baseline and, when given, the splice-in columns keyed by ``ckpt``),
     its chosen member and its plot."""
     table = pd.read_csv(sweep_csv)
@@ -104,8 +104,12 @@ def layer_report(layer: int, sweep_csv: str, max_l0: float | None, pca: PCABasel
     if pca is not None:  # the baseline over the members' L0 range and a little beyond
         top = int(min(max(float(table["l0"].max()), 1.0) * 1.5, len(pca.nmse)))
         ks = list(range(1, top + 1))
-    png = plots.l0_vs_nmse_png(table, f"layer {layer}", pca=(ks, [pca.at(k) for k in ks]) if pca else None,
-                               chosen=chosen["member_id"] if chosen else None)
+    png = plots.l0_vs_nmse_png(
+        table,
+        f"layer {layer}",
+        pca=(ks, [pca.at(k) for k in ks]) if pca else None,
+        chosen=chosen["member_id"] if chosen else None,
+    )
     return LayerReport(layer, table, chosen, pca, png)
 
 
@@ -125,7 +129,9 @@ def member_rows(layers: list[LayerReport]) -> list[dict]:
     rows = []
     for rep in layers:
         chosen = rep.chosen["member_id"] if rep.chosen else None
-        rows += [{**row, "layer": rep.layer, "chosen": row["member_id"] == chosen} for row in rep.table.to_dict("records")]
+        rows += [
+            {**row, "layer": rep.layer, "chosen": row["member_id"] == chosen} for row in rep.table.to_dict("records")
+        ]
     return rows
 
 
@@ -135,23 +141,45 @@ def write_report(folder: str, layers: list[LayerReport], title: str = "SAE sweep
     for rep in layers:
         png_name = f"report_layer_{rep.layer}.png"
         atomic_write_bytes(os.path.join(folder, png_name), rep.png)
-        lines += [f"## Layer {rep.layer}", "", markdown_summary(rep), "", f"![L0 vs NMSE, layer {rep.layer}]({png_name})",
-                  "", markdown_table(rep.table), ""]
+        lines += [
+            f"## Layer {rep.layer}",
+            "",
+            markdown_summary(rep),
+            "",
+            f"![L0 vs NMSE, layer {rep.layer}]({png_name})",
+            "",
+            markdown_table(rep.table),
+            "",
+        ]
     path = os.path.join(folder, "report.md")
     atomic_write_bytes(path, "\n".join(lines).encode())
     return path
 
 
-REPORT_COLUMNS = ["member_id", "sae.arch", "sae.exp_factor", "sae.k", "lr", "nmse", "pca_nmse_at_l0", "l0",
-                  "frac_dead_train", "frac_dead_heldout", *SPLICE_COLUMNS, "ckpt"]
+REPORT_COLUMNS = [
+    "member_id",
+    "sae.arch",
+    "sae.exp_factor",
+    "sae.k",
+    "lr",
+    "nmse",
+    "pca_nmse_at_l0",
+    "l0",
+    "frac_dead_train",
+    "frac_dead_heldout",
+    *SPLICE_COLUMNS,
+    "ckpt",
+]
 
 
 def markdown_summary(rep: LayerReport) -> str:
     if rep.chosen is None:
         return "No member qualifies under the [report] rule."
     pca = f"; PCA at matched L0: {rep.pca.at(rep.chosen['l0']):.4f}" if rep.pca is not None else ""
-    return (f"Chosen: **{rep.chosen['member_id']}** ({rep.chosen.get('sae.arch', '')}), NMSE "
-            f"{rep.chosen['nmse']:.4f} at L0 {rep.chosen['l0']:.1f}{pca}.")
+    return (
+        f"Chosen: **{rep.chosen['member_id']}** ({rep.chosen.get('sae.arch', '')}), NMSE "
+        f"{rep.chosen['nmse']:.4f} at L0 {rep.chosen['l0']:.1f}{pca}."
+    )
 
 
 def markdown_table(table: pd.DataFrame) -> str:

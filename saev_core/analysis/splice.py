@@ -28,13 +28,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saev_core import config, nn
-from saev_core.record import images as imagelib
-from saev_core.store import loader
-from saev_core.store import stats
-from saev_core.record import vit as vitlib
 from saev_core.errors import UserError
 from saev_core.files import read_json
-from saev_core.store import ActivationStore
+from saev_core.record import images as imagelib
+from saev_core.record import vit as vitlib
+from saev_core.store import ActivationStore, loader, stats
 
 logger = logging.getLogger("saev_core.analysis.splice")
 SPLICE_MODES = ("patches", "cls")
@@ -54,9 +52,11 @@ class SpliceResult:
     n_images: int
 
     def line(self) -> str:
-        return (f"cos(SAE) {self.cos_sae:.4f}, cos(zero) {self.cos_zero:.4f}, cos(mean) {self.cos_mean:.4f}; gap "
-                f"recovered {self.gap_recovered:.4f} (vs zero), {self.gap_recovered_mean:.4f} (vs mean) over "
-                f"{self.n_images} held-out images")
+        return (
+            f"cos(SAE) {self.cos_sae:.4f}, cos(zero) {self.cos_zero:.4f}, cos(mean) {self.cos_mean:.4f}; gap "
+            f"recovered {self.gap_recovered:.4f} (vs zero), {self.gap_recovered_mean:.4f} (vs mean) over "
+            f"{self.n_images} held-out images"
+        )
 
 
 def gap_recovered(cos: float, cos_bound: float) -> float:
@@ -92,11 +92,21 @@ class _TokenSplice:
 class SpliceEvaluator:
     """The ViT, a batch of held-out pixels, and its untouched, zero- and mean-ablated embeddings (computed once)."""
 
-    def __init__(self, vit: vitlib.VisionTransformer, layer: int, token_mode: str, mean: Float[Tensor, " d_vit"],
-                 pixels: Float[Tensor, "imgs 3 h w"], device: str = "cpu", batch_size: int = 32):
+    def __init__(
+        self,
+        vit: vitlib.VisionTransformer,
+        layer: int,
+        token_mode: str,
+        mean: Float[Tensor, " d_vit"],
+        pixels: Float[Tensor, "imgs 3 h w"],
+        device: str = "cpu",
+        batch_size: int = 32,
+    ):
         if token_mode not in SPLICE_MODES:
-            raise UserError(f"Splice-in needs an SAE trained on patches or cls tokens, not {token_mode!r} (a meanpool "
-                            "vector is not a token of the residual stream).")
+            raise UserError(
+                f"Splice-in needs an SAE trained on patches or cls tokens, not {token_mode!r} (a meanpool "
+                "vector is not a token of the residual stream)."
+            )
         [block] = vitlib.resolve_layers([layer], vit.n_blocks)
         self.vit = vit.to(device)
         self.device, self.batch_size = device, batch_size
@@ -114,7 +124,7 @@ class SpliceEvaluator:
         self.splice.replace = replace
         try:
             for start in range(0, len(self.pixels), self.batch_size):
-                emb = self.vit(self.pixels[start:start + self.batch_size].to(self.device))
+                emb = self.vit(self.pixels[start : start + self.batch_size].to(self.device))
                 out.append(emb.float().reshape(len(emb), -1))
         finally:
             self.splice.replace = None
@@ -128,8 +138,14 @@ class SpliceEvaluator:
     def evaluate(self, sae: nn.SparseAutoencoder) -> SpliceResult:
         sae = sae.to(self.device).eval()
         cos = self.cosine(lambda x: sae(x).x_hat)
-        return SpliceResult(cos, self.cos_zero, self.cos_mean, gap_recovered(cos, self.cos_zero),
-                            gap_recovered(cos, self.cos_mean), len(self.pixels))
+        return SpliceResult(
+            cos,
+            self.cos_zero,
+            self.cos_mean,
+            gap_recovered(cos, self.cos_zero),
+            gap_recovered(cos, self.cos_mean),
+            len(self.pixels),
+        )
 
     def close(self) -> None:
         self.splice.handle.remove()
@@ -158,39 +174,57 @@ def trained_on(ckpt: str, sae: nn.SparseAutoencoder) -> TrainedOn:
     needed = ("store", "layer", "token_mode", "vit_family", "vit_ckpt")
     missing = [key for key in needed if prov.get(key) is None]
     if missing:
-        raise UserError(f"The checkpoint {ckpt} does not record {', '.join(missing)} (a saev 0.1.0 file, or one from "
-                        "elsewhere): splice-in needs the store and ViT it was trained on. Evaluate a checkpoint "
-                        "written by `python -m saev_core train`.")
+        raise UserError(
+            f"The checkpoint {ckpt} does not record {', '.join(missing)} (a saev 0.1.0 file, or one from "
+            "elsewhere): splice-in needs the store and ViT it was trained on. Evaluate a checkpoint "
+            "written by `python -m saev_core train`."
+        )
     data, seed = {}, prov.get("data_seed", config.TrainConfig.seed)
     saved = read_json(os.path.join(os.path.dirname(ckpt), "config.json"))
     if saved is not None:
         data, seed = saved.get("data", {}), saved.get("seed", seed)
     from saev_core.analysis.inference import findable_ckpt
 
-    return TrainedOn(prov["store"], int(prov["layer"]), prov["token_mode"], prov["vit_family"],
-                     findable_ckpt(prov["vit_family"], prov["vit_ckpt"], prov),
-                     float(data.get("val_frac", config.DataLoadConfig.val_frac)), int(seed))
+    return TrainedOn(
+        prov["store"],
+        int(prov["layer"]),
+        prov["token_mode"],
+        prov["vit_family"],
+        findable_ckpt(prov["vit_family"], prov["vit_ckpt"], prov),
+        float(data.get("val_frac", config.DataLoadConfig.val_frac)),
+        int(seed),
+    )
 
 
-def held_out_pixels(store: ActivationStore, on: TrainedOn, transform, max_images: int | None,
-                    image_root: str | None = None) -> Float[Tensor, "imgs 3 h w"]:
+def held_out_pixels(
+    store: ActivationStore, on: TrainedOn, transform, max_images: int | None, image_root: str | None = None
+) -> Float[Tensor, "imgs 3 h w"]:
     """The ViT inputs of the store's held-out images (the loader's split; a seeded sample of ``max_images``)."""
     _, val = loader.split_images(store, on.val_frac, on.seed)
     if len(val) == 0:
-        raise UserError(f"The SAE was trained with val_frac {on.val_frac}: the store {store.path} has no held-out "
-                        "images to evaluate on.")
+        raise UserError(
+            f"The SAE was trained with val_frac {on.val_frac}: the store {store.path} has no held-out "
+            "images to evaluate on."
+        )
     if max_images is not None and len(val) > max_images:
         val = np.sort(np.random.default_rng(on.seed).choice(val, max_images, replace=False))
     root = image_root or store.metadata.image_root
     if root is None or not os.path.isdir(root):
-        raise UserError(f"The images of the store {store.path} are not at {root!r} any more; pass --images-root with "
-                        "the folder they moved to.")
+        raise UserError(
+            f"The images of the store {store.path} are not at {root!r} any more; pass --images-root with "
+            "the folder they moved to."
+        )
     paths = store.image_paths()
     return torch.stack([transform(imagelib.load_rgb(os.path.join(root, paths[i]))) for i in val])
 
 
-def evaluate_checkpoints(ckpts: Sequence[str], device: str = "auto", max_images: int | None = 256,
-                         batch_size: int = 32, image_root: str | None = None) -> list[SpliceResult]:
+def evaluate_checkpoints(
+    ckpts: Sequence[str],
+    device: str = "auto",
+    max_images: int | None = 256,
+    batch_size: int = 32,
+    image_root: str | None = None,
+) -> list[SpliceResult]:
     """Splice-in fidelity of each checkpoint; checkpoints of the same store, layer and token mode share the ViT's
     untouched and ablated passes."""
     device = config.resolve_device(device)
@@ -206,8 +240,9 @@ def evaluate_checkpoints(ckpts: Sequence[str], device: str = "auto", max_images:
         store = ActivationStore.open(on.store)
         recorded = store.recorded_layer(on.layer)
         vit = vitlib.make_vit(on.vit_family, on.vit_ckpt)
-        pixels = held_out_pixels(store, on, vitlib.make_img_transform(on.vit_family, on.vit_ckpt), max_images,
-                                 image_root)
+        pixels = held_out_pixels(
+            store, on, vitlib.make_img_transform(on.vit_family, on.vit_ckpt), max_images, image_root
+        )
         mean = torch.as_tensor(stats.raw_stats(store, recorded, on.token_mode)[0], dtype=torch.float32)
         evaluator = SpliceEvaluator(vit, on.layer, on.token_mode, mean, pixels, device, batch_size)
         try:

@@ -9,8 +9,24 @@ it has none). ``data`` holds the data side (``LatentBook``, ``SweepTable``; no G
 """
 
 from saev_core.explorer.app import Explorer, build_app, local_theme, serve
-from saev_core.explorer.data import (N_IMAGES_SHOWN, N_TABLE_ROWS, SORT_KEYS, LatentBook, SweepTable,
-                                     member_visuals_folder)
+from saev_core.explorer.data import (
+    N_IMAGES_SHOWN,
+    N_TABLE_ROWS,
+    SORT_KEYS,
+    LatentBook,
+    SweepTable,
+    member_visuals_folder,
+)
 
-__all__ = ["N_IMAGES_SHOWN", "N_TABLE_ROWS", "SORT_KEYS", "Explorer", "LatentBook", "SweepTable", "build_app",
-           "local_theme", "member_visuals_folder", "serve"]
+__all__ = [
+    "N_IMAGES_SHOWN",
+    "N_TABLE_ROWS",
+    "SORT_KEYS",
+    "Explorer",
+    "LatentBook",
+    "SweepTable",
+    "build_app",
+    "local_theme",
+    "member_visuals_folder",
+    "serve",
+]

@@ -70,8 +70,10 @@ def build_app(cfg: config.ExploreConfig):
 
     def banner() -> str:
         book = app.book
-        parts = [f"**Visuals:** `{book.dump_to}` · layer {book.cache.identity.layer} · {book.cache.d_sae} latents, "
-                 f"{len(book.alive)} live"]
+        parts = [
+            f"**Visuals:** `{book.dump_to}` · layer {book.cache.identity.layer} · {book.cache.d_sae} latents, "
+            f"{len(book.alive)} live"
+        ]
         if book.ckpt_problem:
             parts.append(f"⚠️ {book.ckpt_problem}")
         return "\n\n".join(parts)
@@ -108,15 +110,18 @@ def build_app(cfg: config.ExploreConfig):
             return tuple(gr.update() for _ in range(5))
         return (latent, *show_latent(latent))
 
-    def explain(file, top_n, progress=gr.Progress()):
+    def explain(file, top_n, progress=gr.Progress()):  # noqa: B008 (Gradio injects the tracker through this default)
         if file is None:
             return "Upload an image to see which latents fire where.", [], gr.update(choices=[], value=None)
         path = file if isinstance(file, str) else getattr(file, "name", str(file))
         try:
             image = imagelib.load_rgb(path)
         except Exception as err:  # noqa: BLE001 - PIL raises many types for files it cannot decode
-            return fail(f"Cannot read the uploaded file {os.path.basename(path)}: it is not an image Pillow can "
-                        f"decode ({type(err).__name__}). Upload a PNG, JPEG, WebP or another image file.", 2)
+            return fail(
+                f"Cannot read the uploaded file {os.path.basename(path)}: it is not an image Pillow can "
+                f"decode ({type(err).__name__}). Upload a PNG, JPEG, WebP or another image file.",
+                2,
+            )
         try:
             explainer = app.explainer(progress)
             progress(0.6, desc="encoding the image")
@@ -127,10 +132,16 @@ def build_app(cfg: config.ExploreConfig):
             logger.exception("explaining %s", path)
             return fail(f"Could not explain the upload: {type(err).__name__}: {err}", 2)
         latents, values = out.top_latents[0].tolist(), out.top_values[0].tolist()
-        pictures = [(img, f"latent {l} · {v:.3g}") for img, l, v in zip(out.heatmaps[0], latents, values)]
-        choices = [(f"latent {l} ({v:.3g})", l) for l, v in zip(latents, values) if v > 0]
-        message = (f"The image's {len(choices)} strongest latents (of {int((out.image_values[0] > 0).sum())} that fire "
-                   "on it). Pick one below to open its top images.") if choices else "No latent fires on this image."
+        pictures = [(img, f"latent {j} · {v:.3g}") for img, j, v in zip(out.heatmaps[0], latents, values)]
+        choices = [(f"latent {j} ({v:.3g})", j) for j, v in zip(latents, values) if v > 0]
+        message = (
+            (
+                f"The image's {len(choices)} strongest latents (of {int((out.image_values[0] > 0).sum())} that fire "
+                "on it). Pick one below to open its top images."
+            )
+            if choices
+            else "No latent fires on this image."
+        )
         return message, pictures, gr.update(choices=choices, value=None)
 
     def jump(latent):
@@ -138,7 +149,7 @@ def build_app(cfg: config.ExploreConfig):
             return (gr.update(), gr.update(), *[gr.update()] * 4)
         return (gr.Tabs(selected="latents"), latent, *show_latent(latent))
 
-    def open_member(member, progress=gr.Progress(track_tqdm=True)):
+    def open_member(member, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (as above)
         if app.sweep is None:
             return fail("No sweep is open: start the explorer with --sweep CKPT_DIR.", 6)
         if not member:
@@ -150,9 +161,18 @@ def build_app(cfg: config.ExploreConfig):
                 from saev_core.visuals import render
 
                 progress(0, desc=f"rendering the visuals of {member} (one SAE pass over the store)")
-                render.make_visuals(config.VisualsConfig(
-                    ckpt=ckpt, dump_to=folder, log_freq_range=(-10.0, 0.0), log_value_range=(-10.0, 10.0),
-                    n_latents=50, n_imgs_per_latent=6, device=cfg.device), show_progress=True)
+                render.make_visuals(
+                    config.VisualsConfig(
+                        ckpt=ckpt,
+                        dump_to=folder,
+                        log_freq_range=(-10.0, 0.0),
+                        log_value_range=(-10.0, 10.0),
+                        n_latents=50,
+                        n_imgs_per_latent=6,
+                        device=cfg.device,
+                    ),
+                    show_progress=True,
+                )
             app.book = app.open_book(folder, ckpt)
         except UserError as err:
             return fail(str(err), 6)
@@ -160,9 +180,15 @@ def build_app(cfg: config.ExploreConfig):
             logger.exception("opening member %s", member)
             return fail(f"Could not open member {member}: {type(err).__name__}: {err}", 6)
         first = app.book.order("frequency")[0]
-        return ("", banner(), gr.Tabs(selected="latents"),
-                gr.update(choices=sort_keys(), value="frequency"), gr.update(value=app.book.table("frequency")),
-                first, gr.update(value=app.sweep.plot(member)))
+        return (
+            "",
+            banner(),
+            gr.Tabs(selected="latents"),
+            gr.update(choices=sort_keys(), value="frequency"),
+            gr.update(value=app.book.table("frequency")),
+            first,
+            gr.update(value=app.sweep.plot(member)),
+        )
 
     with gr.Blocks(title="SAE explorer", analytics_enabled=False) as blocks:
         gr.Markdown("# SAE explorer")
@@ -174,40 +200,65 @@ def build_app(cfg: config.ExploreConfig):
                     with gr.Column(scale=2):
                         sort = gr.Radio(sort_keys(), value="frequency", label="Sort latents by", elem_id="sort")
                         table = gr.Dataframe(
-                            app.book.table("frequency"), headers=["latent", "log10 freq", "log10 mean", "max",
-                                                                  "best class (AUROC)"],
-                            interactive=False, max_height=420, elem_id="latent-table", label="Live latents (click one)")
+                            app.book.table("frequency"),
+                            headers=["latent", "log10 freq", "log10 mean", "max", "best class (AUROC)"],
+                            interactive=False,
+                            max_height=420,
+                            elem_id="latent-table",
+                            label="Live latents (click one)",
+                        )
                     with gr.Column(scale=3):
                         with gr.Row():
-                            latent_id = gr.Number(label="Latent id", precision=0, elem_id="latent-id",
-                                                  value=app.book.order("frequency")[0])
+                            latent_id = gr.Number(
+                                label="Latent id",
+                                precision=0,
+                                elem_id="latent-id",
+                                value=app.book.order("frequency")[0],
+                            )
                             show = gr.Button("Show", variant="primary", elem_id="show-latent")
                         summary = gr.Markdown(elem_id="latent-summary")
-                        pictures = gr.Gallery(label="Top images (heatmaps, best first)", columns=4, height="auto",
-                                              elem_id="latent-images", object_fit="contain")
-                        hist = gr.Image(label="Value histogram", interactive=False, elem_id="latent-hist",
-                                        type="pil", height=240)
+                        pictures = gr.Gallery(
+                            label="Top images (heatmaps, best first)",
+                            columns=4,
+                            height="auto",
+                            elem_id="latent-images",
+                            object_fit="contain",
+                        )
+                        hist = gr.Image(
+                            label="Value histogram", interactive=False, elem_id="latent-hist", type="pil", height=240
+                        )
             with gr.Tab("Explain an image", id="explain"):
-                explain_status = gr.Markdown("Upload an image to see which latents fire where.",
-                                             elem_id="explain-status")
+                explain_status = gr.Markdown(
+                    "Upload an image to see which latents fire where.", elem_id="explain-status"
+                )
                 with gr.Row():
-                    upload = gr.File(label="Image (PNG, JPEG, ...)", elem_id="upload", file_count="single",
-                                     type="filepath")
+                    upload = gr.File(
+                        label="Image (PNG, JPEG, ...)", elem_id="upload", file_count="single", type="filepath"
+                    )
                     top_n = gr.Slider(1, 24, value=8, step=1, label="Top latents")
-                explained = gr.Gallery(label="Where its top latents fire", columns=4, height="auto",
-                                       elem_id="explain-images", object_fit="contain")
+                explained = gr.Gallery(
+                    label="Where its top latents fire",
+                    columns=4,
+                    height="auto",
+                    elem_id="explain-images",
+                    object_fit="contain",
+                )
                 jump_to = gr.Radio([], label="Open a latent's top images", elem_id="jump-pick")
             with gr.Tab("Sweep", id="sweep", visible=app.sweep is not None):
                 sweep_status = gr.Markdown(elem_id="sweep-status")
                 if app.sweep is not None:
                     rows, cols = app.sweep.rows()
                     with gr.Row():
-                        plot = gr.Image(app.sweep.plot(os.path.basename(app.book.dump_to)), label="L0 vs NMSE (held out)", interactive=False,
-                                        elem_id="sweep-plot", type="pil")
+                        plot = gr.Image(
+                            app.sweep.plot(os.path.basename(app.book.dump_to)),
+                            label="L0 vs NMSE (held out)",
+                            interactive=False,
+                            elem_id="sweep-plot",
+                            type="pil",
+                        )
                         with gr.Column():
                             member = gr.Radio(app.sweep.choices(), label="Member", elem_id="member-pick")
-                            open_btn = gr.Button("Open this member's latents", variant="primary",
-                                                 elem_id="open-member")
+                            open_btn = gr.Button("Open this member's latents", variant="primary", elem_id="open-member")
                     gr.Dataframe(rows, headers=cols, interactive=False, elem_id="sweep-table")
 
         latent_outputs = [latent_status, summary, pictures, hist]
@@ -220,7 +271,8 @@ def build_app(cfg: config.ExploreConfig):
         if app.sweep is not None:
             member.change(lambda m: app.sweep.plot(m) if m else gr.update(), member, plot)
             open_btn.click(open_member, member, [sweep_status, top, tabs, sort, table, latent_id, plot]).then(
-                show_latent, latent_id, latent_outputs)
+                show_latent, latent_id, latent_outputs
+            )
         blocks.load(show_latent, latent_id, latent_outputs)
     return blocks
 
@@ -228,9 +280,20 @@ def build_app(cfg: config.ExploreConfig):
 def serve(cfg: config.ExploreConfig, block: bool = True):
     """Launch the app on 127.0.0.1 and print its address; returns the address."""
     blocks = build_app(cfg)
-    _, url, _ = blocks.launch(server_name="127.0.0.1", server_port=cfg.port or None, share=False, inbrowser=False,
-                              ssr_mode=False, show_error=False, theme=local_theme(), prevent_thread_lock=True,
-                              quiet=True, footer_links=[], run_history=False, mcp_server=False)
+    _, url, _ = blocks.launch(
+        server_name="127.0.0.1",
+        server_port=cfg.port or None,
+        share=False,
+        inbrowser=False,
+        ssr_mode=False,
+        show_error=False,
+        theme=local_theme(),
+        prevent_thread_lock=True,
+        quiet=True,
+        footer_links=[],
+        run_history=False,
+        mcp_server=False,
+    )
     print(f"explorer on {url} (127.0.0.1 only; Ctrl-C stops it)", flush=True)
     if block:
         try:

@@ -38,8 +38,10 @@ class LatentBook:
         self.dump_to = os.path.abspath(dump_to)
         cache = top_images.read_cache(self.dump_to)
         if cache is None:
-            raise UserError(f"No top-k cache in {self.dump_to} (cache/topk.npz): pass a folder written by `python -m "
-                            "saev_core visuals --dump-to DIR`, or run that first.")
+            raise UserError(
+                f"No top-k cache in {self.dump_to} (cache/topk.npz): pass a folder written by `python -m "
+                "saev_core visuals --dump-to DIR`, or run that first."
+            )
         self.cache = cache
         self.selection = read_json(os.path.join(self.dump_to, "cache", "selection.json")) or {}
         self.assoc = association.load(self.dump_to, cache.identity)
@@ -51,15 +53,19 @@ class LatentBook:
     def _check_ckpt(self) -> str | None:
         """Why uploads cannot be explained with ``self.ckpt`` (None when they can)."""
         if self.ckpt is None:
-            return ("No SAE checkpoint is known for this folder (its selection.json predates that field); pass "
-                    "--ckpt to explain uploaded images.")
+            return (
+                "No SAE checkpoint is known for this folder (its selection.json predates that field); pass "
+                "--ckpt to explain uploaded images."
+            )
         path = nn.ckpt_file(self.ckpt)
         if not os.path.isfile(path):
             return f"The checkpoint {path} does not exist; pass --ckpt with the SAE of {self.dump_to}."
         if top_images.file_sha256(path) != self.cache.identity.sae_sha256:
-            return (f"The visuals cache in {self.dump_to} was made from another SAE than {path} (their SHA-256 "
-                    "differ), so its latents are not that checkpoint's. Pass --ckpt with the SAE the visuals were "
-                    "made from, or render visuals of this one (`python -m saev_core visuals --ckpt ...`).")
+            return (
+                f"The visuals cache in {self.dump_to} was made from another SAE than {path} (their SHA-256 "
+                "differ), so its latents are not that checkpoint's. Pass --ckpt with the SAE the visuals were "
+                "made from, or render visuals of this one (`python -m saev_core visuals --ckpt ...`)."
+            )
         self.ckpt = path
         return None
 
@@ -71,8 +77,10 @@ class LatentBook:
 
             path = self.selection.get("store") or _provenance(self.ckpt).get("store")
             if path is None:
-                raise UserError(f"{self.dump_to}/cache/selection.json does not name the store (older visuals); render "
-                                "the visuals again to browse latents beyond the rendered ones.")
+                raise UserError(
+                    f"{self.dump_to}/cache/selection.json does not name the store (older visuals); render "
+                    "the visuals again to browse latents beyond the rendered ones."
+                )
             self._store = ActivationStore.open(path)
         return self._store
 
@@ -86,13 +94,20 @@ class LatentBook:
         if key == "id":
             return ids.tolist()
         values = {
-            "frequency": self.cache.freq, "mean value": self.cache.mean_value,
+            "frequency": self.cache.freq,
+            "mean value": self.cache.mean_value,
             "max value": self.cache.top_values[:, 0],
             "class selectivity": self.assoc.selectivity() if self.assoc is not None else None,
         }.get(key)
         if values is None:
-            raise UserError(f"Cannot sort by {key!r}" + (": the store has no classes (one image folder per class "
-                                                         "gives them)." if key == "class selectivity" else "."))
+            raise UserError(
+                f"Cannot sort by {key!r}"
+                + (
+                    ": the store has no classes (one image folder per class gives them)."
+                    if key == "class selectivity"
+                    else "."
+                )
+            )
         vals = np.nan_to_num(values[ids], nan=-np.inf)
         return ids[np.lexsort((ids, -vals))].tolist()
 
@@ -101,10 +116,15 @@ class LatentBook:
         rows = []
         for latent in self.order(key)[:N_TABLE_ROWS]:
             best = self.assoc.top_classes(latent, 1) if self.assoc is not None else []
-            rows.append([latent, round(math.log10(self.cache.freq[latent]), 3),
-                         round(math.log10(self.cache.mean_value[latent]), 3),
-                         round(float(self.cache.top_values[latent, 0]), 4),
-                         f"{best[0][0]} ({best[0][1]:.2f})" if best else ""])
+            rows.append(
+                [
+                    latent,
+                    round(math.log10(self.cache.freq[latent]), 3),
+                    round(math.log10(self.cache.mean_value[latent]), 3),
+                    round(float(self.cache.top_values[latent, 0]), 4),
+                    f"{best[0][0]} ({best[0][1]:.2f})" if best else "",
+                ]
+            )
         return rows
 
     def check_latent(self, latent) -> int:
@@ -130,22 +150,27 @@ class LatentBook:
                     picture = img.convert("RGB")
             else:
                 picture = self.render(latent, rank)
-            out.append((picture, f"#{rank} · {self.label_of(int(self.cache.top_images[latent, rank]))} · "
-                                 f"{self.cache.top_values[latent, rank]:.3g}"))
+            out.append(
+                (
+                    picture,
+                    f"#{rank} · {self.label_of(int(self.cache.top_images[latent, rank]))} · "
+                    f"{self.cache.top_values[latent, rank]:.3g}",
+                )
+            )
         return out
 
     def label_of(self, image: int) -> str:
-        names, labels = self._labels()
+        names, labels = self._labels
         return names[labels[image]] if image < len(labels) and 0 <= labels[image] < len(names) else ""
 
-    @functools.cache
+    @functools.cached_property
     def _labels(self) -> tuple[list[str], np.ndarray]:
         try:
             return self.store.class_names, self.store.image_labels()
         except UserError:  # older visuals that do not name their store: captions without classes
             return [], np.zeros(0, dtype=np.int64)
 
-    @functools.cache
+    @functools.cached_property
     def _geometry(self):
         from saev_core.record import vit as vitlib
 
@@ -157,10 +182,15 @@ class LatentBook:
         image = int(self.cache.top_images[latent, rank])
         root = self.selection.get("image_root") or self.store.metadata.image_root
         path = os.path.join(root or "", self.store.image_paths()[image])
-        view = render.load_view(path, self._geometry(), fix="Have the store's images moved? Render the visuals "
-                                 "again with images:image-folder-dataset --images.root DIR.")
-        return render.draw_top_image(self.cache, latent, rank, view,
-                                      render.patch_grid(self.store.metadata.n_patches_per_img))
+        view = render.load_view(
+            path,
+            self._geometry,
+            fix="Have the store's images moved? Render the visuals "
+            "again with images:image-folder-dataset --images.root DIR.",
+        )
+        return render.draw_top_image(
+            self.cache, latent, rank, view, render.patch_grid(self.store.metadata.n_patches_per_img)
+        )
 
     def histogram(self, latent: int) -> Image.Image:
         """The latent's log10 value histogram (the cache's bins) as a small picture."""
@@ -185,15 +215,19 @@ class LatentBook:
 
     def summary(self, latent: int) -> str:
         c = self.cache
-        lines = [f"### Latent {latent}",
-                 f"fires on {c.freq[latent]:.3g} of the vectors ({c.identity.patches} mode) (log10 {math.log10(c.freq[latent]):.2f}), "
-                 f"mean value {c.mean_value[latent]:.3g} when firing, top value {c.top_values[latent, 0]:.3g}; "
-                 f"{int(c.n_images()[latent])} images in its top-{c.identity.top_k}."]
+        lines = [
+            f"### Latent {latent}",
+            f"fires on {c.freq[latent]:.3g} of the vectors ({c.identity.patches} mode) "
+            f"(log10 {math.log10(c.freq[latent]):.2f}), "
+            f"mean value {c.mean_value[latent]:.3g} when firing, top value {c.top_values[latent, 0]:.3g}; "
+            f"{int(c.n_images()[latent])} images in its top-{c.identity.top_k}.",
+        ]
         if self.assoc is not None:
             best = ", ".join(f"{name} {auroc:.2f}" for name, auroc in self.assoc.top_classes(latent))
             counts = self.assoc.top_label_counts[latent]
-            top = ", ".join(f"{self.assoc.class_names[i]} {counts[i]}" for i in np.argsort(-counts, kind="stable")[:4]
-                            if counts[i])
+            top = ", ".join(
+                f"{self.assoc.class_names[i]} {counts[i]}" for i in np.argsort(-counts, kind="stable")[:4] if counts[i]
+            )
             lines.append(f"Classes by AUROC: {best or '–'}. Classes of its top images: {top or '–'}.")
         return "\n\n".join(lines)
 
@@ -217,8 +251,13 @@ class SweepTable:
         return [str(m) for m in self.table["member_id"]]
 
     def choices(self) -> list[tuple[str, str]]:
-        return [(f"{r['member_id']} · {r.get('sae.arch', '')} · L0 {r['l0']:.1f} · NMSE {r['nmse']:.3f}",
-                 str(r["member_id"])) for _, r in self.table.iterrows()]
+        return [
+            (
+                f"{r['member_id']} · {r.get('sae.arch', '')} · L0 {r['l0']:.1f} · NMSE {r['nmse']:.3f}",
+                str(r["member_id"]),
+            )
+            for _, r in self.table.iterrows()
+        ]
 
     def plot(self, member: str | None = None) -> Image.Image:
         from saev_core.analysis import plots
@@ -227,8 +266,11 @@ class SweepTable:
         return Image.open(io.BytesIO(png)).convert("RGB")
 
     def rows(self) -> tuple[list[list], list[str]]:
-        cols = [c for c in ("member_id", "sae.arch", "sae.k", "sae.exp_factor", "lr", "l0", "nmse", "frac_dead_train")
-                if c in self.table]
+        cols = [
+            c
+            for c in ("member_id", "sae.arch", "sae.k", "sae.exp_factor", "lr", "l0", "nmse", "frac_dead_train")
+            if c in self.table
+        ]
         return self.table[cols].round(4).values.tolist(), cols
 
     def ckpt(self, member: str) -> str:

@@ -14,10 +14,10 @@ import torch
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.tables import from_table
 from saev_core.files import atomic_write
 from saev_core.nn.sae import SparseAutoencoder
 from saev_core.nn.variants import make_sae
+from saev_core.tables import from_table
 
 SCHEMA = 1
 CKPT_NAME = "sae.pt"
@@ -46,6 +46,7 @@ def dump(path: str | os.PathLike, sae: SparseAutoencoder, provenance: dict | Non
         "provenance": {**sae.provenance, **(provenance or {})},
     }
     state = {key: value.detach().cpu() for key, value in sae.state_dict().items()}
+
     def write(f) -> None:
         f.write((json.dumps(header, default=str) + "\n").encode())
         torch.save(state, f)
@@ -141,31 +142,40 @@ def _read_state_dict(f, device, not_ckpt) -> dict:
             warnings.simplefilter("ignore")  # torch's remarks on pickle protocols are not the user's business
             state = torch.load(f, map_location=device, weights_only=True)
     except pickle.UnpicklingError:
-        raise not_ckpt("the data after the header holds Python objects other than tensors, which could run code "
-                       "when loaded; this loader reads plain tensors only. Re-save the weights as a plain state dict "
-                       "of tensors (nn.dump does)") from None
+        raise not_ckpt(
+            "the data after the header holds Python objects other than tensors, which could run code "
+            "when loaded; this loader reads plain tensors only. Re-save the weights as a plain state dict "
+            "of tensors (nn.dump does)"
+        ) from None
     except Exception as err:
         # torch's first sentence says what failed; the rest is advice (some of it unsafe) for programmers.
         first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         if "weights_only" in str(err):
             first = type(err).__name__
         raise not_ckpt(f"no readable state dict after the header: the file is cut short or damaged ({first})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise not_ckpt("the data after the header is not a state dict of named tensors")
     return state
 
 
 def _check_sizes(cfg: config.SparseAutoencoderConfig, state: dict, not_ckpt) -> None:
     """The weights' shapes the header's d_vit and d_sae imply, against the tensors actually in the file."""
-    want = {"W_enc": (cfg.d_vit, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_vit), "b_enc": (cfg.d_sae,),
-            "b_dec": (cfg.d_vit,)}
+    want = {
+        "W_enc": (cfg.d_vit, cfg.d_sae),
+        "W_dec": (cfg.d_sae, cfg.d_vit),
+        "b_enc": (cfg.d_sae,),
+        "b_dec": (cfg.d_vit,),
+    }
     for name, shape in want.items():
         if name not in state:
             raise not_ckpt(f"the state dict has no {name}")
         if tuple(state[name].shape) != shape:
-            raise not_ckpt(f"the header says d_vit={cfg.d_vit}, d_sae={cfg.d_sae}, so {name} should be "
-                           f"{list(shape)}, but the file holds {list(state[name].shape)}")
+            raise not_ckpt(
+                f"the header says d_vit={cfg.d_vit}, d_sae={cfg.d_sae}, so {name} should be "
+                f"{list(shape)}, but the file holds {list(state[name].shape)}"
+            )
 
 
 def _cfg_from_header(header: dict, not_ckpt) -> tuple[config.SparseAutoencoderConfig, bool]:
@@ -178,8 +188,12 @@ def _cfg_from_header(header: dict, not_ckpt) -> tuple[config.SparseAutoencoderCo
             raise not_ckpt(f"the header's cfg is {type(fields).__name__}, not a JSON object")
         return _typed_cfg(fields, "cfg.", not_ckpt), False
     if "d_vit" in header and "exp_factor" in header:  # saev 0.1.0: the relu recipe, identity normalisation.
-        fields = {"d_vit": header["d_vit"], "exp_factor": header["exp_factor"], "arch": "relu",
-                  **{k: header[k] for k in ("sparsity_coeff", "seed") if k in header}}
+        fields = {
+            "d_vit": header["d_vit"],
+            "exp_factor": header["exp_factor"],
+            "arch": "relu",
+            **{k: header[k] for k in ("sparsity_coeff", "seed") if k in header},
+        }
         return _typed_cfg(fields, "", not_ckpt), True
     raise not_ckpt("the header has neither 'schema' nor saev 0.1.0's 'd_vit' and 'exp_factor'")
 

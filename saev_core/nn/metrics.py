@@ -145,14 +145,18 @@ def sweep_problems(rows: list[dict], max_frac_dead: float) -> list[str]:
             heldout = row.get("frac_dead_heldout")
             known = heldout is not None and heldout == heldout
             also = f"; {heldout:.1%} never fired on the held-out split" if known else ""
-            problems.append(f"{row['member_id']}: {dead:.1%} of its latents did not fire {where} (bound "
-                            f"{max_frac_dead:.0%}){also}")
+            problems.append(
+                f"{row['member_id']}: {dead:.1%} of its latents did not fire {where} (bound {max_frac_dead:.0%}){also}"
+            )
     return problems
 
 
 def best_member(rows: list[dict], max_l0: float | None = None) -> dict | None:
     """The member with the lowest held-out NMSE among those with L0 <= max_l0 (all when None) and finite metrics;
     None when no member qualifies. Ties go to the first row."""
-    ok = [r for r in rows if r.get("nmse") == r.get("nmse") and r.get("l0") == r.get("l0")
-          and (max_l0 is None or r["l0"] <= max_l0)]
+    ok = [
+        r
+        for r in rows
+        if r.get("nmse") == r.get("nmse") and r.get("l0") == r.get("l0") and (max_l0 is None or r["l0"] <= max_l0)
+    ]
     return min(ok, key=lambda r: r["nmse"]) if ok else None

@@ -100,8 +100,9 @@ class SparseAutoencoder(torch.nn.Module):
         self.register_buffer("mean", torch.zeros(d_vit))
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("n_patches_since_fired", torch.zeros(d_sae, dtype=torch.long))
-        self.dead_after_n_patches = (NOMINAL_DEAD_AFTER_N_PATCHES if cfg.dead_after_n_patches is None
-                                     else cfg.dead_after_n_patches)
+        self.dead_after_n_patches = (
+            NOMINAL_DEAD_AFTER_N_PATCHES if cfg.dead_after_n_patches is None else cfg.dead_after_n_patches
+        )
         """Patches without firing after which a latent counts as dead (None in the config: the nominal default)."""
         self.reset_parameters(torch.Generator().manual_seed(cfg.seed))
 
@@ -261,4 +262,3 @@ def check_config(cfg: config.SparseAutoencoderConfig) -> None:
         raise bad("jumprelu_bandwidth", cfg.jumprelu_bandwidth, "use a positive width such as 0.001.")
     if cfg.arch == "relu-decnorm" and cfg.decoder_init_norm <= 0:
         raise bad("decoder_init_norm", cfg.decoder_init_norm, "use a positive norm such as 0.1.")
-

@@ -138,7 +138,10 @@ def selected_pre_acts(
 
 
 def decode_bands(
-    sel: Selection, f: Float[Tensor, " n_sel"], W_dec: Float[Tensor, "d_sae d_vit"], bounds: tuple[int, ...],
+    sel: Selection,
+    f: Float[Tensor, " n_sel"],
+    W_dec: Float[Tensor, "d_sae d_vit"],
+    bounds: tuple[int, ...],
     batch: int,
 ) -> Float[Tensor, "batch n_bands d_vit"]:
     """Per vector and per latent band ``[bounds[i-1], bounds[i])`` (the first from 0), the sum of ``f * W_dec[lat]``
@@ -179,7 +182,9 @@ def train_forward(
 
 
 def _aux_loss(
-    sae: torch.nn.Module, x_n: Float[Tensor, "batch d_vit"], pre: Float[Tensor, "batch d_sae"],
+    sae: torch.nn.Module,
+    x_n: Float[Tensor, "batch d_vit"],
+    pre: Float[Tensor, "batch d_sae"],
     x_hat_n: Float[Tensor, "batch d_vit"],
 ) -> Tensor:
     """``TopKSAE.aux_loss`` on the selected dead latents only (overwrites ``pre``'s live latents with -inf)."""

@@ -200,4 +200,3 @@ def make_sae(cfg: config.SparseAutoencoderConfig) -> SparseAutoencoder:
     """The variant ``cfg.arch`` names, initialised on the CPU from ``cfg.seed`` (same seed, same weights)."""
     check_config(cfg)
     return ARCHS[cfg.arch](cfg)
-

@@ -52,8 +52,9 @@ class ReportPlan:
     pca_max_vectors: int = 200_000
     """Vectors per split the PCA baseline reads at most (a uniform sample of images beyond that)."""
     splice: bool = False
-    """Add splice-in fidelity columns (``saev_core.analysis.splice``: the ViT's final embedding with the layer replaced by each
-    member's reconstruction, vs zero ablation): costs four ViT passes over the held-out images plus one per member."""
+    """Add splice-in fidelity columns (``saev_core.analysis.splice``: the ViT's final embedding with the layer replaced
+    by each member's reconstruction, vs zero ablation): costs four ViT passes over the held-out images plus one per
+    member."""
     splice_max_images: int = 256
     """Held-out images the splice-in evaluation runs the ViT on at most (a seeded sample beyond that)."""
 
@@ -192,8 +193,8 @@ def default_pipeline_path() -> str:
 
 def _resolve_paths(pipe: Pipeline, base: str) -> Pipeline:
     """Every relative local path of the pipeline made absolute against ``base`` (URLs unchanged)."""
-    from saev_core.record import checkpoints
     from saev_core.files import is_url
+    from saev_core.record import checkpoints
 
     def at(p: str | None) -> str | None:
         return p if p is None or p == "" or is_url(p) or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
@@ -214,10 +215,13 @@ def _resolve_paths(pipe: Pipeline, base: str) -> Pipeline:
         ckpt = f"{arch}/{at(rest)}"
     acts = dataclasses.replace(acts, data=data, vit_ckpt=ckpt, dump_to=at(acts.dump_to))
     vis = pipe.visuals.visuals
-    vis = dataclasses.replace(vis, dump_to=at(vis.dump_to),
-                              data=dataclasses.replace(vis.data, shard_root=at(vis.data.shard_root)))
+    vis = dataclasses.replace(
+        vis, dump_to=at(vis.dump_to), data=dataclasses.replace(vis.data, shard_root=at(vis.data.shard_root))
+    )
     return dataclasses.replace(
-        pipe, activations=acts, train=dataclasses.replace(pipe.train, ckpt_path=at(pipe.train.ckpt_path)),
+        pipe,
+        activations=acts,
+        train=dataclasses.replace(pipe.train, ckpt_path=at(pipe.train.ckpt_path)),
         visuals=dataclasses.replace(pipe.visuals, visuals=vis),
         watch=dataclasses.replace(pipe.watch, folder=at(pipe.watch.folder)),
     )
@@ -231,16 +235,21 @@ def check_inputs(pipe: Pipeline) -> None:
     acts = pipe.activations
     ref = checkpoints.parse_ckpt(acts.vit_family, acts.vit_ckpt, must_exist=False)
     if ref.path is not None and not os.path.isfile(ref.path) and not pipe.demo.random_vit:
-        raise UserError(f"activations.vit_ckpt = {acts.vit_ckpt!r} in {pipe.path}: no file at {ref.path}. Fix the "
-                        "path, or set [demo] random_vit = true to create random weights there.")
+        raise UserError(
+            f"activations.vit_ckpt = {acts.vit_ckpt!r} in {pipe.path}: no file at {ref.path}. Fix the "
+            "path, or set [demo] random_vit = true to create random weights there."
+        )
     if isinstance(acts.data, config.ImageFolderDataset) and not os.path.isdir(acts.data.root):
-        raise UserError(f"activations.data.root = {acts.data.root!r} in {pipe.path} is not a folder; point it at "
-                        "the images.")
+        raise UserError(
+            f"activations.data.root = {acts.data.root!r} in {pipe.path} is not a folder; point it at the images."
+        )
     n_blocks = checkpoints.known_n_blocks(acts.vit_family, ref.arch)
     bad = [layer for layer in acts.vit_layers if n_blocks is not None and not -n_blocks <= layer < n_blocks]
     if bad:
-        raise UserError(f"activations.vit_layers = {list(acts.vit_layers)} in {pipe.path}: {bad} out of range for "
-                        f"{ref.arch}, which has {n_blocks} blocks ({-n_blocks}..{n_blocks - 1}).")
+        raise UserError(
+            f"activations.vit_layers = {list(acts.vit_layers)} in {pipe.path}: {bad} out of range for "
+            f"{ref.arch}, which has {n_blocks} blocks ({-n_blocks}..{n_blocks - 1})."
+        )
 
 
 def load_pipeline(path: str | None = None) -> Pipeline:
@@ -251,7 +260,9 @@ def load_pipeline(path: str | None = None) -> Pipeline:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
     except OSError as err:
-        raise UserError(f"Cannot read pipeline file {path!r}: {err}. Set $SAEV_PIPELINE or pass a valid path.") from None
+        raise UserError(
+            f"Cannot read pipeline file {path!r}: {err}. Set $SAEV_PIPELINE or pass a valid path."
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"Pipeline file {path!r} is not valid TOML: {err}.") from None
     for table in doc:
@@ -268,11 +279,16 @@ def load_pipeline(path: str | None = None) -> Pipeline:
     data = from_table(DATA_KINDS[kind](), data_table, "activations.data", path)
     activations = from_table(config.ActivationsConfig(data=data), acts_table, "activations", path)
     if "sweep" in doc.get("train", {}):
-        raise UserError(f"train.sweep in {path}: a pipeline file sweeps with its own [sweep] table; move the lists "
-                        "there and remove train.sweep.")
+        raise UserError(
+            f"train.sweep in {path}: a pipeline file sweeps with its own [sweep] table; move the lists "
+            "there and remove train.sweep."
+        )
     train = from_table(config.TrainConfig(), doc.get("train", {}), "train", path)
     pipe = Pipeline(
-        path=path, activations=activations, train=train, sweep=doc.get("sweep", {}),
+        path=path,
+        activations=activations,
+        train=train,
+        sweep=doc.get("sweep", {}),
         visuals=_visuals_plan(doc.get("visuals", {}), path),
         report=from_table(ReportPlan(), doc.get("report", {}), "report", path),
         checks=from_table(ChecksPlan(), doc.get("checks", {}), "checks", path),
@@ -285,8 +301,11 @@ def load_pipeline(path: str | None = None) -> Pipeline:
         raise UserError(f"[activations] vit_layers in {path} is empty; list the layers to record, e.g. [-2].")
     # Relative paths are relative to the file's own folder (the code server, the run worker and the CLI may each
     # start elsewhere); the embedded demo keeps writing under the folder the user runs from.
-    base = os.getcwd() if os.path.abspath(path) == os.path.abspath(embedded_demo_path()) else os.path.dirname(
-        os.path.abspath(path))
+    base = (
+        os.getcwd()
+        if os.path.abspath(path) == os.path.abspath(embedded_demo_path())
+        else os.path.dirname(os.path.abspath(path))
+    )
     pipe = _resolve_paths(pipe, base)
     check_inputs(pipe)
     pipe.sweep_for(activations.vit_layers[0], "<store>")  # check the [sweep] table now, not at training time
@@ -297,10 +316,14 @@ def _visuals_plan(table: dict, source: str) -> VisualsPlan:
     table = dict(table)
     members = table.pop("members", "best")
     if members not in MEMBER_RULES:
-        raise UserError(f"visuals.members = {members!r} in {source}: expected one of {', '.join(map(repr, MEMBER_RULES))}.")
+        raise UserError(
+            f"visuals.members = {members!r} in {source}: expected one of {', '.join(map(repr, MEMBER_RULES))}."
+        )
     max_l0 = table.pop("max_l0", None)
     if max_l0 is not None and (not isinstance(max_l0, (int, float)) or isinstance(max_l0, bool) or max_l0 < 0):
-        raise UserError(f"visuals.max_l0 = {max_l0!r} in {source}: expected a number >= 0 (the best member's L0 bound).")
+        raise UserError(
+            f"visuals.max_l0 = {max_l0!r} in {source}: expected a number >= 0 (the best member's L0 bound)."
+        )
     for key in ("ckpt", "images"):
         if key in table:
             raise UserError(f"visuals.{key} in {source} is set per member by the pipeline; remove it.")
@@ -310,8 +333,10 @@ def _visuals_plan(table: dict, source: str) -> VisualsPlan:
 
 def _fanout(value, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"activations.n_workers_fanout = {value!r} in {source}: expected a whole number >= 1 "
-                        "(the parallel recording ops of one Dagster run; 1 records in one op).")
+        raise UserError(
+            f"activations.n_workers_fanout = {value!r} in {source}: expected a whole number >= 1 "
+            "(the parallel recording ops of one Dagster run; 1 records in one op)."
+        )
     return value
 
 
@@ -325,5 +350,3 @@ def check_outputs(pipe: Pipeline) -> None:
     ref = checkpoints.parse_ckpt(pipe.activations.vit_family, pipe.activations.vit_ckpt, must_exist=False)
     if pipe.demo.random_vit and ref.path is not None and not os.path.exists(ref.path):
         check_output_folder(os.path.dirname(ref.path), f"[demo] random_vit: the folder of vit_ckpt in {pipe.path}:")
-
-

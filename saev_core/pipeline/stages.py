@@ -23,6 +23,7 @@ from saev_core.visuals import render
 @dataclasses.dataclass(frozen=True)
 class LayerSweep:
     """One layer's trained sweep, as the CLI and the Dagster asset report it."""
+
     results: list
     """trainer.MemberResult per member."""
     csv_path: str
@@ -31,6 +32,7 @@ class LayerSweep:
     l0_vs_nmse_png: bytes
     problems: list[str]
     """What fails the sweep's health rule ([checks] max_frac_dead, NaN); empty when healthy."""
+
 
 def train_layer(
     pipe: Pipeline, layer: int, store_path: str, show_progress: bool = True, on_log=None, on_note=None
@@ -46,7 +48,8 @@ def train_layer(
         csv_path=csv_path,
         table=table,
         l0_vs_nmse_png=plots.l0_vs_nmse_png(table, f"layer {layer}"),
-        problems=metrics.sweep_problems(table.to_dict("records"), pipe.checks.max_frac_dead) + _nmse_problems(pipe, table),
+        problems=metrics.sweep_problems(table.to_dict("records"), pipe.checks.max_frac_dead)
+        + _nmse_problems(pipe, table),
     )
 
 
@@ -60,8 +63,12 @@ def sweep_report(pipe: Pipeline, sweep_csvs: dict[int, str]) -> tuple[str, list]
         if pipe.report.pca:
             row = pd.read_csv(csv).iloc[0]
             pca = report.pca_baseline(
-                ActivationStore.open(row["data.shard_root"]), layer, row["data.patches"], float(row["data.val_frac"]),
-                int(row["seed"]), pipe.report.pca_max_vectors,
+                ActivationStore.open(row["data.shard_root"]),
+                layer,
+                row["data.patches"],
+                float(row["data.val_frac"]),
+                int(row["seed"]),
+                pipe.report.pca_max_vectors,
             )
         splice = None
         if pipe.report.splice:
@@ -85,8 +92,10 @@ def choose_members(plan: VisualsPlan, rows: list[dict], source: str) -> list[dic
         return rows
     best = metrics.best_member(rows, plan.max_l0)
     if best is None:
-        raise UserError(f"No member of {source} has finite metrics and L0 <= {plan.max_l0}; raise [visuals] max_l0 "
-                        "or use members = \"all\".")
+        raise UserError(
+            f"No member of {source} has finite metrics and L0 <= {plan.max_l0}; raise [visuals] max_l0 "
+            'or use members = "all".'
+        )
     return [best]
 
 
@@ -97,6 +106,7 @@ class MemberVisuals:
     result: typing.Any
     """render.VisualsResult"""
 
+
 def visuals_for_layer(pipe: Pipeline, layer: int, sweep_csv: str, show_progress: bool = True) -> list[MemberVisuals]:
     """Top-k visuals for the chosen members of one layer's sweep, one folder each; records which folders exist in
     <dump_to>/layer_<layer>/members.json (what the Dagster check reads)."""
@@ -104,11 +114,13 @@ def visuals_for_layer(pipe: Pipeline, layer: int, sweep_csv: str, show_progress:
     rows = pd.read_csv(sweep_csv).to_dict("records")
     done = []
     for row in choose_members(pipe.visuals, rows, sweep_csv):
-        cfg = dataclasses.replace(pipe.visuals.visuals, ckpt=row["ckpt"],
-                                  dump_to=pipe.visuals.folder(layer, row["member_id"]))
+        cfg = dataclasses.replace(
+            pipe.visuals.visuals, ckpt=row["ckpt"], dump_to=pipe.visuals.folder(layer, row["member_id"])
+        )
         done.append(MemberVisuals(row["member_id"], row["ckpt"], render.make_visuals(cfg, show_progress)))
-    files.atomic_write_json(os.path.join(pipe.visuals.folder(layer), "members.json"),
-                            {"members": [m.member_id for m in done]})
+    files.atomic_write_json(
+        os.path.join(pipe.visuals.folder(layer), "members.json"), {"members": [m.member_id for m in done]}
+    )
     return done
 
 
@@ -131,8 +143,11 @@ def layer_visuals_problems(pipe: Pipeline, layer: int) -> list[str]:
     listed = files.read_json(os.path.join(pipe.visuals.folder(layer), "members.json"))
     if listed is None:
         return [f"no visuals for layer {layer} under {pipe.visuals.folder(layer)}"]
-    return [f"{member}: {problem}" for member in listed["members"]
-            for problem in render.missing_images(pipe.visuals.folder(layer, member))]
+    return [
+        f"{member}: {problem}"
+        for member in listed["members"]
+        for problem in render.missing_images(pipe.visuals.folder(layer, member))
+    ]
 
 
 def prepare_demo_checkpoint(pipe: Pipeline) -> None:

@@ -40,8 +40,10 @@ def sidecar(folder: str, name: str) -> dict | None:
                 with open(path) as f:
                     doc = json.load(f)
             except (OSError, json.JSONDecodeError) as err:
-                raise UserError(f"Cannot read the provenance sidecar {path} ({err}); it must be JSON like "
-                                '{"store": "<store path>", "layer": -2, "token_mode": "patches"}.') from None
+                raise UserError(
+                    f"Cannot read the provenance sidecar {path} ({err}); it must be JSON like "
+                    '{"store": "<store path>", "layer": -2, "token_mode": "patches"}.'
+                ) from None
             missing = [k for k in SIDECAR_KEYS if k not in doc]
             if missing:
                 raise UserError(f"The provenance sidecar {path} lacks {missing}; it needs store, layer and token_mode.")
@@ -49,7 +51,9 @@ def sidecar(folder: str, name: str) -> dict | None:
     return None
 
 
-def dropped_visuals_config(template: config.VisualsConfig, folder: str, name: str, dump_root: str) -> config.VisualsConfig:
+def dropped_visuals_config(
+    template: config.VisualsConfig, folder: str, name: str, dump_root: str
+) -> config.VisualsConfig:
     """The visuals config of one dropped file: the pipeline's [visuals] flags, the file as checkpoint, the data from
     its sidecar when there is one, output in <dump_root>/<file name>/."""
     from saev_core import nn

@@ -19,7 +19,7 @@ from PIL import Image
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.record.images import to_uint8, load_rgb
+from saev_core.record.images import load_rgb, to_uint8
 
 EMBEDDED_VERSION = "v1"
 """Bump when the photos or the cropping change, so old caches are not reused."""

@@ -28,8 +28,24 @@ from saev_core import config
 from saev_core.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp",
-     ".ppm", ".pgm", ".pbm", ".pnm", ".tga"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".dib",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".tga",
+    }
 )
 """File extensions read as images (matched case-insensitively)."""
 
@@ -263,8 +279,9 @@ def _report_unreadable(root: str, unlisted: list[OSError], undecodable: list[str
         problems.append(f"{len(folders)} folder(s) could not be listed: {_shown(folders)}")
     if undecodable:
         names = [repr(os.fsencode(name)) for name in sorted(undecodable)]
-        problems.append(f"{len(names)} file name(s) are not valid UTF-8 (the store keeps names as UTF-8 text): "
-                        f"{_shown(names)}")
+        problems.append(
+            f"{len(names)} file name(s) are not valid UTF-8 (the store keeps names as UTF-8 text): {_shown(names)}"
+        )
     if not problems:
         return
     if not skip_bad:
@@ -274,8 +291,11 @@ def _report_unreadable(root: str, unlisted: list[OSError], undecodable: list[str
             f"In the image folder {root}, {'; '.join(problems)}. Fix: {' and '.join(fixes)}, or pass --data.skip-bad "
             "to skip them with a warning."
         )
-    warnings.warn(f"In the image folder {root}, {'; '.join(problems)}; skipped (--data.skip-bad).",
-                  IgnoredFilesWarning, stacklevel=3)
+    warnings.warn(
+        f"In the image folder {root}, {'; '.join(problems)}; skipped (--data.skip-bad).",
+        IgnoredFilesWarning,
+        stacklevel=3,
+    )
 
 
 def _class_of(rel_path: str) -> str:

@@ -20,14 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from saev_core import config
-from saev_core.record import checkpoints
-from saev_core.record import images
-from saev_core.store import stats
-from saev_core.record import vit as vitlib
 from saev_core.errors import UserError
 from saev_core.files import absolute, check_output_folder, check_url, is_url, join, write_error
+from saev_core.record import checkpoints, images
+from saev_core.record import vit as vitlib
 from saev_core.record.images import BAD_IMAGE
-from saev_core.store import ActivationStore, open_if_created
+from saev_core.store import ActivationStore, open_if_created, stats
 from saev_core.store.metadata import Layout, StoreMetadata
 
 logger = logging.getLogger("saev_core.record.recording")
@@ -57,10 +55,13 @@ class RecordResult:
         if not parts or len({p.path for p in parts}) != 1:
             raise ValueError(f"parts of different stores (or none): {sorted({p.path for p in parts})}")
         return cls(
-            path=parts[0].path, shape=parts[0].shape, layers=parts[0].layers,
+            path=parts[0].path,
+            shape=parts[0].shape,
+            layers=parts[0].layers,
             n_blocks_written=sum(p.n_blocks_written for p in parts),
             n_imgs_written=sum(p.n_imgs_written for p in parts),
-            bytes_written=sum(p.bytes_written for p in parts), seconds=seconds,
+            bytes_written=sum(p.bytes_written for p in parts),
+            seconds=seconds,
             n_skipped=sum(p.n_skipped for p in parts),
         )
 
@@ -202,7 +203,8 @@ def record_activations(
     store = None
     try:
         store = ActivationStore.create(
-            absolute(cfg.dump_to), plan.metadata, source.paths, source.labels, source.class_names)
+            absolute(cfg.dump_to), plan.metadata, source.paths, source.labels, source.class_names
+        )
         missing = store.missing_blocks()
         if part is not None:
             mine = set(block_part(store.layout.n_blocks, *part))
@@ -328,7 +330,7 @@ class BlockBuffer:
 
     def put(self, index: np.ndarray, acts: np.ndarray) -> None:
         """Place a batch's acts [n_layers, batch, n_tokens, d_vit] for the consecutive images ``index``."""
-        self.acts[:, int(index[0]) - self.start:int(index[-1]) + 1 - self.start] = acts
+        self.acts[:, int(index[0]) - self.start : int(index[-1]) + 1 - self.start] = acts
 
     def mark_bad(self, image: int) -> None:
         """An image that failed to decode: zero activations, valid=False."""

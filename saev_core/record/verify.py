@@ -31,8 +31,9 @@ def store_problems(cfg: config.ActivationsConfig, store_path: str, n_samples: in
         return [f"every image of {store.path} is marked invalid"]
     picked = np.sort(np.random.default_rng(seed).choice(valid, min(n_samples, len(valid)), replace=False))
     vit = vitlib.make_vit(cfg.vit_family, cfg.vit_ckpt)
-    recorder = vitlib.RecordedVisionTransformer(vit, store.metadata.n_patches_per_img, store.metadata.cls_token,
-                                                store.layers).eval()
+    recorder = vitlib.RecordedVisionTransformer(
+        vit, store.metadata.n_patches_per_img, store.metadata.cls_token, store.layers
+    ).eval()
     source = images.make_image_source(cfg.data, vitlib.make_img_transform(cfg.vit_family, cfg.vit_ckpt), store.n_imgs)
     pixels = torch.stack([source[int(i)][0] for i in picked])
     with torch.inference_mode():
@@ -44,7 +45,9 @@ def store_problems(cfg: config.ActivationsConfig, store_path: str, n_samples: in
         scale = float(np.abs(fresh[:, j]).max()) or 1.0
         worst = float(np.abs(stored - fresh[:, j]).max())
         if not worst <= TOLERANCE[store.metadata.dtype] * scale:
-            problems.append(f"layer {layer}: stored rows of images {picked.tolist()} differ from a fresh forward "
-                            f"pass by up to {worst:.3g} (values up to {scale:.3g}); the store was not recorded from "
-                            "this checkpoint and these images")
+            problems.append(
+                f"layer {layer}: stored rows of images {picked.tolist()} differ from a fresh forward "
+                f"pass by up to {worst:.3g} (values up to {scale:.3g}); the store was not recorded from "
+                "this checkpoint and these images"
+            )
     return problems

@@ -23,9 +23,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from saev_core.record.checkpoints import CheckpointRef, check_family, parse_ckpt
 from saev_core.errors import UserError
 from saev_core.files import atomic_write, atomic_write_bytes
+from saev_core.record.checkpoints import CheckpointRef, check_family, parse_ckpt
 
 TIMM_IMG_SIZE = 224
 """Image size for timm ViTs (``dinov2``): 224 px like the other families; position embeddings are resampled."""

@@ -7,10 +7,10 @@ written, so a killed writer never leaves a block that looks complete.
 
 import contextlib
 import functools
-import time
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -19,8 +19,8 @@ import zarr.errors
 
 from saev_core.errors import UserError
 from saev_core.files import check_url, is_url, join, write_error
-from saev_core.store.shards import PlainShardLayout
 from saev_core.store.metadata import FORMAT_VERSION, Layout, StoreMetadata
+from saev_core.store.shards import PlainShardLayout
 
 
 def layer_name(layer: int) -> str:
@@ -89,8 +89,12 @@ class ActivationStore:
         group = zarr.open_group(path, mode="w")
         for layer in metadata.layers:
             group.create_array(
-                layer_name(layer), shape=(layout.n_imgs, n_tokens, d_vit), dtype=metadata.dtype, compressors=None,
-                fill_value=0, chunks=(layout.imgs_per_chunk, n_tokens, d_vit),
+                layer_name(layer),
+                shape=(layout.n_imgs, n_tokens, d_vit),
+                dtype=metadata.dtype,
+                compressors=None,
+                fill_value=0,
+                chunks=(layout.imgs_per_chunk, n_tokens, d_vit),
                 shards=(layout.imgs_per_shard, n_tokens, d_vit),
             )
         index = group.create_group("image_index", attributes={"class_names": list(class_names)})
@@ -188,7 +192,9 @@ class ActivationStore:
         """Refuse to resume into a store recorded from other images."""
         stored = self.image_paths()
         if stored != list(image_paths) or not np.array_equal(self.image_labels(), np.asarray(image_labels)):
-            diff = next((i for i, (a, b) in enumerate(zip(stored, image_paths)) if a != b), min(len(stored), len(image_paths)))
+            diff = next(
+                (i for i, (a, b) in enumerate(zip(stored, image_paths)) if a != b), min(len(stored), len(image_paths))
+            )
             raise UserError(
                 f"The store {self.path} was recorded from a different image list (first difference at index "
                 f"{diff}). Record into a new --dump-to folder, or delete {self.path} to record it again."
@@ -298,8 +304,10 @@ def _check_local_store_path(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     while parent != os.path.dirname(parent):
         if _is_store_folder(parent):
-            raise UserError(f"{path!r} is a part (an array or group) inside the activation store {parent}; pass "
-                            f"the store itself: {parent}")
+            raise UserError(
+                f"{path!r} is a part (an array or group) inside the activation store {parent}; pass "
+                f"the store itself: {parent}"
+            )
         parent = os.path.dirname(parent)
     try:
         stores = sorted(name for name in os.listdir(path) if _is_store_folder(os.path.join(path, name)))
@@ -307,10 +315,14 @@ def _check_local_store_path(path: str) -> None:
         stores = []
     if stores:
         shown = ", ".join(os.path.join(path, s) for s in stores[:3]) + (" ..." if len(stores) > 3 else "")
-        raise UserError(f"{path!r} is the folder that holds activation stores (--dump-to), not a store; pass one "
-                        f"of the stores in it: {shown}")
-    raise UserError(f"No activation store at {path!r}: the folder has no zarr.json with a store's format_version "
-                    f"(a recording killed while creating the store leaves that: run it again). {printed}")
+        raise UserError(
+            f"{path!r} is the folder that holds activation stores (--dump-to), not a store; pass one "
+            f"of the stores in it: {shown}"
+        )
+    raise UserError(
+        f"No activation store at {path!r}: the folder has no zarr.json with a store's format_version "
+        f"(a recording killed while creating the store leaves that: run it again). {printed}"
+    )
 
 
 def _is_store_folder(folder: str) -> bool:
@@ -320,8 +332,9 @@ def _is_store_folder(folder: str) -> bool:
             meta = json.load(f)
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and meta.get("node_type") == "group" and "format_version" in meta.get(
-        "attributes", {})
+    return (
+        isinstance(meta, dict) and meta.get("node_type") == "group" and "format_version" in meta.get("attributes", {})
+    )
 
 
 def all_finite(x: np.ndarray) -> bool:
@@ -360,12 +373,23 @@ def arrays_metadata(
     """The metadata of a store of activations that did not come from ``record_activations`` (see ``write_store``):
     ``imgs_per_shard`` images per block (default: one block), ``fingerprint`` standing for the images, ``fields``
     overriding any other ``StoreMetadata`` field."""
-    return StoreMetadata(**{
-        "vit_family": "clip", "vit_ckpt": "arrays/none", "d_vit": d_vit, "layers": tuple(layers),
-        "n_patches_per_img": n_tokens - int(cls_token), "cls_token": cls_token, "n_imgs": n_imgs,
-        "n_patches_per_shard": (imgs_per_shard or n_imgs) * n_tokens * len(layers), "data": {"kind": "arrays"},
-        "seed": 0, "dtype": dtype, "fingerprints": {"vit_ckpt": "arrays", "images": fingerprint}, **fields,
-    })
+    return StoreMetadata(
+        **{
+            "vit_family": "clip",
+            "vit_ckpt": "arrays/none",
+            "d_vit": d_vit,
+            "layers": tuple(layers),
+            "n_patches_per_img": n_tokens - int(cls_token),
+            "cls_token": cls_token,
+            "n_imgs": n_imgs,
+            "n_patches_per_shard": (imgs_per_shard or n_imgs) * n_tokens * len(layers),
+            "data": {"kind": "arrays"},
+            "seed": 0,
+            "dtype": dtype,
+            "fingerprints": {"vit_ckpt": "arrays", "images": fingerprint},
+            **fields,
+        }
+    )
 
 
 def write_store(
@@ -400,8 +424,15 @@ def write_store(
         _, n_imgs, n_tokens, d_vit = acts.shape
         fingerprint = fingerprint or hashlib.sha256(np.ascontiguousarray(acts).data).hexdigest()[:16]
     meta = arrays_metadata(
-        n_imgs, n_tokens, d_vit, layers, cls_token=cls_token, imgs_per_shard=imgs_per_shard, dtype=dtype,
-        fingerprint=fingerprint, **fields,
+        n_imgs,
+        n_tokens,
+        d_vit,
+        layers,
+        cls_token=cls_token,
+        imgs_per_shard=imgs_per_shard,
+        dtype=dtype,
+        fingerprint=fingerprint,
+        **fields,
     )
     paths = list(image_paths) if image_paths is not None else [f"{i}.png" for i in range(n_imgs)]
     store = ActivationStore.create(

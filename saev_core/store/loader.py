@@ -1,7 +1,7 @@
 """Shuffled batches of activation vectors from one layer of an activation store, for SAE training.
 
-Vectors are raw activations (float32) of a token mode (``saev_core.store.tokens``); the SAE normalises them itself with the
-statistics from ``saev_core.store.stats.normalization``.
+Vectors are raw activations (float32) of a token mode (``saev_core.store.tokens``); the SAE normalises them itself
+with the statistics from ``saev_core.store.stats.normalization``.
 
 **Train/val split** (``split_images``). Whole images are held out, never single patches: exactly
 ``round(val_frac * n_valid)`` valid images (at least one when ``val_frac > 0``, never all of them). They are taken
@@ -46,16 +46,15 @@ from jaxtyping import Float
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.store.shards import ChunkReader, Scatter
 from saev_core.store import ActivationStore
+from saev_core.store.shards import ChunkReader, Scatter
 from saev_core.store.tokens import check_token_mode, first_patch, vectors, vectors_per_image
-
 
 # The shuffle contract's stream tags (public: other programs and the tests rebuild the order from them). Every random
 # stream gets its own tag and a key of fixed length: numpy's SeedSequence treats [a, b] and [a, b, 0] alike, so keys
 # of different purposes must not differ only by trailing zeros.
 SPLIT_STREAM, ORDER_STREAM, WINDOW_STREAM = 1, 2, 3
-
+FLOAT32 = np.dtype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,14 +65,17 @@ SPLIT_STREAM, ORDER_STREAM, WINDOW_STREAM = 1, 2, 3
 def split_images(store: ActivationStore, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) image indices, sorted, int64. See the module docstring for how whole chunks are held out."""
     if not 0.0 <= val_frac < 1.0:
-        raise UserError(f"--data.val-frac {val_frac} is outside [0, 1). Pass the fraction of images to hold out, "
-                        "e.g. 0.1.")
+        raise UserError(
+            f"--data.val-frac {val_frac} is outside [0, 1). Pass the fraction of images to hold out, e.g. 0.1."
+        )
     _check_seed(seed)
     valid = store.usable_images()
     n_valid = int(valid.sum())
     if n_valid == 0:
-        raise UserError(f"Every image of the store {store.path} is marked invalid (failed to decode); there is "
-                        "nothing to train on. Check the image folder and record again.")
+        raise UserError(
+            f"Every image of the store {store.path} is marked invalid (failed to decode); there is "
+            "nothing to train on. Check the image folder and record again."
+        )
     n_val = min(n_valid - 1, max(int(val_frac > 0), round(val_frac * n_valid)))
     ipc, n_imgs = store.layout.imgs_per_chunk, store.n_imgs
     is_val = np.zeros(n_imgs, dtype=bool)
@@ -81,7 +83,7 @@ def split_images(store: ActivationStore, val_frac: float, seed: int) -> tuple[np
     for c in np.random.default_rng([SPLIT_STREAM, seed]).permutation(math.ceil(n_imgs / ipc)):
         if need == 0:
             break
-        imgs = c * ipc + np.flatnonzero(valid[c * ipc:(c + 1) * ipc])
+        imgs = c * ipc + np.flatnonzero(valid[c * ipc : (c + 1) * ipc])
         is_val[imgs[:need]] = True
         need -= len(imgs[:need])
     return np.flatnonzero(valid & ~is_val), np.flatnonzero(is_val)
@@ -107,7 +109,7 @@ class _BatchPool:
     arrays cost page faults: reading into them ran at 7.6 GB/s here (2.5 GB/s into memory the process had never
     touched), into reused ones at 13 GB/s."""
 
-    def __init__(self, shape: tuple[int, int], keep: int, dtype: np.dtype = np.dtype(np.float32)):
+    def __init__(self, shape: tuple[int, int], keep: int, dtype: np.dtype = FLOAT32):
         self.shape, self.keep, self.dtype = shape, keep, np.dtype(dtype)
         self._free: list[np.ndarray] = []
         self._lent: collections.deque = collections.deque()  # (array, weak reference to the view handed out)
@@ -214,7 +216,7 @@ def _widen(dest: np.ndarray, src: np.ndarray) -> None:
     step = max(1, _SERIAL_ELEMENTS // max(1, dest.shape[1]))
     to, frm = torch.from_numpy(dest), torch.from_numpy(src)
     for i in range(0, len(dest), step):
-        to[i:i + step].copy_(frm[i:i + step])
+        to[i : i + step].copy_(frm[i : i + step])
 
 
 class ActivationLoader:
@@ -270,8 +272,9 @@ class ActivationLoader:
         # The split's images inside each chunk, as offsets from the chunk's first image.
         self._local = [imgs - c * ipc for c, imgs in zip(self._chunks, np.split(self.images, first[1:]))]
         self._counts = np.array([len(loc) for loc in self._local]) * self._vpi
-        self._tokens = (np.arange(self._first_patch, store.n_tokens) if self.patches == "patches"
-                        else np.zeros(1, dtype=np.int64))  # the tokens an image's vectors are, in meanpool its mean's
+        self._tokens = (
+            np.arange(self._first_patch, store.n_tokens) if self.patches == "patches" else np.zeros(1, dtype=np.int64)
+        )  # the tokens an image's vectors are, in meanpool its mean's
         # Patches and CLS vectors are read straight into their batch rows (float16 ones into float16 staging rows,
         # converted as a batch goes out); meanpool computes, in float32.
         self._direct = self.patches != "meanpool" and self._arr.dtype in (np.float32, np.float16)
@@ -279,8 +282,11 @@ class ActivationLoader:
         # putting, and two in the consumer's hands.
         window_batches = math.ceil(data_cfg.buffer_chunks * ipc * self._vpi / batch_size) + 1
         self._pool = _BatchPool((batch_size, store.d_vit), keep=2 * window_batches + self.prefetch_batches + 3)
-        self._staging = (_BatchPool((batch_size, store.d_vit), keep=0, dtype=self._arr.dtype)
-                         if self._direct and self._arr.dtype != np.float32 else None)
+        self._staging = (
+            _BatchPool((batch_size, store.d_vit), keep=0, dtype=self._arr.dtype)
+            if self._direct and self._arr.dtype != np.float32
+            else None
+        )
         """float16 arrays the reads of a float16 store go to; None: reads go to the batches themselves."""
 
         self.epoch = epoch
@@ -322,8 +328,10 @@ class ActivationLoader:
         items: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
         producer = threading.Thread(
-            target=self._run_producer, args=(self.epoch, self.n_vectors_done, items, stop),
-            name="saev-loader", daemon=True,
+            target=self._run_producer,
+            args=(self.epoch, self.n_vectors_done, items, stop),
+            name="saev-loader",
+            daemon=True,
         )
         producer.start()
         try:
@@ -369,7 +377,7 @@ class ActivationLoader:
         """The epoch's windows: arrays of indices into the split's chunks, in reading order."""
         order = np.random.default_rng([ORDER_STREAM, self.seed, epoch]).permutation(len(self._chunks))
         step = self.data_cfg.buffer_chunks
-        return [order[i:i + step] for i in range(0, len(order), step)]
+        return [order[i : i + step] for i in range(0, len(order), step)]
 
     def _produce(self, epoch: int, start: int, emit: Callable[[np.ndarray], None]) -> None:
         windows = self.windows(epoch)
@@ -412,8 +420,10 @@ class ActivationLoader:
         pos = np.empty_like(perm)
         pos[perm] = np.arange(base, base + len(perm))
         batches.prepare(base, base + len(perm))
-        return [pool.submit(self._read_chunk, int(k), chunk_pos, batches)
-                for k, chunk_pos in zip(window, np.split(pos, np.cumsum(counts)[:-1]))]
+        return [
+            pool.submit(self._read_chunk, int(k), chunk_pos, batches)
+            for k, chunk_pos in zip(window, np.split(pos, np.cumsum(counts)[:-1]))
+        ]
 
     def _read_chunk(self, k: int, pos: np.ndarray, batches: _Batches) -> None:
         """Read chunk k, the vectors of its split images going to stream positions pos (negative: skipped)."""

@@ -95,8 +95,18 @@ class StoreMetadata(collections.abc.Mapping):
     layout: Layout | None = dataclasses.field(default=None, compare=False)
 
     KEY_FIELDS = (
-        "vit_family", "vit_ckpt", "d_vit", "layers", "n_patches_per_img", "cls_token", "n_imgs",
-        "n_patches_per_shard", "data", "seed", "dtype", "fingerprints",
+        "vit_family",
+        "vit_ckpt",
+        "d_vit",
+        "layers",
+        "n_patches_per_img",
+        "cls_token",
+        "n_imgs",
+        "n_patches_per_shard",
+        "data",
+        "seed",
+        "dtype",
+        "fingerprints",
     )
 
     def __post_init__(self) -> None:
@@ -104,22 +114,39 @@ class StoreMetadata(collections.abc.Mapping):
         set_(self, "layers", tuple(int(x) for x in self.layers))
         set_(self, "resolved_layers", tuple(int(x) for x in (self.resolved_layers or self.layers)))
         problems = [
-            *(f"{name} {getattr(self, name)!r} must be at least 1" for name in
-              ("d_vit", "n_patches_per_img", "n_patches_per_shard") if getattr(self, name) < 1),
+            *(
+                f"{name} {getattr(self, name)!r} must be at least 1"
+                for name in ("d_vit", "n_patches_per_img", "n_patches_per_shard")
+                if getattr(self, name) < 1
+            ),
             *([f"dtype {self.dtype!r} is not one of {list(DTYPES)}"] if self.dtype not in DTYPES else []),
             *(["no layers"] if not self.layers else []),
-            *([f"layers {list(self.layers)} and resolved_layers {list(self.resolved_layers)} differ in length"]
-              if len(self.layers) != len(self.resolved_layers) else []),
-            *([f"fingerprints {self.fingerprints!r} lack 'vit_ckpt' or 'images'"]
-              if not {"vit_ckpt", "images"} <= set(self.fingerprints) else []),
+            *(
+                [f"layers {list(self.layers)} and resolved_layers {list(self.resolved_layers)} differ in length"]
+                if len(self.layers) != len(self.resolved_layers)
+                else []
+            ),
+            *(
+                [f"fingerprints {self.fingerprints!r} lack 'vit_ckpt' or 'images'"]
+                if not {"vit_ckpt", "images"} <= set(self.fingerprints)
+                else []
+            ),
         ]
         if problems:
             raise ValueError("invalid store metadata: " + "; ".join(problems))
         if self.layout is None:
-            set_(self, "layout", plan_layout(
-                self.n_imgs, self.n_tokens, self.d_vit, len(self.layers), self.n_patches_per_shard,
-                np.dtype(self.dtype).itemsize,
-            ))
+            set_(
+                self,
+                "layout",
+                plan_layout(
+                    self.n_imgs,
+                    self.n_tokens,
+                    self.d_vit,
+                    len(self.layers),
+                    self.n_patches_per_shard,
+                    np.dtype(self.dtype).itemsize,
+                ),
+            )
 
     # -- derived --------------------------------------------------------------------------------------------------
 
@@ -166,8 +193,12 @@ class StoreMetadata(collections.abc.Mapping):
         if missing:
             raise KeyError(f"store attributes lack {missing}")
         layout = Layout(
-            attrs["n_imgs"], attrs["n_patches_per_img"] + int(attrs["cls_token"]), attrs["d_vit"],
-            len(attrs["layers"]), attrs["imgs_per_shard"], attrs["imgs_per_chunk"],
+            attrs["n_imgs"],
+            attrs["n_patches_per_img"] + int(attrs["cls_token"]),
+            attrs["d_vit"],
+            len(attrs["layers"]),
+            attrs["imgs_per_shard"],
+            attrs["imgs_per_chunk"],
         )
         return cls(**{name: attrs[name] for name in names if name in attrs}, layout=layout)
 

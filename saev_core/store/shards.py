@@ -54,10 +54,17 @@ class PlainShardLayout:
         """The layout of ``arr``, or None when it is not a local array with exactly these codecs."""
         shards, chunks = arr.shards, arr.chunks
         little = {"name": "bytes", "configuration": {"endian": "little"}}
-        expected = [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": list(chunks), "codecs": [little], "index_codecs": [little, {"name": "crc32c"}],
-            "index_location": "end",
-        }}]
+        expected = [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": list(chunks),
+                    "codecs": [little],
+                    "index_codecs": [little, {"name": "crc32c"}],
+                    "index_location": "end",
+                },
+            }
+        ]
         if not (
             isinstance(arr.store, zarr.storage.LocalStore)
             and sys.byteorder == "little"  # zarr's crc32c codec writes the checksum in native byte order
@@ -85,8 +92,9 @@ class PlainShardLayout:
         """[chunks_per_shard, 2] (offset, nbytes) from a shard's last ``index_nbytes`` bytes; ValueError when the
         length or the checksum is wrong."""
         if len(stored) != self.index_nbytes:
-            raise ValueError(f"a shard index of {self.chunks_per_shard} chunks has {self.index_nbytes} bytes, "
-                             f"got {len(stored)}")
+            raise ValueError(
+                f"a shard index of {self.chunks_per_shard} chunks has {self.index_nbytes} bytes, got {len(stored)}"
+            )
         raw, crc = stored[:-4], stored[-4:]
         if google_crc32c.value(raw).to_bytes(4, "little") != crc:
             raise ValueError("shard index checksum mismatch")
@@ -266,10 +274,10 @@ class ChunkReader:
         if len(wanted) == 0:
             return True
         lo, size = int(wanted[0]), self._vector_bytes
-        iovecs = dest.batches.iovecs(flat[lo:wanted[-1] + 1], self._junk)
+        iovecs = dest.batches.iovecs(flat[lo : wanted[-1] + 1], self._junk)
         cuts = np.flatnonzero(np.diff(wanted) > _JUNK_GAP + 1)
         for first, last in zip([lo, *wanted[cuts + 1].tolist()], [*wanted[cuts].tolist(), int(wanted[-1])]):
-            if not _preadv_all(fd, iovecs[first - lo:last - lo + 1], offset + first * size):
+            if not _preadv_all(fd, iovecs[first - lo : last - lo + 1], offset + first * size):
                 return False
         return True
 
@@ -322,7 +330,6 @@ class Scatter(NamedTuple):
         self.batches.put(self.pos.ravel(), x.reshape(self.pos.size, -1))
 
 
-
 def stream_chunks(
     reader: "ChunkReader", chunks, chunk_images, ipc: int, n_imgs: int, n_ahead: int = 2
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -350,4 +357,3 @@ def stream_chunks(
         finally:
             for *_, future in ahead:
                 future.cancel()
-

@@ -17,8 +17,8 @@ import numpy as np
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.store.shards import ChunkReader, stream_chunks
 from saev_core.store import ActivationStore
+from saev_core.store.shards import ChunkReader, stream_chunks
 from saev_core.store.tokens import check_token_mode, first_patch, vectors
 
 logger = logging.getLogger("saev_core.store.stats")
@@ -94,15 +94,18 @@ def write_store_stats(store: ActivationStore) -> None:
                 store.write_stats(layer, mode, mean, scale, n)
 
 
-
 def raw_stats(store: ActivationStore, layer: int, patches: str) -> tuple[np.ndarray, float]:
     """(mean, centred scale) of a layer's vectors of one token mode: the store's cached statistics, or one pass
     here for a store without them (not written back: readers write nothing into their input)."""
     cached = store.read_stats(layer, patches)
     if cached is not None:
         return cached
-    logger.info("the store %s has no statistics for layer %s (%s): computing them (not written back)",
-                store.path, layer, patches)
+    logger.info(
+        "the store %s has no statistics for layer %s (%s): computing them (not written back)",
+        store.path,
+        layer,
+        patches,
+    )
     return compute_stats(store, layer, patches)
 
 

@@ -68,8 +68,11 @@ def fit_to_run(cfg: config.TrainConfig) -> tuple[config.TrainConfig, list[str]]:
     if warmup is None:
         warmup = min(NOMINAL_N_LR_WARMUP, max(1, int(MAX_AUTO_WARMUP_FRACTION * n_steps)))
         if warmup < NOMINAL_N_LR_WARMUP:
-            usual = (f"are longer than this run ({n_steps} steps)" if NOMINAL_N_LR_WARMUP >= n_steps
-                     else f"would be {NOMINAL_N_LR_WARMUP / n_steps:.0%} of this run's {n_steps} steps")
+            usual = (
+                f"are longer than this run ({n_steps} steps)"
+                if NOMINAL_N_LR_WARMUP >= n_steps
+                else f"would be {NOMINAL_N_LR_WARMUP / n_steps:.0%} of this run's {n_steps} steps"
+            )
             notes.append(
                 f"--n-lr-warmup is not set, and its usual {NOMINAL_N_LR_WARMUP} steps {usual}: warming up over "
                 f"{warmup} steps (5%) instead. Pass --n-lr-warmup to choose."
@@ -99,8 +102,9 @@ def fit_to_run(cfg: config.TrainConfig) -> tuple[config.TrainConfig, list[str]]:
             f"--sae.dead-after-n-patches {dead:,} exceeds the {n_seen:,} patches this run sees: no latent can count "
             f"as dead (frac_dead_train is 0{auxk}). Kept as set; leave it unset to fit it to the run."
         )
-    fitted = dataclasses.replace(cfg, lr=lr, n_lr_warmup=warmup,
-                                 sae=dataclasses.replace(cfg.sae, dead_after_n_patches=dead))
+    fitted = dataclasses.replace(
+        cfg, lr=lr, n_lr_warmup=warmup, sae=dataclasses.replace(cfg.sae, dead_after_n_patches=dead)
+    )
     return fitted, notes
 
 

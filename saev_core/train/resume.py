@@ -41,13 +41,18 @@ def save_train_state(group_file: str, members: list["Member"], done: int, n_step
     """Every member's state file first, then the pointer, then the old files: a kill leaves a usable pointer."""
     for m in members:
         state = {
-            "member_id": m.id, "step": done, "n_steps": n_steps, "model": m.sae.state_dict(),
-            "optimizer": m.optimizer.state_dict(), "loader": loader_state,
+            "member_id": m.id,
+            "step": done,
+            "n_steps": n_steps,
+            "model": m.sae.state_dict(),
+            "optimizer": m.optimizer.state_dict(),
+            "loader": loader_state,
             "schedule": {"lr": m.optimizer.param_groups[0]["lr"], "sparsity_scale": m.sae.sparsity_scale},
         }
         atomic_write(os.path.join(m.folder, f"train_state-{done}.pt"), lambda f, s=state: torch.save(s, f))
-    atomic_write_json(group_file, {"step": done, "n_steps": n_steps, "members": [m.id for m in members],
-                                   "time": time.time()})
+    atomic_write_json(
+        group_file, {"step": done, "n_steps": n_steps, "members": [m.id for m in members], "time": time.time()}
+    )
     for m in members:
         remove_train_states(m.folder, keep=done)
 
@@ -64,23 +69,32 @@ def load_train_state(group_file: str, members: list["Member"], device: str) -> t
 
     A damaged pointer (cut by a crash or edited) falls back to the latest step whose state files every member has;
     a damaged or foreign state file is a UserError naming it and saying how to start over."""
-    start_over = (f"To train this group from step 0 instead, delete {group_file} and the train_state-*.pt files in "
-                  f"{', '.join(m.folder for m in members)}, then run the same command again.")
+    start_over = (
+        f"To train this group from step 0 instead, delete {group_file} and the train_state-*.pt files in "
+        f"{', '.join(m.folder for m in members)}, then run the same command again."
+    )
     if not os.path.lexists(group_file):
         return 0, None
     step = pointer_step(group_file)
     if step is None:
         step = _latest_common_step(members)
         if step is None:
-            raise UserError(f"The resume pointer {group_file} is damaged (not JSON with a step) and no step has a "
-                            f"state file for every SAE of the group. {start_over}")
-        logger.warning("The resume pointer %s is damaged; resuming from step %d, the latest step every SAE of the "
-                       "group has a state file for.", group_file, step)
+            raise UserError(
+                f"The resume pointer {group_file} is damaged (not JSON with a step) and no step has a "
+                f"state file for every SAE of the group. {start_over}"
+            )
+        logger.warning(
+            "The resume pointer %s is damaged; resuming from step %d, the latest step every SAE of the "
+            "group has a state file for.",
+            group_file,
+            step,
+        )
     paths = [os.path.join(m.folder, f"train_state-{step}.pt") for m in members]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        logger.warning("Checkpoint %s names step %d but %s is missing; training from the start.",
-                       group_file, step, missing[0])
+        logger.warning(
+            "Checkpoint %s names step %d but %s is missing; training from the start.", group_file, step, missing[0]
+        )
         return 0, None
     loader_state = None
     for m, path in zip(members, paths):

@@ -53,7 +53,13 @@ PER_MEMBER_FIELDS: tuple[str, ...] = (
 # 1 and 8 threads, or sparse and dense topk differ in the last bits of float arithmetic; we count that as the same
 # experiment.)
 MEMBER_ID_IGNORED: tuple[str, ...] = (
-    "ckpt_path", "log_every", "ckpt_every", "sweep", "device", "n_threads", "sparse_topk",
+    "ckpt_path",
+    "log_every",
+    "ckpt_every",
+    "sweep",
+    "device",
+    "n_threads",
+    "sparse_topk",
 )
 
 
@@ -107,8 +113,7 @@ def grid(base: config.TrainConfig, sweep: dict[str, Any], source: str = "<sweep>
     if _sets_sae_seed(sweep):
         return cfgs
     return [
-        dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, seed=base.sae.seed + i))
-        for i, cfg in enumerate(cfgs)
+        dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, seed=base.sae.seed + i)) for i, cfg in enumerate(cfgs)
     ]
 
 
@@ -142,8 +147,11 @@ def _check_table(table: Any, cls: type, path: str, source: str) -> None:
                 try:
                     coerce(v, tp)
                 except TypeError:
-                    hint = " A list is swept over; write a list of lists to give tuple values." if (
-                        typing.get_origin(tp) is tuple) else ""
+                    hint = (
+                        " A list is swept over; write a list of lists to give tuple values."
+                        if (typing.get_origin(tp) is tuple)
+                        else ""
+                    )
                     raise wrong_type(dotted, v, tp, source, hint) from None
 
 

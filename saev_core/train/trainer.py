@@ -40,15 +40,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saev_core import config, nn
-from saev_core.nn import sparse_topk
-from saev_core.record.checkpoints import absolute_ckpt
 from saev_core.errors import UserError
-from saev_core.files import (absolute, atomic_write, atomic_write_json, check_output_folder, read_json,
-                             remove_if_exists)
-from saev_core.store.loader import ActivationLoader
+from saev_core.files import absolute, atomic_write, atomic_write_json, check_output_folder, read_json, remove_if_exists
+from saev_core.nn import sparse_topk
 from saev_core.nn.metrics import ReconstructionMetrics
-from saev_core.store.stats import normalization
+from saev_core.record.checkpoints import absolute_ckpt
 from saev_core.store import ActivationStore
+from saev_core.store.loader import ActivationLoader
+from saev_core.store.stats import normalization
 from saev_core.train import resume
 from saev_core.train.fitting import fit_to_run, threads_for, torch_threads
 from saev_core.train.sweep import grid, load_sweep, member_id, split_cfgs
@@ -100,7 +99,9 @@ def train_main(cfg: config.TrainConfig) -> list[MemberResult]:
 
 
 def train_sweep(
-    cfgs: list[config.TrainConfig], show_progress: bool = True, on_log: OnLog | None = None,
+    cfgs: list[config.TrainConfig],
+    show_progress: bool = True,
+    on_log: OnLog | None = None,
     on_note: OnNote | None = None,
 ) -> list[MemberResult]:
     """Train every config, one data pass per group; returns one result per config, in input order.
@@ -159,21 +160,28 @@ def train_group(
         _train_members(todo, store, n_steps, show_progress, on_log, desc, resume.pointer_path(base.ckpt_path, folders))
     return [_read_result(c, folders[member_id(c)]) for c in cfgs]
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training one group
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def _train_members(
-    cfgs: list[config.TrainConfig], store: ActivationStore, n_steps: int, show_progress: bool,
-    on_log: OnLog | None, desc: str, group_file: str,
+    cfgs: list[config.TrainConfig],
+    store: ActivationStore,
+    n_steps: int,
+    show_progress: bool,
+    on_log: OnLog | None,
+    desc: str,
+    group_file: str,
 ) -> None:
     base = cfgs[0]
     device = config.resolve_device(base.device)
     n_threads = threads_for(base)
     n_read = min(2, n_threads)
-    train_loader = ActivationLoader(store, base.data, base.sae_batch_size, base.seed, "train", n_read_threads=n_read,
-                                    pin_memory=device == "cuda")
+    train_loader = ActivationLoader(
+        store, base.data, base.sae_batch_size, base.seed, "train", n_read_threads=n_read, pin_memory=device == "cuda"
+    )
     val_loader = ActivationLoader(store, base.data, base.sae_batch_size, base.seed, "val", n_read_threads=n_read)
     if train_loader.n_vectors < base.sae_batch_size:
         raise UserError(
@@ -205,8 +213,16 @@ def _train_members(
 
 
 def _run_steps(
-    members: list[Member], batches: Iterator[Tensor], start: int, n_steps: int, device: str, progress,
-    on_log: OnLog | None, save: Callable[[int], None], group_file: str, store: ActivationStore,
+    members: list[Member],
+    batches: Iterator[Tensor],
+    start: int,
+    n_steps: int,
+    device: str,
+    progress,
+    on_log: OnLog | None,
+    save: Callable[[int], None],
+    group_file: str,
+    store: ActivationStore,
 ) -> None:
     """The hot loop: each batch goes to the device once and through every member; logs, NaN checks, checkpoints."""
     ckpt_every = max(1, min(m.cfg.ckpt_every for m in members))
@@ -249,8 +265,12 @@ def train_step(
     m.optimizer.step()
     m.sae.after_optimizer_step()
     m.optimizer.zero_grad(set_to_none=True)
-    out = {"loss": loss.total.detach(), "mse": loss.mse.detach(), "sparsity": loss.sparsity.detach(),
-           "aux": loss.aux.detach()}
+    out = {
+        "loss": loss.total.detach(),
+        "mse": loss.mse.detach(),
+        "sparsity": loss.sparsity.detach(),
+        "aux": loss.aux.detach(),
+    }
     if with_stats:
         f_x = f_x.detach()
         out["l0"] = (f_x != 0).sum(dim=-1).float().mean()
@@ -305,8 +325,12 @@ def training_dead_counts(sae: nn.SparseAutoencoder) -> dict:
     ``n_dead_train``, ``frac_dead_train`` (also under its old name ``frac_dead``) and ``dead_window``."""
     n_dead = int(sae.dead_latents().sum())
     frac = n_dead / sae.cfg.d_sae
-    return {"n_dead_train": n_dead, "frac_dead_train": frac, "frac_dead": frac,
-            "dead_window": int(sae.dead_after_n_patches)}
+    return {
+        "n_dead_train": n_dead,
+        "frac_dead_train": frac,
+        "frac_dead": frac,
+        "dead_window": int(sae.dead_after_n_patches),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,9 +347,7 @@ def _normalization(store: ActivationStore, data: config.DataLoadConfig) -> tuple
     return mean, scale, raw_mean * scale
 
 
-def _make_member(
-    cfg: config.TrainConfig, mean: np.ndarray, scale: float, b_dec: np.ndarray, device: str
-) -> Member:
+def _make_member(cfg: config.TrainConfig, mean: np.ndarray, scale: float, b_dec: np.ndarray, device: str) -> Member:
     sae = nn.make_sae(cfg.sae)  # initialised on the CPU from cfg.sae.seed alone
     sae.sparse_training = sparse_topk.use_sparse(cfg.sparse_topk, cfg.sae)
     sae.set_normalization(torch.from_numpy(mean), scale)
@@ -359,8 +381,11 @@ def _raise_if_nonfinite(first_bad: Tensor, members: list[Member], group_file: st
     if max(steps) < 0:
         return
     kept = resume.pointer_step(group_file)
-    where = (f"the last good checkpoint is kept: {group_file} (step {kept}; member files "
-             f"<member>/train_state-{kept}.pt)" if kept else "no checkpoint had been written yet")
+    where = (
+        f"the last good checkpoint is kept: {group_file} (step {kept}; member files <member>/train_state-{kept}.pt)"
+        if kept
+        else "no checkpoint had been written yet"
+    )
     data_step = steps[-1]
     if data_step >= 0 and data_step <= min((s for s in steps[:-1] if s >= 0), default=data_step):
         raise UserError(
@@ -393,20 +418,34 @@ def _log(m: Member, step: int, stats: dict[str, Tensor], patches_per_s: float, o
 def _progress(show: bool, desc: str, n_steps: int, start: int, batch_size: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=n_steps * batch_size, initial=start * batch_size, unit="patch", unit_scale=True,
-                desc=desc or "train", disable=not show, dynamic_ncols=True)
+    return tqdm(
+        total=n_steps * batch_size,
+        initial=start * batch_size,
+        unit="patch",
+        unit_scale=True,
+        desc=desc or "train",
+        disable=not show,
+        dynamic_ncols=True,
+    )
 
 
 def _provenance(store: ActivationStore, cfg: config.TrainConfig, n_steps: int) -> dict:
     meta = store.metadata
     # Absolute paths: the checkpoint is read later from other folders (visuals, inference, the explorer).
     return {
-        "store": absolute(store.path), "store_key": meta.get("key"), "layer": cfg.data.layer,
-        "recorded_layer": store.recorded_layer(cfg.data.layer), "token_mode": cfg.data.patches,
-        "vit_family": meta.get("vit_family"), "vit_ckpt": absolute_ckpt(meta.vit_family, meta.vit_ckpt),
+        "store": absolute(store.path),
+        "store_key": meta.get("key"),
+        "layer": cfg.data.layer,
+        "recorded_layer": store.recorded_layer(cfg.data.layer),
+        "token_mode": cfg.data.patches,
+        "vit_family": meta.get("vit_family"),
+        "vit_ckpt": absolute_ckpt(meta.vit_family, meta.vit_ckpt),
         "d_vit": store.d_vit,
-        "scale_mean": cfg.data.scale_mean, "scale_norm": cfg.data.scale_norm, "steps": n_steps,
-        "n_patches_seen": n_steps * cfg.sae_batch_size, "data_seed": cfg.seed,
+        "scale_mean": cfg.data.scale_mean,
+        "scale_norm": cfg.data.scale_norm,
+        "steps": n_steps,
+        "n_patches_seen": n_steps * cfg.sae_batch_size,
+        "data_seed": cfg.seed,
     }
 
 
@@ -418,8 +457,10 @@ def _provenance(store: ActivationStore, cfg: config.TrainConfig, n_steps: int) -
 def _write_member(m: Member, metrics: dict, provenance: dict) -> None:
     """sae.pt, latent_stats.npz, then metrics.json (last: marks the member finished), then drop the train state."""
     nn.dump(m.folder, m.sae, provenance)
-    atomic_write(os.path.join(m.folder, "latent_stats.npz"), lambda f: np.savez(
-        f, firing_freq=metrics["firing_freq"], mean_value=metrics["mean_value"]))
+    atomic_write(
+        os.path.join(m.folder, "latent_stats.npz"),
+        lambda f: np.savez(f, firing_freq=metrics["firing_freq"], mean_value=metrics["mean_value"]),
+    )
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, np.ndarray)}
     atomic_write_json(os.path.join(m.folder, "metrics.json"), scalars)
     resume.remove_train_states(m.folder)
@@ -444,8 +485,12 @@ def write_sweep_csv(results: list[MemberResult], path: str) -> None:
     import pandas as pd
 
     rows = [
-        {"member_id": r.member_id, **_flatten(dataclasses.asdict(r.cfg)),
-         **{k: r.metrics.get(k, math.nan) for k in SUMMARY_METRICS}, "ckpt": r.ckpt_path}
+        {
+            "member_id": r.member_id,
+            **_flatten(dataclasses.asdict(r.cfg)),
+            **{k: r.metrics.get(k, math.nan) for k in SUMMARY_METRICS},
+            "ckpt": r.ckpt_path,
+        }
         for r in results
     ]
     atomic_write(path, lambda f: f.write(pd.DataFrame(rows).to_csv(index=False).encode()))

@@ -22,10 +22,10 @@ import numpy as np
 import scipy.stats
 from jaxtyping import Float, Int
 
-from saev_core.visuals import top_images
 from saev_core.errors import UserError
 from saev_core.files import atomic_write_json
 from saev_core.store import ActivationStore
+from saev_core.visuals import top_images
 from saev_core.visuals.npz_cache import identity_mismatch, read_npz_with_meta, write_npz_with_meta
 
 ASSOCIATION_VERSION = 1
@@ -58,17 +58,20 @@ class Association:
     def top_latents(self, c: int, n: int = N_TOP) -> list[tuple[int, float]]:
         """The n latents with the highest AUROC for class c (ties: lower id first)."""
         order = np.lexsort((np.arange(self.auroc.shape[1]), -np.nan_to_num(self.auroc[c], nan=-1.0)))[:n]
-        return [(int(l), float(self.auroc[c, l])) for l in order]
+        return [(int(j), float(self.auroc[c, j])) for j in order]
 
     def top_classes(self, latent: int, n: int = 3) -> list[tuple[str, float]]:
         """The n classes with the highest AUROC for a latent."""
         col = np.nan_to_num(self.auroc[:, latent], nan=-1.0)
         order = np.lexsort((np.arange(len(col)), -col))[:n]
-        return [(self.class_names[c], float(self.auroc[c, latent])) for c in order if not np.isnan(self.auroc[c, latent])]
+        return [
+            (self.class_names[c], float(self.auroc[c, latent])) for c in order if not np.isnan(self.auroc[c, latent])
+        ]
 
 
-def auroc_per_class(values: Float[np.ndarray, "imgs d_sae"], labels: Int[np.ndarray, " imgs"],
-                    n_classes: int) -> Float[np.ndarray, "n_classes d_sae"]:
+def auroc_per_class(
+    values: Float[np.ndarray, "imgs d_sae"], labels: Int[np.ndarray, " imgs"], n_classes: int
+) -> Float[np.ndarray, "n_classes d_sae"]:
     """AUROC of every column of ``values`` for every class (one-vs-rest), ties counting one half."""
     onehot = np.zeros((len(labels), n_classes))
     onehot[np.arange(len(labels)), labels] = 1.0
@@ -120,8 +123,12 @@ def compute(cache: top_images.TopKCache, values: ImageValues, store: ActivationS
         raise UserError(f"The store {store.path} has labels outside its {len(names)} class names; record it again.")
     n = len(names)
     img_labels = labels[values.images]
-    return Association(list(names), auroc_per_class(values.values, img_labels, n).astype(np.float32),
-                       top_label_counts(cache, labels, n), np.bincount(img_labels, minlength=n))
+    return Association(
+        list(names),
+        auroc_per_class(values.values, img_labels, n).astype(np.float32),
+        top_label_counts(cache, labels, n),
+        np.bincount(img_labels, minlength=n),
+    )
 
 
 def has_classes(store: ActivationStore) -> bool:
@@ -145,24 +152,37 @@ def json_path(dump_to: str) -> str:
 def save(assoc: Association, identity: top_images.CacheIdentity, dump_to: str, alive: np.ndarray) -> None:
     """cache/association.npz (the arrays, with the top-k cache's identity) and association.json (the lists)."""
     meta = {**dataclasses.asdict(identity), "association_version": ASSOCIATION_VERSION}
-    write_npz_with_meta(npz_path(dump_to), meta, {
-        "class_names": np.array(assoc.class_names, dtype=str), "auroc": assoc.auroc,
-        "top_label_counts": assoc.top_label_counts, "n_images": assoc.n_images})
-    atomic_write_json(json_path(dump_to), {
-        "class_names": assoc.class_names,
-        "n_images": assoc.n_images.tolist(),
-        "top_latents_per_class": {
-            name: [{"latent": l, "auroc": round(a, 6)} for l, a in assoc.top_latents(c)]
-            for c, name in enumerate(assoc.class_names) if assoc.n_images[c] > 0
+    write_npz_with_meta(
+        npz_path(dump_to),
+        meta,
+        {
+            "class_names": np.array(assoc.class_names, dtype=str),
+            "auroc": assoc.auroc,
+            "top_label_counts": assoc.top_label_counts,
+            "n_images": assoc.n_images,
         },
-        "top_classes_per_latent": {
-            str(l): [{"class": name, "auroc": round(a, 6)} for name, a in assoc.top_classes(int(l))] for l in np.flatnonzero(alive)
+    )
+    atomic_write_json(
+        json_path(dump_to),
+        {
+            "class_names": assoc.class_names,
+            "n_images": assoc.n_images.tolist(),
+            "top_latents_per_class": {
+                name: [{"latent": j, "auroc": round(a, 6)} for j, a in assoc.top_latents(c)]
+                for c, name in enumerate(assoc.class_names)
+                if assoc.n_images[c] > 0
+            },
+            "top_classes_per_latent": {
+                str(j): [{"class": name, "auroc": round(a, 6)} for name, a in assoc.top_classes(int(j))]
+                for j in np.flatnonzero(alive)
+            },
         },
-    })
+    )
 
 
 def load(dump_to: str, identity: top_images.CacheIdentity | None = None) -> Association | None:
     """The association beside a visuals cache; None when absent, or made for other inputs than ``identity``."""
+
     def build(meta: dict, z: dict[str, np.ndarray]) -> tuple[dict, Association]:
         return meta, Association([str(n) for n in z["class_names"]], z["auroc"], z["top_label_counts"], z["n_images"])
 

@@ -110,8 +110,11 @@ def write_gallery(
 
 
 def _check_latent(entry, dump_to: str) -> dict:
-    missing = [k for k in ("latent", "log10_freq", "log10_mean_value", "max_value", "n_images", "images", "labels")
-               if k not in entry]
+    missing = [
+        k
+        for k in ("latent", "log10_freq", "log10_mean_value", "max_value", "n_images", "images", "labels")
+        if k not in entry
+    ]
     if missing:
         raise ValueError(f"gallery entry {entry.get('latent', '?')!r} lacks {missing}; see GalleryLatent")
     row = dict(entry)
@@ -119,19 +122,25 @@ def _check_latent(entry, dump_to: str) -> dict:
     row["images"], row["labels"] = list(entry["images"]), [str(label) for label in entry["labels"]]
     row["n_images"] = int(entry["n_images"])
     if not len(row["images"]) == len(row["labels"]) == row["n_images"]:
-        raise ValueError(f"latent {row['latent']}: n_images={row['n_images']} but {len(row['images'])} images and "
-                         f"{len(row['labels'])} labels; give one label per rendered image")
+        raise ValueError(
+            f"latent {row['latent']}: n_images={row['n_images']} but {len(row['images'])} images and "
+            f"{len(row['labels'])} labels; give one label per rendered image"
+        )
     for rel in row["images"]:
         if os.path.isabs(rel) or "://" in rel:
             raise ValueError(f"latent {row['latent']}: image {rel!r} must be a path relative to {dump_to!r}")
         if not os.path.isfile(os.path.join(dump_to, rel)):
-            raise FileNotFoundError(f"latent {row['latent']}: image {rel!r} is not in {dump_to!r}; render the "
-                                    "heatmaps before writing the gallery")
+            raise FileNotFoundError(
+                f"latent {row['latent']}: image {rel!r} is not in {dump_to!r}; render the "
+                "heatmaps before writing the gallery"
+            )
     if ("hist_counts" in entry) != ("hist_edges" in entry):
         raise ValueError(f"latent {row['latent']}: give both hist_counts and hist_edges, or neither")
     if "hist_counts" in entry and len(entry["hist_edges"]) != len(entry["hist_counts"]) + 1:
-        raise ValueError(f"latent {row['latent']}: {len(entry['hist_counts'])} histogram counts need "
-                         f"{len(entry['hist_counts']) + 1} edges, got {len(entry['hist_edges'])}")
+        raise ValueError(
+            f"latent {row['latent']}: {len(entry['hist_counts'])} histogram counts need "
+            f"{len(entry['hist_counts']) + 1} edges, got {len(entry['hist_edges'])}"
+        )
     return row
 
 
@@ -156,12 +165,25 @@ def freq_vs_value_png(
     fig = Figure(figsize=(6.4, 4.4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.scatter(log10_freq[ok], log10_value[ok], s=4, c="0.55", alpha=0.6, linewidths=0,
-               label=f"non-dead latents ({int(ok.sum())})")
+    ax.scatter(
+        log10_freq[ok],
+        log10_value[ok],
+        s=4,
+        c="0.55",
+        alpha=0.6,
+        linewidths=0,
+        label=f"non-dead latents ({int(ok.sum())})",
+    )
     on_page = np.isfinite(shown).all(axis=1)
     if on_page.any():
-        ax.scatter(shown[on_page, 0], shown[on_page, 1], s=14, c=_SHOWN_COLOUR, linewidths=0,
-                   label=f"on this page ({int(on_page.sum())})")
+        ax.scatter(
+            shown[on_page, 0],
+            shown[on_page, 1],
+            s=14,
+            c=_SHOWN_COLOUR,
+            linewidths=0,
+            label=f"on this page ({int(on_page.sum())})",
+        )
     freq_lo, freq_hi = log_freq_range or (None, None)
     value_lo, value_hi = log_value_range or (None, None)
     drawn = False
@@ -310,32 +332,42 @@ def histogram_svg(counts, edges, width: int = 160, height: int = 36) -> str:
         for x0, x1, h in zip(xs[:-1], xs[1:], hs):
             if h > 0:
                 parts.append(f"M{x0:.1f} {height}V{height - h:.1f}H{x1:.1f}V{height}Z")
-    return (f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="{_e(tip)}"><title>{_e(tip)}</title>'
-            f'<rect width="{width}" height="{height}" fill="#f4f4f4"/>'
-            f'<path d="{"".join(parts)}" fill="#4c72b0"/></svg>'
-            f'<div class="small">{_num(edges[0], ".2f")} … {_num(edges[-1], ".2f")}</div>')
+    return (
+        f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{_e(tip)}"><title>{_e(tip)}</title>'
+        f'<rect width="{width}" height="{height}" fill="#f4f4f4"/>'
+        f'<path d="{"".join(parts)}" fill="#4c72b0"/></svg>'
+        f'<div class="small">{_num(edges[0], ".2f")} … {_num(edges[-1], ".2f")}</div>'
+    )
 
 
 def _row(row: dict, lazy: bool, with_classes: bool = False) -> str:
     latent = row["latent"]
-    attrs = " ".join(f'data-{key}="{_js_number(row.get(field, math.nan))}"' for key, field in
-                     (("freq", "log10_freq"), ("mean", "log10_mean_value"), ("max", "max_value"),
-                      ("sel", "selectivity")))
+    attrs = " ".join(
+        f'data-{key}="{_js_number(row.get(field, math.nan))}"'
+        for key, field in (
+            ("freq", "log10_freq"),
+            ("mean", "log10_mean_value"),
+            ("max", "max_value"),
+            ("sel", "selectivity"),
+        )
+    )
     loading = ' loading="lazy"' if lazy else ""
     figures = "".join(
         f'<figure><a href="{_url(rel)}"><img src="{_url(rel)}" alt="{_e(label)}" title="rank {rank}: {_e(label)}"'
-        f'{loading}></a><figcaption>{_e(label)}</figcaption></figure>'
+        f"{loading}></a><figcaption>{_e(label)}</figcaption></figure>"
         for rank, (rel, label) in enumerate(zip(row["images"], row["labels"]))
     )
     hist = histogram_svg(row["hist_counts"], row["hist_edges"]) if "hist_counts" in row else ""
     folder = f"{NEURONS_DIR}/{latent}"
-    return (f'<tr id="latent-{latent}" data-latent="{latent}" {attrs}>'
-            f'<td class="num"><b>{latent}</b><br><a class="small" href="{_url(folder + "/metadata.json")}">'
-            f'metadata</a> · <a class="small" href="{_url(folder + "/")}">folder</a></td>'
-            f'<td class="num">{_num(row["log10_freq"])}</td><td class="num">{_num(row["log10_mean_value"])}</td>'
-            f'<td class="num">{_num(row["max_value"], ".4g")}</td><td>{hist}</td>'
-            f'{_classes_cell(row) if with_classes else ""}<td><div class="imgs">{figures}</div></td></tr>')
+    return (
+        f'<tr id="latent-{latent}" data-latent="{latent}" {attrs}>'
+        f'<td class="num"><b>{latent}</b><br><a class="small" href="{_url(folder + "/metadata.json")}">'
+        f'metadata</a> · <a class="small" href="{_url(folder + "/")}">folder</a></td>'
+        f'<td class="num">{_num(row["log10_freq"])}</td><td class="num">{_num(row["log10_mean_value"])}</td>'
+        f'<td class="num">{_num(row["max_value"], ".4g")}</td><td>{hist}</td>'
+        f'{_classes_cell(row) if with_classes else ""}<td><div class="imgs">{figures}</div></td></tr>'
+    )
 
 
 def _classes_cell(row: dict) -> str:
@@ -344,23 +376,28 @@ def _classes_cell(row: dict) -> str:
     return f'<td>{best or "–"}<div class="small">top images: {top or "–"}</div></td>'
 
 
-
 def _class_table(class_latents: dict, on_page: set[int]) -> str:
     """Per class, its best latents by AUROC (links to the rows on this page)."""
+
     def cell(latent: int, auroc: float) -> str:
         name = f'<a href="#latent-{latent}">{latent}</a>' if latent in on_page else str(latent)
         return f'{name} <span class="small">{_num(auroc)}</span>'
 
-    rows = "".join(f"<tr><td>{_e(name)}</td><td>{' · '.join(cell(l, a) for l, a in best)}</td></tr>"
-                   for name, best in class_latents.items())
-    return ("<h2>Latents per class</h2><p class=\"small\">AUROC of a latent's value on an image (its best patch, or "
-            "its CLS value) for telling the class from the others, over the store's images; 0.5 is chance.</p>"
-            f'<table id="classes"><thead><tr><th>class</th><th>best latents (AUROC)</th></tr></thead><tbody>{rows}'
-            "</tbody></table>")
+    rows = "".join(
+        f"<tr><td>{_e(name)}</td><td>{' · '.join(cell(j, a) for j, a in best)}</td></tr>"
+        for name, best in class_latents.items()
+    )
+    return (
+        '<h2>Latents per class</h2><p class="small">AUROC of a latent\'s value on an image (its best patch, or '
+        "its CLS value) for telling the class from the others, over the store's images; 0.5 is chance.</p>"
+        f'<table id="classes"><thead><tr><th>class</th><th>best latents (AUROC)</th></tr></thead><tbody>{rows}'
+        "</tbody></table>"
+    )
 
 
-def _page(title: str, rows: list[dict], n_alive: int, freq_range, value_range, lazy: bool,
-          class_latents: dict | None = None) -> str:
+def _page(
+    title: str, rows: list[dict], n_alive: int, freq_range, value_range, lazy: bool, class_latents: dict | None = None
+) -> str:
     def header(key: str, text: str) -> str:
         return f'<th data-key="{key}" aria-sort="none"><button type="button">{_e(text)}</button></th>'
 

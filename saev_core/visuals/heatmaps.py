@@ -31,8 +31,21 @@ Box = tuple[float, float, float, float]
 """(left, top, right, bottom) in pixel coordinates; right and bottom are exclusive edges."""
 
 _NON_GEOMETRIC = frozenset(
-    {"ToTensor", "PILToTensor", "MaybeToTensor", "MaybePILToTensor", "ToNumpy", "Normalize", "ConvertImageDtype",
-     "ToDtype", "ToImage", "ToPureTensor", "MaybeConvertMode", "_convert_to_rgb", "Grayscale"}
+    {
+        "ToTensor",
+        "PILToTensor",
+        "MaybeToTensor",
+        "MaybePILToTensor",
+        "ToNumpy",
+        "Normalize",
+        "ConvertImageDtype",
+        "ToDtype",
+        "ToImage",
+        "ToPureTensor",
+        "MaybeConvertMode",
+        "_convert_to_rgb",
+        "Grayscale",
+    }
 )
 """Transform steps (class or function names) that do not move pixels."""
 
@@ -137,8 +150,10 @@ def geometry_of_transform(transform) -> ViewGeometry:
         if name in _NON_GEOMETRIC:
             continue
         if crop is not None or (resize is not None and name in ("Resize", "ResizeKeepRatio")):
-            raise ValueError(f"cannot map transform step {step!r}: only one resize followed by one centre crop is "
-                             f"supported, and this step comes after {'the crop' if crop else 'a resize'}")
+            raise ValueError(
+                f"cannot map transform step {step!r}: only one resize followed by one centre crop is "
+                f"supported, and this step comes after {'the crop' if crop else 'a resize'}"
+            )
         if name == "Resize":
             if getattr(step, "max_size", None) is not None:
                 raise ValueError(f"cannot map transform step {step!r}: Resize with max_size is not supported")
@@ -150,9 +165,11 @@ def geometry_of_transform(transform) -> ViewGeometry:
         elif name in ("CenterCrop", "CenterCropOrPad"):
             crop = step.size
         else:
-            raise ValueError(f"cannot map transform step {step!r} ({type(step).__module__}.{name}) to a crop box; "
-                             "supported: Resize, ResizeKeepRatio, CenterCrop, CenterCropOrPad. Build a ViewGeometry "
-                             "by hand if you know what it does.")
+            raise ValueError(
+                f"cannot map transform step {step!r} ({type(step).__module__}.{name}) to a crop box; "
+                "supported: Resize, ResizeKeepRatio, CenterCrop, CenterCropOrPad. Build a ViewGeometry "
+                "by hand if you know what it does."
+            )
     return ViewGeometry(resize=resize, crop=crop, longest=longest)
 
 
@@ -164,7 +181,9 @@ def colormap_lut(cmap: str) -> np.ndarray:
     try:
         colormap = matplotlib.colormaps[cmap]
     except KeyError:
-        raise ValueError(f"unknown matplotlib colormap {cmap!r}; try 'plasma', 'viridis', 'magma' or 'inferno'")
+        raise ValueError(
+            f"unknown matplotlib colormap {cmap!r}; try 'plasma', 'viridis', 'magma' or 'inferno'"
+        ) from None
     rgba = colormap.resampled(256)(np.arange(256))
     lut = np.rint(rgba[:, :3] * 255).astype(np.uint8)
     lut.setflags(write=False)
@@ -266,5 +285,6 @@ def save_png(img: Image.Image, path: str | os.PathLike) -> str:
     to render again after a power loss. Fast compression: these files are many and are viewed, not archived. After
     PNG's row filters, photos have few repeated strings, so Huffman-only coding is about 1.5x faster than zlib
     level 1 and gives files no larger (measured: 127 vs 139 KB at 224x298)."""
-    return atomic_write(path, lambda f: img.save(f, format="PNG", compress_level=1, compress_type=zlib.Z_HUFFMAN_ONLY),
-                        durable=False)
+    return atomic_write(
+        path, lambda f: img.save(f, format="PNG", compress_level=1, compress_type=zlib.Z_HUFFMAN_ONLY), durable=False
+    )

@@ -21,8 +21,9 @@ def write_npz_with_meta(path: str, meta: dict, arrays: dict[str, np.ndarray]) ->
     return atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays))
 
 
-def read_npz_with_meta(path: str, names: Iterable[str], build: Callable[[dict, dict[str, np.ndarray]], T],
-                       what: str = "") -> T | None:
+def read_npz_with_meta(
+    path: str, names: Iterable[str], build: Callable[[dict, dict[str, np.ndarray]], T], what: str = ""
+) -> T | None:
     """``build(meta, arrays)`` from the npz at ``path`` (the arrays ``names``); None when there is no file.
 
     A damaged file fails in many ways (zip, JSON, missing keys, wrong types, also inside ``build``): each is one
@@ -36,8 +37,9 @@ def read_npz_with_meta(path: str, names: Iterable[str], build: Callable[[dict, d
         return build(meta, arrays)
     except Exception as err:  # noqa: BLE001 - see above
         named = f"{what} {path}" if what else path
-        raise UserError(f"{named} cannot be read ({type(err).__name__}: {err}); delete it to compute it "
-                        "again.") from None
+        raise UserError(
+            f"{named} cannot be read ({type(err).__name__}: {err}); delete it to compute it again."
+        ) from None
 
 
 def identity_mismatch(meta: dict, identity) -> str:

@@ -23,16 +23,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from saev_core import config, nn
-from saev_core.visuals import association
-from saev_core.visuals import gallery
-from saev_core.visuals import heatmaps
-from saev_core.record import images
-from saev_core.store import stats
-from saev_core.visuals import top_images
-from saev_core.record import vit as vitlib
 from saev_core.errors import UserError
 from saev_core.files import atomic_write_json, check_output_folder, read_json
-from saev_core.store import ActivationStore
+from saev_core.record import images
+from saev_core.record import vit as vitlib
+from saev_core.store import ActivationStore, stats
+from saev_core.visuals import association, gallery, heatmaps, top_images
 
 logger = logging.getLogger("saev_core.visuals.render")
 RENDER_SIDE = 224
@@ -73,25 +69,33 @@ def resolve_inputs(cfg: config.VisualsConfig, device: str) -> VisualsInputs:
     shard_root = cfg.data.shard_root or prov.get("store")
     layer = cfg.data.layer if cfg.data.layer is not None else prov.get("layer")
     patches = cfg.data.patches or prov.get("token_mode")
-    missing = [flag for flag, value in [("--data.shard-root", shard_root), ("--data.layer", layer),
-                                        ("--data.patches", patches)] if value is None]
+    missing = [
+        flag
+        for flag, value in [("--data.shard-root", shard_root), ("--data.layer", layer), ("--data.patches", patches)]
+        if value is None
+    ]
     if missing:
         raise UserError(
             f"The checkpoint {ckpt_path} does not say which activations it was trained on (a saev 0.1.0 file, or one "
             f"from elsewhere); pass {', '.join(missing)} (the store path, the layer and patches or cls)."
         )
     if patches not in top_images.RANK_MODES:
-        raise UserError(f"The SAE {ckpt_path} was trained on {patches} vectors, which rank no images; pass "
-                        "--data.patches patches or --data.patches cls.")
+        raise UserError(
+            f"The SAE {ckpt_path} was trained on {patches} vectors, which rank no images; pass "
+            "--data.patches patches or --data.patches cls."
+        )
     store = ActivationStore.open(shard_root)
     if store.d_vit != sae.cfg.d_vit:
-        raise UserError(f"The SAE {ckpt_path} reads {sae.cfg.d_vit}-d activations but the store {shard_root} holds "
-                        f"{store.d_vit}-d ones; pass the store the SAE was trained on (--data.shard-root).")
+        raise UserError(
+            f"The SAE {ckpt_path} reads {sae.cfg.d_vit}-d activations but the store {shard_root} holds "
+            f"{store.d_vit}-d ones; pass the store the SAE was trained on (--data.shard-root)."
+        )
     recorded = store.recorded_layer(layer)
     if sae.saved_no_normalization:
         stats.set_store_normalization(sae, store, recorded, patches)
-        logger.info("%s carries no normalisation: using the store's (scale_mean, scale_norm), as saev 0.1.0 trained",
-                    ckpt_path)
+        logger.info(
+            "%s carries no normalisation: using the store's (scale_mean, scale_norm), as saev 0.1.0 trained", ckpt_path
+        )
     return VisualsInputs(sae, ckpt_path, store, recorded, patches)
 
 
@@ -111,39 +115,73 @@ def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> Visua
     assoc = association.load(cfg.dump_to, identity) if with_classes else None
     values = association.ImageValues(inputs.store, inputs.sae.cfg.d_sae) if with_classes and assoc is None else None
     if cache is None:
-        cache = top_images.topk_pass(inputs.store, inputs.layer, inputs.patches, inputs.sae, cfg.top_k, identity,
-                               device=device, show_progress=show_progress, on_batch=values)
+        cache = top_images.topk_pass(
+            inputs.store,
+            inputs.layer,
+            inputs.patches,
+            inputs.sae,
+            cfg.top_k,
+            identity,
+            device=device,
+            show_progress=show_progress,
+            on_batch=values,
+        )
         top_images.save_cache(cache, cfg.dump_to)
     elif values is not None:  # a cache from before the association, or its file deleted: one pass for the values
-        top_images.topk_pass(inputs.store, inputs.layer, inputs.patches, inputs.sae, 1, identity, device=device,
-                       show_progress=show_progress, on_batch=values)
+        top_images.topk_pass(
+            inputs.store,
+            inputs.layer,
+            inputs.patches,
+            inputs.sae,
+            1,
+            identity,
+            device=device,
+            show_progress=show_progress,
+            on_batch=values,
+        )
     if values is not None:
         assoc = association.compute(cache, values, inputs.store)
         association.save(assoc, identity, cfg.dump_to, cache.freq > 0)
     logger.info("top-k cache %s (%s)", top_images.cache_path(cfg.dump_to), "reused" if reused else "computed")
-    latents = select_latents(cache, cfg.log_freq_range, cfg.log_value_range, cfg.include_latents, cfg.n_latents,
-                             cfg.seed)
+    latents = select_latents(
+        cache, cfg.log_freq_range, cfg.log_value_range, cfg.include_latents, cfg.n_latents, cfg.seed
+    )
     rows = render_latents(cache, latents, inputs.store, image_root, cfg.dump_to, cfg.n_imgs_per_latent, show_progress)
     if assoc is not None:
         add_classes(rows, assoc)
-    atomic_write_json(selection_path(cfg.dump_to), {
-        "latents": latents.tolist(), "n_images": [row["n_images"] for row in rows],
-        "log_freq_range": cfg.log_freq_range, "log_value_range": cfg.log_value_range,
-        "include_latents": list(cfg.include_latents), "n_latents": cfg.n_latents, "seed": cfg.seed,
-        "n_imgs_per_latent": cfg.n_imgs_per_latent, "ckpt": os.path.abspath(inputs.ckpt_path),
-        "store": inputs.store.path, "image_root": image_root,
-    })
+    atomic_write_json(
+        selection_path(cfg.dump_to),
+        {
+            "latents": latents.tolist(),
+            "n_images": [row["n_images"] for row in rows],
+            "log_freq_range": cfg.log_freq_range,
+            "log_value_range": cfg.log_value_range,
+            "include_latents": list(cfg.include_latents),
+            "n_latents": cfg.n_latents,
+            "seed": cfg.seed,
+            "n_imgs_per_latent": cfg.n_imgs_per_latent,
+            "ckpt": os.path.abspath(inputs.ckpt_path),
+            "store": inputs.store.path,
+            "image_root": image_root,
+        },
+    )
     alive = cache.freq > 0
     with np.errstate(divide="ignore"):
         index = gallery.write_gallery(
-            cfg.dump_to, rows, np.log10(cache.freq[alive]), np.log10(cache.mean_value[alive]),
-            cfg.log_freq_range, cfg.log_value_range,
+            cfg.dump_to,
+            rows,
+            np.log10(cache.freq[alive]),
+            np.log10(cache.mean_value[alive]),
+            cfg.log_freq_range,
+            cfg.log_value_range,
             title=f"SAE latents: {os.path.basename(os.path.dirname(inputs.ckpt_path))}, layer {inputs.layer}",
-            class_latents=None if assoc is None else {
-                name: assoc.top_latents(c, 5) for c, name in enumerate(assoc.class_names) if assoc.n_images[c] > 0},
+            class_latents=None
+            if assoc is None
+            else {name: assoc.top_latents(c, 5) for c, name in enumerate(assoc.class_names) if assoc.n_images[c] > 0},
         )
-    return VisualsResult(index, cfg.dump_to, latents.tolist(), sum(r["n_images"] for r in rows), reused,
-                         int(alive.sum()), cache.d_sae)
+    return VisualsResult(
+        index, cfg.dump_to, latents.tolist(), sum(r["n_images"] for r in rows), reused, int(alive.sum()), cache.d_sae
+    )
 
 
 def add_classes(rows: list[dict], assoc) -> None:
@@ -183,10 +221,16 @@ def check_config(cfg: config.VisualsConfig) -> None:
         *([f"--top-k {cfg.top_k} must be at least 1"] if cfg.top_k < 1 else []),
         *([f"--n-imgs-per-latent {cfg.n_imgs_per_latent} must be at least 1"] if cfg.n_imgs_per_latent < 1 else []),
         *([f"--n-latents {cfg.n_latents} must be at least 0"] if cfg.n_latents < 0 else []),
-        *([f"--log-freq-range {cfg.log_freq_range} has LOW > HIGH"] if cfg.log_freq_range[0] > cfg.log_freq_range[1]
-          else []),
-        *([f"--log-value-range {cfg.log_value_range} has LOW > HIGH"]
-          if cfg.log_value_range[0] > cfg.log_value_range[1] else []),
+        *(
+            [f"--log-freq-range {cfg.log_freq_range} has LOW > HIGH"]
+            if cfg.log_freq_range[0] > cfg.log_freq_range[1]
+            else []
+        ),
+        *(
+            [f"--log-value-range {cfg.log_value_range} has LOW > HIGH"]
+            if cfg.log_value_range[0] > cfg.log_value_range[1]
+            else []
+        ),
     ]
     if problems:
         raise UserError("; ".join(problems) + ".")
@@ -218,8 +262,13 @@ def select_latents(
     included = list(dict.fromkeys(i for i in include_latents if alive[i]))
     with np.errstate(divide="ignore"):
         log_freq, log_value = np.log10(cache.freq), np.log10(cache.mean_value)
-    passes = (alive & (log_freq >= log_freq_range[0]) & (log_freq <= log_freq_range[1])
-              & (log_value >= log_value_range[0]) & (log_value <= log_value_range[1]))
+    passes = (
+        alive
+        & (log_freq >= log_freq_range[0])
+        & (log_freq <= log_freq_range[1])
+        & (log_value >= log_value_range[0])
+        & (log_value <= log_value_range[1])
+    )
     passes[included] = False
     candidates = np.flatnonzero(passes)
     picked = np.random.default_rng(seed).choice(candidates, size=min(n_latents, len(candidates)), replace=False)
@@ -237,8 +286,10 @@ def _image_root(cfg: config.VisualsConfig, store: ActivationStore) -> str:
     if cfg.images is None:
         root = store.metadata.image_root
         if root is None or not os.path.isdir(root):
-            raise UserError(f"The images of the store {store.path} are not at {root!r} any more; pass "
-                            "images:image-folder-dataset --images.root DIR with the folder they moved to.")
+            raise UserError(
+                f"The images of the store {store.path} are not at {root!r} any more; pass "
+                "images:image-folder-dataset --images.root DIR with the folder they moved to."
+            )
         return root
     source = images.make_image_source(cfg.images, None, store.n_imgs)
     if images.image_list_fingerprint(source) != store.metadata.fingerprints["images"]:
@@ -272,9 +323,11 @@ def render_latents(
         out = draw_top_image(cache, latent, rank, load(int(cache.top_images[latent, rank])), grid)
         heatmaps.save_png(out, os.path.join(dump_to, gallery.image_relpath(latent, rank)))
 
-    _remove_stale(dump_to, {int(l): min(n_per_latent, int(cache.n_images()[l])) for l in latents})
-    with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool, \
-            tqdm(total=len(jobs), unit="img", desc="heatmaps", disable=not show_progress) as bar:
+    _remove_stale(dump_to, {int(j): min(n_per_latent, int(cache.n_images()[j])) for j in latents})
+    with (
+        concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool,
+        tqdm(total=len(jobs), unit="img", desc="heatmaps", disable=not show_progress) as bar,
+    ):
         for _ in pool.map(render, jobs):
             bar.update()
     return [_latent_row(cache, int(latent), n_per_latent, paths, labels, class_names, dump_to) for latent in latents]
@@ -307,35 +360,58 @@ def _latent_row(cache, latent: int, n_per_latent: int, paths, labels, class_name
     imgs = cache.top_images[latent, :n].tolist()
     names = [class_names[labels[i]] if 0 <= labels[i] < len(class_names) else "" for i in imgs]
     log_freq, log_value = math.log10(cache.freq[latent]), math.log10(cache.mean_value[latent])
-    atomic_write_json(os.path.join(dump_to, gallery.NEURONS_DIR, str(latent), "metadata.json"), {
-        "latent": latent, "log10_freq": log_freq, "log10_mean_value": log_value,
-        "max_value": float(cache.top_values[latent, 0]), "image_indices": imgs, "paths": [paths[i] for i in imgs],
-        "labels": names, "values": cache.top_values[latent, :n].tolist(),
-        "cls_values": [_finite_or_none(v) for v in cache.top_cls[latent, :n]],
-    })
+    atomic_write_json(
+        os.path.join(dump_to, gallery.NEURONS_DIR, str(latent), "metadata.json"),
+        {
+            "latent": latent,
+            "log10_freq": log_freq,
+            "log10_mean_value": log_value,
+            "max_value": float(cache.top_values[latent, 0]),
+            "image_indices": imgs,
+            "paths": [paths[i] for i in imgs],
+            "labels": names,
+            "values": cache.top_values[latent, :n].tolist(),
+            "cls_values": [_finite_or_none(v) for v in cache.top_cls[latent, :n]],
+        },
+    )
     return {
-        "latent": latent, "log10_freq": log_freq, "log10_mean_value": log_value,
-        "max_value": float(cache.top_values[latent, 0]), "n_images": n,
-        "images": [gallery.image_relpath(latent, rank) for rank in range(n)], "labels": names,
-        "hist_counts": cache.hist[latent], "hist_edges": top_images.HIST_EDGES,
+        "latent": latent,
+        "log10_freq": log_freq,
+        "log10_mean_value": log_value,
+        "max_value": float(cache.top_values[latent, 0]),
+        "n_images": n,
+        "images": [gallery.image_relpath(latent, rank) for rank in range(n)],
+        "labels": names,
+        "hist_counts": cache.hist[latent],
+        "hist_edges": top_images.HIST_EDGES,
     }
 
 
-def draw_top_image(cache: top_images.TopKCache, latent: int, rank: int, view: tuple[Image.Image, heatmaps.Box],
-                   grid: tuple[int, int]) -> Image.Image:
+def draw_top_image(
+    cache: top_images.TopKCache, latent: int, rank: int, view: tuple[Image.Image, heatmaps.Box], grid: tuple[int, int]
+) -> Image.Image:
     """The latent's rank-th top image (``load_view``) with its patch values drawn over it and its CLS value below.
 
     One colour scale per latent, so its ranks compare: its top patch value (in cls mode the CLS ranks the images,
     but the heatmap shows patches, which may go higher)."""
     img, box = view
     vmax = float(max(cache.top_values[latent, 0], cache.top_patches[latent].max(initial=0.0)))
-    return heatmaps.overlay_heatmap(img, cache.top_patches[latent, rank], grid, box, vmax, shortest_side=None,
-                                   cls_value=_finite_or_none(cache.top_cls[latent, rank]))
+    return heatmaps.overlay_heatmap(
+        img,
+        cache.top_patches[latent, rank],
+        grid,
+        box,
+        vmax,
+        shortest_side=None,
+        cls_value=_finite_or_none(cache.top_cls[latent, rank]),
+    )
 
 
-def load_view(path: str, geometry: heatmaps.ViewGeometry,
-              fix: str = "Pass images:image-folder-dataset --images.root DIR if the images moved."
-              ) -> tuple[Image.Image, heatmaps.Box]:
+def load_view(
+    path: str,
+    geometry: heatmaps.ViewGeometry,
+    fix: str = "Pass images:image-folder-dataset --images.root DIR if the images moved.",
+) -> tuple[Image.Image, heatmaps.Box]:
     """The image shrunk to the rendering size, and the ViT's crop box in its pixels."""
     try:
         original = images.load_rgb(path)

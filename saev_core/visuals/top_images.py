@@ -27,8 +27,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saev_core.errors import UserError
-from saev_core.store.shards import ChunkReader, stream_chunks
 from saev_core.store import ActivationStore
+from saev_core.store.shards import ChunkReader, stream_chunks
 from saev_core.store.tokens import first_patch
 from saev_core.visuals.npz_cache import identity_mismatch, read_npz_with_meta, write_npz_with_meta
 
@@ -122,8 +122,8 @@ class _RunningTopK:
         kept = torch.zeros_like(merged, dtype=torch.bool).scatter_(1, merged.topk(self.k, dim=1).indices, True)
         kept &= merged >= 0
         # Evicted slots and kept candidates pair up latent by latent (row-major order lists both by latent).
-        incoming = kept[:, self.k:]
-        lat_out, slot = _first_per_row(*(~kept[:, :self.k]).nonzero(as_tuple=True), incoming.sum(1))
+        incoming = kept[:, self.k :]
+        lat_out, slot = _first_per_row(*(~kept[:, : self.k]).nonzero(as_tuple=True), incoming.sum(1))
         lat_in, cand = incoming.nonzero(as_tuple=True)
         img_pos = cand_pos[lat_in, cand]
         self.keys[lat_out, slot] = cand_keys[lat_in, cand]
@@ -219,7 +219,7 @@ def topk_pass(
     def encode(xs: list[np.ndarray], ids: list[np.ndarray]) -> None:
         x_all, id_all = np.concatenate(xs), np.concatenate(ids)
         for start in range(0, len(x_all), imgs_per_batch):  # a chunk larger than a batch is split
-            encode_batch(x_all[start:start + imgs_per_batch], id_all[start:start + imgs_per_batch])
+            encode_batch(x_all[start : start + imgs_per_batch], id_all[start : start + imgs_per_batch])
 
     def encode_batch(x: np.ndarray, ids: np.ndarray) -> None:
         x = torch.from_numpy(x).to(device, torch.float32)
@@ -237,7 +237,9 @@ def topk_pass(
     chunks, starts = np.unique(images // ipc, return_index=True)
     xs, ids, n = [], [], 0
     reader = ChunkReader(store.array(layer))
-    with tqdm(total=len(images) * n_per_img, unit="vec", unit_scale=True, desc="top-k", disable=not show_progress) as bar:
+    with tqdm(
+        total=len(images) * n_per_img, unit="vec", unit_scale=True, desc="top-k", disable=not show_progress
+    ) as bar:
         for c, imgs, x in stream_chunks(reader, chunks, np.split(images, starts[1:]), ipc, store.n_imgs):
             xs.append(x[imgs - c * ipc])
             ids.append(imgs)
@@ -267,8 +269,10 @@ def check_rank_mode(store: ActivationStore, patches: str) -> None:
     if patches not in RANK_MODES:
         raise UserError(f"--data.patches {patches!r} cannot rank images for visuals; use patches (best patch) or cls.")
     if patches == "cls" and not store.metadata.cls_token:
-        raise UserError(f"--data.patches cls needs a CLS token, but the store {store.path} was recorded without one. "
-                        "Use --data.patches patches.")
+        raise UserError(
+            f"--data.patches cls needs a CLS token, but the store {store.path} was recorded without one. "
+            "Use --data.patches patches."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,6 +303,7 @@ def save_cache(cache: TopKCache, dump_to: str) -> str:
 def read_cache(dump_to: str) -> TopKCache | None:
     """The cache under dump_to whatever made it (its identity from its meta); None when there is none; UserError
     when it cannot be read."""
+
     def build(meta: dict, arrays: dict[str, np.ndarray]) -> TopKCache:
         identity = CacheIdentity(**{f.name: meta.get(f.name) for f in dataclasses.fields(CacheIdentity)})
         return TopKCache(identity=identity, n_vectors=int(meta["n_vectors"]), **arrays)

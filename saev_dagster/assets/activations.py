@@ -28,8 +28,9 @@ def gpu_op_tags(device: str) -> dict:
     return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
 
 
-def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_version: str,
-                            device: str = "auto") -> dg.AssetsDefinition:
+def build_activations_asset(
+    partitions_def: dg.PartitionsDefinition, code_version: str, device: str = "auto"
+) -> dg.AssetsDefinition:
     @dg.op(ins=NOTHING_INS, out=dg.DynamicOut(dict))
     @user_errors_fail_cleanly
     def activations_store(context: dg.OpExecutionContext, config: ActivationsRunConfig, saev_pipeline: SaevPipeline):
@@ -48,8 +49,10 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
         n = config.n_workers_fanout or pipe.n_workers_fanout
         context.log.info(f"recording layers {list(layers)} into {path} with {n} op(s)")
         for i in range(n):
-            yield dg.DynamicOutput({"layers": list(layers), "overrides": config.overrides(), "part": i, "n": n,
-                                    "start": time.time()}, mapping_key=f"part_{i}")
+            yield dg.DynamicOutput(
+                {"layers": list(layers), "overrides": config.overrides(), "part": i, "n": n, "start": time.time()},
+                mapping_key=f"part_{i}",
+            )
 
     @dg.op(tags=gpu_op_tags(device), pool=GPU_POOL)
     @user_errors_fail_cleanly
@@ -59,27 +62,35 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
 
         cfg = saev_pipeline.load().activations_for(tuple(job["layers"]), **job["overrides"])
         part = (job["part"], job["n"]) if job["n"] > 1 else None
-        result = recording.record_activations(cfg, show_progress=False, part=part,
-                                              on_progress=_progress_logger(context))
+        result = recording.record_activations(
+            cfg, show_progress=False, part=part, on_progress=_progress_logger(context)
+        )
         return {**job, "result": result, "end": time.time()}
 
     @dg.op(out={"activations": dg.Out(dg.Nothing), "check": dg.Out(dg.Nothing)})
     @user_errors_fail_cleanly
     def activations_verify(context: dg.OpExecutionContext, parts: list[dict], saev_pipeline: SaevPipeline):
         """Check the finished store against a fresh forward pass and report the recording (or the earlier one)."""
-        from saev_core.record import recording
-        from saev_core.record import verify
         from saev_core.files import join
+        from saev_core.record import recording, verify
         from saev_core.store import layer_name
 
         result = recording.RecordResult.combine(
-            [p["result"] for p in parts], seconds=max(p["end"] for p in parts) - min(p["start"] for p in parts))
+            [p["result"] for p in parts], seconds=max(p["end"] for p in parts) - min(p["start"] for p in parts)
+        )
         layers = layers_of(context.partition_keys)
         for layer, key in zip(layers, context.partition_keys):
-            context.log_event(dg.AssetObservation(
-                asset_key="activations", partition=key,
-                metadata={"layer": layer, "array": join(result.path, layer_name(layer)), "shape": str(result.shape)},
-            ))
+            context.log_event(
+                dg.AssetObservation(
+                    asset_key="activations",
+                    partition=key,
+                    metadata={
+                        "layer": layer,
+                        "array": join(result.path, layer_name(layer)),
+                        "shape": str(result.shape),
+                    },
+                )
+            )
         metadata = {
             "store_path": dg.MetadataValue.path(result.path),
             "layers": str(result.layers),
@@ -95,17 +106,21 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
                 if earlier is not None and key in earlier:
                     metadata[f"written_by_earlier_run_{key}"] = earlier[key]
         else:
-            metadata.update({
-                "reused_existing_store": False,
-                "imgs_per_s": dg.MetadataValue.float(round(result.imgs_per_s, 2)),
-                "mb_written": dg.MetadataValue.float(round(result.bytes_written / 1e6, 2)),
-                "run_id": context.run_id,
-            })
+            metadata.update(
+                {
+                    "reused_existing_store": False,
+                    "imgs_per_s": dg.MetadataValue.float(round(result.imgs_per_s, 2)),
+                    "mb_written": dg.MetadataValue.float(round(result.bytes_written / 1e6, 2)),
+                    "run_id": context.run_id,
+                }
+            )
         cfg = saev_pipeline.load().activations_for(layers, **parts[0]["overrides"])
         problems = verify.store_problems(cfg, result.path)
         yield dg.Output(None, "activations", metadata=metadata)
         yield dg.AssetCheckResult(
-            check_name=CHECK, asset_key="activations", passed=not problems,
+            check_name=CHECK,
+            asset_key="activations",
+            passed=not problems,
             metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none")},
         )
 
@@ -113,20 +128,31 @@ def build_activations_asset(partitions_def: dg.PartitionsDefinition, code_versio
 
     @dg.graph_multi_asset(
         name="activations",
-        outs={"activations": dg.AssetOut(
-            key="activations", dagster_type=dg.Nothing, **settings,
-            description="ViT residual-stream activations of the pipeline's images, one zarr array per layer.",
-        )},
-        ins={"vit_checkpoint": dg.AssetIn(dagster_type=dg.Nothing), "image_source": dg.AssetIn(dagster_type=dg.Nothing)},
+        outs={
+            "activations": dg.AssetOut(
+                key="activations",
+                dagster_type=dg.Nothing,
+                **settings,
+                description="ViT residual-stream activations of the pipeline's images, one zarr array per layer.",
+            )
+        },
+        ins={
+            "vit_checkpoint": dg.AssetIn(dagster_type=dg.Nothing),
+            "image_source": dg.AssetIn(dagster_type=dg.Nothing),
+        },
         partitions_def=partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),
         group_name=settings["group_name"],  # graph_multi_asset ignores an AssetOut's group (dagster 1.13)
-        check_specs=[dg.AssetCheckSpec(
-            CHECK, asset="activations", blocking=True,
-            description="Every block is complete, and a fresh forward pass over a few sampled images reproduces "
-                        "their stored rows (tolerance by dtype). One result per recording run: its layers share "
-                        "one store and one ViT pass.",
-        )],
+        check_specs=[
+            dg.AssetCheckSpec(
+                CHECK,
+                asset="activations",
+                blocking=True,
+                description="Every block is complete, and a fresh forward pass over a few sampled images reproduces "
+                "their stored rows (tolerance by dtype). One result per recording run: its layers share "
+                "one store and one ViT pass.",
+            )
+        ],
         config=dg.ConfigMapping(config_fn=_to_store_op, config_schema=ActivationsRunConfig.to_config_schema()),
     )
     def activations(vit_checkpoint, image_source):

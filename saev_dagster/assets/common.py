@@ -8,8 +8,9 @@ GPU_POOL = "gpu"
 """The pool of the steps that hold a ViT or SAEs; deploy/dagster.yaml lets one such step run at a time."""
 
 
-def stage_asset_kwargs(stage: str, kinds: set[str], code_version: str | None = None, *, group: str | None = None,
-                       gpu: bool = False) -> dict:
+def stage_asset_kwargs(
+    stage: str, kinds: set[str], code_version: str | None = None, *, group: str | None = None, gpu: bool = False
+) -> dict:
     """Keyword arguments for ``dg.asset`` (or ``dg.AssetOut``, which takes no pool) of a pipeline stage's asset:
     tagged with its stage, in the stage's group unless ``group`` says otherwise, re-run when its upstream changes,
     and in the GPU pool when ``gpu``."""

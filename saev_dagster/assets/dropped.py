@@ -15,7 +15,8 @@ GROUP = "dropped"
 
 def build_dropped_assets(observe_cron: str) -> list:
     @dg.observable_source_asset(
-        name="sae_checkpoints", partitions_def=SAE_FILES,
+        name="sae_checkpoints",
+        partitions_def=SAE_FILES,
         **source_asset_kwargs("visuals", {"pytorch", "folder"}, observe_cron, group=GROUP),
         description="SAE checkpoint files in the [watch] folder; one partition per file name.",
     )
@@ -31,10 +32,12 @@ def build_dropped_assets(observe_cron: str) -> list:
         return dg.DataVersionsByPartition({name: dg.DataVersion(v) for name, v in files.items()})
 
     @dg.asset(
-        name="dropped_sae_visuals", partitions_def=SAE_FILES, deps=["sae_checkpoints"],
+        name="dropped_sae_visuals",
+        partitions_def=SAE_FILES,
+        deps=["sae_checkpoints"],
         **stage_asset_kwargs("visuals", {"pytorch", "html"}, group=GROUP, gpu=True),
         description="Top-k visuals of one SAE file of the [watch] folder (saev 0.1.0 files need a provenance "
-                    "sidecar, <file>.provenance.json).",
+        "sidecar, <file>.provenance.json).",
     )
     @user_errors_fail_cleanly
     def dropped_sae_visuals(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
@@ -42,10 +45,14 @@ def build_dropped_assets(observe_cron: str) -> list:
         from saev_core.visuals import gallery
 
         result = stages.dropped_sae_visuals(saev_pipeline.load(), context.partition_key)
-        return dg.MaterializeResult(metadata={
-            "gallery": dg.MetadataValue.path(result.index_html),
-            "preview": png_markdown(gallery.preview_grid(result.dump_to, result.latents[:4], 6), "top images"),
-            "n_latents": len(result.latents), "n_images": result.n_images, "cache_reused": result.cache_reused,
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "gallery": dg.MetadataValue.path(result.index_html),
+                "preview": png_markdown(gallery.preview_grid(result.dump_to, result.latents[:4], 6), "top images"),
+                "n_latents": len(result.latents),
+                "n_images": result.n_images,
+                "cache_reused": result.cache_reused,
+            }
+        )
 
     return [sae_checkpoints, dropped_sae_visuals]

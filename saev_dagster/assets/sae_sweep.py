@@ -8,9 +8,17 @@ from saev_dagster.metadata import latest_store_path, png_markdown, table
 from saev_dagster.resources import SaevPipeline
 
 CHECK = "sweep_is_healthy"
-MEMBER_COLUMNS = [("member_id", "string"), ("sae.arch", "string"), ("sae.exp_factor", "int"), ("sae.k", "int"),
-                  ("lr", "float"), ("nmse", "float"), ("l0", "float"), ("frac_dead_train", "float"),
-                  ("frac_dead_heldout", "float")]
+MEMBER_COLUMNS = [
+    ("member_id", "string"),
+    ("sae.arch", "string"),
+    ("sae.exp_factor", "int"),
+    ("sae.k", "int"),
+    ("lr", "float"),
+    ("nmse", "float"),
+    ("l0", "float"),
+    ("frac_dead_train", "float"),
+    ("frac_dead_heldout", "float"),
+]
 
 
 def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version: str) -> dg.AssetsDefinition:
@@ -18,12 +26,17 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version:
         name="sae_sweep",
         partitions_def=partitions_def,
         deps=["activations"],
-        check_specs=[dg.AssetCheckSpec(
-            CHECK, asset="sae_sweep", blocking=True, partitions_def=partitions_def,  # one result per layer
-            description="No member has NaN metrics or more latents than [checks] max_frac_dead that did not fire "
-                        "in the last --sae.dead-after-n-patches training vectors, and the best member's NMSE is at "
-                        "most [checks] max_nmse.",
-        )],
+        check_specs=[
+            dg.AssetCheckSpec(
+                CHECK,
+                asset="sae_sweep",
+                blocking=True,
+                partitions_def=partitions_def,  # one result per layer
+                description="No member has NaN metrics or more latents than [checks] max_frac_dead that did not fire "
+                "in the last --sae.dead-after-n-patches training vectors, and the best member's NMSE is at "
+                "most [checks] max_nmse.",
+            )
+        ],
         **stage_asset_kwargs("training", {"pytorch"}, code_version, gpu=True),
         description="Every SAE of the pipeline's [sweep], trained together from one pass over this layer.",
     )
@@ -34,8 +47,9 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version:
         layer = int(context.partition_key)
         pipe = saev_pipeline.load()
         store_path = latest_store_path(context, context.partition_key)
-        sweep = stages.train_layer(pipe, layer, store_path, show_progress=False,
-                                     on_log=_log_to(context), on_note=context.log.warning)
+        sweep = stages.train_layer(
+            pipe, layer, store_path, show_progress=False, on_log=_log_to(context), on_note=context.log.warning
+        )
         columns = [c for c in MEMBER_COLUMNS if c[0] in sweep.table]
         return dg.MaterializeResult(
             metadata={
@@ -46,10 +60,13 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version:
                 "n_members": len(sweep.results),
                 "best_nmse": float(sweep.table["nmse"].min()),
             },
-            check_results=[dg.AssetCheckResult(
-                check_name=CHECK, passed=not sweep.problems,
-                metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in sweep.problems) or "none")},
-            )],
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name=CHECK,
+                    passed=not sweep.problems,
+                    metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in sweep.problems) or "none")},
+                )
+            ],
         )
 
     return sae_sweep

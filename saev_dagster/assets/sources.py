@@ -18,7 +18,8 @@ def build_sources(observe_cron: str) -> list[dg.SourceAsset]:
     """The two sources, observed on the pipeline's [automation] observe_cron."""
 
     @dg.observable_source_asset(
-        name="vit_checkpoint", **source_asset_kwargs("recording", {"pytorch"}, observe_cron),
+        name="vit_checkpoint",
+        **source_asset_kwargs("recording", {"pytorch"}, observe_cron),
         description="The ViT checkpoint named in the pipeline file; data version = content fingerprint of the file.",
     )
     @user_errors_fail_cleanly
@@ -26,7 +27,8 @@ def build_sources(observe_cron: str) -> list[dg.SourceAsset]:
         return observe_checkpoint(saev_pipeline.load())
 
     @dg.observable_source_asset(
-        name="image_source", **source_asset_kwargs("recording", {"folder"}, observe_cron),
+        name="image_source",
+        **source_asset_kwargs("recording", {"folder"}, observe_cron),
         description="The image set named in the pipeline file; data version = fingerprint of (path, size, mtime).",
     )
     @user_errors_fail_cleanly
@@ -47,10 +49,13 @@ def observe_checkpoint(pipe) -> dg.ObserveResult:
     metadata = {"vit_ckpt": pipe.activations.vit_ckpt}
     if path is not None and os.path.isfile(path):
         st = os.stat(path)
-        metadata.update({
-            "path": dg.MetadataValue.path(path), "size_mb": round(st.st_size / 1e6, 2),
-            "modified": dg.MetadataValue.timestamp(st.st_mtime),
-        })
+        metadata.update(
+            {
+                "path": dg.MetadataValue.path(path),
+                "size_mb": round(st.st_size / 1e6, 2),
+                "modified": dg.MetadataValue.timestamp(st.st_mtime),
+            }
+        )
     return dg.ObserveResult(data_version=dg.DataVersion(version), metadata=metadata)
 
 
@@ -61,19 +66,24 @@ def observe_images(pipe) -> dg.ObserveResult:
     source = pipe.image_source()
     return dg.ObserveResult(
         data_version=dg.DataVersion(images.image_list_fingerprint(source)),
-        metadata={"root": dg.MetadataValue.path(source.root), "n_images": len(source),
-                  "n_classes": len(source.class_names)},
+        metadata={
+            "root": dg.MetadataValue.path(source.root),
+            "n_images": len(source),
+            "n_classes": len(source.class_names),
+        },
     )
 
 
 def as_observation(key: str, result: dg.ObserveResult) -> dg.AssetObservation:
     """An observation a run logs of a source it read: the same data version tag an observation run writes."""
-    return dg.AssetObservation(asset_key=key, metadata=result.metadata,
-                               tags={DATA_VERSION_TAG: result.data_version.value})
+    return dg.AssetObservation(
+        asset_key=key, metadata=result.metadata, tags={DATA_VERSION_TAG: result.data_version.value}
+    )
 
 
-def observe_sources(defs: dg.Definitions, instance: dg.DagsterInstance,
-                    raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+def observe_sources(
+    defs: dg.Definitions, instance: dg.DagsterInstance, raise_on_error: bool = True
+) -> dg.ExecuteInProcessResult:
     """Observe every source of a code location in one in-process run, with its resources (as a cron tick would).
     Dagster's own ``observe`` is private; this is what it does, in public API: an asset job over the sources."""
     sources = [a for a in defs.assets if isinstance(a, dg.SourceAsset)]

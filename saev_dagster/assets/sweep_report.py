@@ -8,9 +8,20 @@ from saev_dagster.failures import user_errors_fail_cleanly
 from saev_dagster.metadata import latest_values, png_markdown, table
 from saev_dagster.resources import SaevPipeline
 
-COLUMNS = [("layer", "int"), ("member_id", "string"), ("sae.arch", "string"), ("sae.k", "int"), ("lr", "float"),
-           ("nmse", "float"), ("pca_nmse_at_l0", "float"), ("l0", "float"), ("frac_dead_train", "float"),
-           ("splice_cos", "float"), ("splice_gap_recovered", "float"), ("chosen", "bool")]
+COLUMNS = [
+    ("layer", "int"),
+    ("member_id", "string"),
+    ("sae.arch", "string"),
+    ("sae.k", "int"),
+    ("lr", "float"),
+    ("nmse", "float"),
+    ("pca_nmse_at_l0", "float"),
+    ("l0", "float"),
+    ("frac_dead_train", "float"),
+    ("splice_cos", "float"),
+    ("splice_gap_recovered", "float"),
+    ("chosen", "bool"),
+]
 
 
 def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsDefinition:
@@ -19,12 +30,12 @@ def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsD
         deps=["sae_sweep", "topk_visuals"],
         **stage_asset_kwargs("report", {"pandas", "markdown"}, code_version),
         description="Every sweep member of every layer, the chosen member per layer ([report] rule), and L0-vs-NMSE "
-                    "plots with a PCA baseline at matched L0.",
+        "plots with a PCA baseline at matched L0.",
     )
     @user_errors_fail_cleanly
     def sweep_report(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
-        from saev_core.pipeline import stages
         from saev_core.analysis import report
+        from saev_core.pipeline import stages
 
         csvs = {int(k): v for k, v in latest_values(context, "sae_sweep", layers, "sweep_csv").items()}
         if not csvs:

@@ -37,7 +37,9 @@ def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_versi
             metadata[f"preview_{m.member_id}"] = png_markdown(
                 gallery.preview_grid(m.result.dump_to, m.result.latents[:4], 6), f"top images of {m.member_id}"
             )
-            metadata[f"explore_{m.member_id}"] = f"python -m saev_core explore --visuals {m.result.dump_to} --sweep {sweep_csv.rsplit('/', 1)[0]}"
+            metadata[f"explore_{m.member_id}"] = (
+                f"python -m saev_core explore --visuals {m.result.dump_to} --sweep {sweep_csv.rsplit('/', 1)[0]}"
+            )
             context.log.info(f"{m.member_id}: {len(m.result.latents)} latents -> {m.result.index_html}")
         return dg.MaterializeResult(metadata=metadata)
 
@@ -46,18 +48,26 @@ def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_versi
 
 def build_topk_visuals_check(partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
     @dg.asset_check(
-        asset="topk_visuals", name=CHECK, blocking=True, partitions_def=partitions_def,
+        asset="topk_visuals",
+        name=CHECK,
+        blocking=True,
+        partitions_def=partitions_def,
         description="Every selected latent of every chosen member has all its heatmaps and metadata on disk.",
     )
     @user_errors_fail_cleanly
-    def visuals_complete(context: dg.AssetCheckExecutionContext,
-                                    saev_pipeline: SaevPipeline) -> dg.AssetCheckResult:
+    def visuals_complete(context: dg.AssetCheckExecutionContext, saev_pipeline: SaevPipeline) -> dg.AssetCheckResult:
         from saev_core.pipeline import stages
 
         problems = stages.layer_visuals_problems(saev_pipeline.load(), int(context.partition_key))
-        shown = "\n".join(f"- {p}" for p in problems[:50]) + (f"\n- ... {len(problems) - 50} more" if len(problems) > 50 else "")
-        return dg.AssetCheckResult(passed=not problems, metadata={
-            "n_problems": len(problems), "problems": dg.MetadataValue.md(shown or "none"),
-        })
+        shown = "\n".join(f"- {p}" for p in problems[:50]) + (
+            f"\n- ... {len(problems) - 50} more" if len(problems) > 50 else ""
+        )
+        return dg.AssetCheckResult(
+            passed=not problems,
+            metadata={
+                "n_problems": len(problems),
+                "problems": dg.MetadataValue.md(shown or "none"),
+            },
+        )
 
     return visuals_complete

@@ -10,11 +10,11 @@ import torch
 
 import saev_core.activations
 import saev_core.nn
-from saev_core.record import images
-from saev_core.visuals import top_images
-from saev_core.errors import UserError
 from saev_core.analysis.inference import explain
+from saev_core.errors import UserError
+from saev_core.record import images
 from saev_core.store import ActivationStore
+from saev_core.visuals import top_images
 from tests.helpers import tiny_run
 
 
@@ -44,7 +44,9 @@ def test_snippet_explain_and_visuals_pass_give_the_same_latents(run, tmp_path, m
     monkeypatch.chdir(tmp_path)  # another folder than the one the ViT path was given from
     store = ActivationStore.open(store_path)
     sae = saev_core.nn.load(ckpt)
-    cache = top_images.topk_pass(store, -1, "patches", sae, 4, top_images.CacheIdentity("x", store.metadata.key, -1, "patches", 4))
+    cache = top_images.topk_pass(
+        store, -1, "patches", sae, 4, top_images.CacheIdentity("x", store.metadata.key, -1, "patches", 4)
+    )
     latent = int(np.argmax(cache.freq))
     image = int(cache.top_images[latent, 0])
     path = os.path.join(imgs, store.image_paths()[image])
@@ -64,8 +66,9 @@ def test_snippet_explain_and_visuals_pass_give_the_same_latents(run, tmp_path, m
     out = explain([path, img], ckpt, top_n=3, device="cpu", batch_size=1)
     np.testing.assert_allclose(out.patch_values[0], snippet, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out.patch_values[1], snippet, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(out.cls_values[0], sae.encode(vit_acts[:, 0, 0]).detach().numpy()[0], rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        out.cls_values[0], sae.encode(vit_acts[:, 0, 0]).detach().numpy()[0], rtol=1e-4, atol=1e-5
+    )
     # Each image's top latents: the largest best-patch values, recomputed plainly from the snippet.
     best = snippet.max(axis=0)
     assert set(out.top_latents[0].tolist()) == set(np.argsort(-best)[:3].tolist())
@@ -91,8 +94,15 @@ def test_saev_0_1_0_file_needs_the_vit_named(run, tmp_path):
     first = os.path.join(imgs, "cat", sorted(os.listdir(os.path.join(imgs, "cat")))[0])
     with pytest.raises(UserError, match="vit_family, vit_ckpt, layer"):
         explain([first], legacy, device="cpu")
-    out = explain([first], legacy, device="cpu", vit_family="clip", vit_ckpt=sae.provenance["vit_ckpt"], layer=-1,
-                  store=store_path)
+    out = explain(
+        [first],
+        legacy,
+        device="cpu",
+        vit_family="clip",
+        vit_ckpt=sae.provenance["vit_ckpt"],
+        layer=-1,
+        store=store_path,
+    )
     assert out.patch_values.shape == (1, 49, 128)
 
 

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from saev_core.store import loader
 from saev_core.analysis import report
-from saev_core.store import write_store
+from saev_core.store import loader, write_store
 
 
 @pytest.mark.parametrize("patches", ["patches", "cls"])

@@ -9,13 +9,11 @@ import pytest
 import torch
 
 from saev_core import config, nn
-from saev_core.analysis import splice
-from saev_core.store import stats
-from saev_core.record import vit as vitlib
 from saev_core.__main__ import main
-from saev_core.store import ActivationStore
-from tests.helpers import exact_relu_sae
-from tests.helpers import tiny_run
+from saev_core.analysis import splice
+from saev_core.record import vit as vitlib
+from saev_core.store import ActivationStore, stats
+from tests.helpers import exact_relu_sae, tiny_run
 
 LAYER = 0  # block 0 of the 2-block tiny ViT: block 1 mixes the patches into the CLS token that is pooled
 
@@ -49,7 +47,7 @@ def plain_zero_ablation_cosine(ev: splice.SpliceEvaluator) -> float:
 
     def zero_patches(module, inputs, output):
         out = output.clone()
-        out[:, vit.n_prefix_tokens:] = 0
+        out[:, vit.n_prefix_tokens :] = 0
         return out
 
     with torch.no_grad():
@@ -119,9 +117,9 @@ def test_evaluate_cli_prints_the_scores(run, capsys):
 def test_report_gains_splice_columns_when_the_pipeline_asks(run, tmp_path):
     import os
 
-    from saev_core.pipeline import file as pipeline_file
     from saev_core.analysis import report
     from saev_core.errors import UserError
+    from saev_core.pipeline import file as pipeline_file
 
     _, _, ckpt = run
     csv = os.path.join(os.path.dirname(os.path.dirname(ckpt)), "sweep.csv")

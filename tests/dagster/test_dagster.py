@@ -38,10 +38,13 @@ def max_frac_dead() -> float:
 def pipeline_file(tmp_path, own_ckpt, monkeypatch, max_frac_dead):
     write_images(tmp_path / "imgs", 6)
     path = tmp_path / "pipeline.toml"
-    path.write_text(tiny_pipeline_text(tmp_path, own_ckpt, LAYERS, max_frac_dead) + f"""
+    path.write_text(
+        tiny_pipeline_text(tmp_path, own_ckpt, LAYERS, max_frac_dead)
+        + f"""
 [watch]
-folder = "{tmp_path / 'watch'}"
-""")
+folder = "{tmp_path / "watch"}"
+"""
+    )
     (tmp_path / "watch").mkdir()
     monkeypatch.setenv("SAEV_PIPELINE", str(path))
     return path
@@ -49,12 +52,16 @@ folder = "{tmp_path / 'watch'}"
 
 def materialize(defs: dg.Definitions, selection, instance, **kwargs) -> dg.ExecuteInProcessResult:
     """Materialize part of a code location in-process, with its resources and checks."""
-    return dg.materialize([*defs.assets, *defs.asset_checks], selection=selection, instance=instance,
-                          resources=defs.resources, **kwargs)
+    return dg.materialize(
+        [*defs.assets, *defs.asset_checks], selection=selection, instance=instance, resources=defs.resources, **kwargs
+    )
 
 
 def test_definitions_import_no_torch():
-    code = "import sys, saev_dagster.definitions as d; d.defs(); print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))"
+    code = (
+        "import sys, saev_dagster.definitions as d; d.defs(); "
+        "print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -64,9 +71,11 @@ def test_importing_the_definitions_reads_no_pipeline_file_and_imports_no_torch(t
     an unreadable pipeline file the import still succeeds, and only loading fails, naming the file."""
     bad = tmp_path / "bad.toml"
     bad.write_text("[activations]\nvit_bathc_size = 3\n")
-    code = ("import sys, saev_dagster.definitions as d\n"
-            "print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))\n"
-            "try:\n    d.defs()\nexcept d.PipelineFileError as err:\n    print('load failed:', err)\n")
+    code = (
+        "import sys, saev_dagster.definitions as d\n"
+        "print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))\n"
+        "try:\n    d.defs()\nexcept d.PipelineFileError as err:\n    print('load failed:', err)\n"
+    )
     env = {**os.environ, "SAEV_PIPELINE": str(bad)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     imported, failed = out.strip().split("\n", 1)
@@ -80,9 +89,12 @@ def test_only_one_module_imports_from_dagsters_private_modules():
 
     package = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "saev_dagster")
     private = re.compile(r"^\s*(from|import)\s+dagster\._", re.M)
-    importers = sorted(os.path.relpath(os.path.join(folder, name), package)
-                       for folder, _, names in os.walk(package) for name in names
-                       if name.endswith(".py") and private.search(open(os.path.join(folder, name)).read()))
+    importers = sorted(
+        os.path.relpath(os.path.join(folder, name), package)
+        for folder, _, names in os.walk(package)
+        for name in names
+        if name.endswith(".py") and private.search(open(os.path.join(folder, name)).read())
+    )
     assert importers == ["dagster_private.py"]
 
 
@@ -103,11 +115,19 @@ def test_asset_graph_of_the_demo_pipeline():
     assert keys == {"vit_checkpoint", "image_source", "activations", "sae_sweep", "topk_visuals", "sweep_report"}
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("topk_visuals")).parent_keys} == {"sae_sweep"}
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("sweep_report")).parent_keys} == {
-        "sae_sweep", "topk_visuals"}
+        "sae_sweep",
+        "topk_visuals",
+    }
     dg.Definitions.validate_loadable(defs)
     groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
-    assert groups == {"vit_checkpoint": "recording", "image_source": "recording", "activations": "recording",
-                      "sae_sweep": "training", "topk_visuals": "visuals", "sweep_report": "report"}
+    assert groups == {
+        "vit_checkpoint": "recording",
+        "image_source": "recording",
+        "activations": "recording",
+        "sae_sweep": "training",
+        "topk_visuals": "visuals",
+        "sweep_report": "report",
+    }
     sweep = defs.resolve_assets_def("sae_sweep")
     assert sweep.partitions_def.get_partition_keys() == acts.partitions_def.get_partition_keys()
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("sae_sweep")).parent_keys} == {"activations"}
@@ -120,9 +140,13 @@ def test_asset_graph_of_the_demo_pipeline():
 def _materialize_all_layers(instance, config=None, defs=None):
     defs = defs or build_definitions()
     return materialize(
-        defs, ["activations"], instance,
-        tags={"dagster/asset_partition_range_start": str(LAYERS[0]),
-              "dagster/asset_partition_range_end": str(LAYERS[-1])},
+        defs,
+        ["activations"],
+        instance,
+        tags={
+            "dagster/asset_partition_range_start": str(LAYERS[0]),
+            "dagster/asset_partition_range_end": str(LAYERS[-1]),
+        },
         run_config={"ops": {"activations": {"config": config or {}}}},
     )
 
@@ -138,12 +162,15 @@ def test_backfill_of_every_layer_is_one_run_and_one_store(pipeline_file):
     store = ActivationStore.open(paths.pop())
     assert store.layers == LAYERS and store.is_complete and store.n_imgs == 6
     assert len(instance.get_run_records()) == 1
-    observations = [e.event_specific_data.asset_observation for e in result.all_events
-                    if e.event_type_value == "ASSET_OBSERVATION"]
+    observations = [
+        e.event_specific_data.asset_observation for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"
+    ]
     assert sorted(o.partition for o in observations if o.asset_key == dg.AssetKey("activations")) == ["-1", "0"]
     # and the run observed the two sources it read
     assert sorted(o.asset_key.to_user_string() for o in observations if o.partition is None) == [
-        "image_source", "vit_checkpoint"]
+        "image_source",
+        "vit_checkpoint",
+    ]
 
 
 def test_fanned_out_recording_writes_the_bytes_of_one_worker(pipeline_file, tmp_path):
@@ -152,28 +179,37 @@ def test_fanned_out_recording_writes_the_bytes_of_one_worker(pipeline_file, tmp_
     import dataclasses
     import filecmp
 
-    from saev_core.record import recording
     from saev_core.pipeline.file import load_pipeline
+    from saev_core.record import recording
 
     instance = dg.DagsterInstance.ephemeral()
     result = _materialize_all_layers(instance, {"n_workers_fanout": 2})
     assert result.success
-    parts = [e for e in result.all_events
-             if e.event_type_value == "STEP_SUCCESS" and "record_activations_part" in e.step_key]
-    assert sorted(e.step_key for e in parts) == ["activations.record_activations_part[part_0]",
-                                                 "activations.record_activations_part[part_1]"]
+    parts = [
+        e for e in result.all_events if e.event_type_value == "STEP_SUCCESS" and "record_activations_part" in e.step_key
+    ]
+    assert sorted(e.step_key for e in parts) == [
+        "activations.record_activations_part[part_0]",
+        "activations.record_activations_part[part_1]",
+    ]
     (mat, *_) = result.asset_materializations_for_node("activations")
     fanned = ActivationStore.open(mat.metadata["store_path"].value)
     assert fanned.is_complete and fanned.layout.n_blocks >= 2 and mat.metadata["recording_ops"].value == 2
 
     cfg = load_pipeline(str(pipeline_file)).activations_for(tuple(LAYERS))
-    one = recording.record_activations(dataclasses.replace(cfg, dump_to=str(tmp_path / "one_worker")),
-                                       show_progress=False)
+    one = recording.record_activations(
+        dataclasses.replace(cfg, dump_to=str(tmp_path / "one_worker")), show_progress=False
+    )
 
     def same_tree(c) -> bool:
         _, diff, errors = filecmp.cmpfiles(c.left, c.right, c.common_files, shallow=False)
-        return not diff and not errors and not c.left_only and not c.right_only and all(
-            same_tree(sub) for sub in c.subdirs.values())
+        return (
+            not diff
+            and not errors
+            and not c.left_only
+            and not c.right_only
+            and all(same_tree(sub) for sub in c.subdirs.values())
+        )
 
     assert os.path.basename(one.path) == os.path.basename(fanned.path)
     assert same_tree(filecmp.dircmp(one.path, fanned.path))
@@ -237,8 +273,11 @@ def test_a_fresh_demo_instance_observes_the_random_weights_it_makes(tmp_path, mo
     defs = build_definitions()
     result = observe_sources(defs, dg.DagsterInstance.ephemeral())
     assert result.success and made.is_file()
-    versions = {e.asset_key.to_user_string(): e.event_specific_data.asset_observation.data_version
-                for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"}
+    versions = {
+        e.asset_key.to_user_string(): e.event_specific_data.asset_observation.data_version
+        for e in result.all_events
+        if e.event_type_value == "ASSET_OBSERVATION"
+    }
     assert versions["vit_checkpoint"] == checkpoint_fingerprint("clip", f"saev-tiny-clip/{made}")
 
 
@@ -246,8 +285,11 @@ def test_observations_say_what_was_observed(pipeline_file, own_ckpt, tmp_path):
     defs = build_definitions()
     instance = dg.DagsterInstance.ephemeral()
     result = observe_sources(defs, instance)
-    obs = {e.asset_key.to_user_string(): e.event_specific_data.asset_observation.metadata
-           for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"}
+    obs = {
+        e.asset_key.to_user_string(): e.event_specific_data.asset_observation.metadata
+        for e in result.all_events
+        if e.event_type_value == "ASSET_OBSERVATION"
+    }
     weights = own_ckpt.split("/", 1)[1]
     assert obs["vit_checkpoint"]["path"].value == weights
     assert obs["vit_checkpoint"]["size_mb"].value == round(os.path.getsize(weights) / 1e6, 2)
@@ -261,10 +303,21 @@ def test_dagster_dev_serves_the_asset_graph(tmp_path):
     port = 3000 + os.getpid() % 2000
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     proc = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "dagster"), "dev", "-w", "workspace.yaml",
-         "-h", "127.0.0.1", "-p", str(port)],
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            os.path.join(os.path.dirname(sys.executable), "dagster"),
+            "dev",
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -343,9 +396,14 @@ def test_a_user_error_in_an_asset_body_is_a_failure_whose_description_is_the_mes
         load_pipeline(str(bad))
     defs = build_definitions()  # the demo pipeline's graph, run against the bad file
     layer = defs.resolve_assets_def("sae_sweep").partitions_def.get_partition_keys()[0]
-    result = dg.materialize([*defs.assets, *defs.asset_checks], selection=["sae_sweep"], partition_key=layer,
-                            resources={**defs.resources, "saev_pipeline": SaevPipeline(path=str(bad))},
-                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    result = dg.materialize(
+        [*defs.assets, *defs.asset_checks],
+        selection=["sae_sweep"],
+        partition_key=layer,
+        resources={**defs.resources, "saev_pipeline": SaevPipeline(path=str(bad))},
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
     (failure,) = [e.step_failure_data for e in result.all_events if e.is_step_failure]
     assert failure.user_failure_data.description == str(err.value)
     assert failure.error.cls_name == "Failure" and failure.error.cause is None
@@ -366,12 +424,14 @@ def test_only_user_errors_become_clean_failures_from_plain_and_yielding_bodies()
     def plain(error: Exception):
         def body():
             raise error
+
         return body
 
     def yielding(error: Exception):
         def body():
             raise error
             yield dg.MaterializeResult()
+
         return body
 
     for wrap in (plain, yielding):
@@ -392,7 +452,9 @@ def test_every_body_of_the_code_location_turns_user_errors_into_clean_failures(p
             bodies.update({op.name: op.compute_fn.decorated_fn for op in a.node_def.iterate_op_defs()})
     for check in defs.asset_checks:
         bodies.update({op.name: op.compute_fn.decorated_fn for op in check.node_def.iterate_op_defs()})
-    assert {"sae_checkpoints", "dropped_sae_visuals", "activations_store", "topk_visuals_visuals_complete"} <= set(bodies)
+    assert {"sae_checkpoints", "dropped_sae_visuals", "activations_store", "topk_visuals_visuals_complete"} <= set(
+        bodies
+    )
     assert [name for name, fn in bodies.items() if not getattr(fn, "fails_cleanly", False)] == []
 
 
@@ -419,7 +481,8 @@ def test_topk_visuals_renders_every_member_and_its_check_sees_a_deleted_png(pipe
     job = defs.resolve_job_def("layer_assets")
     check_key = dg.AssetCheckKey(dg.AssetKey("topk_visuals"), "visuals_complete")
     only_check = job.get_subset(asset_selection=set(), asset_check_selection={check_key}).execute_in_process(
-        instance=instance, partition_key="-1", raise_on_error=False, resources=defs.resources)
+        instance=instance, partition_key="-1", raise_on_error=False, resources=defs.resources
+    )
     (check,) = only_check.get_asset_check_evaluations()
     assert not check.passed and str(victim) in check.metadata["problems"].value
 
@@ -472,13 +535,15 @@ def test_the_demo_command_materializes_the_whole_graph_with_its_checks(pipeline_
     assert len(galleries) == 2 * len(LAYERS) and all(os.path.isfile(g) for g in galleries)  # members = "all"
     explorers = [line.split(": ", 1)[1] for line in out if line.startswith("explorer app")]
     assert len(explorers) == len(galleries) and all(
-        e.startswith(f"{sys.executable} -m saev_core explore --visuals ") for e in explorers)
+        e.startswith(f"{sys.executable} -m saev_core explore --visuals ") for e in explorers
+    )
     assert out[-2] == f"report: {tmp_path / 'ckpts' / 'report.md'}" and out[-1].startswith("UI: ")
     instance = dg.DagsterInstance.from_config(str(home))
     for key in ("activations", "sae_sweep", "topk_visuals", "sweep_report"):
         assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
     checks = instance.event_log_storage.get_asset_check_execution_history(
-        dg.AssetCheckKey(dg.AssetKey("topk_visuals"), "visuals_complete"), limit=10)
+        dg.AssetCheckKey(dg.AssetKey("topk_visuals"), "visuals_complete"), limit=10
+    )
     assert len(checks) == len(LAYERS)
     runs = instance.get_run_records()
     assert all(r.dagster_run.is_success for r in runs)
@@ -524,7 +589,6 @@ def test_dropped_sae_files_get_their_own_visuals_and_only_those(pipeline_file, t
 
 def test_a_changed_checkpoint_requests_the_whole_graph_with_activations_in_one_run(pipeline_file, own_ckpt, tmp_path):
     from saev_core.record.vit import save_random_weights
-
     from saev_dagster import demo
 
     home = tmp_path / "home"
@@ -548,10 +612,14 @@ def test_a_changed_checkpoint_requests_the_whole_graph_with_activations_in_one_r
 
     from saev_dagster.automation import automation_sensor
 
-    requests = build_run_requests(after._requested_subsets, defs.resolve_asset_graph(), None,
-                                  emit_backfills=automation_sensor.emit_backfills)
-    with_activations = [r for r in requests if r.requires_backfill_daemon()
-                        and dg.AssetKey("activations") in r.asset_graph_subset.asset_keys]
+    requests = build_run_requests(
+        after._requested_subsets, defs.resolve_asset_graph(), None, emit_backfills=automation_sensor.emit_backfills
+    )
+    with_activations = [
+        r
+        for r in requests
+        if r.requires_backfill_daemon() and dg.AssetKey("activations") in r.asset_graph_subset.asset_keys
+    ]
     assert len(with_activations) == 1
     assert defs.resolve_assets_def("activations").backfill_policy == dg.BackfillPolicy.single_run()
 
@@ -561,8 +629,11 @@ def test_a_changed_checkpoint_requests_the_whole_graph_with_activations_in_one_r
     tags = {"dagster/asset_partition_range_start": str(LAYERS[0]), "dagster/asset_partition_range_end": str(LAYERS[-1])}
     assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("activations")], tags=tags).success
     for layer in every_layer:
-        assert job.execute_in_process(instance=instance, partition_key=layer, asset_selection=[
-            dg.AssetKey("sae_sweep"), dg.AssetKey("topk_visuals")]).success
+        assert job.execute_in_process(
+            instance=instance,
+            partition_key=layer,
+            asset_selection=[dg.AssetKey("sae_sweep"), dg.AssetKey("topk_visuals")],
+        ).success
     later = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=after.cursor)
     assert later.get_num_requested(dg.AssetKey("sweep_report")) == 1
 
@@ -570,8 +641,8 @@ def test_a_changed_checkpoint_requests_the_whole_graph_with_activations_in_one_r
 def test_activations_check_catches_a_store_that_does_not_match_the_vit(pipeline_file):
     import numpy as np
 
-    from saev_core.record import verify
     from saev_core.pipeline.file import load_pipeline
+    from saev_core.record import verify
 
     instance = dg.DagsterInstance.ephemeral()
     result = _materialize_all_layers(instance)
@@ -587,12 +658,16 @@ def test_activations_check_catches_a_store_that_does_not_match_the_vit(pipeline_
 
 
 def test_the_instance_template_limits_the_gpu_pool_that_the_heavy_assets_use(tmp_path):
-    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "deploy", "dagster.yaml"), tmp_path)
+    shutil.copy(
+        os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "deploy", "dagster.yaml"), tmp_path
+    )
     instance = dg.DagsterInstance.from_config(str(tmp_path))
     assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
     defs = build_definitions()
-    pools = {key: defs.resolve_assets_def(key).get_op_def_for_asset_key(dg.AssetKey(key)).pool
-             for key in ("sae_sweep", "topk_visuals", "sweep_report")}
+    pools = {
+        key: defs.resolve_assets_def(key).get_op_def_for_asset_key(dg.AssetKey(key)).pool
+        for key in ("sae_sweep", "topk_visuals", "sweep_report")
+    }
     assert pools == {"sae_sweep": "gpu", "topk_visuals": "gpu", "sweep_report": None}
     # activations is a graph: its recording ops (the ViT passes) take the pool, planning and checking do not
     recording_ops = {op.name: op.pool for op in defs.resolve_assets_def("activations").node_def.iterate_op_defs()}

@@ -20,8 +20,8 @@ import urllib.request
 import pytest
 
 from saev_core.store import ActivationStore
-from tests.helpers import tiny_pipeline_text, write_images
 from tests.browser import CHROMIUM, Chromium
+from tests.helpers import tiny_pipeline_text, write_images
 
 LAYERS = [0, -1]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,14 +128,30 @@ class DagsterDev:
         env = {**os.environ, "DAGSTER_HOME": self.home, "SAEV_PIPELINE": str(pipeline)}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [os.path.join(os.path.dirname(sys.executable), "dagster"), "dev", "-w", "workspace.yaml",
-                 "-h", "127.0.0.1", "-p", str(self.port)],
-                cwd=REPO, env=env, start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                [
+                    os.path.join(os.path.dirname(sys.executable), "dagster"),
+                    "dev",
+                    "-w",
+                    "workspace.yaml",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                ],
+                cwd=REPO,
+                env=env,
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
             )
 
     def graphql(self, query: str, **variables) -> dict:
-        request = urllib.request.Request(f"{self.url}/graphql", headers={"Content-Type": "application/json"},
-                                         data=json.dumps({"query": query, "variables": variables}).encode())
+        request = urllib.request.Request(
+            f"{self.url}/graphql",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"query": query, "variables": variables}).encode(),
+        )
         with self._opener.open(request, timeout=30) as response:
             body = json.load(response)
         assert not body.get("errors"), body["errors"]
@@ -198,8 +214,10 @@ def pipeline(tmp_path, tiny_clip_ckpt):
     path = tmp_path / "pipeline.toml"
     text = tiny_pipeline_text(tmp_path, f"saev-tiny-clip/{tmp_path / 'tiny.pt'}", LAYERS)
     # two recording ops per run: the run worker's multiprocess executor fans the recording out
-    path.write_text(text.replace("n_workers = 0\n", "n_workers = 0\nn_workers_fanout = 2\n", 1)
-                    + '[automation]\nobserve_cron = "* * * * *"\n')
+    path.write_text(
+        text.replace("n_workers = 0\n", "n_workers = 0\nn_workers_fanout = 2\n", 1)
+        + '[automation]\nobserve_cron = "* * * * *"\n'
+    )
     return path
 
 
@@ -255,9 +273,14 @@ def browser(tmp_path):
 
 def materializations(server: DagsterDev, asset: str) -> list[dict]:
     (node,) = server.graphql(MATERIALIZATIONS, key={"path": [asset]})["assetNodes"]
-    return [{"run_id": m["runId"], "partition": m["partition"],
-             **{e["label"]: e["path"] for e in m["metadataEntries"] if "path" in e}}
-            for m in node["assetMaterializations"]]
+    return [
+        {
+            "run_id": m["runId"],
+            "partition": m["partition"],
+            **{e["label"]: e["path"] for e in m["metadataEntries"] if "path" in e},
+        }
+        for m in node["assetMaterializations"]
+    ]
 
 
 def run_of(server: DagsterDev, run_id: str) -> dict:
@@ -268,7 +291,8 @@ def run_of(server: DagsterDev, run_id: str) -> dict:
 
 @pytest.mark.timeout(420)
 def test_dagster_dev_backfills_in_one_run_reruns_on_new_weights_and_shows_the_sweep_plot(
-        browser, dagster_dev, tmp_path):
+    browser, dagster_dev, tmp_path
+):
     from saev_core.record.vit import save_random_weights
 
     deadline = time.monotonic() + BUDGET_S
@@ -277,9 +301,14 @@ def test_dagster_dev_backfills_in_one_run_reruns_on_new_weights_and_shows_the_sw
     # Lineage, as the asset graph page reads it.
     nodes = dagster_dev.wait_until_served(deadline)
     deps = {"/".join(n["assetKey"]["path"]): {"/".join(d["path"]) for d in n["dependencyKeys"]} for n in nodes}
-    assert deps == {"vit_checkpoint": set(), "image_source": set(),
-                    "activations": {"vit_checkpoint", "image_source"}, "sae_sweep": {"activations"},
-                    "topk_visuals": {"sae_sweep"}, "sweep_report": {"sae_sweep", "topk_visuals"}}
+    assert deps == {
+        "vit_checkpoint": set(),
+        "image_source": set(),
+        "activations": {"vit_checkpoint", "image_source"},
+        "sae_sweep": {"activations"},
+        "topk_visuals": {"sae_sweep"},
+        "sweep_report": {"sae_sweep", "topk_visuals"},
+    }
     acts = next(n for n in nodes if n["assetKey"]["path"] == ["activations"])
     assert acts["partitionKeys"] == [str(x) for x in LAYERS]
     assert acts["backfillPolicy"]["policyType"] == "SINGLE_RUN"
@@ -287,8 +316,11 @@ def test_dagster_dev_backfills_in_one_run_reruns_on_new_weights_and_shows_the_sw
     # The automation sensor runs by default. Its first evaluation requests nothing; wait for it, so that what the
     # backfill materializes is an update the sensor sees (and trains the sweeps on).
     repo = acts["repository"]
-    selector = {"repositoryLocationName": repo["location"]["name"], "repositoryName": repo["name"],
-                "sensorName": "saev_automation"}
+    selector = {
+        "repositoryLocationName": repo["location"]["name"],
+        "repositoryName": repo["name"],
+        "sensorName": "saev_automation",
+    }
 
     def first_tick():
         sensor = dagster_dev.graphql(SENSOR, selector=selector)["sensorOrError"]
@@ -301,9 +333,14 @@ def test_dagster_dev_backfills_in_one_run_reruns_on_new_weights_and_shows_the_sw
     assert first["status"] == "SKIPPED" and first["requestedAssetKeys"] == [], first
 
     # A backfill of every layer: one run (single-run backfill policy), which succeeds.
-    launched = dagster_dev.graphql(LAUNCH_BACKFILL, params={
-        "assetSelection": [{"path": ["activations"]}], "partitionNames": [str(x) for x in LAYERS],
-        "title": "e2e: every layer"})["launchPartitionBackfill"]
+    launched = dagster_dev.graphql(
+        LAUNCH_BACKFILL,
+        params={
+            "assetSelection": [{"path": ["activations"]}],
+            "partitionNames": [str(x) for x in LAYERS],
+            "title": "e2e: every layer",
+        },
+    )["launchPartitionBackfill"]
     assert launched["__typename"] == "LaunchBackfillSuccess", launched
     backfill_id = launched["backfillId"]
 
@@ -362,12 +399,21 @@ def test_dagster_dev_backfills_in_one_run_reruns_on_new_weights_and_shows_the_sw
 
     # The UI: the asset page of sae_sweep, partition -1, shows the L0-vs-NMSE plot, loaded from the page itself.
     tab = browser.open(f"{dagster_dev.url}/assets/sae_sweep?view=partitions&partition=-1")
-    wait_for("the l0_vs_nmse row of sae_sweep[-1] on its asset page", lambda: tab.js(SHOW_PLOT_LINK), deadline, log,
-             every=0.5)
+    wait_for(
+        "the l0_vs_nmse row of sae_sweep[-1] on its asset page",
+        lambda: tab.js(SHOW_PLOT_LINK),
+        deadline,
+        log,
+        every=0.5,
+    )
     tab.click('[data-e2e="show-plot"]')
-    plots = wait_for("the plot in the markdown dialog",
-                     lambda: [p for p in tab.js(PLOT_IN_DIALOG) if p[0] == "data:image/png;base64," and p[2] > 0],
-                     deadline, log, every=0.5)
+    plots = wait_for(
+        "the plot in the markdown dialog",
+        lambda: [p for p in tab.js(PLOT_IN_DIALOG) if p[0] == "data:image/png;base64," and p[2] > 0],
+        deadline,
+        log,
+        every=0.5,
+    )
     assert [alt for _, alt, _ in plots] == ["L0 vs NMSE"], (plots, tab.errors())
     local = (f"{dagster_dev.url}/", "data:", "blob:")
     assert [u for u in tab.requested_urls() if not u.startswith(local)] == []

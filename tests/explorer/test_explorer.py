@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 
 from saev_core import config, explorer
-from saev_core.visuals import top_images
-from saev_core.train import trainer
-from saev_core.visuals import render
 from saev_core.__main__ import main
 from saev_core.analysis.inference import explain
-from tests.helpers import write_images
+from saev_core.train import trainer
+from saev_core.visuals import render, top_images
 from tests.browser import CHROMIUM, Chromium
+from tests.helpers import write_images
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WIDE = dict(log_freq_range=(-10.0, 0.0), log_value_range=(-10.0, 10.0))
@@ -34,19 +33,47 @@ def sweep(tmp_path_factory, tiny_clip_ckpt):
     layout: <vis>/layer_-1/<member_id>)."""
     root = tmp_path_factory.mktemp("explorer")
     write_images(root / "imgs", 16, size=(64, 48))
-    assert main(["activations", "--vit-family", "clip", "--vit-ckpt", tiny_clip_ckpt, "--vit-layers", "-1",
-                 "--dump-to", str(root / "acts"), "--n-workers", "0", "data:image-folder-dataset", "--data.root",
-                 str(root / "imgs")]) == 0
+    assert (
+        main(
+            [
+                "activations",
+                "--vit-family",
+                "clip",
+                "--vit-ckpt",
+                tiny_clip_ckpt,
+                "--vit-layers",
+                "-1",
+                "--dump-to",
+                str(root / "acts"),
+                "--n-workers",
+                "0",
+                "data:image-folder-dataset",
+                "--data.root",
+                str(root / "imgs"),
+            ]
+        )
+        == 0
+    )
     store = str(next(p for p in (root / "acts").iterdir() if p.is_dir()))
-    cfgs = [config.TrainConfig(
-        data=config.DataLoadConfig(shard_root=store, layer=-1, val_frac=0.25),
-        sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=2, arch="topk", k=k, seed=k), n_patches=40 * 64,
-        sae_batch_size=64, n_lr_warmup=5, ckpt_path=str(root / "ckpts"), device="cpu", log_every=1000)
-        for k in (4, 8)]
+    cfgs = [
+        config.TrainConfig(
+            data=config.DataLoadConfig(shard_root=store, layer=-1, val_frac=0.25),
+            sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=2, arch="topk", k=k, seed=k),
+            n_patches=40 * 64,
+            sae_batch_size=64,
+            n_lr_warmup=5,
+            ckpt_path=str(root / "ckpts"),
+            device="cpu",
+            log_every=1000,
+        )
+        for k in (4, 8)
+    ]
     first, second = trainer.train_sweep(cfgs, show_progress=False)
     folder = str(root / "vis" / "layer_-1" / first.member_id)
-    render.make_visuals(config.VisualsConfig(ckpt=first.ckpt_path, dump_to=folder, top_k=8, n_imgs_per_latent=4,
-                                              device="cpu", **WIDE), show_progress=False)
+    render.make_visuals(
+        config.VisualsConfig(ckpt=first.ckpt_path, dump_to=folder, top_k=8, n_imgs_per_latent=4, device="cpu", **WIDE),
+        show_progress=False,
+    )
     return root, folder, first, second
 
 
@@ -69,9 +96,26 @@ def launch(sweep, tmp_path):
         log = open(log_path, "wb")
         env = {**os.environ, "PYTHONPATH": REPO, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "saev_core", "explore", "--visuals", folder, "--sweep", str(root / "ckpts"),
-             "--port", str(port), "--device", "cpu", *extra],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "saev_core",
+                "explore",
+                "--visuals",
+                folder,
+                "--sweep",
+                str(root / "ckpts"),
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                *extra,
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         started.append((proc, log))
         deadline = time.monotonic() + 90
         while True:
@@ -114,8 +158,9 @@ def wait_for(tab, expression: str, timeout: float = 60):
 
 
 def loaded_images(selector: str) -> str:
-    return (f"Array.from(document.querySelectorAll('{selector} img'))"
-            ".filter(i => i.complete && i.naturalWidth > 0).length")
+    return (
+        f"Array.from(document.querySelectorAll('{selector} img')).filter(i => i.complete && i.naturalWidth > 0).length"
+    )
 
 
 def text(selector: str) -> str:
@@ -125,16 +170,18 @@ def text(selector: str) -> str:
 def upload(browser, tab, path: str) -> None:
     """Put a file in the upload's file input, as a user picking it would."""
     root = browser.call("DOM.getDocument", {"depth": 0}, session=tab.session)["root"]["nodeId"]
-    node = browser.call("DOM.querySelector", {"nodeId": root, "selector": "#upload input[type=file]"},
-                        session=tab.session)["nodeId"]
+    node = browser.call(
+        "DOM.querySelector", {"nodeId": root, "selector": "#upload input[type=file]"}, session=tab.session
+    )["nodeId"]
     browser.call("DOM.setFileInputFiles", {"files": [path], "nodeId": node}, session=tab.session)
 
 
 def screenshot(browser, tab, name: str) -> None:
     folder = os.environ.get("SAEV_SCREENSHOTS")
     if folder:
-        shot = browser.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True},
-                            session=tab.session)
+        shot = browser.call(
+            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session=tab.session
+        )
         with open(os.path.join(folder, f"explorer-{name}.png"), "wb") as f:
             f.write(base64.b64decode(shot["data"]))
 
@@ -176,7 +223,7 @@ def test_explorer_in_chromium_browses_explains_opens_members_and_stays_local(swe
     upload(browser, tab, image)
     wait_for(tab, f"{text('#explain-status')}.includes('strongest')")
     expected = explain([image], first.ckpt_path, top_n=8, device="cpu")
-    want = [int(l) for l, v in zip(expected.top_latents[0], expected.top_values[0]) if v > 0]
+    want = [int(j) for j, v in zip(expected.top_latents[0], expected.top_values[0]) if v > 0]
     wait_for(tab, f"{loaded_images('#explain-images')} === {len(expected.top_latents[0])}")
     shown = tab.js("Array.from(document.querySelectorAll('#jump-pick input')).map(i => +i.value)")
     assert shown == want

@@ -138,8 +138,10 @@ def test_sweep_health_counts_latents_dead_in_the_training_stream_not_on_the_held
         _row("dead", frac_dead_train=0.70, frac_dead_heldout=0.75, **{"sae.dead_after_n_patches": 15_360}),
     ]
     problems = sweep_problems(rows, max_frac_dead=0.5)
-    assert problems == ["dead: 70.0% of its latents did not fire in the last 15,360 training vectors (bound 50%); "
-                        "75.0% never fired on the held-out split"]
+    assert problems == [
+        "dead: 70.0% of its latents did not fire in the last 15,360 training vectors (bound 50%); "
+        "75.0% never fired on the held-out split"
+    ]
 
 
 def test_sweep_health_reads_frac_dead_from_rows_written_before_the_training_count():

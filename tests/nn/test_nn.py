@@ -395,8 +395,16 @@ def test_saev_0_1_0_checkpoint_loads_and_encodes_as_saev_did(tmp_path):
         "W_dec": torch.randn(d_sae, d_vit, generator=gen),
         "b_dec": torch.randn(d_vit, generator=gen),
     }
-    header = {"d_vit": d_vit, "exp_factor": 4, "sparsity_coeff": 0.0004, "n_reinit_samples": 524288,
-              "ghost_grads": False, "remove_parallel_grads": True, "normalize_w_dec": True, "seed": 0}
+    header = {
+        "d_vit": d_vit,
+        "exp_factor": 4,
+        "sparsity_coeff": 0.0004,
+        "n_reinit_samples": 524288,
+        "ghost_grads": False,
+        "remove_parallel_grads": True,
+        "normalize_w_dec": True,
+        "seed": 0,
+    }
     path = tmp_path / "sae.pt"
     with open(path, "wb") as f:
         f.write((json.dumps(header) + "\n").encode())
@@ -418,9 +426,21 @@ def test_checkpoint_of_the_previous_version_loads(tmp_path, arch):
     had an integer dead_after_n_patches."""
     sae = nn.make_sae(cfg(arch=arch))
     state = {k: v for k, v in sae.state_dict().items() if arch == "topk" or k != "n_patches_since_fired"}
-    old_cfg = {"d_vit": D_VIT, "exp_factor": EXP, "arch": arch, "sparsity_coeff": 0.01, "k": 4, "n_prefixes": 1,
-               "auxk_alpha": 1 / 32, "k_aux": 8, "dead_after_n_patches": 10_000_000, "jumprelu_init_threshold": 0.001,
-               "jumprelu_bandwidth": 0.001, "decoder_init_norm": 0.1, "seed": 0}
+    old_cfg = {
+        "d_vit": D_VIT,
+        "exp_factor": EXP,
+        "arch": arch,
+        "sparsity_coeff": 0.01,
+        "k": 4,
+        "n_prefixes": 1,
+        "auxk_alpha": 1 / 32,
+        "k_aux": 8,
+        "dead_after_n_patches": 10_000_000,
+        "jumprelu_init_threshold": 0.001,
+        "jumprelu_bandwidth": 0.001,
+        "decoder_init_norm": 0.1,
+        "seed": 0,
+    }
     header = {"schema": 1, "arch": arch, "cfg": old_cfg, "d_vit": D_VIT, "d_sae": D_SAE, "provenance": {"layer": -2}}
     path = tmp_path / "sae.pt"
     with open(path, "wb") as f:
@@ -462,8 +482,10 @@ def test_checkpoint_with_wrong_shapes_raises_user_error(tmp_path):
     path = tmp_path / "sae.pt"
     with open(path, "wb") as f:
         f.write(b'{"d_vit": 8, "exp_factor": 4}\n')
-        torch.save({"W_enc": torch.zeros(8, 8), "b_enc": torch.zeros(8), "W_dec": torch.zeros(8, 8),
-                    "b_dec": torch.zeros(8)}, f)
+        torch.save(
+            {"W_enc": torch.zeros(8, 8), "b_enc": torch.zeros(8), "W_dec": torch.zeros(8, 8), "b_dec": torch.zeros(8)},
+            f,
+        )
     with pytest.raises(UserError, match="sae.pt"):
         nn.load(path)
 

@@ -16,8 +16,8 @@ import torch
 
 from saev_core import config, nn
 from saev_core.nn import sparse_topk
-from saev_core.train import trainer
 from saev_core.store import write_store
+from saev_core.train import trainer
 
 DEVICE = os.environ.get("SAEV_TEST_DEVICE", "cpu")
 D_VIT, EXP = 16, 8
@@ -28,8 +28,17 @@ VARIANTS = [("topk", 1), ("topk", 3), ("batchtopk", 1), ("batchtopk", 3)]  # (ar
 
 def sae_cfg(arch: str, n_prefixes: int, **kw) -> config.SparseAutoencoderConfig:
     # A short dead window: latents that miss two batches count as dead, so AuxK has work in most steps.
-    base = dict(d_vit=D_VIT, exp_factor=EXP, arch=arch, k=4, k_aux=12, n_prefixes=n_prefixes,
-                dead_after_n_patches=2 * BATCH, auxk_alpha=0.5, seed=3)
+    base = dict(
+        d_vit=D_VIT,
+        exp_factor=EXP,
+        arch=arch,
+        k=4,
+        k_aux=12,
+        n_prefixes=n_prefixes,
+        dead_after_n_patches=2 * BATCH,
+        auxk_alpha=0.5,
+        seed=3,
+    )
     return config.SparseAutoencoderConfig(**{**base, **kw})
 
 
@@ -85,8 +94,9 @@ def test_sparse_training_ends_at_the_dense_weights(arch, n_prefixes, dtype, n_st
     assert_states_close(dense.sae, sparse.sae, atol)
     for p_dense, p_sparse in zip(dense.sae.parameters(), sparse.sae.parameters()):  # Adam's moments too
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(sparse.optimizer.state[p_sparse][key], dense.optimizer.state[p_dense][key],
-                                       atol=atol, rtol=0)
+            torch.testing.assert_close(
+                sparse.optimizer.state[p_sparse][key], dense.optimizer.state[p_dense][key], atol=atol, rtol=0
+            )
 
 
 @pytest.mark.parametrize("arch,n_prefixes", VARIANTS)
@@ -100,8 +110,9 @@ def test_sparse_forward_gives_the_dense_outputs_and_gradients(arch, n_prefixes):
     torch.testing.assert_close(out_sparse.x_hat, out_dense.x_hat, atol=1e-12, rtol=0)
     torch.testing.assert_close(out_sparse.f_x, out_dense.f_x.detach(), atol=1e-12, rtol=0)
     for name in out_dense.loss._fields:
-        torch.testing.assert_close(getattr(out_sparse.loss, name), getattr(out_dense.loss, name).detach(),
-                                   atol=1e-12, rtol=0, msg=name)
+        torch.testing.assert_close(
+            getattr(out_sparse.loss, name), getattr(out_dense.loss, name).detach(), atol=1e-12, rtol=0, msg=name
+        )
     out_dense.loss.total.backward()
     out_sparse.loss.total.backward()
     for (name, p_dense), p_sparse in zip(dense.sae.named_parameters(), sparse.sae.parameters()):
@@ -139,14 +150,21 @@ def test_trainer_trains_sparse_when_asked_and_gets_the_dense_weights(tmp_path, m
     """Through train_sweep: the setting reaches the SAE, leaves the member id alone, and on/off give equal weights."""
     rng = np.random.default_rng(0)
     acts = (rng.normal(size=(1, 40, 16, D_VIT)) * 2 + 1).astype(np.float32)
-    store = write_store(str(tmp_path / "store"), acts, cls_token=False, imgs_per_shard=20, resolved_layers=(10,),
-                        fingerprint="sparse")
+    store = write_store(
+        str(tmp_path / "store"), acts, cls_token=False, imgs_per_shard=20, resolved_layers=(10,), fingerprint="sparse"
+    )
     seen = []
     real_forward = sparse_topk.train_forward
     monkeypatch.setattr(sparse_topk, "train_forward", lambda sae, x: seen.append(1) or real_forward(sae, x))
     base = config.TrainConfig(
-        data=config.DataLoadConfig(shard_root=store.path, layer=-2), sae=sae_cfg("topk", 1, exp_factor=4),
-        n_patches=12 * 32, sae_batch_size=32, lr=1e-2, n_lr_warmup=2, ckpt_path=str(tmp_path / "ckpt"), device=DEVICE,
+        data=config.DataLoadConfig(shard_root=store.path, layer=-2),
+        sae=sae_cfg("topk", 1, exp_factor=4),
+        n_patches=12 * 32,
+        sae_batch_size=32,
+        lr=1e-2,
+        n_lr_warmup=2,
+        ckpt_path=str(tmp_path / "ckpt"),
+        device=DEVICE,
     )
     results = {}
     for setting in ("off", "on"):

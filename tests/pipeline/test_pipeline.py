@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from saev_core.pipeline import file as pipeline_file
 from saev_core.errors import UserError
+from saev_core.pipeline import file as pipeline_file
 
 
 def write(tmp_path, text: str) -> str:
@@ -18,7 +18,9 @@ def write(tmp_path, text: str) -> str:
 def test_relative_paths_are_relative_to_the_files_folder(tmp_path, monkeypatch):
     (tmp_path / "exp" / "imgs").mkdir(parents=True)
     (tmp_path / "exp" / "w.pt").write_bytes(b"x")
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [activations]
 vit_ckpt = "saev-tiny-clip/./w.pt"
 vit_layers = [-1]
@@ -32,7 +34,8 @@ ckpt_path = "../ckpts"
 dump_to = "s3://bucket/vis"
 [watch]
 folder = "drop"
-""")
+""",
+    )
     monkeypatch.chdir(tmp_path)  # elsewhere than the file's folder
     pipe = pipeline_file.load_pipeline(path)
     exp = tmp_path / "exp"
@@ -50,14 +53,17 @@ def test_the_embedded_demo_writes_under_the_folder_the_user_runs_from(tmp_path, 
     assert pipe.activations.dump_to == os.path.join(str(tmp_path), "runs", "demo", "activations")
 
 
-@pytest.mark.parametrize("acts, message", [
-    ('vit_ckpt = "saev-tiny-clip/missing.pt"', r"activations.vit_ckpt.*no file at .*missing.pt"),
-    ('vit_ckpt = "ViT-B-32/openai"\nvit_layers = [12]', r"activations.vit_layers.*\[12\] out of range.*12 blocks"),
-    ('vit_ckpt = "ViT-B-32/openai"\nvit_layers = [-13]', r"out of range"),
-    ('vit_family = "clap"', r"unknown ViT family 'clap'"),
-    ('n_workers_fanout = 0', r"activations.n_workers_fanout = 0 in .*whole number >= 1"),
-    ('n_workers_fanout = "2"', r"activations.n_workers_fanout = '2' in "),
-])
+@pytest.mark.parametrize(
+    "acts, message",
+    [
+        ('vit_ckpt = "saev-tiny-clip/missing.pt"', r"activations.vit_ckpt.*no file at .*missing.pt"),
+        ('vit_ckpt = "ViT-B-32/openai"\nvit_layers = [12]', r"activations.vit_layers.*\[12\] out of range.*12 blocks"),
+        ('vit_ckpt = "ViT-B-32/openai"\nvit_layers = [-13]', r"out of range"),
+        ('vit_family = "clap"', r"unknown ViT family 'clap'"),
+        ("n_workers_fanout = 0", r"activations.n_workers_fanout = 0 in .*whole number >= 1"),
+        ('n_workers_fanout = "2"', r"activations.n_workers_fanout = '2' in "),
+    ],
+)
 def test_bad_inputs_fail_when_the_file_loads(tmp_path, acts, message):
     path = write(tmp_path, f"[activations]\n{acts}\n")
     with pytest.raises(UserError, match=message):
@@ -65,8 +71,11 @@ def test_bad_inputs_fail_when_the_file_loads(tmp_path, acts, message):
 
 
 def test_a_missing_image_folder_fails_when_the_file_loads(tmp_path):
-    path = write(tmp_path, '[activations]\nvit_ckpt = "ViT-B-32/openai"\n[activations.data]\n'
-                           'kind = "image-folder-dataset"\nroot = "nowhere"\n')
+    path = write(
+        tmp_path,
+        '[activations]\nvit_ckpt = "ViT-B-32/openai"\n[activations.data]\n'
+        'kind = "image-folder-dataset"\nroot = "nowhere"\n',
+    )
     with pytest.raises(UserError, match=r"activations.data.root.*nowhere.*not a folder"):
         pipeline_file.load_pipeline(path)
 

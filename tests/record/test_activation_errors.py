@@ -37,8 +37,20 @@ def folder(tmp_path):
 
 
 def argv(ckpt, root, dump_to, *extra, data=()):
-    return ["activations", "--vit-ckpt", ckpt, "--dump-to", str(dump_to), "--n-workers", "0", *extra,
-            "data:image-folder-dataset", "--data.root", str(root), *data]
+    return [
+        "activations",
+        "--vit-ckpt",
+        ckpt,
+        "--dump-to",
+        str(dump_to),
+        "--n-workers",
+        "0",
+        *extra,
+        "data:image-folder-dataset",
+        "--data.root",
+        str(root),
+        *data,
+    ]
 
 
 def test_empty_image_folder(capsys, tmp_path, tiny_clip_ckpt):

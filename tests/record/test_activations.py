@@ -12,17 +12,31 @@ import torch
 import zarr
 from PIL import Image
 
-from saev_core.record import images
-from saev_core.record import vit as vitlib
 from saev_core.__main__ import main
 from saev_core.config import ImageFolderDataset
+from saev_core.record import images
+from saev_core.record import vit as vitlib
 from saev_core.store import ActivationStore
 from tests.helpers import write_images
 
 
 def record(capsys, ckpt, root, dump_to, *extra, family="clip", data_flags=()) -> str:
-    argv = ["activations", "--vit-family", family, "--vit-ckpt", ckpt, "--dump-to", str(dump_to),
-            "--n-workers", "0", *extra, "data:image-folder-dataset", "--data.root", str(root), *data_flags]
+    argv = [
+        "activations",
+        "--vit-family",
+        family,
+        "--vit-ckpt",
+        ckpt,
+        "--dump-to",
+        str(dump_to),
+        "--n-workers",
+        "0",
+        *extra,
+        "data:image-folder-dataset",
+        "--data.root",
+        str(root),
+        *data_flags,
+    ]
     assert main(argv) == 0
     return capsys.readouterr().out.strip().splitlines()[-1]
 
@@ -48,9 +62,23 @@ def independent_acts(family: str, ckpt: str, root: str, rels: list[str], blocks:
 
 def test_clip_vit_b32_store_equals_independent_hooks(capsys, tmp_path, vit_b32_ckpt):
     rels = write_images(tmp_path / "imgs", 6)
-    path = record(capsys, vit_b32_ckpt, tmp_path / "imgs", tmp_path / "acts", "--vit-layers", "-2", "3",
-                  "--d-vit", "768", "--n-patches-per-img", "49", "--n-patches-per-shard", str(4 * 50 * 2),
-                  "--vit-batch-size", "3")  # batches of 3 in blocks of 4: partial batches and block changes
+    path = record(
+        capsys,
+        vit_b32_ckpt,
+        tmp_path / "imgs",
+        tmp_path / "acts",
+        "--vit-layers",
+        "-2",
+        "3",
+        "--d-vit",
+        "768",
+        "--n-patches-per-img",
+        "49",
+        "--n-patches-per-shard",
+        str(4 * 50 * 2),
+        "--vit-batch-size",
+        "3",
+    )  # batches of 3 in blocks of 4: partial batches and block changes
     store = ActivationStore.open(path)
     want = independent_acts("clip", vit_b32_ckpt, str(tmp_path / "imgs"), sorted(rels), [10, 3], lambda o: o)
     np.testing.assert_allclose(store.array(-2)[:], want[0], atol=1e-5, rtol=0)
@@ -60,8 +88,16 @@ def test_clip_vit_b32_store_equals_independent_hooks(capsys, tmp_path, vit_b32_c
 
 def test_siglip_store_equals_independent_hooks(capsys, tmp_path, siglip_ckpt):
     rels = write_images(tmp_path / "imgs", 2)
-    path = record(capsys, siglip_ckpt, tmp_path / "imgs", tmp_path / "acts", "--vit-layers", "-1",
-                  "--no-cls-token", family="siglip")
+    path = record(
+        capsys,
+        siglip_ckpt,
+        tmp_path / "imgs",
+        tmp_path / "acts",
+        "--vit-layers",
+        "-1",
+        "--no-cls-token",
+        family="siglip",
+    )
     want = independent_acts("siglip", siglip_ckpt, str(tmp_path / "imgs"), sorted(rels), [11], lambda o: o)
     got = ActivationStore.open(path).array(-1)[:]
     assert got.shape == (2, 196, 768)
@@ -70,8 +106,9 @@ def test_siglip_store_equals_independent_hooks(capsys, tmp_path, siglip_ckpt):
 
 def test_dinov2_with_registers_store_keeps_cls_and_drops_registers(capsys, tmp_path, dinov2_reg_ckpt):
     rels = write_images(tmp_path / "imgs", 3)
-    path = record(capsys, dinov2_reg_ckpt, tmp_path / "imgs", tmp_path / "acts", "--vit-layers", "-2", "0",
-                  family="dinov2")
+    path = record(
+        capsys, dinov2_reg_ckpt, tmp_path / "imgs", tmp_path / "acts", "--vit-layers", "-2", "0", family="dinov2"
+    )
     # timm's dinov2-with-registers token order: [CLS, 4 registers, 256 patches].
     keep = lambda o: torch.cat([o[:, :1], o[:, 5:]], dim=1)  # noqa: E731
     want = independent_acts("dinov2", dinov2_reg_ckpt, str(tmp_path / "imgs"), sorted(rels), [10, 0], keep)
@@ -106,13 +143,24 @@ def test_store_recorded_with_early_stop_is_byte_identical_to_a_full_pass_recordi
             runs = next_block_runs.setdefault(full_pass, [])
             after.register_forward_pre_hook(lambda *_: runs.append(1))
             return recorder
+
         return build
 
     paths = {}
     for full_pass in (False, True):
         monkeypatch.setattr(vitlib, "RecordedVisionTransformer", recorder_class(full_pass))
-        paths[full_pass] = record(capsys, tiny_clip_ckpt, tmp_path / "imgs", tmp_path / f"full{full_pass}",
-                                  "--vit-layers", "0", "--n-patches-per-shard", str(2 * 50), "--vit-batch-size", "2")
+        paths[full_pass] = record(
+            capsys,
+            tiny_clip_ckpt,
+            tmp_path / "imgs",
+            tmp_path / f"full{full_pass}",
+            "--vit-layers",
+            "0",
+            "--n-patches-per-shard",
+            str(2 * 50),
+            "--vit-batch-size",
+            "2",
+        )
     assert next_block_runs[False] == [] and len(next_block_runs[True]) == 3  # 5 images in batches of 2
     early, full = _store_files(paths[False]), _store_files(paths[True])
     assert ActivationStore.open(paths[False]).layout.n_blocks > 1
@@ -176,8 +224,20 @@ def test_skip_bad_records_the_bad_image_as_invalid(capsys, tmp_path, tiny_clip_c
 
 def test_dry_run_prints_size_and_writes_nothing(capsys, tmp_path, tiny_clip_ckpt):
     write_images(tmp_path / "imgs", 5)
-    argv = ["activations", "--vit-ckpt", tiny_clip_ckpt, "--dump-to", str(tmp_path / "acts"), "--dry-run",
-            "--vit-layers", "0", "1", "data:image-folder-dataset", "--data.root", str(tmp_path / "imgs")]
+    argv = [
+        "activations",
+        "--vit-ckpt",
+        tiny_clip_ckpt,
+        "--dump-to",
+        str(tmp_path / "acts"),
+        "--dry-run",
+        "--vit-layers",
+        "0",
+        "1",
+        "data:image-folder-dataset",
+        "--data.root",
+        str(tmp_path / "imgs"),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     expected_gb = 5 * 50 * 64 * 4 * 2 / 1e9  # images x tokens x d_vit x float32 x layers
@@ -192,18 +252,46 @@ def test_dry_run_refuses_when_the_disk_lacks_room(capsys, tmp_path, tiny_clip_ck
     write_images(tmp_path / "imgs", 5)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6, 1000))
-    code = main(["activations", "--vit-ckpt", tiny_clip_ckpt, "--dump-to", str(tmp_path / "acts"), "--dry-run",
-                 "data:image-folder-dataset", "--data.root", str(tmp_path / "imgs")])
+    code = main(
+        [
+            "activations",
+            "--vit-ckpt",
+            tiny_clip_ckpt,
+            "--dump-to",
+            str(tmp_path / "acts"),
+            "--dry-run",
+            "data:image-folder-dataset",
+            "--data.root",
+            str(tmp_path / "imgs"),
+        ]
+    )
     assert code == 2
     assert "has 1.0 kB free" in capsys.readouterr().err
 
 
 # ---- resume after a real kill ----------------------------------------------------------------------------------
 
+
 def _argv(ckpt, root, dump_to):
-    return ["activations", "--vit-ckpt", ckpt, "--vit-layers", "0", "-1", "--dump-to", str(dump_to),
-            "--n-patches-per-shard", str(4 * 50 * 2), "--vit-batch-size", "2", "--n-workers", "0",
-            "data:image-folder-dataset", "--data.root", str(root)]
+    return [
+        "activations",
+        "--vit-ckpt",
+        ckpt,
+        "--vit-layers",
+        "0",
+        "-1",
+        "--dump-to",
+        str(dump_to),
+        "--n-patches-per-shard",
+        str(4 * 50 * 2),
+        "--vit-batch-size",
+        "2",
+        "--n-workers",
+        "0",
+        "data:image-folder-dataset",
+        "--data.root",
+        str(root),
+    ]
 
 
 def _shard_mtimes(path) -> dict[str, int]:
@@ -251,12 +339,28 @@ def test_resume_after_kill_writes_only_missing_blocks_and_matches(capsys, tmp_pa
 
 # ---- one subprocess smoke test -----------------------------------------------------------------------------------
 
+
 def test_cli_subprocess_prints_store_path_last(tmp_path, tiny_clip_ckpt):
     write_images(tmp_path / "imgs", 3)
     out = subprocess.run(
-        [sys.executable, "-m", "saev_core", "activations", "--vit-ckpt", tiny_clip_ckpt, "--n-workers", "0",
-         "data:image-folder-dataset", "--data.root", str(tmp_path / "imgs"), "--dump-to", str(tmp_path / "acts")],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "saev_core",
+            "activations",
+            "--vit-ckpt",
+            tiny_clip_ckpt,
+            "--n-workers",
+            "0",
+            "data:image-folder-dataset",
+            "--data.root",
+            str(tmp_path / "imgs"),
+            "--dump-to",
+            str(tmp_path / "acts"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     last = out.stdout.strip().splitlines()[-1]
     assert ActivationStore.open(last).is_complete
@@ -271,10 +375,18 @@ def test_two_workers_on_disjoint_block_ranges_write_the_same_bytes_as_one(tmp_pa
     from saev_core.record import recording
 
     write_images(tmp_path / "imgs", 7)
-    base = dict(vit_family="clip", vit_ckpt=tiny_clip_ckpt, vit_layers=(0, -1), n_patches_per_shard=2 * 50 * 2,
-                n_workers=0, vit_batch_size=2, data=config.ImageFolderDataset(root=str(tmp_path / "imgs")))
-    one = recording.record_activations(config.ActivationsConfig(**base, dump_to=str(tmp_path / "one")),
-                                       show_progress=False)
+    base = dict(
+        vit_family="clip",
+        vit_ckpt=tiny_clip_ckpt,
+        vit_layers=(0, -1),
+        n_patches_per_shard=2 * 50 * 2,
+        n_workers=0,
+        vit_batch_size=2,
+        data=config.ImageFolderDataset(root=str(tmp_path / "imgs")),
+    )
+    one = recording.record_activations(
+        config.ActivationsConfig(**base, dump_to=str(tmp_path / "one")), show_progress=False
+    )
     cfg = config.ActivationsConfig(**base, dump_to=str(tmp_path / "two"))
     path = recording.create_store(cfg)
     assert ActivationStore.open(path).missing_blocks() == [0, 1, 2, 3]
@@ -284,8 +396,13 @@ def test_two_workers_on_disjoint_block_ranges_write_the_same_bytes_as_one(tmp_pa
 
     def same_tree(c) -> bool:
         equal, diff, errors = filecmp.cmpfiles(c.left, c.right, c.common_files, shallow=False)
-        return not diff and not errors and not c.left_only and not c.right_only and all(
-            same_tree(sub) for sub in c.subdirs.values())
+        return (
+            not diff
+            and not errors
+            and not c.left_only
+            and not c.right_only
+            and all(same_tree(sub) for sub in c.subdirs.values())
+        )
 
     assert same_tree(cmp)
     assert recording.block_part(10, 0, 3) == [0, 1, 2, 3] and recording.block_part(10, 2, 3) == [7, 8, 9]

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from saev_core import config
+from saev_core.errors import UserError
 from saev_core.record import embedded as embedded_set
 from saev_core.record import images
-from saev_core.errors import UserError
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "embedded-images.md")
 

@@ -13,8 +13,8 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
-from saev_core.record import vit as vitlib
 from saev_core.errors import UserError
+from saev_core.record import vit as vitlib
 from saev_core.record.vit import (
     RecordedVisionTransformer,
     VisionTransformer,
@@ -178,8 +178,16 @@ def test_tokens_first_block_outputs_are_transposed_to_batch_first():
             return t.mean(0)
 
     vit = VisionTransformer(
-        TokensFirst(), family="clip", ckpt="toy", arch="toy", residual_blocks=blocks, d_vit=8, grid=(2, 2),
-        has_cls=True, n_prefix_tokens=1, tokens_first=True,
+        TokensFirst(),
+        family="clip",
+        ckpt="toy",
+        arch="toy",
+        residual_blocks=blocks,
+        d_vit=8,
+        grid=(2, 2),
+        has_cls=True,
+        n_prefix_tokens=1,
+        tokens_first=True,
     )
     x = torch.randn(3, 3, 1, 5)  # 3 RGB images of 1x5 pixels
     _, acts = RecordedVisionTransformer(vit, 4, True, [1])(x)
@@ -192,16 +200,20 @@ def test_tokens_first_block_outputs_are_transposed_to_batch_first():
 # The pass stops after the deepest recorded block
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_clip_vit(tiny_clip_ckpt):
     return make_vit("clip", tiny_clip_ckpt)
 
 
-@pytest.mark.parametrize("vit_fixture,layers,cls_token,keep", [
-    ("tiny_clip_vit", [0], True, slice(None)),  # block 0 of 2
-    ("siglip_vit", [3, 1], False, slice(None)),  # no CLS token
-    ("dinov2_vit", [-10, 0], True, [0, *range(5, 261)]),  # block 2 of 12; the 4 registers dropped
-])
+@pytest.mark.parametrize(
+    "vit_fixture,layers,cls_token,keep",
+    [
+        ("tiny_clip_vit", [0], True, slice(None)),  # block 0 of 2
+        ("siglip_vit", [3, 1], False, slice(None)),  # no CLS token
+        ("dinov2_vit", [-10, 0], True, [0, *range(5, 261)]),  # block 2 of 12; the 4 registers dropped
+    ],
+)
 def test_early_stop_records_the_same_bits_as_full_pass_hooks_and_runs_no_later_block_or_head(
     request, vit_fixture, layers, cls_token, keep
 ):
@@ -210,8 +222,10 @@ def test_early_stop_records_the_same_bits_as_full_pass_hooks_and_runs_no_later_b
     full = RecordedVisionTransformer(vit, None, cls_token, layers, full_pass=True)
     deepest, full_runs = max(early.resolved_layers), []
     calls = []  # blocks started, then "model" when the whole forward (head included) ends
-    handles = [block.register_forward_pre_hook(lambda m, inp, i=i: calls.append(i))
-               for i, block in enumerate(vit.residual_blocks)]
+    handles = [
+        block.register_forward_pre_hook(lambda m, inp, i=i: calls.append(i))
+        for i, block in enumerate(vit.residual_blocks)
+    ]
     handles.append(vit.model.register_forward_hook(lambda m, inp, out: calls.append("model")))
     x = _pixels(2)
     try:

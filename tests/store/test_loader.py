@@ -11,30 +11,44 @@ import torch
 import zarr
 
 from saev_core import config
-from saev_core.store import loader as loader_mod
-from saev_core.store import shards
-from saev_core.store import stats
-from saev_core.store import metadata as store_metadata
 from saev_core.errors import UserError
+from saev_core.store import ActivationStore, shards, stats, write_store
+from saev_core.store import loader as loader_mod
+from saev_core.store import metadata as store_metadata
 from saev_core.store.loader import ActivationLoader, split_images
 from saev_core.store.shards import ChunkReader
 from saev_core.store.stats import compute_stats, normalization
-from saev_core.store import ActivationStore, write_store
 
 D = 8
 N_PATCHES = 4
 
 
-def plant(root: str, n_imgs: int = 40, cls_token: bool = True, imgs_per_shard: int = 4, valid=None,
-          offset: float = 0.0, seed: int = 0, dtype: str = "float32") -> tuple[ActivationStore, np.ndarray]:
+def plant(
+    root: str,
+    n_imgs: int = 40,
+    cls_token: bool = True,
+    imgs_per_shard: int = 4,
+    valid=None,
+    offset: float = 0.0,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> tuple[ActivationStore, np.ndarray]:
     """A one-layer store (layer -2) of identifiable vectors; returns the store and its data [n_imgs, tokens, d]."""
     n_tokens = N_PATCHES + int(cls_token)
     acts = (np.random.default_rng(seed).normal(size=(n_imgs, n_tokens, D)) + offset).astype(dtype)
     acts[:, :, 0] = np.arange(n_imgs)[:, None]
     acts[:, :, 1] = np.arange(n_tokens)[None, :]
-    store = write_store(root, acts[None], cls_token=cls_token, imgs_per_shard=imgs_per_shard, valid=valid,
-                        image_paths=[f"img{i:03d}.png" for i in range(n_imgs)], class_names=["c"], dtype=dtype,
-                        resolved_layers=(3,))
+    store = write_store(
+        root,
+        acts[None],
+        cls_token=cls_token,
+        imgs_per_shard=imgs_per_shard,
+        valid=valid,
+        image_paths=[f"img{i:03d}.png" for i in range(n_imgs)],
+        class_names=["c"],
+        dtype=dtype,
+        resolved_layers=(3,),
+    )
     return store, acts
 
 
@@ -93,8 +107,11 @@ def test_float16_store_yields_float32_vectors(tmp_path, patches):
     store, acts = plant(str(tmp_path), dtype="float16")
     loader = ActivationLoader(store, data_cfg(patches=patches, val_frac=0.0), batch_size=16, seed=0)
     got = torch.cat(one_epoch(loader)).numpy()
-    want = acts[:, 1:].astype(np.float32).reshape(-1, D) if patches == "patches" else \
-        acts[:, 1:].mean(axis=1, dtype=np.float32)
+    want = (
+        acts[:, 1:].astype(np.float32).reshape(-1, D)
+        if patches == "patches"
+        else acts[:, 1:].mean(axis=1, dtype=np.float32)
+    )
     np.testing.assert_array_equal(sorted_rows(got), sorted_rows(want))
 
 
@@ -267,8 +284,14 @@ def test_float16_store_is_scatter_read_and_gives_float32_of_its_values_in_the_fl
     half.array(-2)[12:16] = 0
     # The reference: a float32 store of exactly the float16 values, same chunks, read by the float32 path.
     monkeypatch.setattr(store_metadata, "CHUNK_TARGET_BYTES", 2 * 5 * D * 4)
-    full = write_store(str(tmp_path / "f32"), acts16.astype(np.float32)[None], imgs_per_shard=4,
-                       image_paths=[f"img{i:03d}.png" for i in range(29)], class_names=["c"], resolved_layers=(3,))
+    full = write_store(
+        str(tmp_path / "f32"),
+        acts16.astype(np.float32)[None],
+        imgs_per_shard=4,
+        image_paths=[f"img{i:03d}.png" for i in range(29)],
+        class_names=["c"],
+        resolved_layers=(3,),
+    )
     assert full.layout == half.layout and half.array(-2).nbytes * 2 == full.array(-2).nbytes
     cfg = data_cfg(patches=patches, val_frac=0.3)
     reads = count_layer_reads_through_zarr(monkeypatch)
@@ -289,8 +312,11 @@ def test_float16_batches_are_converted_into_reused_float32_arrays(tmp_path, monk
     store, acts = plant(str(tmp_path), dtype="float16")
     arrays = {np.float16: [], np.float32: []}  # every array the pools hand out, by dtype
     take = loader_mod._BatchPool.take
-    monkeypatch.setattr(loader_mod._BatchPool, "take",
-                        lambda pool: arrays[pool.dtype.type].append(take(pool)) or arrays[pool.dtype.type][-1])
+    monkeypatch.setattr(
+        loader_mod._BatchPool,
+        "take",
+        lambda pool: arrays[pool.dtype.type].append(take(pool)) or arrays[pool.dtype.type][-1],
+    )
     loader = ActivationLoader(store, data_cfg(val_frac=0.0, buffer_chunks=2), batch_size=8, seed=0)
     it = iter(loader)
     held = next(it)
@@ -302,8 +328,9 @@ def test_float16_batches_are_converted_into_reused_float32_arrays(tmp_path, monk
     epochs = [torch.cat([held, copies(it)]), copies(loader), copies(loader)]
     assert torch.equal(held, snapshot)  # a held batch is not overwritten by later conversions
     for stream in epochs:
-        np.testing.assert_array_equal(sorted_rows(stream.numpy()),
-                                      sorted_rows(acts[:, 1:].reshape(-1, D).astype(np.float32)))
+        np.testing.assert_array_equal(
+            sorted_rows(stream.numpy()), sorted_rows(acts[:, 1:].reshape(-1, D).astype(np.float32))
+        )
     n_batches = 3 * len(loader)
     assert len(arrays[np.float16]) == n_batches and len(arrays[np.float32]) == n_batches
     assert len({id(a) for a in arrays[np.float16]}) < 2 * 2 * 4 * 4 // 8 + 3  # two windows of 2 chunks in flight
@@ -388,7 +415,7 @@ def test_batches_follow_the_documented_order(tmp_path, dtype):
         # The documented rule, rebuilt here rather than taken from loader.windows(): the split's chunks permuted by
         # a generator seeded with (ORDER_STREAM, seed, epoch), cut into consecutive windows of buffer_chunks chunks.
         order = np.random.default_rng([loader_mod.ORDER_STREAM, 7, 2]).permutation(len(chunks))
-        expected_windows = [order[i:i + cfg.buffer_chunks] for i in range(0, len(order), cfg.buffer_chunks)]
+        expected_windows = [order[i : i + cfg.buffer_chunks] for i in range(0, len(order), cfg.buffer_chunks)]
         assert len(expected_windows) > 1 and not np.array_equal(order, np.arange(len(chunks)))  # a real shuffle
         stream = []
         for w, window in enumerate(expected_windows):
@@ -535,8 +562,11 @@ def test_normalization_flags_and_the_stats_the_store_keeps(planted, monkeypatch)
     assert store.read_stats(-2, "patches") is None
 
     stats.write_store_stats(store)  # what the recording does last, every token mode in one pass
-    for mode, want in [("patches", x), ("cls", acts[:, 0].astype(np.float64)),
-                       ("meanpool", acts[:, 1:].astype(np.float64).mean(axis=1))]:
+    for mode, want in [
+        ("patches", x),
+        ("cls", acts[:, 0].astype(np.float64)),
+        ("meanpool", acts[:, 1:].astype(np.float64).mean(axis=1)),
+    ]:
         got_mean, got_scale = store.read_stats(-2, mode)
         np.testing.assert_allclose(got_mean, want.mean(axis=0), rtol=1e-6 if mode == "meanpool" else 1e-12)
         assert np.mean(np.sum(((want - got_mean) * got_scale) ** 2, axis=1)) == pytest.approx(D, rel=1e-6)

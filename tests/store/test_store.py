@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import zarr
 
-from saev_core.store import shards
-from saev_core.store import metadata as store_metadata
 from saev_core.errors import UserError
-from saev_core.store.shards import ChunkReader
-from saev_core.store import ActivationStore, arrays_metadata, write_store
+from saev_core.store import ActivationStore, arrays_metadata, shards, write_store
+from saev_core.store import metadata as store_metadata
 from saev_core.store.metadata import StoreMetadata, plan_layout
+from saev_core.store.shards import ChunkReader
 
 
 def planted_metadata(**changes) -> StoreMetadata:
@@ -27,9 +26,16 @@ def planted_metadata(**changes) -> StoreMetadata:
 def plant(root: str, **changes) -> tuple[ActivationStore, np.ndarray]:
     acts = np.random.default_rng(0).normal(size=(2, 10, 5, 8)).astype(np.float32)
     store = write_store(
-        root, acts, (-2, -1), imgs_per_shard=4, image_paths=[f"class{i % 2}/img{i:02d}.png" for i in range(10)],
-        labels=[i % 2 for i in range(10)], class_names=["class0", "class1"], resolved_layers=(2, 3),
-        fingerprint="b", **changes,
+        root,
+        acts,
+        (-2, -1),
+        imgs_per_shard=4,
+        image_paths=[f"class{i % 2}/img{i:02d}.png" for i in range(10)],
+        labels=[i % 2 for i in range(10)],
+        class_names=["class0", "class1"],
+        resolved_layers=(2, 3),
+        fingerprint="b",
+        **changes,
     )
     return store, acts
 
@@ -56,8 +62,21 @@ def test_planted_store_reads_back_with_plain_zarr(tmp_path):
 def test_metadata_fields_and_layer_lookup(tmp_path):
     store, acts = plant(str(tmp_path))
     reopened = ActivationStore.open(store.path)
-    for field in ["vit_family", "vit_ckpt", "layers", "n_patches_per_img", "cls_token", "d_vit", "seed", "n_imgs",
-                  "n_patches_per_shard", "data", "format_version", "fingerprints", "dtype"]:
+    for field in [
+        "vit_family",
+        "vit_ckpt",
+        "layers",
+        "n_patches_per_img",
+        "cls_token",
+        "d_vit",
+        "seed",
+        "n_imgs",
+        "n_patches_per_shard",
+        "data",
+        "format_version",
+        "fingerprints",
+        "dtype",
+    ]:
         assert field in reopened.metadata, field
     assert reopened.layers == [-2, -1] and reopened.n_imgs == 10
     np.testing.assert_array_equal(reopened.array(-2)[:], acts[0])
@@ -152,8 +171,9 @@ def write_two_chunk_store(root: str, acts: np.ndarray, monkeypatch) -> Activatio
     """A store of 10 images in shards of 4 and inner chunks of 2 (blocks 0, 1 whole, block 2 of 2 images)."""
     dtype = np.dtype(acts.dtype)
     monkeypatch.setattr(store_metadata, "CHUNK_TARGET_BYTES", 2 * 5 * 8 * dtype.itemsize)
-    store = ActivationStore.create(root, planted_metadata(dtype=dtype.name), [f"i{i}" for i in range(10)],
-                                   [0] * 10, [""])
+    store = ActivationStore.create(
+        root, planted_metadata(dtype=dtype.name), [f"i{i}" for i in range(10)], [0] * 10, [""]
+    )
     assert (store.layout.imgs_per_chunk, store.layout.imgs_per_shard) == (2, 4)
     for block in range(store.layout.n_blocks):
         start, end = store.layout.block_range(block)
@@ -169,8 +189,11 @@ def test_direct_shard_writes_are_byte_identical_to_zarr_and_read_back_with_plain
     acts[1, 4:8] = 0  # a whole shard of fill values: zarr stores no file
     direct_calls = []
     original = shards.PlainShardLayout.write_shard
-    monkeypatch.setattr(shards.PlainShardLayout, "write_shard",
-                        lambda self, shard, data: (direct_calls.append(shard), original(self, shard, data)))
+    monkeypatch.setattr(
+        shards.PlainShardLayout,
+        "write_shard",
+        lambda self, shard, data: (direct_calls.append(shard), original(self, shard, data)),
+    )
     direct = write_two_chunk_store(str(tmp_path / "direct"), acts, monkeypatch)
     assert sorted(direct_calls) == [0, 0, 1, 1]  # whole blocks of both layers; the partial last one went to zarr
 
@@ -241,8 +264,13 @@ def test_statistics_written_by_parts_finishing_together_are_whole(tmp_path):
     half-written (zarr's look-then-create raced, and overwriting deleted the other writer's array)."""
     import threading
 
-    store = write_store(str(tmp_path / "s"), lambda s, e: np.ones((1, e - s, 3, 4), np.float32), shape=(8, 3, 4),
-                        imgs_per_shard=4, fingerprint="x")
+    store = write_store(
+        str(tmp_path / "s"),
+        lambda s, e: np.ones((1, e - s, 3, 4), np.float32),
+        shape=(8, 3, 4),
+        imgs_per_shard=4,
+        fingerprint="x",
+    )
     errors = []
 
     def write():

@@ -271,8 +271,15 @@ def test_member_id_changes_with_any_result_changing_field(change):
 
 
 @pytest.mark.parametrize(
-    "change", [{"ckpt_path": "/elsewhere"}, {"log_every": 1}, {"ckpt_every": 7}, {"sweep": "s.toml"}, {"device": "cpu"},
-               {"n_threads": 1}]
+    "change",
+    [
+        {"ckpt_path": "/elsewhere"},
+        {"log_every": 1},
+        {"ckpt_every": 7},
+        {"sweep": "s.toml"},
+        {"device": "cpu"},
+        {"n_threads": 1},
+    ],
 )
 def test_member_id_ignores_fields_that_do_not_change_the_result(change):
     assert member_id(_cfg(**change)) == member_id(_cfg())

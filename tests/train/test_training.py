@@ -22,11 +22,10 @@ import pytest
 import torch
 
 from saev_core import config, nn
-from saev_core.store import stats
-from saev_core.train import fitting, trainer
 from saev_core.errors import UserError
+from saev_core.store import ActivationStore, stats, write_store
 from saev_core.store.loader import ActivationLoader, split_images
-from saev_core.store import ActivationStore, write_store
+from saev_core.train import fitting, trainer
 
 D = 16
 DEVICE = os.environ.get("SAEV_TEST_DEVICE", "cpu")
@@ -35,8 +34,14 @@ DEVICE = os.environ.get("SAEV_TEST_DEVICE", "cpu")
 
 def plant(root, acts: np.ndarray, imgs_per_shard: int = 50, key: str = "x") -> ActivationStore:
     """A complete one-layer store (layer -2, no CLS token) holding acts [n_imgs, n_tokens, d]."""
-    return write_store(str(root), acts[None].astype(np.float32), cls_token=False, imgs_per_shard=imgs_per_shard,
-                       resolved_layers=(10,), fingerprint=key)
+    return write_store(
+        str(root),
+        acts[None].astype(np.float32),
+        cls_token=False,
+        imgs_per_shard=imgs_per_shard,
+        resolved_layers=(10,),
+        fingerprint=key,
+    )
 
 
 def gaussian_acts(n_imgs=200, n_tokens=16, d=D, offset=3.0, scale=2.0, seed=0) -> np.ndarray:
@@ -50,11 +55,29 @@ def store(tmp_path_factory) -> ActivationStore:
 
 
 def train_cfg(store: ActivationStore, ckpt, **kw) -> config.TrainConfig:
-    sae = config.SparseAutoencoderConfig(**{"d_vit": D, "exp_factor": 4, "arch": "topk", "k": 4, "k_aux": 8,
-                                      "dead_after_n_patches": 2000, **kw.pop("sae", {})})
-    base = dict(data=config.DataLoadConfig(shard_root=store.path, layer=-2), sae=sae, n_patches=40 * 128,
-                sae_batch_size=128, lr=1e-3, n_lr_warmup=5, ckpt_path=str(ckpt), ckpt_every=10, log_every=5,
-                device=DEVICE)
+    sae = config.SparseAutoencoderConfig(
+        **{
+            "d_vit": D,
+            "exp_factor": 4,
+            "arch": "topk",
+            "k": 4,
+            "k_aux": 8,
+            "dead_after_n_patches": 2000,
+            **kw.pop("sae", {}),
+        }
+    )
+    base = dict(
+        data=config.DataLoadConfig(shard_root=store.path, layer=-2),
+        sae=sae,
+        n_patches=40 * 128,
+        sae_batch_size=128,
+        lr=1e-3,
+        n_lr_warmup=5,
+        ckpt_path=str(ckpt),
+        ckpt_every=10,
+        log_every=5,
+        device=DEVICE,
+    )
     return config.TrainConfig(**{**base, **kw})
 
 
@@ -85,16 +108,17 @@ def test_one_pass_of_three_different_saes_equals_each_trained_alone(store, tmp_p
     base = train_cfg(store, tmp_path / "together")
     cfgs = [
         with_sae(base, arch="topk", exp_factor=4, seed=1),
-        dataclasses.replace(with_sae(base, arch="relu", exp_factor=2, sparsity_coeff=1e-3, seed=2), lr=3e-4,
-                            n_sparsity_warmup=10),
-        dataclasses.replace(with_sae(base, arch="batchtopk", exp_factor=8, k=3, seed=3), lr=2e-3,
-                            max_grad_norm=0.5),
+        dataclasses.replace(
+            with_sae(base, arch="relu", exp_factor=2, sparsity_coeff=1e-3, seed=2), lr=3e-4, n_sparsity_warmup=10
+        ),
+        dataclasses.replace(with_sae(base, arch="batchtopk", exp_factor=8, k=3, seed=3), lr=2e-3, max_grad_norm=0.5),
     ]
     together = trainer.train_sweep(cfgs, show_progress=False)
     assert len({os.path.dirname(r.ckpt_path) for r in together}) == 3
     for i, cfg in enumerate(cfgs):
-        [alone] = trainer.train_sweep([dataclasses.replace(cfg, ckpt_path=str(tmp_path / f"alone{i}"))],
-                                       show_progress=False)
+        [alone] = trainer.train_sweep(
+            [dataclasses.replace(cfg, ckpt_path=str(tmp_path / f"alone{i}"))], show_progress=False
+        )
         assert alone.member_id == together[i].member_id
         diff = max_diff(state(together[i].ckpt_path), state(alone.ckpt_path))
         assert diff <= 1e-6, f"member {i} ({cfg.sae.arch}) differs by {diff}"
@@ -118,8 +142,16 @@ def test_same_seed_gives_equal_tensors_and_another_sae_seed_differs(store, tmp_p
 
 def test_lr_warmup_then_decay_and_sparsity_warmup_reach_optimizer_and_loss(store, tmp_path):
     n_steps, n_warm, n_sparse, peak, coeff = 40, 10, 20, 2e-3, 1e-2
-    cfg = train_cfg(store, tmp_path, n_patches=n_steps * 128, lr=peak, n_lr_warmup=n_warm,
-                    n_sparsity_warmup=n_sparse, log_every=1, sae={"arch": "relu", "sparsity_coeff": coeff})
+    cfg = train_cfg(
+        store,
+        tmp_path,
+        n_patches=n_steps * 128,
+        lr=peak,
+        n_lr_warmup=n_warm,
+        n_sparsity_warmup=n_sparse,
+        log_every=1,
+        sae={"arch": "relu", "sparsity_coeff": coeff},
+    )
     seen = []
     [r] = trainer.train_sweep([cfg], show_progress=False, on_log=lambda step, mid, rec: seen.append((step, rec)))
     logs = read_jsonl(os.path.join(os.path.dirname(r.ckpt_path), "metrics.jsonl"))
@@ -144,8 +176,12 @@ def test_lr_warmup_then_decay_and_sparsity_warmup_reach_optimizer_and_loss(store
 def test_normalisation_is_saved_and_a_fresh_load_reproduces_the_training_metrics(tmp_path):
     acts = gaussian_acts(offset=40.0, scale=0.05, seed=1)  # far from the identity normalisation
     store = plant(tmp_path / "store", acts, key="norm")
-    cfg = train_cfg(store, tmp_path / "ckpt", n_patches=30 * 128, data=config.DataLoadConfig(
-        shard_root=store.path, layer=-2, scale_mean=True, scale_norm=True, val_frac=0.25))
+    cfg = train_cfg(
+        store,
+        tmp_path / "ckpt",
+        n_patches=30 * 128,
+        data=config.DataLoadConfig(shard_root=store.path, layer=-2, scale_mean=True, scale_norm=True, val_frac=0.25),
+    )
     [r] = trainer.train_sweep([cfg], show_progress=False)
     sae = nn.load(r.ckpt_path)
     flat = acts.reshape(-1, D).astype(np.float64)
@@ -176,8 +212,21 @@ def test_outputs_sweep_csv_provenance_and_finished_members_are_not_retrained(sto
     results = trainer.train_sweep(cfgs, show_progress=False)
     table = pd.read_csv(tmp_path / "sweep.csv")
     assert len(table) == 2 and list(table["member_id"]) == [r.member_id for r in results]
-    for col in ["member_id", "sae.arch", "sae.exp_factor", "lr", "data.layer", "nmse", "ev", "mse", "l0", "l1",
-                "frac_dead", "frac_dense", "ckpt"]:
+    for col in [
+        "member_id",
+        "sae.arch",
+        "sae.exp_factor",
+        "lr",
+        "data.layer",
+        "nmse",
+        "ev",
+        "mse",
+        "l0",
+        "l1",
+        "frac_dead",
+        "frac_dense",
+        "ckpt",
+    ]:
         assert col in table.columns, col
     assert list(table["sae.arch"]) == ["topk", "jumprelu"] and list(table["lr"]) == [1e-3, 5e-4]
     assert list(table["ckpt"]) == [r.ckpt_path for r in results]
@@ -233,11 +282,39 @@ def test_topk_sae_recovers_a_planted_dictionary_through_the_cli(tmp_path, capsys
     x = np.einsum("nk,nkd->nd", coef, atoms[which]) + sigma * rng.normal(size=(n, d))
     store = plant(tmp_path / "store", x.reshape(n_imgs, n_tokens, d), imgs_per_shard=n_imgs, key="dict")
 
-    rc = main(["train", "--data.shard-root", store.path, "--data.layer", "-2", "--sae.d-vit", str(d),
-               "--sae.arch", "topk", "--sae.k", str(k), "--sae.exp-factor", str(2 * n_atoms // d),
-               "--sae.dead-after-n-patches", "20000", "--lr", "3e-3", "--n-lr-warmup", "50",
-               "--n-patches", str(600 * 256), "--sae-batch-size", "256", "--ckpt-path", str(tmp_path / "ckpt"),
-               "--device", DEVICE, "--log-every", "200"])
+    rc = main(
+        [
+            "train",
+            "--data.shard-root",
+            store.path,
+            "--data.layer",
+            "-2",
+            "--sae.d-vit",
+            str(d),
+            "--sae.arch",
+            "topk",
+            "--sae.k",
+            str(k),
+            "--sae.exp-factor",
+            str(2 * n_atoms // d),
+            "--sae.dead-after-n-patches",
+            "20000",
+            "--lr",
+            "3e-3",
+            "--n-lr-warmup",
+            "50",
+            "--n-patches",
+            str(600 * 256),
+            "--sae-batch-size",
+            "256",
+            "--ckpt-path",
+            str(tmp_path / "ckpt"),
+            "--device",
+            DEVICE,
+            "--log-every",
+            "200",
+        ]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and out[-1] == str(tmp_path / "ckpt" / "sweep.csv")
     [ckpt] = glob.glob(str(tmp_path / "ckpt" / "*" / "sae.pt"))
@@ -251,10 +328,13 @@ def test_topk_sae_recovers_a_planted_dictionary_through_the_cli(tmp_path, capsys
 # Resume after SIGKILL
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def resume_cfgs(store, ckpt) -> list[config.TrainConfig]:
     base = train_cfg(store, ckpt, n_patches=100 * 128, ckpt_every=10, log_every=1)
-    return [with_sae(base, seed=1), dataclasses.replace(with_sae(base, arch="batchtopk", exp_factor=2, seed=2),
-                                                        lr=3e-3)]
+    return [
+        with_sae(base, seed=1),
+        dataclasses.replace(with_sae(base, arch="batchtopk", exp_factor=2, seed=2), lr=3e-3),
+    ]
 
 
 def test_sweep_killed_mid_way_resumes_to_the_uninterrupted_weights(store, tmp_path):
@@ -270,8 +350,12 @@ def test_sweep_killed_mid_way_resumes_to_the_uninterrupted_weights(store, tmp_pa
         trainer.train_sweep(resume_cfgs(store, {str(killed)!r}), show_progress=False,
                              on_log=lambda *a: time.sleep(0.02))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", child], cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child],
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + 120
         while not glob.glob(str(killed / "group-*.json")):
@@ -289,8 +373,9 @@ def test_sweep_killed_mid_way_resumes_to_the_uninterrupted_weights(store, tmp_pa
     assert 10 <= kept < 100 and not glob.glob(str(killed / "*" / "sae.pt"))
 
     steps_run = []
-    resumed = trainer.train_sweep(resume_cfgs(store, killed), show_progress=False,
-                                   on_log=lambda step, mid, rec: steps_run.append(step))
+    resumed = trainer.train_sweep(
+        resume_cfgs(store, killed), show_progress=False, on_log=lambda step, mid, rec: steps_run.append(step)
+    )
     assert min(steps_run) == kept  # it continued, it did not start over
     uninterrupted = trainer.train_sweep(resume_cfgs(store, clean), show_progress=False)
     for a, b in zip(resumed, uninterrupted):
@@ -324,10 +409,13 @@ def test_sweep_file_with_unknown_key_or_wrong_type_names_key_and_file(store, tmp
 def test_sweep_file_trains_every_member_in_one_group(store, tmp_path):
     sweep = tmp_path / "sweep.toml"
     sweep.write_text('lr = [1e-3, 3e-4]\n[sae]\narch = ["topk", "relu"]\n')
-    results = trainer.train_main(dataclasses.replace(train_cfg(store, tmp_path, n_patches=6 * 128),
-                                                      sweep=str(sweep)))
+    results = trainer.train_main(dataclasses.replace(train_cfg(store, tmp_path, n_patches=6 * 128), sweep=str(sweep)))
     assert [(r.cfg.lr, r.cfg.sae.arch, r.cfg.sae.seed) for r in results] == [
-        (1e-3, "topk", 0), (1e-3, "relu", 1), (3e-4, "topk", 2), (3e-4, "relu", 3)]
+        (1e-3, "topk", 0),
+        (1e-3, "relu", 1),
+        (3e-4, "topk", 2),
+        (3e-4, "relu", 3),
+    ]
     assert len(pd.read_csv(tmp_path / "sweep.csv")) == 4
 
 
@@ -336,8 +424,9 @@ def test_sae_d_vit_that_differs_from_the_store_is_refused(store, tmp_path, capsy
 
     with pytest.raises(UserError) as err:
         trainer.train_sweep([train_cfg(store, tmp_path, sae={"d_vit": 512})], show_progress=False)
-    assert str(err.value).rstrip(".") == (f"--sae.d-vit 512 does not match the store's d_vit {D} ({store.path}); "
-                              f"pass --sae.d-vit {D}")
+    assert str(err.value).rstrip(".") == (
+        f"--sae.d-vit 512 does not match the store's d_vit {D} ({store.path}); pass --sae.d-vit {D}"
+    )
     rc = main(["train", "--data.shard-root", store.path, "--sae.d-vit", "512", "--ckpt-path", str(tmp_path)])
     assert rc == 2 and "--sae.d-vit 512 does not match" in capsys.readouterr().err
 
@@ -355,8 +444,9 @@ def test_nan_in_the_data_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     acts[:, :, 0] = np.arange(n_imgs)[:, None]  # coordinate 0 names the image, to find where it is read
     store = plant(tmp_path / "store", acts, imgs_per_shard=10, key="nan")
     data = config.DataLoadConfig(shard_root=store.path, layer=-2, buffer_chunks=1)
-    cfg = train_cfg(store, tmp_path / "ckpt", data=data, sae_batch_size=32, n_patches=60 * 32, ckpt_every=2,
-                    sae={"arch": "relu"})
+    cfg = train_cfg(
+        store, tmp_path / "ckpt", data=data, sae_batch_size=32, n_patches=60 * 32, ckpt_every=2, sae={"arch": "relu"}
+    )
     stats.write_store_stats(store)  # clean statistics in the store, as the recording writes them
 
     first_seen: dict[int, int] = {}
@@ -415,10 +505,33 @@ def test_train_cli_subprocess_prints_the_sweep_csv_last(store, tmp_path):
     sweep = tmp_path / "sweep.toml"
     sweep.write_text("[sae]\nk = [2, 4]\n")
     out = subprocess.run(
-        [sys.executable, "-m", "saev_core", "train", "--data.shard-root", store.path, "--data.layer", "-2",
-         "--sae.d-vit", str(D), "--sae.arch", "topk", "--sae.exp-factor", "2", "--n-patches", "1024",
-         "--sae-batch-size", "128", "--ckpt-path", str(tmp_path / "ckpts"), "--sweep", str(sweep)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "saev_core",
+            "train",
+            "--data.shard-root",
+            store.path,
+            "--data.layer",
+            "-2",
+            "--sae.d-vit",
+            str(D),
+            "--sae.arch",
+            "topk",
+            "--sae.exp-factor",
+            "2",
+            "--n-patches",
+            "1024",
+            "--sae-batch-size",
+            "128",
+            "--ckpt-path",
+            str(tmp_path / "ckpts"),
+            "--sweep",
+            str(sweep),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     lines = out.stdout.strip().splitlines()
     assert lines[-1] == str(tmp_path / "ckpts" / "sweep.csv")
@@ -429,8 +542,21 @@ def test_train_cli_subprocess_prints_the_sweep_csv_last(store, tmp_path):
 def test_zero_sae_batch_size_is_a_clear_error(store, tmp_path, capsys):
     from saev_core.__main__ import main
 
-    code = main(["train", "--data.shard-root", store.path, "--data.layer", "-2", "--sae.d-vit", str(D),
-                 "--sae-batch-size", "0", "--ckpt-path", str(tmp_path / "ckpts")])
+    code = main(
+        [
+            "train",
+            "--data.shard-root",
+            store.path,
+            "--data.layer",
+            "-2",
+            "--sae.d-vit",
+            str(D),
+            "--sae-batch-size",
+            "0",
+            "--ckpt-path",
+            str(tmp_path / "ckpts"),
+        ]
+    )
     assert code == 2 and "--sae-batch-size 0" in capsys.readouterr().err
 
 
@@ -457,8 +583,14 @@ def test_training_from_a_float16_store_matches_float32_training_within_tolerance
     acts = x.reshape(n_imgs, n_tokens, D)
     acts16 = acts.astype(np.float16)
     stores = {
-        "float16": write_store(str(tmp_path / "f16"), acts16[None], cls_token=False, imgs_per_shard=50,
-                               resolved_layers=(10,), dtype="float16"),
+        "float16": write_store(
+            str(tmp_path / "f16"),
+            acts16[None],
+            cls_token=False,
+            imgs_per_shard=50,
+            resolved_layers=(10,),
+            dtype="float16",
+        ),
         "float32 of float16": plant(tmp_path / "f32r", acts16.astype(np.float32), key="f32r"),
         "float32": plant(tmp_path / "f32", acts, key="f32"),
     }
@@ -466,9 +598,16 @@ def test_training_from_a_float16_store_matches_float32_training_within_tolerance
     assert stores["float16"].array(-2).nbytes * 2 == stores["float32"].array(-2).nbytes
     results = {}
     for name, st in stores.items():
-        cfg = train_cfg(st, tmp_path / name.replace(" ", "_"), n_patches=150 * 128, lr=1e-2, n_lr_warmup=10,
-                        ckpt_every=1000, data=config.DataLoadConfig(shard_root=st.path, layer=-2, val_frac=0.2),
-                        sae={"k": k, "exp_factor": 2})
+        cfg = train_cfg(
+            st,
+            tmp_path / name.replace(" ", "_"),
+            n_patches=150 * 128,
+            lr=1e-2,
+            n_lr_warmup=10,
+            ckpt_every=1000,
+            data=config.DataLoadConfig(shard_root=st.path, layer=-2, val_frac=0.2),
+            sae={"k": k, "exp_factor": 2},
+        )
         [results[name]] = trainer.train_sweep([cfg], show_progress=False)
     nmse = {name: r.metrics["nmse"] for name, r in results.items()}
     assert nmse["float32"] < 0.15, nmse  # it learned the dictionary: the comparison means something
@@ -526,16 +665,23 @@ def test_relu_with_saevs_sparsity_coeff_gives_saevs_l0_on_planted_data(tmp_path)
     cfg = config.TrainConfig(
         data=config.DataLoadConfig(shard_root=store.path, layer=-2, scale_mean=False, scale_norm=False),
         sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=4, arch="relu", sparsity_coeff=0.04, seed=0),
-        n_patches=256_000, sae_batch_size=256, lr=1e-2, n_lr_warmup=20, ckpt_path=str(tmp_path / "ckpt"),
-        device=DEVICE, log_every=10**9)
+        n_patches=256_000,
+        sae_batch_size=256,
+        lr=1e-2,
+        n_lr_warmup=20,
+        ckpt_path=str(tmp_path / "ckpt"),
+        device=DEVICE,
+        log_every=10**9,
+    )
     [r] = trainer.train_sweep([cfg], show_progress=False)
     lo, hi = 0.85 * min(SAEV_0_1_0_RELU_L0), 1.15 * max(SAEV_0_1_0_RELU_L0)
     assert lo <= r.metrics["l0"] <= hi, f"L0 {r.metrics['l0']:.2f}; saev 0.1.0 gives {SAEV_0_1_0_RELU_L0}"
 
 
 def test_unset_lr_warmup_and_dead_window_fit_a_short_run_and_are_reported_once(store, tmp_path, caplog):
-    base = train_cfg(store, tmp_path, n_patches=40 * 128, lr=None, n_lr_warmup=None, log_every=1,
-                     sae={"dead_after_n_patches": None})
+    base = train_cfg(
+        store, tmp_path, n_patches=40 * 128, lr=None, n_lr_warmup=None, log_every=1, sae={"dead_after_n_patches": None}
+    )
     cfgs = [with_sae(base, seed=1), with_sae(base, arch="relu", seed=2)]  # same fitted values: one note each
     notes = []
     with caplog.at_level(logging.WARNING, logger="saev_core.train.trainer"):
@@ -563,8 +709,15 @@ def test_unset_lr_warmup_and_dead_window_fit_a_short_run_and_are_reported_once(s
 
 
 def test_explicit_settings_longer_than_the_run_are_kept_and_reported(store, tmp_path):
-    cfg = train_cfg(store, tmp_path, n_patches=10 * 128, lr=1e-3, n_lr_warmup=100, n_sparsity_warmup=50,
-                    sae={"arch": "relu", "dead_after_n_patches": 10**6})
+    cfg = train_cfg(
+        store,
+        tmp_path,
+        n_patches=10 * 128,
+        lr=1e-3,
+        n_lr_warmup=100,
+        n_sparsity_warmup=50,
+        sae={"arch": "relu", "dead_after_n_patches": 10**6},
+    )
     notes = []
     [r] = trainer.train_sweep([cfg], show_progress=False, on_note=notes.append)
     assert (r.cfg.lr, r.cfg.n_lr_warmup, r.cfg.sae.dead_after_n_patches) == (1e-3, 100, 10**6)
@@ -582,8 +735,9 @@ def test_fit_to_run_known_answers_for_the_default_run_and_a_fitted_config():
     assert fitted.n_lr_warmup == 305  # 5% of 6,103 steps, below the usual 500
     assert len(notes) == 1 and "warming up over 305 steps" in notes[0]
     assert fitting.fit_to_run(fitted) == (fitted, [])
-    wide = dataclasses.replace(default, sae=dataclasses.replace(default.sae, d_vit=768, exp_factor=16),
-                               n_patches=10_000 * 16_384)  # ViT-B x16, a run longer than the default
+    wide = dataclasses.replace(
+        default, sae=dataclasses.replace(default.sae, d_vit=768, exp_factor=16), n_patches=10_000 * 16_384
+    )  # ViT-B x16, a run longer than the default
     assert fitting.fit_to_run(wide)[0].lr == pytest.approx(4e-4 * math.sqrt(16_384 / 12_288))
     assert fitting.fit_to_run(wide)[0].n_lr_warmup == 500
 
@@ -594,8 +748,14 @@ def test_training_stream_dead_count_matches_a_replay_of_the_training_stream(stor
     # through the saved SAE says when every latent fired; dead = did not fire in the last window_batches * 128
     # training vectors.
     n_steps, batch = 30, 128
-    cfg = train_cfg(store, tmp_path, n_patches=n_steps * batch, sae_batch_size=batch, lr=1e-30,
-                    sae={"arch": arch, "k": 1, "exp_factor": 16, "dead_after_n_patches": window_batches * batch})
+    cfg = train_cfg(
+        store,
+        tmp_path,
+        n_patches=n_steps * batch,
+        sae_batch_size=batch,
+        lr=1e-30,
+        sae={"arch": arch, "k": 1, "exp_factor": 16, "dead_after_n_patches": window_batches * batch},
+    )
     [r] = trainer.train_sweep([cfg], show_progress=False)
     sae = nn.load(r.ckpt_path).train()  # train mode: batchtopk picks over the batch, as in training
     loader = ActivationLoader(store, cfg.data, batch, cfg.seed, "train")
@@ -634,7 +794,8 @@ def test_n_threads_is_torchs_thread_count_while_training_and_is_put_back(store, 
         for n in (1, 2):
             seen = []
             cfg = train_cfg(store, tmp_path / str(n), n_patches=4 * 128, n_threads=n, log_every=1)
-            trainer.train_sweep([cfg], show_progress=False, on_log=lambda *a: seen.append(torch.get_num_threads()))
+            record = lambda *a, seen=seen: seen.append(torch.get_num_threads())  # noqa: E731
+            trainer.train_sweep([cfg], show_progress=False, on_log=record)
             assert seen and set(seen) == {n} and torch.get_num_threads() == 3
         assert read_threads == [1, 1, 2, 2]  # train and held-out loaders read with at most n threads
     finally:
@@ -656,10 +817,33 @@ def test_defaults_recover_a_planted_dictionary_in_a_short_run(tmp_path, capsys, 
     atoms, x = planted_dictionary(102_400)
     store = plant(tmp_path / "store", x.reshape(1600, 64, 64), imgs_per_shard=1600, key="defaults")
     with caplog.at_level(logging.WARNING, logger="saev_core.train.trainer"):
-        rc = main(["train", "--data.shard-root", store.path, "--data.layer", "-2", "--sae.d-vit", "64",
-                   "--sae.arch", "topk", "--sae.k", "4", "--sae.exp-factor", "4", "--n-patches", str(600 * 256),
-                   "--sae-batch-size", "256", "--ckpt-path", str(tmp_path / "ckpt"), "--device", DEVICE,
-                   "--log-every", "1000"])
+        rc = main(
+            [
+                "train",
+                "--data.shard-root",
+                store.path,
+                "--data.layer",
+                "-2",
+                "--sae.d-vit",
+                "64",
+                "--sae.arch",
+                "topk",
+                "--sae.k",
+                "4",
+                "--sae.exp-factor",
+                "4",
+                "--n-patches",
+                str(600 * 256),
+                "--sae-batch-size",
+                "256",
+                "--ckpt-path",
+                str(tmp_path / "ckpt"),
+                "--device",
+                DEVICE,
+                "--log-every",
+                "1000",
+            ]
+        )
     assert rc == 0
     notes = [rec.getMessage() for rec in caplog.records if rec.name == "saev_core.train.trainer"]
     assert [n.split(" is not set")[0] for n in notes] == ["--lr", "--n-lr-warmup", "--sae.dead-after-n-patches"]

@@ -11,9 +11,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from saev_core import config, nn
-from saev_core.visuals import association
-from saev_core.visuals import render
 from saev_core.store import write_store
+from saev_core.visuals import association, render
 
 N_IMGS, N_PATCHES, D = 40, 4, 8
 PLANTED, CLASS = 3, 1
@@ -47,17 +46,32 @@ def planted(tmp_path_factory):
     for rel in paths:
         os.makedirs(root / "imgs" / os.path.dirname(rel), exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "imgs" / rel)
-    store = write_store(str(root / "store"), acts, layers=(-1,), image_paths=paths, labels=labels.tolist(),
-                        class_names=names, image_root=str(root / "imgs"), vit_ckpt="saev-tiny-clip/none")
+    store = write_store(
+        str(root / "store"),
+        acts,
+        layers=(-1,),
+        image_paths=paths,
+        labels=labels.tolist(),
+        class_names=names,
+        image_root=str(root / "imgs"),
+        vit_ckpt="saev-tiny-clip/none",
+    )
     ckpt = identity_sae(root / "sae.pt", store.path)
     return root, store, ckpt, acts, labels
 
 
 def test_planted_latent_ranks_first_for_its_class_with_auroc_one(planted, tmp_path):
     root, store, ckpt, acts, labels = planted
-    cfg = config.VisualsConfig(ckpt=ckpt, dump_to=str(tmp_path / "v"), data=config.VisualsDataConfig(
-        shard_root=store.path, layer=-1, patches="patches"), top_k=8, n_imgs_per_latent=2,
-        log_freq_range=(-10.0, 0.0), log_value_range=(-10.0, 10.0), device="cpu")
+    cfg = config.VisualsConfig(
+        ckpt=ckpt,
+        dump_to=str(tmp_path / "v"),
+        data=config.VisualsDataConfig(shard_root=store.path, layer=-1, patches="patches"),
+        top_k=8,
+        n_imgs_per_latent=2,
+        log_freq_range=(-10.0, 0.0),
+        log_value_range=(-10.0, 10.0),
+        device="cpu",
+    )
     render.make_visuals(cfg, show_progress=False)
     out = json.loads((tmp_path / "v" / "association.json").read_text())
     best = out["top_latents_per_class"]["cat"][0]

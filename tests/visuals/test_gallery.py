@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.browser import CHROMIUM, Chromium
 from saev_core.visuals.gallery import freq_vs_value_png, image_relpath, preview_grid, write_gallery
 from saev_core.visuals.heatmaps import ViewGeometry, overlay_heatmap, save_png
+from tests.browser import CHROMIUM, Chromium
 
 N_LATENTS, N_PER_LATENT = 18, 3
 NASTY_LABELS = ['<script>alert("x")</script>', "a & b", "o'clock", "tabby cat"]
@@ -45,11 +45,19 @@ def make_latents(root, seed=0):
         with open(os.path.join(root, "neurons", str(latent), "metadata.json"), "w") as f:
             json.dump({"latent": latent}, f)
         edges = np.linspace(-2, 1, 21)
-        latents.append({
-            "latent": latent, "log10_freq": float(freq), "log10_mean_value": float(mean),
-            "max_value": float(values.max()), "n_images": N_PER_LATENT, "images": images, "labels": labels,
-            "hist_counts": rng.integers(0, 50, 20), "hist_edges": edges,
-        })
+        latents.append(
+            {
+                "latent": latent,
+                "log10_freq": float(freq),
+                "log10_mean_value": float(mean),
+                "max_value": float(values.max()),
+                "n_images": N_PER_LATENT,
+                "images": images,
+                "labels": labels,
+                "hist_counts": rng.integers(0, 50, 20),
+                "hist_edges": edges,
+            }
+        )
     return latents
 
 
@@ -58,8 +66,14 @@ def gallery(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("gallery"))
     latents = make_latents(root)
     rng = np.random.default_rng(1)
-    path = write_gallery(root, latents, rng.uniform(-5, 0, 500), rng.normal(0, 1, 500),
-                         log_freq_range=(-3.5, -1.5), log_value_range=(-0.5, None))
+    path = write_gallery(
+        root,
+        latents,
+        rng.uniform(-5, 0, 500),
+        rng.normal(0, 1, 500),
+        log_freq_range=(-3.5, -1.5),
+        log_value_range=(-0.5, None),
+    )
     return root, path, latents
 
 
@@ -179,8 +193,13 @@ def test_missing_images_and_mismatched_labels_are_refused(gallery, tmp_path):
 def test_preview_grid_puts_each_latents_top_images_in_its_row(tmp_path):
     import io
 
-    colours = {(7, 0): (255, 0, 0), (7, 1): (0, 255, 0), (42, 0): (0, 0, 255), (42, 1): (255, 255, 0),
-               (9, 0): (255, 0, 255)}  # latent 9 has no rank-1 image
+    colours = {
+        (7, 0): (255, 0, 0),
+        (7, 1): (0, 255, 0),
+        (42, 0): (0, 0, 255),
+        (42, 1): (255, 255, 0),
+        (9, 0): (255, 0, 255),
+    }  # latent 9 has no rank-1 image
     for (latent, rank), colour in colours.items():
         os.makedirs(tmp_path / "neurons" / str(latent), exist_ok=True)
         Image.new("RGB", (90, 60), colour).save(tmp_path / image_relpath(latent, rank))
@@ -214,9 +233,11 @@ def browser():
 def test_browser_harness_catches_remote_requests_console_errors_and_broken_images(browser, tmp_path):
     """The checks below can fail: a page that breaks each rule is caught."""
     Image.new("RGB", (4, 4), "red").save(tmp_path / "ok.png")
-    (tmp_path / "bad.html").write_text('<img src="ok.png"><img src="missing.png">'
-                                       '<img src="http://example.invalid/remote.png">'
-                                       '<script>console.error("boom")</script>')
+    (tmp_path / "bad.html").write_text(
+        '<img src="ok.png"><img src="missing.png">'
+        '<img src="http://example.invalid/remote.png">'
+        '<script>console.error("boom")</script>'
+    )
     tab = browser.open((tmp_path / "bad.html").as_uri())
     assert [u for u in tab.requested_urls() if not u.startswith("file://")] == ["http://example.invalid/remote.png"]
     assert any("boom" in e for e in tab.errors())
@@ -237,8 +258,10 @@ def test_gallery_in_chromium_loads_every_image_sorts_on_click_and_stays_local(br
     assert gallery_files <= set(urls)  # the request log saw every image, so it would have seen a remote one
 
     assert tab.row_order() == [e["latent"] for e in latents]  # as given, before any click
-    by = {key: [e["latent"] for e in sorted(latents, key=lambda e: e[key])]
-          for key in ("log10_freq", "log10_mean_value", "latent")}
+    by = {
+        key: [e["latent"] for e in sorted(latents, key=lambda e: e[key])]
+        for key in ("log10_freq", "log10_mean_value", "latent")
+    }
     tab.click('th[data-key="freq"]')
     assert tab.row_order() == by["log10_freq"]
     tab.click('th[data-key="freq"]')
@@ -248,8 +271,9 @@ def test_gallery_in_chromium_loads_every_image_sorts_on_click_and_stays_local(br
     tab.click('th[data-key="latent"]')
     assert tab.row_order() == by["latent"]
     # The rows moved with their images: each row still shows its own latent's files.
-    first = tab.js("Array.from(document.querySelectorAll('#latents tbody tr:first-child img'))"
-                   ".map(i => i.getAttribute('src'))")
+    first = tab.js(
+        "Array.from(document.querySelectorAll('#latents tbody tr:first-child img')).map(i => i.getAttribute('src'))"
+    )
     assert first == [image_relpath(by["latent"][0], r) for r in range(N_PER_LATENT)]
 
     assert tab.errors() == []

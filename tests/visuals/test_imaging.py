@@ -48,8 +48,10 @@ def hand_patch_box(box, grid, r, c):
 def inner(box, margin=1.0):
     """Integer pixel slice strictly inside a float box (pixels whose whole area is in it, less a margin)."""
     left, top, right, bottom = box
-    return (slice(int(np.ceil(top + margin)), int(np.floor(bottom - margin))),
-            slice(int(np.ceil(left + margin)), int(np.floor(right - margin))))
+    return (
+        slice(int(np.ceil(top + margin)), int(np.floor(bottom - margin))),
+        slice(int(np.ceil(left + margin)), int(np.floor(right - margin))),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from saev_core import config, nn
-from saev_core.visuals import top_images
 from saev_core.errors import UserError
 from saev_core.store import write_store
+from saev_core.visuals import top_images
 
 D, N_PATCHES = 8, 6
 
@@ -46,9 +46,9 @@ def brute_force(sae, acts, patches, k, cls_token, images):
     rows = np.zeros((d_sae, k, acts.shape[1] - first), np.float32)
     for latent in range(d_sae):
         order = [i for i in np.lexsort((images, -rank[:, latent])) if rank[i, latent] > 0][:k]
-        values[latent, :len(order)] = rank[order, latent]
-        imgs[latent, :len(order)] = images[order]
-        rows[latent, :len(order)] = patch_f[order, :, latent]
+        values[latent, : len(order)] = rank[order, latent]
+        imgs[latent, : len(order)] = images[order]
+        rows[latent, : len(order)] = patch_f[order, :, latent]
     mode_f = patch_f.reshape(-1, d_sae) if patches == "patches" else f[:, 0]
     return values, imgs, rows, mode_f, f
 
@@ -79,11 +79,15 @@ def test_streaming_topk_equals_brute_force(tmp_path, patches, imgs_per_batch):
     mean_when_firing = np.where(fires.any(0), (mode_f * fires).sum(0) / np.maximum(fires.sum(0), 1), 0)
     np.testing.assert_allclose(got.mean_value, mean_when_firing, rtol=1e-5)
     for latent in range(f.shape[-1]):
-        counts, _ = np.histogram(np.clip(np.log10(mode_f[fires[:, latent], latent]), -5.999, 3.999), top_images.HIST_EDGES)
+        counts, _ = np.histogram(
+            np.clip(np.log10(mode_f[fires[:, latent], latent]), -5.999, 3.999), top_images.HIST_EDGES
+        )
         np.testing.assert_array_equal(got.hist[latent], counts)
     assert got.n_vectors == len(mode_f)
     # Exactly k distinct images where at least k fire; every latent list is distinct.
-    n_firing = (mode_f.reshape(len(images), -1, f.shape[-1]) > 0).any(1).sum(0) if patches == "patches" else fires.sum(0)
+    n_firing = (
+        (mode_f.reshape(len(images), -1, f.shape[-1]) > 0).any(1).sum(0) if patches == "patches" else fires.sum(0)
+    )
     np.testing.assert_array_equal(got.n_images(), np.minimum(n_firing, 4))
     for latent in range(f.shape[-1]):
         kept = got.top_images[latent][got.top_images[latent] >= 0]
@@ -105,8 +109,9 @@ def test_store_without_cls_token_ranks_patches_and_has_nan_cls(tmp_path):
 def test_ties_go_to_the_lower_image_index():
     """Exact ties (planted: the encoder's float sums can differ by batch shape, so ties are built here directly)."""
     d_sae, k, n_patches = 3, 4, 2
-    values = torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, 0.5], [2.0, 3.0, 0.0], [2.0, 1.0, 0.5], [2.0, 1.0, 0.0],
-                           [5.0, 1.0, 0.5]])  # [images, d_sae]; latent 2 fires on three images only
+    values = torch.tensor(
+        [[2.0, 1.0, 0.0], [2.0, 1.0, 0.5], [2.0, 3.0, 0.0], [2.0, 1.0, 0.5], [2.0, 1.0, 0.0], [5.0, 1.0, 0.5]]
+    )  # [images, d_sae]; latent 2 fires on three images only
     running = top_images._RunningTopK(d_sae, k, n_patches, "cpu")
     for batch in ([4, 5], [0, 2], [1, 3]):  # batches in any order: the result does not depend on it
         idx = torch.tensor(batch)
@@ -149,11 +154,10 @@ rng = np.random.default_rng(0)
 store = write_store(sys.argv[1], lambda s, e: rng.normal(size=(1, e - s, n_tokens, d_vit)).astype(np.float32),
                     shape=(n_imgs, n_tokens, d_vit), imgs_per_shard=4096, fingerprint="big")
 sae = nn.make_sae(config.SparseAutoencoderConfig(d_vit=d_vit, exp_factor=320, arch="topk", k=4))
-top_images.topk_pass(store, -2, "patches", sae, 8, top_images.CacheIdentity("x", store.metadata.key, -2, "patches", 8),
-               imgs_per_batch=256)  # warm-up: the first call pays torch's one-time allocations
+identity = top_images.CacheIdentity("x", store.metadata.key, -2, "patches", 8)
+top_images.topk_pass(store, -2, "patches", sae, 8, identity, imgs_per_batch=256)  # warm-up: one-time allocations
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-cache = top_images.topk_pass(store, -2, "patches", sae, 8, top_images.CacheIdentity("x", store.metadata.key, -2, "patches", 8),
-                       imgs_per_batch=512)
+cache = top_images.topk_pass(store, -2, "patches", sae, 8, identity, imgs_per_batch=512)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(after - before, n_imgs * n_tokens * sae.cfg.d_sae * 4, cache.n_vectors)
 """
@@ -165,8 +169,9 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "big")], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "big")], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     growth, o_n_imgs, n_vectors = map(int, out.stdout.split())
     assert n_vectors == 50_000 * 6

@@ -10,11 +10,10 @@ import torch
 from PIL import Image
 
 from saev_core import config, nn
-from saev_core.visuals import top_images
-from saev_core.train import trainer
-from saev_core.visuals import render
 from saev_core.__main__ import main
 from saev_core.errors import UserError
+from saev_core.train import trainer
+from saev_core.visuals import render, top_images
 from tests.helpers import write_images
 
 N_IMGS = 12
@@ -25,15 +24,33 @@ def trained(tmp_path_factory, tiny_clip_ckpt):
     """A tiny store of 12 non-square images (64 x 48) and a topk SAE trained on it; (images, store, sae.pt)."""
     root = tmp_path_factory.mktemp("visuals")
     write_images(root / "imgs", N_IMGS, size=(64, 48))
-    argv = ["activations", "--vit-family", "clip", "--vit-ckpt", tiny_clip_ckpt, "--vit-layers", "-1",
-            "--dump-to", str(root / "acts"), "--n-workers", "0", "data:image-folder-dataset", "--data.root",
-            str(root / "imgs")]
+    argv = [
+        "activations",
+        "--vit-family",
+        "clip",
+        "--vit-ckpt",
+        tiny_clip_ckpt,
+        "--vit-layers",
+        "-1",
+        "--dump-to",
+        str(root / "acts"),
+        "--n-workers",
+        "0",
+        "data:image-folder-dataset",
+        "--data.root",
+        str(root / "imgs"),
+    ]
     assert main(argv) == 0
     store_path = next(p for p in (root / "acts").iterdir() if p.is_dir())
     cfg = config.TrainConfig(
         data=config.DataLoadConfig(shard_root=str(store_path), layer=-1, val_frac=0.2),
-        sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=2, arch="topk", k=8), n_patches=40 * 64,
-        sae_batch_size=64, n_lr_warmup=5, ckpt_path=str(root / "ckpt"), device="cpu", log_every=1000,
+        sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=2, arch="topk", k=8),
+        n_patches=40 * 64,
+        sae_batch_size=64,
+        n_lr_warmup=5,
+        ckpt_path=str(root / "ckpt"),
+        device="cpu",
+        log_every=1000,
     )
     [result] = trainer.train_sweep([cfg], show_progress=False)
     return root / "imgs", str(store_path), result.ckpt_path
@@ -51,8 +68,20 @@ WIDE = ["--log-freq-range", "-10", "0", "--log-value-range", "-10", "10"]
 def test_cli_renders_every_selected_latent_and_prints_the_gallery_last(trained, tmp_path, capsys):
     _, _, ckpt = trained
     dump_to = tmp_path / "v"
-    rc, out, err = run(capsys, "--ckpt", ckpt, "--dump-to", str(dump_to), "--n-imgs-per-latent", "3",
-                       "--top-k", "5", "--device", "cpu", *WIDE)
+    rc, out, err = run(
+        capsys,
+        "--ckpt",
+        ckpt,
+        "--dump-to",
+        str(dump_to),
+        "--n-imgs-per-latent",
+        "3",
+        "--top-k",
+        "5",
+        "--device",
+        "cpu",
+        *WIDE,
+    )
     assert rc == 0, err
     assert out[-1] == str(dump_to / "index.html") and os.path.isfile(out[-1])
     selection = json.loads((dump_to / "cache" / "selection.json").read_text())
@@ -62,8 +91,9 @@ def test_cli_renders_every_selected_latent_and_prints_the_gallery_last(trained, 
     for latent in selection["latents"]:
         meta = json.loads((dump_to / "neurons" / str(latent) / "metadata.json").read_text())
         n = min(3, int(cache.n_images()[latent]))
-        assert [f"{r}.png" for r in range(n)] == sorted(p for p in os.listdir(dump_to / "neurons" / str(latent))
-                                                        if p.endswith(".png"))
+        assert [f"{r}.png" for r in range(n)] == sorted(
+            p for p in os.listdir(dump_to / "neurons" / str(latent)) if p.endswith(".png")
+        )
         assert meta["image_indices"] == cache.top_images[latent, :n].tolist()
         assert meta["max_value"] == pytest.approx(float(cache.top_values[latent, 0]))
         assert all(label in ("cat", "dog") for label in meta["labels"])
@@ -75,7 +105,9 @@ def test_cli_renders_every_selected_latent_and_prints_the_gallery_last(trained, 
 def _identity(ckpt, store_path, k, patches="patches"):
     from saev_core.store import ActivationStore
 
-    return top_images.CacheIdentity(top_images.file_sha256(ckpt), ActivationStore.open(store_path).metadata.key, -1, patches, k)
+    return top_images.CacheIdentity(
+        top_images.file_sha256(ckpt), ActivationStore.open(store_path).metadata.key, -1, patches, k
+    )
 
 
 def test_rerun_reuses_the_cache_without_an_sae_forward(trained, tmp_path, capsys, monkeypatch):
@@ -130,12 +162,20 @@ def test_moved_images_work_with_images_root_and_other_images_are_refused(trained
     moved = tmp_path / "moved"
     shutil.copytree(imgs, moved)  # copy2: same names, sizes and timestamps
     args = ["--ckpt", ckpt, "--top-k", "3", "--device", "cpu", *WIDE]
-    rc, out, err = run(capsys, *args, "--dump-to", str(tmp_path / "a"), "images:image-folder-dataset",
-                       "--images.root", str(moved))
+    rc, out, err = run(
+        capsys, *args, "--dump-to", str(tmp_path / "a"), "images:image-folder-dataset", "--images.root", str(moved)
+    )
     assert rc == 0, err
     write_images(tmp_path / "other", N_IMGS, size=(64, 40))
-    rc, _, err = run(capsys, *args, "--dump-to", str(tmp_path / "b"), "images:image-folder-dataset",
-                     "--images.root", str(tmp_path / "other"))
+    rc, _, err = run(
+        capsys,
+        *args,
+        "--dump-to",
+        str(tmp_path / "b"),
+        "images:image-folder-dataset",
+        "--images.root",
+        str(tmp_path / "other"),
+    )
     assert rc == 2 and "not the ones the store" in err
 
 
@@ -146,8 +186,24 @@ def test_a_checkpoint_without_provenance_needs_the_data_flags(trained, tmp_path,
     bare = nn.dump(tmp_path / "bare" / "sae.pt", sae)
     rc, _, err = run(capsys, "--ckpt", bare, "--dump-to", str(tmp_path / "v"), "--device", "cpu")
     assert rc == 2 and "--data.shard-root" in err and "--data.layer" in err
-    rc, out, err = run(capsys, "--ckpt", bare, "--dump-to", str(tmp_path / "v"), "--device", "cpu", "--top-k", "3",
-                       "--data.shard-root", store_path, "--data.layer", "-1", "--data.patches", "cls", *WIDE)
+    rc, out, err = run(
+        capsys,
+        "--ckpt",
+        bare,
+        "--dump-to",
+        str(tmp_path / "v"),
+        "--device",
+        "cpu",
+        "--top-k",
+        "3",
+        "--data.shard-root",
+        store_path,
+        "--data.layer",
+        "-1",
+        "--data.patches",
+        "cls",
+        *WIDE,
+    )
     assert rc == 0, err
 
 
@@ -161,16 +217,27 @@ def _synthetic_cache(d_sae=200, seed=0) -> top_images.TopKCache:
     mean = np.where(freq > 0, 10.0 ** rng.uniform(-2, 2, d_sae), 0.0)
     k = 2
     ident = top_images.CacheIdentity("x", "y", -2, "patches", k)
-    return top_images.TopKCache(ident, np.zeros((d_sae, k), np.float32), np.zeros((d_sae, k), np.int64),
-                          np.zeros((d_sae, k, 4), np.float32), np.zeros((d_sae, k), np.float32), freq, mean,
-                          np.zeros((d_sae, 50), np.int64), 1000)
+    return top_images.TopKCache(
+        ident,
+        np.zeros((d_sae, k), np.float32),
+        np.zeros((d_sae, k), np.int64),
+        np.zeros((d_sae, k, 4), np.float32),
+        np.zeros((d_sae, k), np.float32),
+        freq,
+        mean,
+        np.zeros((d_sae, 50), np.int64),
+        1000,
+    )
 
 
 def test_filters_select_exactly_what_a_plain_recomputation_selects():
     cache = _synthetic_cache()
     got = render.select_latents(cache, (-5.0, -1.0), (-1.0, 1.0), n_latents=10_000)
-    want = [i for i in range(cache.d_sae) if cache.freq[i] > 0 and -5 <= np.log10(cache.freq[i]) <= -1
-            and -1 <= np.log10(cache.mean_value[i]) <= 1]
+    want = [
+        i
+        for i in range(cache.d_sae)
+        if cache.freq[i] > 0 and -5 <= np.log10(cache.freq[i]) <= -1 and -1 <= np.log10(cache.mean_value[i]) <= 1
+    ]
     assert got.tolist() == want and len(want) > 5
 
 
@@ -192,12 +259,17 @@ def test_n_latents_samples_the_filtered_set_reproducibly_and_includes_come_first
 
 
 def _rows():
-    return [{"member_id": "a", "nmse": 0.30, "l0": 8.0}, {"member_id": "b", "nmse": 0.10, "l0": 64.0},
-            {"member_id": "c", "nmse": 0.20, "l0": 16.0}, {"member_id": "d", "nmse": float("nan"), "l0": 4.0}]
+    return [
+        {"member_id": "a", "nmse": 0.30, "l0": 8.0},
+        {"member_id": "b", "nmse": 0.10, "l0": 64.0},
+        {"member_id": "c", "nmse": 0.20, "l0": 16.0},
+        {"member_id": "d", "nmse": float("nan"), "l0": 4.0},
+    ]
 
 
 def test_best_member_is_the_lowest_nmse_under_the_l0_bound():
-    from saev_core.pipeline import file as pipeline_file, stages
+    from saev_core.pipeline import file as pipeline_file
+    from saev_core.pipeline import stages
 
     plan = pipeline_file.VisualsPlan(members="best", max_l0=32.0)
     assert [r["member_id"] for r in stages.choose_members(plan, _rows(), "sweep.csv")] == ["c"]
@@ -209,13 +281,16 @@ def test_best_member_is_the_lowest_nmse_under_the_l0_bound():
         stages.choose_members(pipeline_file.VisualsPlan(max_l0=2.0), _rows(), "sweep.csv")
 
 
-@pytest.mark.parametrize("table, message", [
-    ('members = "some"', "visuals.members"),
-    ("max_l0 = -1", "visuals.max_l0"),
-    ('ckpt = "x.pt"', "set per member"),
-    ("top_kk = 3", "Unknown key 'top_kk'"),
-    ('log_freq_range = "wide"', "visuals.log_freq_range"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ('members = "some"', "visuals.members"),
+        ("max_l0 = -1", "visuals.max_l0"),
+        ('ckpt = "x.pt"', "set per member"),
+        ("top_kk = 3", "Unknown key 'top_kk'"),
+        ('log_freq_range = "wide"', "visuals.log_freq_range"),
+    ],
+)
 def test_bad_visuals_table_names_the_key(tmp_path, table, message):
     from saev_core.pipeline import file as pipeline_file
 
@@ -225,15 +300,18 @@ def test_bad_visuals_table_names_the_key(tmp_path, table, message):
         pipeline_file.load_pipeline(str(path))
 
 
-@pytest.mark.parametrize("text, message", [
-    ('[demo]\nrandom_vit = "false"\n', "demo.random_vit"),
-    ("[demo]\nrandom_vits = true\n", r"random_vits.*\[demo\]"),
-    ('[train]\nsweep = "s.toml"\n', "train.sweep"),
-    ("[automation]\nobserve_cron = 5\n", "automation.observe_cron"),
-    ("[watch]\nfolders = 'x'\n", r"folders.*\[watch\]"),
-    ("[checks]\nmax_nmse = -1\n", "checks.max_nmse"),
-    ("[report]\npca = 'yes'\n", "report.pca"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[demo]\nrandom_vit = "false"\n', "demo.random_vit"),
+        ("[demo]\nrandom_vits = true\n", r"random_vits.*\[demo\]"),
+        ('[train]\nsweep = "s.toml"\n', "train.sweep"),
+        ("[automation]\nobserve_cron = 5\n", "automation.observe_cron"),
+        ("[watch]\nfolders = 'x'\n", r"folders.*\[watch\]"),
+        ("[checks]\nmax_nmse = -1\n", "checks.max_nmse"),
+        ("[report]\npca = 'yes'\n", "report.pca"),
+    ],
+)
 def test_every_table_of_a_pipeline_file_is_checked(tmp_path, text, message):
     from saev_core.pipeline import file as pipeline_file
 
@@ -267,8 +345,7 @@ def test_fewer_images_or_latents_on_a_rerun_leave_no_stale_heatmaps(trained, tmp
 
 
 def test_a_saev_0_1_0_checkpoint_gets_the_stores_normalisation(trained, tmp_path):
-    from saev_core.store import stats
-    from saev_core.store import ActivationStore
+    from saev_core.store import ActivationStore, stats
 
     _, store_path, ckpt = trained
     sae = nn.load(ckpt)
@@ -278,11 +355,16 @@ def test_a_saev_0_1_0_checkpoint_gets_the_stores_normalisation(trained, tmp_path
         legacy.mean.zero_()
         legacy.scale.fill_(1.0)
     bare = nn.dump(tmp_path / "bare" / "sae.pt", legacy)
-    cfg = config.VisualsConfig(ckpt=bare, dump_to=str(tmp_path / "v"), device="cpu",
-                               data=config.VisualsDataConfig(shard_root=store_path, layer=-1, patches="patches"))
+    cfg = config.VisualsConfig(
+        ckpt=bare,
+        dump_to=str(tmp_path / "v"),
+        device="cpu",
+        data=config.VisualsDataConfig(shard_root=store_path, layer=-1, patches="patches"),
+    )
     inputs = render.resolve_inputs(cfg, "cpu")
-    mean, scale = stats.normalization(ActivationStore.open(store_path),
-                                      config.DataLoadConfig(layer=-1, patches="patches"))
+    mean, scale = stats.normalization(
+        ActivationStore.open(store_path), config.DataLoadConfig(layer=-1, patches="patches")
+    )
     np.testing.assert_allclose(inputs.sae.mean.numpy(), mean, rtol=1e-6)
     assert float(inputs.sae.scale) == pytest.approx(scale, rel=1e-6)
     np.testing.assert_allclose(inputs.sae.mean.numpy(), sae.mean.numpy(), rtol=1e-5, atol=1e-6)  # what training used
