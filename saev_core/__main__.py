@@ -68,10 +68,10 @@ def run_visuals(cfg: config.VisualsConfig) -> str:
 
 
 def run_train(cfg: config.TrainConfig) -> str:
-    from saev_core.train import trainer
+    from saev_core.train import results, trainer
 
     report_members(trainer.train_main(cfg))
-    return trainer.sweep_csv_path(cfg.ckpt_path)
+    return results.sweep_csv_path(cfg.ckpt_path)
 
 
 def report_members(results) -> None:

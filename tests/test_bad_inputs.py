@@ -112,7 +112,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_clip_ckpt) -> World:
     from saev_core.__main__ import main
-    from saev_core.train import trainer
+    from saev_core.train import results
 
     root = tmp_path_factory.mktemp("bad_inputs")
     write_images(root / "imgs", 8)
@@ -129,7 +129,7 @@ def world(tmp_path_factory, tiny_clip_ckpt) -> World:
         raise KeyboardInterrupt  # the run dies after its last checkpoint, before its final files
 
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(open(os.devnull, "w")):
-        mp.setattr(trainer, "_write_member", killed)
+        mp.setattr(results, "write_member", killed)
         with pytest.raises(KeyboardInterrupt):
             main(w.train("--ckpt-every", "4", ckpt_path=w.interrupted))
     assert glob.glob(str(w.interrupted / "group-*.json")) and glob.glob(str(w.interrupted / "*" / "train_state-12.pt"))

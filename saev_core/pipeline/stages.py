@@ -25,7 +25,7 @@ class LayerSweep:
     """One layer's trained sweep, as the CLI and the Dagster asset report it."""
 
     results: list
-    """trainer.MemberResult per member."""
+    """results.MemberResult per member."""
     csv_path: str
     table: typing.Any
     """sweep.csv: one row per member (config, held-out metrics, checkpoint path)."""
@@ -41,7 +41,7 @@ def train_layer(
 
     cfgs = pipe.sweep_for(layer, store_path)
     results = trainer.train_sweep(cfgs, show_progress=show_progress, on_log=on_log, on_note=on_note)
-    csv_path = trainer.sweep_csv_path(cfgs[0].ckpt_path)
+    csv_path = results.sweep_csv_path(cfgs[0].ckpt_path)
     table = pd.read_csv(csv_path)
     return LayerSweep(
         results=results,

@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -41,14 +40,13 @@ from torch import Tensor
 
 from saev_core import config, nn
 from saev_core.errors import UserError
-from saev_core.files import absolute, atomic_write, atomic_write_json, check_output_folder, read_json, remove_if_exists
+from saev_core.files import check_output_folder, remove_if_exists
 from saev_core.nn import sparse_topk
 from saev_core.nn.metrics import ReconstructionMetrics
-from saev_core.record.checkpoints import absolute_ckpt
 from saev_core.store import ActivationStore
 from saev_core.store.loader import ActivationLoader
 from saev_core.store.stats import normalization
-from saev_core.train import resume
+from saev_core.train import results, resume
 from saev_core.train.fitting import fit_to_run, threads_for, torch_threads
 from saev_core.train.sweep import grid, load_sweep, member_id, split_cfgs
 
@@ -58,22 +56,6 @@ OnLog = Callable[[int, str, dict], None]
 """``on_log(step, member_id, record)``: called at every log step of every member with its metrics.jsonl record."""
 OnNote = Callable[[str], None]
 """``on_note(message)``: called once per setting the run chose (``fit_to_run``) or that does not fit the run."""
-
-SUMMARY_METRICS = ("nmse", "ev", "mse", "l0", "l1", "frac_dead_train", "frac_dead_heldout", "frac_dense", "frac_dead")
-"""The metrics that go in sweep.csv (``frac_dead`` is the old name of ``frac_dead_train``)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MemberResult:
-    member_id: str
-    """12 hex digits naming the member's settings (``sweep.member_id``)."""
-    cfg: config.TrainConfig
-    """The member's full config, as trained (unset run-length settings filled in by ``fit_to_run``)."""
-    ckpt_path: str
-    """Its checkpoint file ``<ckpt_path>/<member_id>/sae.pt`` (load with ``nn.load``)."""
-    metrics: dict
-    """metrics.json: held-out metrics (nmse, ev, mse, l0, l1, frac_dead_heldout, frac_dense, ...) and the
-    training-stream dead count (frac_dead_train)."""
 
 
 @dataclasses.dataclass
@@ -92,7 +74,7 @@ class Member:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_main(cfg: config.TrainConfig) -> list[MemberResult]:
+def train_main(cfg: config.TrainConfig) -> list[results.MemberResult]:
     """The ``train`` command: one SAE, or the grid that ``cfg.sweep`` (a TOML file) expands to around ``cfg``."""
     cfgs = grid(cfg, load_sweep(cfg.sweep), source=cfg.sweep) if cfg.sweep else [cfg]
     return train_sweep(cfgs)
@@ -103,7 +85,7 @@ def train_sweep(
     show_progress: bool = True,
     on_log: OnLog | None = None,
     on_note: OnNote | None = None,
-) -> list[MemberResult]:
+) -> list[results.MemberResult]:
     """Train every config, one data pass per group; returns one result per config, in input order.
 
     Unset settings are fitted to each config's run first (``fit_to_run``); each distinct note goes to the log
@@ -116,22 +98,22 @@ def train_sweep(
         logger.warning(note)
         if on_note is not None:
             on_note(note)
-    by_id: dict[str, MemberResult] = {}
+    by_id: dict[str, results.MemberResult] = {}
     groups = split_cfgs(cfgs)
     for i, group in enumerate(groups):
         unique = list({member_id(c): c for c in group}.values())  # identical configs train once
         desc = f"group {i + 1}/{len(groups)} ({len(unique)} SAEs)"
         for result in train_group(unique, show_progress=show_progress, on_log=on_log, desc=desc):
             by_id[result.member_id] = result
-    results = [by_id[member_id(c)] for c in cfgs]
+    done = [by_id[member_id(c)] for c in cfgs]
     for folder in dict.fromkeys(c.ckpt_path for c in cfgs):
-        write_sweep_csv([r for r in results if r.cfg.ckpt_path == folder], sweep_csv_path(folder))
-    return results
+        results.write_sweep_csv([r for r in done if r.cfg.ckpt_path == folder], results.sweep_csv_path(folder))
+    return done
 
 
 def train_group(
     cfgs: list[config.TrainConfig], show_progress: bool = True, on_log: OnLog | None = None, desc: str = ""
-) -> list[MemberResult]:
+) -> list[results.MemberResult]:
     """Train configs that share every data-pass field in one pass; finished members are read back, not retrained."""
     cfgs = [fit_to_run(c)[0] for c in cfgs]  # train_sweep has fitted and reported them already; a no-op then
     base = cfgs[0]
@@ -152,13 +134,13 @@ def train_group(
             "nothing to train. Raise --n-patches or lower --sae-batch-size."
         )
     folders = {member_id(c): os.path.join(base.ckpt_path, member_id(c)) for c in cfgs}
-    todo = [c for c in cfgs if not _is_finished(folders[member_id(c)])]
+    todo = [c for c in cfgs if not results.is_finished(folders[member_id(c)])]
     for c in cfgs:
         if c not in todo:
             logger.info("%s is already trained (%s); not training it again.", member_id(c), folders[member_id(c)])
     if todo:
         _train_members(todo, store, n_steps, show_progress, on_log, desc, resume.pointer_path(base.ckpt_path, folders))
-    return [_read_result(c, folders[member_id(c)]) for c in cfgs]
+    return [results.read_result(c, folders[member_id(c)]) for c in cfgs]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,9 +188,11 @@ def _train_members(
         with contextlib.closing(_full_batches(train_loader, base.sae_batch_size)) as batches, progress:
             _run_steps(members, batches, start, n_steps, device, progress, on_log, save, group_file, store)
         heldout = evaluate([m.sae for m in members], val_loader, device)
-    provenance = _provenance(store, base, n_steps)
+    provenance = results.provenance(store, base, n_steps)
     for m, result in zip(members, heldout):
-        _write_member(m, {**result, **training_dead_counts(m.sae)}, {**provenance, "member_id": m.id})
+        results.write_member(
+            m.folder, m.sae, {**result, **training_dead_counts(m.sae)}, {**provenance, "member_id": m.id}
+        )
     remove_if_exists(group_file)
 
 
@@ -312,12 +296,12 @@ def evaluate(saes: list[nn.SparseAutoencoder], val_loader: ActivationLoader, dev
         for sae, acc in zip(saes, accs):
             f_x = sae.encode(x)
             acc.update(x, sae.decode(f_x), f_x)
-    results = []
+    metrics = []
     for acc in accs:
         out = acc.compute()
         out["n_dead_heldout"], out["frac_dead_heldout"] = out.pop("n_dead"), out.pop("frac_dead")
-        results.append(out)
-    return results
+        metrics.append(out)
+    return metrics
 
 
 def training_dead_counts(sae: nn.SparseAutoencoder) -> dict:
@@ -427,80 +411,3 @@ def _progress(show: bool, desc: str, n_steps: int, start: int, batch_size: int):
         disable=not show,
         dynamic_ncols=True,
     )
-
-
-def _provenance(store: ActivationStore, cfg: config.TrainConfig, n_steps: int) -> dict:
-    meta = store.metadata
-    # Absolute paths: the checkpoint is read later from other folders (visuals, inference, the explorer).
-    return {
-        "store": absolute(store.path),
-        "store_key": meta.get("key"),
-        "layer": cfg.data.layer,
-        "recorded_layer": store.recorded_layer(cfg.data.layer),
-        "token_mode": cfg.data.patches,
-        "vit_family": meta.get("vit_family"),
-        "vit_ckpt": absolute_ckpt(meta.vit_family, meta.vit_ckpt),
-        "d_vit": store.d_vit,
-        "scale_mean": cfg.data.scale_mean,
-        "scale_norm": cfg.data.scale_norm,
-        "steps": n_steps,
-        "n_patches_seen": n_steps * cfg.sae_batch_size,
-        "data_seed": cfg.seed,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Files: results
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _write_member(m: Member, metrics: dict, provenance: dict) -> None:
-    """sae.pt, latent_stats.npz, then metrics.json (last: marks the member finished), then drop the train state."""
-    nn.dump(m.folder, m.sae, provenance)
-    atomic_write(
-        os.path.join(m.folder, "latent_stats.npz"),
-        lambda f: np.savez(f, firing_freq=metrics["firing_freq"], mean_value=metrics["mean_value"]),
-    )
-    scalars = {k: v for k, v in metrics.items() if not isinstance(v, np.ndarray)}
-    atomic_write_json(os.path.join(m.folder, "metrics.json"), scalars)
-    resume.remove_train_states(m.folder)
-
-
-def _is_finished(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, nn.CKPT_NAME)) and os.path.isfile(os.path.join(folder, "metrics.json"))
-
-
-def _read_result(cfg: config.TrainConfig, folder: str) -> MemberResult:
-    metrics = read_json(os.path.join(folder, "metrics.json"))
-    return MemberResult(member_id(cfg), cfg, os.path.join(folder, nn.CKPT_NAME), metrics)
-
-
-def sweep_csv_path(ckpt_path: str) -> str:
-    """Where a sweep's table goes: one row per member (config, held-out metrics, checkpoint path)."""
-    return os.path.join(ckpt_path, "sweep.csv")
-
-
-def write_sweep_csv(results: list[MemberResult], path: str) -> None:
-    """One row per member: member_id, the flattened config (``sae.arch``, ``lr``, ...), metrics, ckpt."""
-    import pandas as pd
-
-    rows = [
-        {
-            "member_id": r.member_id,
-            **_flatten(dataclasses.asdict(r.cfg)),
-            **{k: r.metrics.get(k, math.nan) for k in SUMMARY_METRICS},
-            "ckpt": r.ckpt_path,
-        }
-        for r in results
-    ]
-    atomic_write(path, lambda f: f.write(pd.DataFrame(rows).to_csv(index=False).encode()))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
