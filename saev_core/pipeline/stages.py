@@ -16,7 +16,7 @@ from saev_core.pipeline import watch
 from saev_core.pipeline.file import Pipeline, VisualsPlan, check_outputs
 from saev_core.record import checkpoints, vit
 from saev_core.store import ActivationStore
-from saev_core.train import trainer
+from saev_core.train import results, trainer
 from saev_core.visuals import render
 
 
@@ -38,13 +38,12 @@ def train_layer(
     pipe: Pipeline, layer: int, store_path: str, show_progress: bool = True, on_log=None, on_note=None
 ) -> LayerSweep:
     """Train the pipeline's [sweep] on one layer of a store (one pass), then summarise it."""
-
     cfgs = pipe.sweep_for(layer, store_path)
-    results = trainer.train_sweep(cfgs, show_progress=show_progress, on_log=on_log, on_note=on_note)
+    members = trainer.train_sweep(cfgs, show_progress=show_progress, on_log=on_log, on_note=on_note)
     csv_path = results.sweep_csv_path(cfgs[0].ckpt_path)
     table = pd.read_csv(csv_path)
     return LayerSweep(
-        results=results,
+        results=members,
         csv_path=csv_path,
         table=table,
         l0_vs_nmse_png=plots.l0_vs_nmse_png(table, f"layer {layer}"),
