@@ -16,7 +16,18 @@ from saev_core.store import ActivationStore
 from saev_core.train import resume
 from saev_core.train.sweep import member_id
 
-SUMMARY_METRICS = ("nmse", "ev", "mse", "l0", "l1", "frac_dead_train", "frac_dead_heldout", "frac_dense", "frac_dead")
+SUMMARY_METRICS = (
+    "nmse",
+    "ev",
+    "mse",
+    "l0",
+    "l0_train",
+    "l1",
+    "frac_dead_train",
+    "frac_dead_heldout",
+    "frac_dense",
+    "frac_dead",
+)
 """The metrics that go in sweep.csv (``frac_dead`` is the old name of ``frac_dead_train``)."""
 
 

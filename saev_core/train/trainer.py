@@ -27,6 +27,7 @@ a kill continues from there and ends with an uninterrupted run's weights.
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -51,6 +52,9 @@ from saev_core.train.fitting import fit_to_run, threads_for, torch_threads
 from saev_core.train.sweep import grid, load_sweep, member_id, split_cfgs
 
 logger = logging.getLogger(__name__)
+
+CALIBRATION_VECTORS = 32_768
+"""Training vectors that set a BatchTopK member's inference threshold (``calibrate_thresholds``)."""
 
 OnLog = Callable[[int, str, dict], None]
 """``on_log(step, member_id, record)``: called at every log step of every member with its metrics.jsonl record."""
@@ -187,12 +191,13 @@ def _train_members(
     with torch_threads(n_threads):
         with contextlib.closing(_full_batches(train_loader, base.sae_batch_size)) as batches, progress:
             _run_steps(members, batches, start, n_steps, device, progress, on_log, save, group_file, store)
+        sample = ActivationLoader(store, base.data, base.sae_batch_size, base.seed, "train", n_read_threads=n_read)
+        calibrated = calibrate_thresholds(members, sample, device)
         heldout = evaluate([m.sae for m in members], val_loader, device)
     provenance = results.provenance(store, base, n_steps)
     for m, result in zip(members, heldout):
-        results.write_member(
-            m.folder, m.sae, {**result, **training_dead_counts(m.sae)}, {**provenance, "member_id": m.id}
-        )
+        extra = {**training_dead_counts(m.sae), **calibrated.get(m.id, {})}
+        results.write_member(m.folder, m.sae, {**result, **extra}, {**provenance, "member_id": m.id})
     remove_if_exists(group_file)
 
 
@@ -276,6 +281,19 @@ def sparsity_scale_at(step: int, n_warmup: int) -> float:
 
 
 @torch.no_grad()
+def calibrate_thresholds(members: list[Member], loader: ActivationLoader, device: str) -> dict[str, dict]:
+    """BatchTopK members get their inference threshold from the first ``CALIBRATION_VECTORS`` vectors of the
+    training stream (epoch 0, the run's seed: the same sample on a rerun or a resume); returns, per member id, the
+    threshold and the training-mode L0 for its metrics.json. Other members are left as they are."""
+    todo = [m for m in members if isinstance(m.sae, nn.BatchTopKSAE)]
+    if not todo:
+        return {}
+    n_batches = max(1, CALIBRATION_VECTORS // loader.batch_size)
+    with contextlib.closing(iter(loader)) as stream:
+        batches = [b.to(device) for b in itertools.islice(stream, n_batches)]
+    return {m.id: m.sae.calibrate_threshold(batches) for m in todo}
+
+
 def evaluate(saes: list[nn.SparseAutoencoder], val_loader: ActivationLoader, device: str) -> list[dict]:
     """One pass over the held-out split, every batch through every SAE (eval mode); metrics in raw space.
 

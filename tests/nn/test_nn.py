@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -545,3 +546,21 @@ def test_output_shapes():
         x_hat, f_x, loss = make(arch)(acts())
         assert x_hat.shape == (BATCH, D_VIT) and f_x.shape == (BATCH, D_SAE)
         assert all(v.shape == () for v in loss)
+
+
+def test_batchtopk_calibrated_threshold_is_the_nk_th_largest_pre_activation():
+    """Against numpy: over n vectors in batches, the threshold is the (n * k)-th largest pre-activation of all of
+    them, so that exactly n * k values lie above or at it; the training-mode L0 is each batch's top-k count."""
+    torch.manual_seed(0)
+    sae = make("batchtopk", k=3)
+    batches = [torch.randn(16, D_VIT) * 2 for _ in range(4)]
+    out = sae.calibrate_threshold(batches)
+    pre = np.concatenate([sae.pre_acts(sae.normalize(b)).detach().numpy().ravel() for b in batches])
+    n = 16 * 4
+    want = np.sort(pre)[::-1][n * 3 - 1]
+    assert want > 0 and out["threshold"] == pytest.approx(float(want), rel=1e-6)
+    assert float(sae.threshold) == pytest.approx(float(want), rel=1e-6)
+    assert out["l0_train"] == pytest.approx(3.0)
+    sae.eval()
+    l0 = np.mean([(sae.encode(b) > 0).sum(dim=1).float().mean().item() for b in batches])
+    assert l0 == pytest.approx(3.0 - 1 / n)  # strictly above the threshold: the (n*k)-th value itself is left out
