@@ -137,7 +137,7 @@ class BatchTopKSAE(TopKSAE):
         self.threshold.copy_(torch.where(self.threshold > 0, ema, smallest))
 
     @torch.no_grad()
-    def calibrate_threshold(self, batches: list[Float[Tensor, "batch d_vit"]]) -> dict[str, float]:
+    def calibrate_threshold(self, batches: list[Float[Tensor, "_batch d_vit"]]) -> dict[str, float]:
         """Set the inference threshold to the (n * k)-th largest pre-activation over the n raw vectors of
         ``batches``: the global version of training's batch top-k, so that the mean L0 at inference is k on data
         like these. Returns the threshold and the training-mode L0 (batch top-k, per batch) on the same vectors.

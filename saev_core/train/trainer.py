@@ -27,6 +27,7 @@ a kill continues from there and ends with an uninterrupted run's weights.
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -191,7 +192,9 @@ def _train_members(
     with torch_threads(n_threads):
         with contextlib.closing(_full_batches(train_loader, base.sae_batch_size)) as batches, progress:
             _run_steps(members, batches, start, n_steps, device, progress, on_log, save, group_file, store)
-        sample = ActivationLoader(store, base.data, base.sae_batch_size, base.seed, "train", n_read_threads=n_read)
+        sample = functools.partial(
+            ActivationLoader, store, base.data, base.sae_batch_size, base.seed, "train", n_read_threads=n_read
+        )
         calibrated = calibrate_thresholds(members, sample, device)
         heldout = evaluate([m.sae for m in members], val_loader, device)
     provenance = results.provenance(store, base, n_steps)
@@ -281,13 +284,16 @@ def sparsity_scale_at(step: int, n_warmup: int) -> float:
 
 
 @torch.no_grad()
-def calibrate_thresholds(members: list[Member], loader: ActivationLoader, device: str) -> dict[str, dict]:
+def calibrate_thresholds(
+    members: list[Member], make_loader: Callable[[], ActivationLoader], device: str
+) -> dict[str, dict]:
     """BatchTopK members get their inference threshold from the first ``CALIBRATION_VECTORS`` vectors of the
     training stream (epoch 0, the run's seed: the same sample on a rerun or a resume); returns, per member id, the
     threshold and the training-mode L0 for its metrics.json. Other members are left as they are."""
     todo = [m for m in members if isinstance(m.sae, nn.BatchTopKSAE)]
     if not todo:
         return {}
+    loader = make_loader()
     n_batches = max(1, CALIBRATION_VECTORS // loader.batch_size)
     with contextlib.closing(iter(loader)) as stream:
         batches = [b.to(device) for b in itertools.islice(stream, n_batches)]
