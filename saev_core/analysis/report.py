@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-from saev_core.analysis import plots
+from saev_core.analysis import controls, plots
 from saev_core.files import atomic_write_bytes
 from saev_core.nn import metrics
 from saev_core.store import ActivationStore, loader
@@ -89,14 +89,24 @@ class LayerReport:
 
 
 def layer_report(
-    layer: int, sweep_csv: str, max_l0: float | None, pca: PCABaseline | None, splice: dict | None = None
+    layer: int,
+    sweep_csv: str,
+    max_l0: float | None,
+    pca: PCABaseline | None,
+    splice: dict | None = None,
+    held_out: controls.HeldOut | None = None,
 ) -> LayerReport:
-    """One layer's table (sweep.csv plus the PCA baseline and, when given, the splice-in columns keyed by ``ckpt``),
-    its chosen member and its plot."""
+    """One layer's table (sweep.csv plus the PCA baseline, the random-decoder control on ``held_out`` and, when
+    given, the splice-in columns keyed by ``ckpt``), its chosen member and its plot."""
     table = pd.read_csv(sweep_csv)
-    chosen = metrics.best_member(table.to_dict("records"), max_l0)
     if pca is not None:
         table["pca_nmse_at_l0"] = [pca.at(l0) if l0 == l0 else math.nan for l0 in table["l0"]]
+    if held_out is not None:
+        table["random_nmse_at_l0"] = [
+            controls.random_decoder_nmse(held_out, int(d_vit * exp), l0) if l0 == l0 else math.nan
+            for d_vit, exp, l0 in zip(table["sae.d_vit"], table["sae.exp_factor"], table["l0"])
+        ]
+    chosen = metrics.best_member(table.to_dict("records"), max_l0)
     if splice is not None:
         for column, field in SPLICE_COLUMNS.items():
             table[column] = [getattr(splice[c], field) if c in splice else math.nan for c in table["ckpt"]]
@@ -164,6 +174,7 @@ REPORT_COLUMNS = [
     "lr",
     "nmse",
     "pca_nmse_at_l0",
+    "random_nmse_at_l0",
     "l0",
     "frac_dead_train",
     "frac_dead_heldout",
@@ -175,11 +186,25 @@ REPORT_COLUMNS = [
 def markdown_summary(rep: LayerReport) -> str:
     if rep.chosen is None:
         return "No member qualifies under the [report] rule."
-    pca = f"; PCA at matched L0: {rep.pca.at(rep.chosen['l0']):.4f}" if rep.pca is not None else ""
+    nmse = rep.chosen["nmse"]
+    versus = []
+    if rep.pca is not None:
+        versus.append(("PCA", rep.pca.at(rep.chosen["l0"])))
+    if "random_nmse_at_l0" in rep.chosen:
+        versus.append(("the random-decoder control", rep.chosen["random_nmse_at_l0"]))
+    compared = "".join(f"; {name} at matched L0: {other:.4f} ({_beats(nmse, other)})" for name, other in versus)
     return (
         f"Chosen: **{rep.chosen['member_id']}** ({rep.chosen.get('sae.arch', '')}), NMSE "
-        f"{rep.chosen['nmse']:.4f} at L0 {rep.chosen['l0']:.1f}{pca}."
+        f"{nmse:.4f} at L0 {rep.chosen['l0']:.1f}{compared}."
     )
+
+
+def _beats(nmse: float, other: float) -> str:
+    """How the SAE's NMSE compares with a baseline's, in the words the report uses."""
+    if not (nmse == nmse and other == other and other > 0):
+        return "not comparable"
+    change = (other - nmse) / other
+    return f"the SAE is {change:.0%} better" if change >= 0 else f"the SAE is {-change:.0%} worse"
 
 
 def markdown_table(table: pd.DataFrame) -> str:

@@ -49,6 +49,8 @@ class ReportPlan:
     """The chosen member of a layer: lowest held-out NMSE among members with L0 <= max_l0 (None: no bound)."""
     pca: bool = True
     """Draw the PCA baseline (PCA with L0 components, fitted on the training split, NMSE on the held-out split)."""
+    random_control: bool = True
+    """Add the random-decoder control at each member's L0 and width (``saev_core.analysis.controls``)."""
     pca_max_vectors: int = 200_000
     """Vectors per split the PCA baseline reads at most (a uniform sample of images beyond that)."""
     splice: bool = False

@@ -9,7 +9,7 @@ import typing
 import pandas as pd
 
 from saev_core import files
-from saev_core.analysis import plots, report
+from saev_core.analysis import controls, plots, report
 from saev_core.errors import UserError
 from saev_core.nn import metrics
 from saev_core.pipeline import watch
@@ -55,25 +55,18 @@ def train_layer(
 def sweep_report(pipe: Pipeline, sweep_csvs: dict[int, str]) -> tuple[str, list]:
     """The report over the given layers' sweeps (layer -> sweep.csv), written beside the checkpoints; returns the
     report's path and the per-layer reports (``saev_core.analysis.report.LayerReport``)."""
-
     layers = []
     for layer, csv in sorted(sweep_csvs.items()):
-        pca = None
-        if pipe.report.pca:
-            row = pd.read_csv(csv).iloc[0]
-            pca = report.pca_baseline(
-                ActivationStore.open(row["data.shard_root"]),
-                layer,
-                row["data.patches"],
-                float(row["data.val_frac"]),
-                int(row["seed"]),
-                pipe.report.pca_max_vectors,
-            )
+        row = pd.read_csv(csv).iloc[0]
+        store = ActivationStore.open(row["data.shard_root"])
+        split = (layer, row["data.patches"], float(row["data.val_frac"]), int(row["seed"]))
+        pca = report.pca_baseline(store, *split, pipe.report.pca_max_vectors) if pipe.report.pca else None
+        held_out = controls.held_out(store, *split) if pipe.report.random_control else None
         splice = None
         if pipe.report.splice:
             ckpts = list(pd.read_csv(csv)["ckpt"])
             splice = dict(zip(ckpts, report.splice_results(ckpts, pipe.report.splice_max_images)))
-        layers.append(report.layer_report(layer, csv, pipe.report.max_l0, pca, splice))
+        layers.append(report.layer_report(layer, csv, pipe.report.max_l0, pca, splice, held_out))
     return report.write_report(pipe.train.ckpt_path, layers), layers
 
 
