@@ -1,4 +1,4 @@
-"""The saev 0.1.0 figures behind tests/test_training.py::SAEV_0_1_0_RELU_L0: saev's own training and evaluation
+"""The saev 0.1.0 figures behind tests/train/test_training.py::SAEV_0_1_0_RELU_L0: saev's own training and evaluation
 code (``saev.training.train``, ``saev.training.evaluate``) on the planted dictionary, relu at one coefficient.
 
 saev 0.1.0 runs beside this project's torch, with nothing large downloaded:
