@@ -130,9 +130,28 @@ def os_error_line(err: OSError) -> str:
     return f"{err.strerror or err}. Check the paths given on the command line or in the pipeline file."
 
 
+KEPT_WHEN_INTERRUPTED = {
+    config.ActivationsConfig: "every complete block is kept; run the same command again to record only the others",
+    config.TrainConfig: "finished members and each group's last checkpoint (every --ckpt-every steps) are kept; run "
+    "the same command again to resume from there",
+    config.VisualsConfig: "the top-k cache, once written, and the rendered latents are kept; run the same command "
+    "again to finish",
+    config.EvaluateConfig: "evaluate writes nothing; run it again",
+}
+"""Ctrl-C's one line per command: what is kept and how to go on (pipeline: every stage keeps what its command does)."""
+
+
+def interrupted_line(cmd: object) -> str:
+    kept = KEPT_WHEN_INTERRUPTED.get(type(cmd))
+    if kept is None:  # the pipeline, or interrupted while parsing
+        kept = "what each finished stage wrote is kept; run the same command again to continue"
+    return f"interrupted: {kept}."
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse argv (sys.argv[1:] when None), run the command, print its main result last on stdout."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    cmd = None
     try:
         cmd = tyro.cli(
             Command,
@@ -161,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a file-system failure no module turned into a UserError: still one line, no traceback
         print(f"error: {os_error_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every job writes atomically and resumes, so say so instead of a traceback
+        print(interrupted_line(cmd), file=sys.stderr)
+        return 130
     print(out, flush=True)
     return 0
 

@@ -14,9 +14,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,8 +132,7 @@ def world(tmp_path_factory, tiny_clip_ckpt) -> World:
 
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(open(os.devnull, "w")):
         mp.setattr(results, "write_member", killed)
-        with pytest.raises(KeyboardInterrupt):
-            main(w.train("--ckpt-every", "4", ckpt_path=w.interrupted))
+        assert main(w.train("--ckpt-every", "4", ckpt_path=w.interrupted)) == 130
     assert glob.glob(str(w.interrupted / "group-*.json")) and glob.glob(str(w.interrupted / "*" / "train_state-12.pt"))
     return dataclasses.replace(w, ckpt=ckpt)
 
@@ -794,3 +795,24 @@ def test_skip_bad_turns_unlistable_folders_and_non_utf8_names_into_one_warning(t
     assert found == ["a/x.png"]
     [warning] = [str(w.message) for w in caught if "skip-bad" in str(w.message)]
     assert f"{tmp_path}/locked" in warning and "b'a/caf\\xe9.png'" in warning
+
+
+def test_ctrl_c_ends_in_one_line_saying_what_is_kept(world: World, tmp_path):
+    """SIGINT (Ctrl-C) during training through the real CLI: exit 130, one line naming what is kept and how to go on,
+    no traceback; the checkpoint written before it is on disk for the rerun."""
+    ckpt_path = tmp_path / "ckpts"
+    argv = world.train("--n-patches", "2000000", "--ckpt-every", "2", ckpt_path=ckpt_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saev_core", *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while not glob.glob(str(ckpt_path / "*" / "train_state-*.pt")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the interrupt"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted:") and "checkpoint" in last and "run the same command again" in last
+    assert glob.glob(str(ckpt_path / "*" / "train_state-*.pt"))
