@@ -10,7 +10,6 @@ PCA at matched L0 is in ``report``.
 """
 
 import dataclasses
-import itertools
 
 import numpy as np
 import torch
@@ -45,14 +44,9 @@ def held_out(
     """The first ``max_vectors`` vectors of the SAEs' held-out stream (same split, seed and token mode)."""
     data = config.DataLoadConfig(shard_root=store.path, layer=layer, patches=patches, val_frac=val_frac)
     loader = ActivationLoader(store, data, batch_size=min(4096, max_vectors), seed=seed, split="val")
-    with torch.no_grad():
-        stream = iter(loader)
-        try:
-            parts = [b.numpy().copy() for b in itertools.islice(stream, -(-max_vectors // loader.batch_size))]
-        finally:
-            stream.close()
+    batches = loader.first_batches(-(-max_vectors // loader.batch_size))
     mean, _ = stats.raw_stats(store, layer, patches)
-    return HeldOut(np.concatenate(parts)[:max_vectors], np.asarray(mean, dtype=np.float64))
+    return HeldOut(np.concatenate([b.numpy() for b in batches])[:max_vectors], np.asarray(mean, dtype=np.float64))
 
 
 def random_atoms(d_sae: int, d_vit: int, seed: int = CONTROL_SEED) -> Float[np.ndarray, "d_sae d_vit"]:

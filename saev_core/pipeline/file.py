@@ -172,12 +172,6 @@ class Pipeline:
 
         return images.make_image_source(self.activations.data, None, self.activations.n_imgs)
 
-    def images_fingerprint(self) -> str:
-        """Fingerprint of the image list: (path, size, mtime) of every image (part of the store key)."""
-        from saev_core.record import images
-
-        return images.image_list_fingerprint(self.image_source())
-
     def checkpoint_file(self) -> str | None:
         """The ViT checkpoint's local file (absolute), or None when it is a pretrained tag."""
         from saev_core.record import checkpoints

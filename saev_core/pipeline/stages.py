@@ -57,14 +57,15 @@ def sweep_report(pipe: Pipeline, sweep_csvs: dict[int, str]) -> tuple[str, list]
     report's path and the per-layer reports (``saev_core.analysis.report.LayerReport``)."""
     layers = []
     for layer, csv in sorted(sweep_csvs.items()):
-        row = pd.read_csv(csv).iloc[0]
+        table = pd.read_csv(csv)
+        row = table.iloc[0]
         store = ActivationStore.open(row["data.shard_root"])
         split = (layer, row["data.patches"], float(row["data.val_frac"]), int(row["seed"]))
         pca = report.pca_baseline(store, *split, pipe.report.pca_max_vectors) if pipe.report.pca else None
         held_out = controls.held_out(store, *split) if pipe.report.random_control else None
         splice = None
         if pipe.report.splice:
-            ckpts = list(pd.read_csv(csv)["ckpt"])
+            ckpts = list(table["ckpt"])
             splice = dict(zip(ckpts, report.splice_results(ckpts, pipe.report.splice_max_images)))
         layers.append(report.layer_report(layer, csv, pipe.report.max_l0, pca, splice, held_out))
     return report.write_report(pipe.train.ckpt_path, layers), layers

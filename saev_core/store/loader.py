@@ -34,6 +34,8 @@ Normalisation statistics live in ``saev_core.store.stats``; token modes in ``sae
 
 import collections
 import concurrent.futures
+import contextlib
+import itertools
 import math
 import queue
 import threading
@@ -372,6 +374,12 @@ class ActivationLoader:
                 put(("error", err))
             except _Stopped:
                 pass
+
+    def first_batches(self, n: int) -> list[Float[torch.Tensor, "_batch d_vit"]]:
+        """The first ``n`` batches of the rest of the current epoch (a sample for calibration and controls); the
+        reading stops there."""
+        with contextlib.closing(iter(self)) as stream:
+            return list(itertools.islice(stream, n))
 
     def windows(self, epoch: int) -> list[np.ndarray]:
         """The epoch's windows: arrays of indices into the split's chunks, in reading order."""

@@ -28,7 +28,6 @@ a kill continues from there and ends with an uninterrupted run's weights.
 import contextlib
 import dataclasses
 import functools
-import itertools
 import json
 import logging
 import os
@@ -295,8 +294,7 @@ def calibrate_thresholds(
         return {}
     loader = make_loader()
     n_batches = max(1, CALIBRATION_VECTORS // loader.batch_size)
-    with contextlib.closing(iter(loader)) as stream:
-        batches = [b.to(device) for b in itertools.islice(stream, n_batches)]
+    batches = [b.to(device) for b in loader.first_batches(n_batches)]
     return {m.id: m.sae.calibrate_threshold(batches) for m in todo}
 
 
