@@ -9,7 +9,11 @@ pass (the trainer's own code path, as `python -m saev_core train --sweep` runs i
 - beside them, the noise floor (NMSE of the true atoms with the true coefficients: the planted noise's share of the
   variance) and PCA baselines (NMSE of the best linear reconstruction with as many dense components as the
   member's L0, and with k components);
-- wall time of the sweep and patches/s.
+- wall time of the sweep and patches/s;
+- then the report's controls (``saev_core.analysis.controls``) beside each member: PCA and the random-decoder control
+  at matched L0, k-means (L0 = 1), the gains over each, and the verdict's headline (structure found: at least 10 %
+  less error than the random control and no more than PCA). ``--null`` swaps the planted atoms for isotropic
+  Gaussian vectors, where every member must get "no structure found".
 
 Usage (about a minute on 2 CPU cores with the default sweep):
 
@@ -29,13 +33,19 @@ import time
 import tomllib
 
 import numpy as np
+import pandas as pd
 import torch
 
 from saev_core import config, nn
+from saev_core.analysis import controls
 from saev_core.store import write_store
 from saev_core.store.loader import split_images
 from saev_core.train import fitting, trainer
+from saev_core.train.results import sweep_csv_path
 from saev_core.train.sweep import grid
+
+MIN_GAIN_VS_RANDOM = 0.1
+"""The verdict's margin ([checks] min_gain_vs_random's default)."""
 
 DEFAULT_SWEEP = """
 # topk and batchtopk at the planted k and at 2k; relu (saev's recipe) and relu-decnorm at coefficients that give an
@@ -116,10 +126,17 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the planted data")
     parser.add_argument("--keep", default=None, help="write the store and checkpoints here instead of a temp dir")
+    parser.add_argument(
+        "--null", action="store_true", help="isotropic Gaussian vectors of the same scale instead of planted atoms"
+    )
+    parser.add_argument("--no-kmeans", action="store_true", help="leave out the k-means control")
     args = parser.parse_args()
 
     n = args.n_imgs * args.n_tokens
     planted = plant_dictionary(n, args.d, args.n_atoms, args.k, args.sigma, args.seed)
+    if args.null:  # no structure: the same per-dimension scale, Gaussian
+        gaussian = np.random.default_rng(args.seed).normal(size=planted.x.shape) * planted.x.std()
+        planted = dataclasses.replace(planted, x=gaussian, noise=gaussian)
     sweep = tomllib.loads(DEFAULT_SWEEP) if args.sweep is None else tomllib.load(open(args.sweep, "rb"))
     tmp = args.keep or tempfile.mkdtemp(prefix="bench_planted-")
     acts = planted.x.astype(np.float32).reshape(1, args.n_imgs, args.n_tokens, args.d)
@@ -174,6 +191,10 @@ def main() -> None:
         f"{'NMSE':>7} {'PCA@L0':>7} {'dead train':>11} {'dead held-out':>14}"
     )
     print(header)
+    sweep_table = pd.read_csv(sweep_csv_path(base.ckpt_path))
+    with_controls = controls.sweep_controls(
+        sweep_table, store, -2, "patches", base.data.val_frac, base.seed, kmeans=not args.no_kmeans
+    ).table.set_index("member_id")
     for r in results:
         sae = nn.load(r.ckpt_path)
         best = recovery(planted.atoms, sae.W_dec.detach().double().numpy())
@@ -190,8 +211,24 @@ def main() -> None:
         )
     print(
         f"\n(recovery: per atom the best cosine with a decoder row; NMSE and L0 on the held-out images; PCA@L0: "
-        f"dense PCA with as many components as the member's L0; files in {tmp})"
+        f"dense PCA with as many components as the member's L0; files in {tmp})\n"
     )
+    print("SAE vs the report's controls (saev_core.analysis.controls), gains = how much less error the SAE has:")
+    print(
+        f"{'member':>12} {'arch':>10} {'k':>3} {'NMSE':>7} {'PCA@L0':>7} {'random@L0':>10} {'k-means':>8} "
+        f"{'vs PCA':>7} {'vs random':>10} {'vs k-means':>11}  verdict"
+    )
+    for r in results:
+        row = with_controls.loc[r.member_id]
+        k = r.cfg.sae.k if r.cfg.sae.arch in ("topk", "batchtopk") else "-"
+        found = row["gain_vs_random"] >= MIN_GAIN_VS_RANDOM and row["gain_vs_pca"] >= 0
+        print(
+            f"{r.member_id:>12} {r.cfg.sae.arch:>10} {k:>3} {row['nmse']:>7.4f} {row['pca_nmse_at_l0']:>7.4f} "
+            f"{row['random_nmse_at_l0']:>10.4f} {row.get('kmeans_nmse', float('nan')):>8.4f} "
+            f"{row['gain_vs_pca']:>7.0%} {row['gain_vs_random']:>10.0%} "
+            f"{row.get('gain_vs_kmeans', float('nan')):>11.0%}"
+            f"  {'structure found' if found else 'no structure found'}"
+        )
 
 
 if __name__ == "__main__":

@@ -92,10 +92,14 @@ def run_pipeline(cmd: RunPipeline) -> str:
     stages.prepare_demo_checkpoint(pipe)
     store_path = run_activations(pipe.activations)
     print(store_path)
+    csvs = {}
     for layer in pipe.activations.vit_layers:
         sweep = stages.train_layer(pipe, layer, store_path)
+        csvs[layer] = sweep.csv_path
         report_members(sweep.results)
-        for problem in sweep.problems:
+        for problem in sweep.health.errors:
+            print(f"error: layer {layer}: {problem}", file=sys.stderr)
+        for problem in sweep.health.warnings:
             print(f"warning: layer {layer}: {problem}", file=sys.stderr)
         png = os.path.join(os.path.dirname(sweep.csv_path), "l0_vs_nmse.png")
         atomic_write_bytes(png, sweep.l0_vs_nmse_png)
@@ -103,6 +107,8 @@ def run_pipeline(cmd: RunPipeline) -> str:
         print(png)
         for member in stages.visuals_for_layer(pipe, layer, sweep.csv_path):
             print(member.result.index_html)
+    report_path, _ = stages.sweep_report(pipe, csvs)
+    print(report_path)
     return pipe.train.ckpt_path
 
 

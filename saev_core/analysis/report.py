@@ -1,126 +1,79 @@
-"""The sweep report: every member of every layer in one table, the chosen member per layer, and an L0-vs-NMSE plot
-per layer with a PCA baseline at matched L0. ``sweep_report`` (Dagster) and ``python -m saev_core pipeline`` write
-it as ``<train.ckpt_path>/report.md`` with one PNG per layer beside it."""
+"""The sweep report: per layer a verdict in plain words, then every member in one table beside its controls, the
+chosen member, and an L0-vs-NMSE plot with the PCA curve. ``sweep_report`` (Dagster) and ``python -m saev_core
+pipeline`` write it as ``<train.ckpt_path>/report.md`` with one PNG per layer beside it; every path in it is
+relative to that folder."""
 
 import dataclasses
 import math
 import os
 
-import numpy as np
 import pandas as pd
-from jaxtyping import Float
 
 from saev_core.analysis import controls, plots
-from saev_core.files import atomic_write_bytes
+from saev_core.files import atomic_write_bytes, is_url
 from saev_core.nn import metrics
-from saev_core.store import ActivationStore, loader
-from saev_core.store.shards import ChunkReader, stream_chunks
-from saev_core.store.tokens import check_token_mode, first_patch, vectors, vectors_per_image
+
+SHORT_RUN_STEPS = 1_000
+"""Fewer training steps than this and the verdict calls the run short: its numbers are provisional."""
+MAX_FRAC_DENSE = 0.1
+"""More latents than this firing on over ``metrics.DENSE_FREQ`` of held-out vectors and the verdict says so."""
 
 
 @dataclasses.dataclass(frozen=True)
-class PCABaseline:
-    """Held-out NMSE of PCA with k components, fitted on the training split (k = 1..d_vit)."""
+class RunFacts:
+    """What the verdict needs to know about how a layer's sweep was made, beyond sweep.csv."""
 
-    nmse: Float[np.ndarray, " d_vit"]
-    """nmse[k - 1]: the baseline at k components."""
-
-    def at(self, l0: float | int) -> float:
-        """The baseline at matched L0 (k = round(L0), at least 1)."""
-        k = min(max(1, round(l0)), len(self.nmse))
-        return float(self.nmse[k - 1])
-
-
-def _scatter_matrix(store: ActivationStore, layer: int, patches: str, images: np.ndarray, center: np.ndarray | None):
-    """(sum of vectors, count, sum of (x - c)(x - c)^T) over the token mode's vectors of ``images``, float64;
-    c = ``center`` or 0."""
-    ipc, first = store.layout.imgs_per_chunk, first_patch(store)
-    chunks, starts = np.unique(images // ipc, return_index=True)
-    d = store.d_vit
-    total, n, scatter = np.zeros(d), 0, np.zeros((d, d))
-    c = np.zeros(d) if center is None else center
-    reader = ChunkReader(store.array(layer))
-    for chunk, imgs, x in stream_chunks(reader, chunks, np.split(images, starts[1:]), ipc, store.n_imgs):
-        v = vectors(x[imgs - chunk * ipc], patches, first).astype(np.float64) - c
-        total += v.sum(0) + len(v) * c
-        n += len(v)
-        scatter += v.T @ v
-    return total, n, scatter
-
-
-def pca_baseline(
-    store: ActivationStore, layer: int, patches: str, val_frac: float, seed: int, max_vectors: int = 200_000
-) -> PCABaseline:
-    """PCA fitted on the training split of the SAEs' own train/val split (``loader.split_images``), evaluated on the
-    held-out split with the same NMSE definition as the SAEs' (``metrics``): sum ||x - x_hat||^2 over
-    sum ||x - mean_val||^2. Each split reads at most about ``max_vectors`` vectors (a uniform, seeded sample of its
-    images)."""
-    check_token_mode(store, patches)
-    train, val = loader.split_images(store, val_frac, seed)
-    per_img = vectors_per_image(store, patches)
-    rng = np.random.default_rng(seed)
-
-    def sample(images: np.ndarray) -> np.ndarray:
-        cap = max(1, max_vectors // per_img)
-        return np.sort(rng.choice(images, cap, replace=False)) if len(images) > cap else images
-
-    train, val = sample(train), sample(val)
-    total, n, _ = _scatter_matrix(store, layer, patches, train, None)
-    mean = total / n
-    _, _, cov = _scatter_matrix(store, layer, patches, train, mean)
-    eigvals, eigvecs = np.linalg.eigh(cov)
-    components = eigvecs[:, np.argsort(eigvals)[::-1]]  # [d, d], columns by decreasing variance
-    val_total, n_val, val_scatter = _scatter_matrix(store, layer, patches, val, mean)  # around the train mean
-    val_mean = val_total / n_val
-    # sum ||x - mean_val||^2 = sum ||x - mean||^2 - n ||mean_val - mean||^2
-    denom = float(np.trace(val_scatter)) - n_val * float((val_mean - mean) @ (val_mean - mean))
-    # residual of the k-component reconstruction: trace(S) - sum_{i<k} p_i^T S p_i, S the scatter around the mean
-    explained = np.cumsum(np.einsum("di,de,ei->i", components, val_scatter, components))
-    return PCABaseline((float(np.trace(val_scatter)) - explained) / denom)
+    n_train_vectors: int
+    """Vectors in the training split (one epoch)."""
+    random_vit: bool = False
+    """The ViT has random weights (the demo): its activations need not have sparse structure."""
+    max_frac_dead: float = 0.5
+    """[checks] max_frac_dead: the bound the dead fraction is held to."""
+    min_gain_vs_random: float = 0.1
+    """[checks] min_gain_vs_random: how much less error than the random-decoder control counts as structure."""
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerReport:
     layer: int
     table: pd.DataFrame
+    """sweep.csv with the controls (``controls.GAINS``) and, when asked for, the splice-in columns."""
     chosen: dict | None
-    pca: PCABaseline | None
+    pca: controls.PCABaseline | None
     png: bytes
+    verdict: list[str]
+    """The layer's verdict, one sentence per line (markdown)."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """Controls left out and why."""
 
 
 def layer_report(
     layer: int,
-    sweep_csv: str,
+    sweep: controls.SweepControls,
     max_l0: float | None,
-    pca: PCABaseline | None,
+    facts: RunFacts,
     splice: dict | None = None,
-    held_out: controls.HeldOut | None = None,
+    seeds: dict | None = None,
 ) -> LayerReport:
-    """One layer's table (sweep.csv plus the PCA baseline, the random-decoder control on ``held_out`` and, when
-    given, the splice-in columns keyed by ``ckpt``), its chosen member and its plot."""
-    table = pd.read_csv(sweep_csv)
-    if pca is not None:
-        table["pca_nmse_at_l0"] = [pca.at(l0) if l0 == l0 else math.nan for l0 in table["l0"]]
-    if held_out is not None:
-        table["random_nmse_at_l0"] = [
-            controls.random_decoder_nmse(held_out, int(d_vit * exp), l0) if l0 == l0 else math.nan
-            for d_vit, exp, l0 in zip(table["sae.d_vit"], table["sae.exp_factor"], table["l0"])
-        ]
+    """One layer's report from its sweep table with controls; ``splice`` maps ``ckpt`` to a ``splice.SpliceResult``
+    and ``seeds`` is the chosen member's seed-consistency result (``seeds.SeedConsistency`` as a dict)."""
+    table = sweep.table.copy()
     chosen = metrics.best_member(table.to_dict("records"), max_l0)
     if splice is not None:
         for column, field in SPLICE_COLUMNS.items():
             table[column] = [getattr(splice[c], field) if c in splice else math.nan for c in table["ckpt"]]
     ks = []
-    if pca is not None:  # the baseline over the members' L0 range and a little beyond
-        top = int(min(max(float(table["l0"].max()), 1.0) * 1.5, len(pca.nmse)))
+    if sweep.pca is not None:  # the baseline over the members' L0 range and a little beyond
+        top = int(min(max(float(table["l0"].max()), 1.0) * 1.5, len(sweep.pca.nmse)))
         ks = list(range(1, top + 1))
     png = plots.l0_vs_nmse_png(
         table,
         f"layer {layer}",
-        pca=(ks, [pca.at(k) for k in ks]) if pca else None,
+        pca=(ks, [sweep.pca.at(k) for k in ks]) if sweep.pca else None,
         chosen=chosen["member_id"] if chosen else None,
     )
-    return LayerReport(layer, table, chosen, pca, png)
+    lines = verdict(table, chosen, max_l0, facts, seeds)
+    return LayerReport(layer, table, chosen, sweep.pca, png, lines, list(sweep.notes))
 
 
 SPLICE_COLUMNS = {"splice_cos": "cos_sae", "splice_cos_zero": "cos_zero", "splice_gap_recovered": "gap_recovered"}
@@ -134,6 +87,132 @@ def splice_results(ckpts: list[str], max_images: int, device: str = "auto") -> l
     return splice.evaluate_checkpoints(ckpts, device=device, max_images=max_images)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The verdict
+# ----------------------------------------------------------------------------------------------------------------
+
+CONTROL_NAMES = {
+    "pca_nmse_at_l0": "PCA at matched L0",
+    "random_nmse_at_l0": "the random-decoder control at matched L0",
+    "kmeans_nmse": "k-means (L0 = 1)",
+}
+
+
+def verdict(
+    table: pd.DataFrame, chosen: dict | None, max_l0: float | None, facts: RunFacts, seeds: dict | None = None
+) -> list[str]:
+    """A layer's verdict in plain words: which member is chosen and why, whether it beats each control, its dead and
+    dense fractions against their bounds, whether the run was long enough, and what a loss most likely means."""
+    rule = f"with L0 <= {max_l0:g}" if max_l0 is not None else "of the sweep"
+    if chosen is None:
+        return [f"**No member qualifies**: none has finite metrics and L0 {rule.removeprefix('with ')}."]
+    n_rule = sum(1 for r in table.to_dict("records") if max_l0 is None or r["l0"] <= max_l0)
+    lines = [
+        f"**Chosen: {chosen['member_id']}** ({_describe(chosen)}): the lowest held-out NMSE, {chosen['nmse']:.4f} at "
+        f"L0 {chosen['l0']:.1f}, among the {n_rule} members {rule}."
+    ]
+    compared = []
+    for column, name in CONTROL_NAMES.items():
+        other = chosen.get(column, math.nan)
+        change = controls.gain(chosen["nmse"], other)
+        if change != change:
+            continue
+        if change >= 0:
+            compared.append(f"beats {name} by {change:.0%} (NMSE {other:.4f})")
+        else:
+            compared.append(f"**loses to {name} by {-change:.0%}** (NMSE {other:.4f})")
+    if compared:
+        lines.append("It " + "; ".join(compared) + ".")
+    steps = _steps(chosen)
+    epochs = steps * int(chosen.get("sae_batch_size", 0)) / facts.n_train_vectors if facts.n_train_vectors else 0
+    short = steps < SHORT_RUN_STEPS
+    causes = [f"under-trained ({steps:,} steps)"] if short else []
+    if facts.random_vit:
+        causes.append("no sparse structure to find (the ViT has random weights)")
+    else:
+        causes.append("no sparse structure in these activations at this L0")
+    if not short:
+        causes.append(f"a learning rate that does not fit (lr {chosen['lr']:g})")
+    versus_random = controls.gain(chosen["nmse"], chosen.get("random_nmse_at_l0", math.nan))
+    versus_pca = controls.gain(chosen["nmse"], chosen.get("pca_nmse_at_l0", math.nan))
+    shortfalls = []
+    if versus_random == versus_random and versus_random < facts.min_gain_vs_random:
+        shortfalls.append(
+            f"{_signed(versus_random)} error than random atoms chosen the same way, under the "
+            f"{facts.min_gain_vs_random:.0%} margin asked for"
+        )
+    if versus_pca == versus_pca and versus_pca < 0:
+        shortfalls.append(f"{-versus_pca:.0%} more error than PCA at the same L0")
+    if shortfalls:
+        lines.append(
+            f"**No structure found**: {'; '.join(shortfalls)}. Most likely: {' or '.join(causes)}. (Beating PCA alone "
+            "proves nothing: a sparse code picks its atoms per vector and beats PCA even on Gaussian noise.)"
+        )
+    elif versus_random == versus_random:
+        lines.append(
+            f"**Structure found**: {versus_random:.0%} less error than random atoms chosen the same way (margin "
+            f"{facts.min_gain_vs_random:.0%})"
+            + (f" and {versus_pca:.0%} less than PCA at the same L0." if versus_pca == versus_pca else ".")
+        )
+    dead = chosen.get("frac_dead_train", chosen.get("frac_dead", math.nan))
+    window = chosen.get("sae.dead_after_n_patches")
+    where = f"the last {int(window):,} training vectors" if window == window and window is not None else "training"
+    over = " — **over the bound**" if dead > facts.max_frac_dead else ""
+    dense = chosen.get("frac_dense", math.nan)
+    width = chosen.get("sae.d_vit", math.nan) * chosen.get("sae.exp_factor", math.nan)
+    if chosen["l0"] / width > metrics.DENSE_FREQ / 2:  # the average latent fires that often: "dense" says little
+        dense_over = " — expected at this L0 and width, where the average latent fires that often"
+    else:
+        dense_over = " — **many**: dense latents are rarely interpretable" if dense > MAX_FRAC_DENSE else ""
+    lines.append(
+        f"Dead latents (did not fire in {where}): {dead:.1%} (bound {facts.max_frac_dead:.0%}){over}. Dense "
+        f"latents (fire on over {metrics.DENSE_FREQ:.0%} of held-out vectors): {dense:.1%}"
+        f" (warned above {MAX_FRAC_DENSE:.0%}){dense_over}."
+    )
+    warmup = chosen.get("n_lr_warmup")
+    warm = f", {int(warmup):,} warm-up steps" if warmup == warmup and warmup is not None else ""
+    length = (
+        f"Trained {steps:,} steps of {int(chosen.get('sae_batch_size', 0)):,} vectors ({epochs:.1f} epochs of "
+        f"{facts.n_train_vectors:,} training vectors{warm})"
+    )
+    lines.append(
+        length + (f": **short** (under {SHORT_RUN_STEPS:,} steps), so these numbers are provisional." if short else ".")
+    )
+    if seeds:
+        lines.append(
+            f"Seed consistency: retrained with seed {seeds['other_seed']}, its decoder atoms match this run's with "
+            f"mean cosine {seeds['mean_cos']:.3f} (Hungarian matching; {seeds['frac_above_0_9']:.0%} of atoms above "
+            "0.9)."
+        )
+    return lines
+
+
+def _signed(change: float) -> str:
+    return f"{change:.0%} less" if change >= 0 else f"{-change:.0%} more"
+
+
+def _describe(row: dict) -> str:
+    parts = [str(row.get("sae.arch", ""))]
+    k = row.get("sae.k")
+    if k == k and k is not None and row.get("sae.arch") in ("topk", "batchtopk"):
+        parts.append(f"k = {int(k)}")
+    if row.get("sae.d_vit") == row.get("sae.d_vit") and row.get("sae.exp_factor") is not None:
+        parts.append(f"{int(row['sae.d_vit'] * row['sae.exp_factor']):,} latents")
+    if "lr" in row:
+        parts.append(f"lr {row['lr']:g}")
+    return ", ".join(parts)
+
+
+def _steps(row: dict) -> int:
+    batch = row.get("sae_batch_size", 0)
+    return int(row.get("n_patches", 0) // batch) if batch else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The file
+# ----------------------------------------------------------------------------------------------------------------
+
+
 def member_rows(layers: list[LayerReport]) -> list[dict]:
     """Every member of every layer as one row: its sweep.csv columns plus ``layer`` and ``chosen``."""
     rows = []
@@ -145,25 +224,56 @@ def member_rows(layers: list[LayerReport]) -> list[dict]:
     return rows
 
 
-def write_report(folder: str, layers: list[LayerReport], title: str = "SAE sweep report") -> str:
-    """report.md and report_layer_<L>.png in ``folder``; returns the report's path."""
+def write_report(
+    folder: str, layers: list[LayerReport], provenance: list[str] | None = None, title: str = "SAE sweep report"
+) -> str:
+    """report.md and report_layer_<L>.png in ``folder``; returns the report's path. ``provenance``: the lines of the
+    header (``provenance_lines``)."""
     lines = [f"# {title}", ""]
+    if provenance:
+        lines += [f"- {line}" for line in provenance] + [""]
     for rep in layers:
         png_name = f"report_layer_{rep.layer}.png"
         atomic_write_bytes(os.path.join(folder, png_name), rep.png)
-        lines += [
-            f"## Layer {rep.layer}",
-            "",
-            markdown_summary(rep),
-            "",
-            f"![L0 vs NMSE, layer {rep.layer}]({png_name})",
-            "",
-            markdown_table(rep.table),
-            "",
-        ]
+        lines += [f"## Layer {rep.layer}", ""]
+        lines += [f"{line}" for line in rep.verdict] + [""]
+        lines += [f"_{note}_" for note in rep.notes] + ([""] if rep.notes else [])
+        lines += [f"![L0 vs NMSE, layer {rep.layer}]({png_name})", "", markdown_table(rep.table, folder), ""]
+    lines += ["## Columns", ""] + [f"- `{name}`: {meaning}" for name, meaning in GLOSSARY.items()] + [""]
     path = os.path.join(folder, "report.md")
     atomic_write_bytes(path, "\n".join(lines).encode())
     return path
+
+
+def provenance_lines(
+    folder: str,
+    *,
+    vit: str,
+    random_vit: bool,
+    images: str,
+    n_imgs: int,
+    store_key: str,
+    store_path: str,
+    training: list[str],
+    pipeline_file: str,
+    code_version: str,
+) -> list[str]:
+    """The report's header: where every number below comes from."""
+    return [
+        f"ViT: {vit}" + (" — **random weights** (the demo: no download)" if random_vit else ""),
+        f"Images: {images} ({n_imgs:,} images)",
+        f"Activation store: `{relative(store_path, folder)}` (key `{store_key}`)",
+        *[f"Training: {line}" for line in training],
+        f"Pipeline file: `{pipeline_file}`",
+        f"Code: {code_version}",
+    ]
+
+
+def relative(path: str, folder: str) -> str:
+    """``path`` relative to ``folder`` (the report's), so the report can move with its files; URLs unchanged."""
+    if not isinstance(path, str) or is_url(path) or not os.path.isabs(path):
+        return path
+    return os.path.relpath(path, folder)
 
 
 REPORT_COLUMNS = [
@@ -175,37 +285,46 @@ REPORT_COLUMNS = [
     "nmse",
     "pca_nmse_at_l0",
     "random_nmse_at_l0",
+    "kmeans_nmse",
+    "gain_vs_pca",
+    "gain_vs_random",
+    "gain_vs_kmeans",
     "l0",
+    "l0_train",
     "frac_dead_train",
     "frac_dead_heldout",
+    "frac_dense",
     *SPLICE_COLUMNS,
     "ckpt",
 ]
 
+GLOSSARY = {
+    "member_id": "12 hex digits naming the member's settings; its checkpoint is `<layer folder>/<member_id>/sae.pt`",
+    "sae.arch": "the SAE recipe (relu, relu-decnorm, topk, batchtopk, jumprelu)",
+    "sae.exp_factor": "latents per ViT dimension (d_sae = exp_factor x d_vit)",
+    "sae.k": "latents kept per vector (topk) or per vector on average over a batch (batchtopk) in training",
+    "lr": "the learning rate",
+    "nmse": "held-out reconstruction error over the held-out variance: 0 is perfect, 1 is no better than the mean",
+    "pca_nmse_at_l0": "NMSE of PCA with round(L0) components, fitted on the training split",
+    "random_nmse_at_l0": "NMSE of d_sae random unit atoms, round(L0) per vector chosen as TopK does, least-squares "
+    "coefficients",
+    "kmeans_nmse": "NMSE of k-means with d_sae centroids (L0 = 1)",
+    "gain_vs_pca / gain_vs_random / gain_vs_kmeans": "the fraction by which the SAE's NMSE is below that control's "
+    "(positive: the SAE is better)",
+    "l0": "latents firing per held-out vector, on average (at inference; batchtopk uses its calibrated threshold)",
+    "l0_train": "latents firing per training vector, on average, at the end of training",
+    "frac_dead_train": "**dead**: latents that did not fire in the last `sae.dead_after_n_patches` training vectors "
+    "(the one definition of dead: docs/training.md)",
+    "frac_dead_heldout": "latents that fired on no held-out vector (a rare latent can be silent there and alive)",
+    "frac_dense": f"latents firing on over {metrics.DENSE_FREQ:.0%} of held-out vectors",
+    "splice_*": "splice-in fidelity: cosine of the ViT's final embedding with the layer replaced by the "
+    "reconstruction (splice_cos) or by zeros (splice_cos_zero), and the gap recovered",
+    "ckpt": "the member's checkpoint, relative to this report",
+}
 
-def markdown_summary(rep: LayerReport) -> str:
-    if rep.chosen is None:
-        return "No member qualifies under the [report] rule."
-    nmse = rep.chosen["nmse"]
-    versus = []
-    if rep.pca is not None:
-        versus.append(("PCA", rep.pca.at(rep.chosen["l0"])))
-    if "random_nmse_at_l0" in rep.chosen:
-        versus.append(("the random-decoder control", rep.chosen["random_nmse_at_l0"]))
-    compared = "".join(f"; {name} at matched L0: {other:.4f} ({_beats(nmse, other)})" for name, other in versus)
-    return (
-        f"Chosen: **{rep.chosen['member_id']}** ({rep.chosen.get('sae.arch', '')}), NMSE "
-        f"{nmse:.4f} at L0 {rep.chosen['l0']:.1f}{compared}."
-    )
 
-
-def _beats(nmse: float, other: float) -> str:
-    """How the SAE's NMSE compares with a baseline's, in the words the report uses."""
-    if not (nmse == nmse and other == other and other > 0):
-        return "not comparable"
-    change = (other - nmse) / other
-    return f"the SAE is {change:.0%} better" if change >= 0 else f"the SAE is {-change:.0%} worse"
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    return table[[c for c in REPORT_COLUMNS if c in table]].to_markdown(index=False, floatfmt=".4g")
+def markdown_table(table: pd.DataFrame, folder: str | None = None) -> str:
+    shown = table[[c for c in REPORT_COLUMNS if c in table]].copy()
+    if folder is not None and "ckpt" in shown:
+        shown["ckpt"] = [relative(p, folder) for p in shown["ckpt"]]
+    return shown.to_markdown(index=False, floatfmt=".4g")

@@ -72,7 +72,7 @@ def build_app(cfg: config.ExploreConfig):
         book = app.book
         parts = [
             f"**Visuals:** `{book.dump_to}` · layer {book.cache.identity.layer} · {book.cache.d_sae} latents, "
-            f"{len(book.alive)} live"
+            f"{len(book.alive)} fire on the store's images"
         ]
         if book.ckpt_problem:
             parts.append(f"⚠️ {book.ckpt_problem}")

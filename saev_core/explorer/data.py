@@ -89,7 +89,7 @@ class LatentBook:
         return np.flatnonzero(self.cache.freq > 0)
 
     def order(self, key: str) -> list[int]:
-        """The live latents sorted by ``key`` (largest first, ids ascending), ties broken by id."""
+        """The latents that fire on the store, sorted by ``key`` (largest first, ids ascending), ties broken by id."""
         ids = self.alive
         if key == "id":
             return ids.tolist()
@@ -135,7 +135,7 @@ class LatentBook:
         if not 0 <= latent < self.cache.d_sae:
             raise UserError(f"Latent {latent} does not exist: this SAE has latents 0 to {self.cache.d_sae - 1}.")
         if self.cache.freq[latent] == 0:
-            raise UserError(f"Latent {latent} never fires on the store's images (a dead latent): it has no top images.")
+            raise UserError(f"Latent {latent} never fires on the store's images: it has no top images.")
         return latent
 
     def images(self, latent: int, n: int = N_IMAGES_SHOWN) -> list[tuple[Image.Image, str]]:

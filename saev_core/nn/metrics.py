@@ -18,6 +18,9 @@
 All values are computed in raw activation space: ``x`` and ``x_hat`` are what the SAE takes and returns.
 """
 
+import dataclasses
+import math
+
 import numpy as np
 import torch
 from jaxtyping import Float
@@ -127,28 +130,119 @@ class ReconstructionMetrics:
         }
 
 
-def sweep_problems(rows: list[dict], max_frac_dead: float) -> list[str]:
-    """What is wrong with a trained sweep, one line per problem (empty when healthy): NaN metrics, or more dead
-    latents than ``max_frac_dead``. rows: one dict per member (a sweep.csv row or metrics.json) with ``member_id``,
-    the held-out metrics and ``frac_dead_train``, the latents that did not fire in the last
-    ``sae.dead_after_n_patches`` training vectors (rows from before that column: ``frac_dead``)."""
-    problems = []
+@dataclasses.dataclass(frozen=True)
+class SweepHealth:
+    """A trained sweep's health check, with the numbers behind it. ``errors`` block what follows (NaN or infinite
+    metrics, every latent dead, the best NMSE above its bound); ``warnings`` do not (more dead latents than the bound,
+    the best member losing to PCA at matched L0, or beating the random-decoder control at matched L0 by less than
+    ``min_gain_vs_random``: beating PCA alone is no evidence, since an adaptive sparse code beats it even on Gaussian
+    noise)."""
+
+    errors: list[str]
+    warnings: list[str]
+    max_frac_dead: float
+    worst_frac_dead: float
+    """The largest dead fraction of any member (``frac_dead_train``: the one definition of dead)."""
+    worst_dead_member: str
+    n_nan_members: int
+    best_member: str
+    best_nmse: float
+    best_pca_nmse: float
+    """PCA at the best member's L0 (NaN when not computed)."""
+    best_random_nmse: float
+    """The random-decoder control at the best member's width and L0 (NaN when not computed)."""
+
+    @property
+    def severity(self) -> str:
+        return "error" if self.errors else "warn" if self.warnings else "ok"
+
+    @property
+    def problems(self) -> list[str]:
+        return self.errors + self.warnings
+
+    def numbers(self) -> dict[str, float | int | str]:
+        """The check's numbers, for Dagster metadata and logs."""
+        return {
+            "worst_frac_dead": self.worst_frac_dead,
+            "worst_dead_member": self.worst_dead_member,
+            "max_frac_dead": self.max_frac_dead,
+            "n_nan_members": self.n_nan_members,
+            "best_member": self.best_member,
+            "best_nmse": self.best_nmse,
+            "best_pca_nmse_at_l0": self.best_pca_nmse,
+            "best_random_nmse_at_l0": self.best_random_nmse,
+        }
+
+
+def _finite(v) -> bool:
+    return v is not None and v == v and abs(v) != math.inf
+
+
+def sweep_health(
+    rows: list[dict],
+    max_frac_dead: float,
+    max_nmse: float | None = None,
+    max_l0: float | None = None,
+    min_gain_vs_random: float = 0.0,
+) -> SweepHealth:
+    """The sweep's health from its rows (sweep.csv rows or metrics.json dicts with ``member_id``, the held-out
+    metrics, ``frac_dead_train`` (old rows: ``frac_dead``) and, when computed, ``pca_nmse_at_l0`` and
+    ``random_nmse_at_l0``). The best member is ``best_member(rows, max_l0)``, the report's chosen one."""
+    errors, warnings = [], []
+    worst, worst_id, n_nan = -1.0, "", 0
     for row in rows:
         dead = row.get("frac_dead_train", row.get("frac_dead"))
         values = [row.get(k) for k in ("nmse", "ev", "mse", "l0", "l1")] + [dead]
-        if any(v is None or v != v for v in values):
-            problems.append(f"{row['member_id']}: NaN in its metrics")
+        if not all(_finite(v) for v in values):
+            n_nan += 1
+            errors.append(f"{row['member_id']}: NaN or infinite values in its metrics")
+            continue
+        if dead > worst:
+            worst, worst_id = dead, row["member_id"]
+        if dead >= 1.0:
+            errors.append(f"{row['member_id']}: every latent is dead (none fired {_window(row)})")
         elif dead > max_frac_dead:
-            window = row.get("dead_window", row.get("sae.dead_after_n_patches"))
-            known = window is not None and window == window  # a sweep.csv cell may be NaN
-            where = f"in the last {int(window):,} training vectors" if known else "in training"
             heldout = row.get("frac_dead_heldout")
-            known = heldout is not None and heldout == heldout
-            also = f"; {heldout:.1%} never fired on the held-out split" if known else ""
-            problems.append(
-                f"{row['member_id']}: {dead:.1%} of its latents did not fire {where} (bound {max_frac_dead:.0%}){also}"
+            also = f"; {heldout:.1%} never fired on the held-out split" if _finite(heldout) else ""
+            warnings.append(
+                f"{row['member_id']}: {dead:.1%} of its latents are dead (did not fire {_window(row)}; bound "
+                f"{max_frac_dead:.0%}){also}"
             )
-    return problems
+    best = best_member(rows, max_l0)
+    nan = math.nan
+    pca = best.get("pca_nmse_at_l0", nan) if best else nan
+    rand = best.get("random_nmse_at_l0", nan) if best else nan
+    if best is not None:
+        if max_nmse is not None and best["nmse"] > max_nmse:
+            errors.append(f"best held-out NMSE {best['nmse']:.4f} is above [checks] max_nmse {max_nmse:g}")
+        said = f"the best member {best['member_id']} (NMSE {best['nmse']:.4f} at L0 {best['l0']:.1f})"
+        if _finite(pca) and best["nmse"] > pca:
+            warnings.append(f"{said} loses to PCA at matched L0 (NMSE {pca:.4f})")
+        if _finite(rand) and rand > 0 and best["nmse"] > rand:
+            warnings.append(f"{said} loses to the random-decoder control at matched L0 (NMSE {rand:.4f})")
+        elif _finite(rand) and rand > 0 and (rand - best["nmse"]) / rand < min_gain_vs_random:
+            warnings.append(
+                f"{said} has only {(rand - best['nmse']) / rand:.0%} less error than the random-decoder control at "
+                f"matched L0 (NMSE {rand:.4f}; [checks] min_gain_vs_random {min_gain_vs_random:.0%}): no clear "
+                "structure found"
+            )
+    return SweepHealth(
+        errors,
+        warnings,
+        max_frac_dead,
+        max(worst, 0.0) if worst_id else nan,
+        worst_id,
+        n_nan,
+        best["member_id"] if best else "",
+        best["nmse"] if best else nan,
+        pca,
+        rand,
+    )
+
+
+def _window(row: dict) -> str:
+    window = row.get("dead_window", row.get("sae.dead_after_n_patches"))
+    return f"in the last {int(window):,} training vectors" if _finite(window) else "in training"
 
 
 def best_member(rows: list[dict], max_l0: float | None = None) -> dict | None:

@@ -51,6 +51,12 @@ class ReportPlan:
     """Draw the PCA baseline (PCA with L0 components, fitted on the training split, NMSE on the held-out split)."""
     random_control: bool = True
     """Add the random-decoder control at each member's L0 and width (``saev_core.analysis.controls``)."""
+    kmeans: bool | None = None
+    """Add k-means with d_sae centroids (L0 = 1): true or false; unset runs it when it costs about two seconds or
+    less (``controls.KMEANS_BUDGET``)."""
+    seeds: int = 1
+    """2: retrain each layer's chosen member from another initialisation and report how well the two decoders'
+    atoms match (Hungarian-matched mean cosine, ``saev_core.analysis.seeds``)."""
     pca_max_vectors: int = 200_000
     """Vectors per split the PCA baseline reads at most (a uniform sample of images beyond that)."""
     splice: bool = False
@@ -59,6 +65,10 @@ class ReportPlan:
     member."""
     splice_max_images: int = 256
     """Held-out images the splice-in evaluation runs the ViT on at most (a seeded sample beyond that)."""
+
+    def __post_init__(self) -> None:
+        if self.seeds not in (1, 2):
+            raise UserError(f"report.seeds = {self.seeds!r}: expected 1 (no retraining) or 2 (one more seed).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +79,9 @@ class ChecksPlan:
     """A sweep member with more dead latents than this fails the sweep's check."""
     max_nmse: float | None = None
     """A sweep whose best member's held-out NMSE is above this fails the sweep's check (None: no bound)."""
+    min_gain_vs_random: float = 0.1
+    """The chosen member must have this much less held-out error than the random-decoder control at its L0 to count
+    as having found structure (the report's verdict; a warning of the sweep's check below it)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_frac_dead <= 1:

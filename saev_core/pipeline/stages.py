@@ -6,6 +6,7 @@ import dataclasses
 import os
 import typing
 
+import numpy as np
 import pandas as pd
 
 from saev_core import files
@@ -15,8 +16,9 @@ from saev_core.nn import metrics
 from saev_core.pipeline import watch
 from saev_core.pipeline.file import Pipeline, VisualsPlan, check_outputs
 from saev_core.record import checkpoints, vit
-from saev_core.store import ActivationStore
-from saev_core.train import results, trainer
+from saev_core.store import ActivationStore, loader
+from saev_core.store.tokens import vectors_per_image
+from saev_core.train import results, sweep, trainer
 from saev_core.visuals import render
 
 
@@ -32,51 +34,180 @@ class LayerSweep:
     l0_vs_nmse_png: bytes
     problems: list[str]
     """What fails the sweep's health rule ([checks] max_frac_dead, NaN); empty when healthy."""
+    health: typing.Any = None
+    """metrics.SweepHealth: the check's numbers and severity."""
 
 
 def train_layer(
     pipe: Pipeline, layer: int, store_path: str, show_progress: bool = True, on_log=None, on_note=None
 ) -> LayerSweep:
-    """Train the pipeline's [sweep] on one layer of a store (one pass), then summarise it."""
+    """Train the pipeline's [sweep] on one layer of a store (one pass), add its controls to sweep.csv, then
+    summarise it."""
     cfgs = pipe.sweep_for(layer, store_path)
     members = trainer.train_sweep(cfgs, show_progress=show_progress, on_log=on_log, on_note=on_note)
     csv_path = results.sweep_csv_path(cfgs[0].ckpt_path)
-    table = pd.read_csv(csv_path)
+    with_controls = layer_controls(pipe, csv_path, fresh=True)
+    table = with_controls.table
+    health = metrics.sweep_health(
+        table.to_dict("records"),
+        pipe.checks.max_frac_dead,
+        pipe.checks.max_nmse,
+        pipe.report.max_l0,
+        pipe.checks.min_gain_vs_random,
+    )
     return LayerSweep(
         results=members,
         csv_path=csv_path,
         table=table,
-        l0_vs_nmse_png=plots.l0_vs_nmse_png(table, f"layer {layer}"),
-        problems=metrics.sweep_problems(table.to_dict("records"), pipe.checks.max_frac_dead)
-        + _nmse_problems(pipe, table),
+        l0_vs_nmse_png=plots.l0_vs_nmse_png(table, f"layer {layer}", pca=_pca_curve(with_controls.pca, table)),
+        problems=health.problems,
+        health=health,
     )
+
+
+def _pca_curve(pca, table) -> tuple[list[int], list[float]] | None:
+    if pca is None:
+        return None
+    top = int(min(max(float(table["l0"].max()), 1.0) * 1.5, len(pca.nmse)))
+    return list(range(1, top + 1)), [pca.at(k) for k in range(1, top + 1)]
+
+
+def controls_json_path(sweep_csv: str) -> str:
+    """Beside sweep.csv: the PCA curve and the notes of the controls (their per-member columns are in sweep.csv)."""
+    return os.path.join(os.path.dirname(sweep_csv), "controls.json")
+
+
+def layer_controls(pipe: Pipeline, sweep_csv: str, fresh: bool = False) -> controls.SweepControls:
+    """A sweep's table with the controls [report] asks for. They are computed once after training (``fresh``: the
+    trainer has just rewritten sweep.csv) and kept in sweep.csv and controls.json; the report computes only those
+    still missing (a sweep from ``python -m saev_core train``, or [report] changed since)."""
+    table = pd.read_csv(sweep_csv)
+    kept = {} if fresh else (files.read_json(controls_json_path(sweep_csv)) or {})
+    plan = pipe.report
+    need_pca = plan.pca and ("pca_nmse_at_l0" not in table or "pca_nmse" not in kept)
+    need_random = plan.random_control and "random_nmse_at_l0" not in table
+    need_kmeans = plan.kmeans is not False and "kmeans_nmse" not in table and (plan.kmeans or "kmeans" not in kept)
+    notes = list(kept.get("notes", []))
+    pca = controls.PCABaseline(np.asarray(kept["pca_nmse"])) if plan.pca and not need_pca else None
+    if need_pca or need_random or need_kmeans:
+        row = table.iloc[0]
+        store = ActivationStore.open(row["data.shard_root"])
+        got = controls.sweep_controls(
+            table,
+            store,
+            int(row["data.layer"]),
+            row["data.patches"],
+            float(row["data.val_frac"]),
+            int(row["seed"]),
+            pca=need_pca,
+            random=need_random,
+            kmeans=plan.kmeans if need_kmeans else False,
+            pca_max_vectors=plan.pca_max_vectors,
+        )
+        table, pca, notes = got.table, got.pca or pca, notes + got.notes
+        files.atomic_write(sweep_csv, lambda f: f.write(table.to_csv(index=False).encode()))
+        kept = {"pca_nmse": None if pca is None else [float(v) for v in pca.nmse], "notes": notes}
+        if need_kmeans:
+            kept["kmeans"] = "kmeans_nmse" in table
+        files.atomic_write_json(controls_json_path(sweep_csv), kept)
+    return controls.SweepControls(table, pca, notes)
 
 
 def sweep_report(pipe: Pipeline, sweep_csvs: dict[int, str]) -> tuple[str, list]:
     """The report over the given layers' sweeps (layer -> sweep.csv), written beside the checkpoints; returns the
     report's path and the per-layer reports (``saev_core.analysis.report.LayerReport``)."""
     layers = []
+    folder = pipe.train.ckpt_path
+    stores = {}
     for layer, csv in sorted(sweep_csvs.items()):
-        table = pd.read_csv(csv)
+        sweep = layer_controls(pipe, csv)
+        table = sweep.table
         row = table.iloc[0]
-        store = ActivationStore.open(row["data.shard_root"])
-        split = (layer, row["data.patches"], float(row["data.val_frac"]), int(row["seed"]))
-        pca = report.pca_baseline(store, *split, pipe.report.pca_max_vectors) if pipe.report.pca else None
-        held_out = controls.held_out(store, *split) if pipe.report.random_control else None
+        store = stores.setdefault(row["data.shard_root"], ActivationStore.open(row["data.shard_root"]))
+        train, _ = loader.split_images(store, float(row["data.val_frac"]), int(row["seed"]))
+        facts = report.RunFacts(
+            n_train_vectors=len(train) * vectors_per_image(store, row["data.patches"]),
+            random_vit=pipe.demo.random_vit,
+            max_frac_dead=pipe.checks.max_frac_dead,
+            min_gain_vs_random=pipe.checks.min_gain_vs_random,
+        )
         splice = None
         if pipe.report.splice:
             ckpts = list(table["ckpt"])
             splice = dict(zip(ckpts, report.splice_results(ckpts, pipe.report.splice_max_images)))
-        layers.append(report.layer_report(layer, csv, pipe.report.max_l0, pca, splice, held_out))
-    return report.write_report(pipe.train.ckpt_path, layers), layers
+        chosen = metrics.best_member(table.to_dict("records"), pipe.report.max_l0)
+        seeds = seed_consistency(pipe, layer, chosen) if pipe.report.seeds > 1 and chosen else None
+        layers.append(report.layer_report(layer, sweep, pipe.report.max_l0, facts, splice, seeds))
+    header = _provenance(pipe, folder, stores, sweep_csvs)
+    return report.write_report(folder, layers, header), layers
 
 
-def _nmse_problems(pipe: Pipeline, table) -> list[str]:
-    """[checks] max_nmse: the sweep fails when even its best member reconstructs worse than the bound."""
-    best = float(table["nmse"].min())
-    if pipe.checks.max_nmse is None or best <= pipe.checks.max_nmse:
-        return []
-    return [f"best held-out NMSE {best:.4f} is above [checks] max_nmse {pipe.checks.max_nmse:g}"]
+def seed_consistency(pipe: Pipeline, layer: int, chosen: dict) -> dict:
+    """[report] seeds = 2: the chosen member retrained from another initialisation (``sae.seed`` + 1000; the same
+    data, split and order) into <layer folder>/seeds/, and its decoder matched to the chosen one's."""
+    import torch
+
+    from saev_core import nn
+    from saev_core.analysis import seeds
+
+    cfg = next(c for c in pipe.sweep_for(layer, chosen["data.shard_root"]) if sweep.member_id(c) == chosen["member_id"])
+    other_seed = cfg.sae.seed + 1000
+    other = dataclasses.replace(
+        cfg, sae=dataclasses.replace(cfg.sae, seed=other_seed), ckpt_path=os.path.join(cfg.ckpt_path, "seeds")
+    )
+    [result] = trainer.train_sweep([other], show_progress=False)
+    with torch.no_grad():
+        w_a = nn.load(chosen["ckpt"]).W_dec.detach().cpu().numpy()
+        w_b = nn.load(result.ckpt_path).W_dec.detach().cpu().numpy()
+    return dataclasses.asdict(seeds.consistency(w_a, w_b, other_seed, result.ckpt_path))
+
+
+def _provenance(pipe: Pipeline, folder: str, stores: dict, sweep_csvs: dict[int, str]) -> list[str]:
+    """The report header's facts: ViT, images, store, run length per member, pipeline file, code version."""
+    store = next(iter(stores.values()))
+    meta = store.metadata
+    data = pipe.activations.data
+    images = f"{type(data).__name__} {getattr(data, 'root', '') or ''}".strip()
+    training = []
+    for layer, csv in sorted(sweep_csvs.items()):
+        table = pd.read_csv(csv)
+        runs = sorted({(int(n // b), int(n)) for n, b in zip(table["n_patches"], table["sae_batch_size"])})
+        training.append(
+            f"layer {layer}: {len(table)} members, "
+            + ", ".join(f"{steps:,} steps ({n:,} vectors)" for steps, n in runs)
+            + " each"
+        )
+    return report.provenance_lines(
+        folder,
+        vit=f"{meta.get('vit_family')} {meta.get('vit_ckpt')}",
+        random_vit=pipe.demo.random_vit,
+        images=images,
+        n_imgs=store.n_imgs,
+        store_key=str(meta.get("key")),
+        store_path=store.path,
+        training=training,
+        pipeline_file=pipe.path,
+        code_version=code_version(),
+    )
+
+
+def code_version() -> str:
+    """The installed saev-dagster version, and the git commit when run from a checkout."""
+    import importlib.metadata
+    import subprocess
+
+    try:
+        version = importlib.metadata.version("saev-dagster")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"saev-dagster {version}" + (f" (git {commit})" if commit else "")
 
 
 def choose_members(plan: VisualsPlan, rows: list[dict], source: str) -> list[dict]:

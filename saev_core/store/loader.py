@@ -5,10 +5,14 @@ with the statistics from ``saev_core.store.stats.normalization``.
 
 **Train/val split** (``split_images``). Whole images are held out, never single patches: exactly
 ``round(val_frac * n_valid)`` valid images (at least one when ``val_frac > 0``, never all of them). They are taken
-a whole inner chunk at a time, chunks drawn in a random order seeded by ``seed``, so that every chunk but at most
-one belongs entirely to one split and reads stay chunk-aligned; the last chunk drawn gives only the images still
-needed (its first ones), and both splits read that one chunk and keep their own images. Invalid images (failed to
-decode) are in neither split. A store with unwritten blocks is refused.
+a whole *unit* at a time, units drawn in a random order seeded by ``seed``; the last unit drawn gives only the
+images still needed (its first ones). A unit is an inner chunk (``imgs_per_chunk`` images) when the held-out split
+fills at least ``MIN_VAL_UNITS`` chunks, so every chunk but at most one belongs entirely to one split and reads stay
+chunk-aligned; in smaller stores it is ``n_val // MIN_VAL_UNITS`` images (at least one), so the held-out split
+comes from at least that many places in the store instead of one or two chunks: image folders list one class (or
+one photograph) after another, and two chunks of them are not a fair sample. Chunks holding images of both splits
+are read by both, each keeping its own. Invalid images (failed to decode) are in neither split. A store with
+unwritten blocks is refused.
 
 **Order of one epoch** (a pure function of ``seed`` and ``epoch``): the split's chunks are permuted by
 ``np.random.default_rng([ORDER_STREAM, seed, epoch])``; consecutive groups of ``buffer_chunks`` chunks form windows;
@@ -56,6 +60,8 @@ from saev_core.store.tokens import check_token_mode, first_patch, vectors, vecto
 # stream gets its own tag and a key of fixed length: numpy's SeedSequence treats [a, b] and [a, b, 0] alike, so keys
 # of different purposes must not differ only by trailing zeros.
 SPLIT_STREAM, ORDER_STREAM, WINDOW_STREAM = 1, 2, 3
+MIN_VAL_UNITS = 16
+"""The held-out split comes from at least this many places in the store (whole chunks in large stores)."""
 FLOAT32 = np.dtype(np.float32)
 
 
@@ -79,16 +85,22 @@ def split_images(store: ActivationStore, val_frac: float, seed: int) -> tuple[np
             "nothing to train on. Check the image folder and record again."
         )
     n_val = min(n_valid - 1, max(int(val_frac > 0), round(val_frac * n_valid)))
-    ipc, n_imgs = store.layout.imgs_per_chunk, store.n_imgs
+    unit, n_imgs = split_unit(store.layout.imgs_per_chunk, n_val), store.n_imgs
     is_val = np.zeros(n_imgs, dtype=bool)
     need = n_val
-    for c in np.random.default_rng([SPLIT_STREAM, seed]).permutation(math.ceil(n_imgs / ipc)):
+    for c in np.random.default_rng([SPLIT_STREAM, seed]).permutation(math.ceil(n_imgs / unit)):
         if need == 0:
             break
-        imgs = c * ipc + np.flatnonzero(valid[c * ipc : (c + 1) * ipc])
+        imgs = c * unit + np.flatnonzero(valid[c * unit : (c + 1) * unit])
         is_val[imgs[:need]] = True
         need -= len(imgs[:need])
     return np.flatnonzero(valid & ~is_val), np.flatnonzero(is_val)
+
+
+def split_unit(imgs_per_chunk: int, n_val: int) -> int:
+    """Images held out together: a whole chunk, or fewer when the held-out split would fill under MIN_VAL_UNITS
+    chunks (see the module docstring)."""
+    return imgs_per_chunk if n_val >= MIN_VAL_UNITS * imgs_per_chunk else max(1, n_val // MIN_VAL_UNITS)
 
 
 def _check_seed(seed: int) -> None:

@@ -3,7 +3,7 @@
 Layout under ``dump_to`` (the top-k module writes ``neurons/``; this module writes the rest)::
 
     index.html                      the page: frequency-vs-value plot, then one table row per latent
-    freq_vs_value.png               log10 frequency vs log10 mean value of every non-dead latent, selection drawn
+    freq_vs_value.png               log10 frequency vs log10 mean value of every latent that fires, selection drawn
     neurons/<latent>/<rank>.png     heatmaps, rank 0 = the latent's top image
     neurons/<latent>/metadata.json  linked from the latent's row
 
@@ -86,10 +86,11 @@ def write_gallery(
 ) -> str:
     """Write ``dump_to/index.html`` (and the scatter PNG) for ``latents``, in the given order; returns its path.
 
-    ``all_log10_freq`` / ``all_log10_value``: every non-dead latent, for the scatter plot (non-finite points are
-    left out). ``log_*_range``: the selection, ``(low, high)`` with either end None for open, or None for none.
-    Every image must already exist under ``dump_to``. Files are written atomically. ``class_latents``: per class,
-    its best latents by AUROC, shown as a table above the latents (rows with classes get a class column too)."""
+    ``all_log10_freq`` / ``all_log10_value``: every latent that fires on the store, for the scatter plot
+    (non-finite points are left out). ``log_*_range``: the selection, ``(low, high)`` with either end None for open,
+    or None for none. Every image must already exist under ``dump_to``. Files are written atomically.
+    ``class_latents``: per class, its best latents by AUROC, shown as a table above the latents (rows with classes
+    get a class column too)."""
     dump_to = os.fspath(dump_to)
     rows = [_check_latent(entry, dump_to) for entry in latents]
     ids = [row["latent"] for row in rows]
@@ -172,7 +173,7 @@ def freq_vs_value_png(
         c="0.55",
         alpha=0.6,
         linewidths=0,
-        label=f"non-dead latents ({int(ok.sum())})",
+        label=f"latents that fire ({int(ok.sum())})",
     )
     on_page = np.isfinite(shown).all(axis=1)
     if on_page.any():
@@ -416,9 +417,9 @@ def _page(
 </head>
 <body>
 <h1>{_e(title)}</h1>
-<p>{len(rows)} latents shown of {n_alive} non-dead. Selection: {_e(_range_text("log10 frequency", freq_range))};
+<p>{len(rows)} latents shown of {n_alive} that fire. Selection: {_e(_range_text("log10 frequency", freq_range))};
 {_e(_range_text("log10 mean value", value_range))}.</p>
-<img src="{_url(SCATTER_PNG)}" alt="log10 frequency vs log10 mean value of every non-dead latent" width="640">
+<img src="{_url(SCATTER_PNG)}" alt="log10 frequency vs log10 mean value of every latent that fires" width="640">
 <p class="small">Heatmaps: each patch is coloured by the latent's value there, with opacity proportional to the
 value over the latent's top value, so the images of one latent compare. Click a column header to sort.</p>
 {classes}

@@ -18,6 +18,10 @@ MEMBER_COLUMNS = [
     ("l0", "float"),
     ("frac_dead_train", "float"),
     ("frac_dead_heldout", "float"),
+    ("pca_nmse_at_l0", "float"),
+    ("random_nmse_at_l0", "float"),
+    ("gain_vs_pca", "float"),
+    ("gain_vs_random", "float"),
 ]
 
 
@@ -32,9 +36,10 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version:
                 asset="sae_sweep",
                 blocking=True,
                 partitions_def=partitions_def,  # one result per layer
-                description="No member has NaN metrics or more latents than [checks] max_frac_dead that did not fire "
-                "in the last --sae.dead-after-n-patches training vectors, and the best member's NMSE is at "
-                "most [checks] max_nmse.",
+                description="ERROR (blocks visuals and the report): a member with NaN/Inf metrics or every latent "
+                "dead, or the best NMSE above [checks] max_nmse. WARN: more dead latents than [checks] max_frac_dead "
+                "(dead: did not fire in the last --sae.dead-after-n-patches training vectors), or the best member "
+                "losing to PCA or the random-decoder control at matched L0. The numbers are in its metadata.",
             )
         ],
         **stage_asset_kwargs("training", {"pytorch"}, code_version, gpu=True),
@@ -60,16 +65,24 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version:
                 "n_members": len(sweep.results),
                 "best_nmse": float(sweep.table["nmse"].min()),
             },
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name=CHECK,
-                    passed=not sweep.problems,
-                    metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in sweep.problems) or "none")},
-                )
-            ],
+            check_results=[health_check_result(sweep.health)],
         )
 
     return sae_sweep
+
+
+def health_check_result(health) -> dg.AssetCheckResult:
+    """sweep_is_healthy with its numbers: ERROR (blocks what follows) for NaN/Inf metrics, an all-dead member or the
+    best NMSE above [checks] max_nmse; WARN for more dead latents than [checks] max_frac_dead or a best member that
+    loses to PCA or the random-decoder control at matched L0."""
+    numbers = {k: v for k, v in health.numbers().items() if not (isinstance(v, float) and v != v)}
+    lines = "\n".join(f"- {p}" for p in health.problems) or "none"
+    return dg.AssetCheckResult(
+        check_name=CHECK,
+        passed=health.severity == "ok",
+        severity=dg.AssetCheckSeverity.ERROR if health.severity == "error" else dg.AssetCheckSeverity.WARN,
+        metadata={**numbers, "problems": dg.MetadataValue.md(lines)},
+    )
 
 
 def _log_to(context: dg.AssetExecutionContext):

@@ -16,6 +16,10 @@ COLUMNS = [
     ("lr", "float"),
     ("nmse", "float"),
     ("pca_nmse_at_l0", "float"),
+    ("random_nmse_at_l0", "float"),
+    ("kmeans_nmse", "float"),
+    ("gain_vs_pca", "float"),
+    ("gain_vs_random", "float"),
     ("l0", "float"),
     ("frac_dead_train", "float"),
     ("splice_cos", "float"),
@@ -29,8 +33,9 @@ def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsD
         name="sweep_report",
         deps=["sae_sweep", "topk_visuals"],
         **stage_asset_kwargs("report", {"pandas", "markdown"}, code_version),
-        description="Every sweep member of every layer, the chosen member per layer ([report] rule), and L0-vs-NMSE "
-        "plots with a PCA baseline at matched L0.",
+        description="A verdict per layer in plain words, every sweep member of every layer beside its controls (PCA "
+        "and the random-decoder control at matched L0, k-means), the chosen member per layer ([report] rule), and "
+        "L0-vs-NMSE plots with the PCA curve.",
     )
     @user_errors_fail_cleanly
     def sweep_report(context: dg.AssetExecutionContext, saev_pipeline: SaevPipeline) -> dg.MaterializeResult:
@@ -48,9 +53,14 @@ def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsD
             "layers": str(sorted(csvs)),
         }
         for rep in reports:
+            metadata[f"verdict_layer_{rep.layer}"] = dg.MetadataValue.md("\n\n".join(rep.verdict + rep.notes))
             metadata[f"l0_vs_nmse_layer_{rep.layer}"] = png_markdown(rep.png, f"layer {rep.layer}")
             if rep.chosen:
                 metadata[f"chosen_layer_{rep.layer}"] = rep.chosen["member_id"]
+                for column in ("nmse", "l0", "gain_vs_pca", "gain_vs_random"):
+                    value = rep.chosen.get(column)
+                    if isinstance(value, float) and value == value:
+                        metadata[f"chosen_{column}_layer_{rep.layer}"] = value
         return dg.MaterializeResult(metadata=metadata)
 
     return sweep_report

@@ -124,11 +124,17 @@ def test_report_gains_splice_columns_when_the_pipeline_asks(run, tmp_path):
     _, _, ckpt = run
     csv = os.path.join(os.path.dirname(os.path.dirname(ckpt)), "sweep.csv")
     [expected] = splice.evaluate_checkpoints([ckpt], device="cpu")
-    rep = report.layer_report(LAYER, csv, None, None, {ckpt: expected})
+    import pandas as pd
+
+    from saev_core.analysis import controls
+
+    sweep = controls.SweepControls(pd.read_csv(csv), None, [])
+    facts = report.RunFacts(n_train_vectors=1000)
+    rep = report.layer_report(LAYER, sweep, None, facts, {ckpt: expected})
     [row] = report.member_rows([rep])
     assert row["splice_cos"] == expected.cos_sae and row["splice_gap_recovered"] == expected.gap_recovered
     assert "splice_gap_recovered" in report.markdown_table(rep.table)
-    plain = report.layer_report(LAYER, csv, None, None)
+    plain = report.layer_report(LAYER, sweep, None, facts)
     assert "splice_cos" not in plain.table
 
     base = "[activations]\nvit_family = 'clip'\nvit_ckpt = 'ViT-B-32/openai'\nvit_layers = [-2]\n"

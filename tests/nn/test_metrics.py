@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from saev_core.nn.metrics import ReconstructionMetrics, sweep_problems
+from saev_core.nn.metrics import ReconstructionMetrics, sweep_health
 
 
 def _feed(metrics, x, x_hat, f, sizes):
@@ -137,19 +137,48 @@ def test_sweep_health_counts_latents_dead_in_the_training_stream_not_on_the_held
         _row("rare", frac_dead_train=0.10, frac_dead_heldout=0.60, **{"sae.dead_after_n_patches": 15_360}),
         _row("dead", frac_dead_train=0.70, frac_dead_heldout=0.75, **{"sae.dead_after_n_patches": 15_360}),
     ]
-    problems = sweep_problems(rows, max_frac_dead=0.5)
-    assert problems == [
-        "dead: 70.0% of its latents did not fire in the last 15,360 training vectors (bound 50%); "
+    health = sweep_health(rows, max_frac_dead=0.5)
+    assert health.errors == [] and health.severity == "warn"  # most latents dead: a warning, not a block
+    assert health.warnings == [
+        "dead: 70.0% of its latents are dead (did not fire in the last 15,360 training vectors; bound 50%); "
         "75.0% never fired on the held-out split"
     ]
+    assert (health.worst_frac_dead, health.worst_dead_member, health.max_frac_dead) == (0.70, "dead", 0.5)
 
 
 def test_sweep_health_reads_frac_dead_from_rows_written_before_the_training_count():
-    assert sweep_problems([_row("old", frac_dead=0.2)], 0.5) == []
-    [problem] = sweep_problems([_row("old", frac_dead=0.9)], 0.5)
-    assert problem.startswith("old: 90.0% of its latents did not fire in training (bound 50%)")
+    assert sweep_health([_row("old", frac_dead=0.2)], 0.5).problems == []
+    [problem] = sweep_health([_row("old", frac_dead=0.9)], 0.5).problems
+    assert problem.startswith("old: 90.0% of its latents are dead (did not fire in training; bound 50%)")
 
 
-def test_sweep_health_reports_nan_metrics():
-    assert sweep_problems([_row("x", frac_dead_train=float("nan"))], 0.5) == ["x: NaN in its metrics"]
-    assert sweep_problems([_row("y", frac_dead_train=0.0, nmse=float("nan"))], 0.5) == ["y: NaN in its metrics"]
+@pytest.mark.parametrize("bad", [{"frac_dead_train": float("nan")}, {"nmse": float("nan")}, {"l0": float("inf")}])
+def test_nan_or_infinite_metrics_are_errors(bad):
+    health = sweep_health([_row("ok", frac_dead_train=0.0), _row("x", **{"frac_dead_train": 0.0, **bad})], 0.5)
+    assert health.errors == ["x: NaN or infinite values in its metrics"] and health.severity == "error"
+    assert health.n_nan_members == 1 and health.best_member == "ok"
+
+
+def test_an_all_dead_member_is_an_error_and_most_dead_a_warning():
+    health = sweep_health([_row("a", frac_dead_train=1.0), _row("b", frac_dead_train=0.8)], 0.5)
+    assert health.severity == "error"
+    assert [p.split(":")[0] for p in health.errors] == ["a"] and "every latent is dead" in health.errors[0]
+    assert [p.split(":")[0] for p in health.warnings] == ["b"]
+
+
+def test_losing_to_a_control_at_matched_l0_is_a_warning_with_the_numbers():
+    rows = [
+        _row("best", nmse=0.30, frac_dead_train=0.0, pca_nmse_at_l0=0.25, random_nmse_at_l0=0.6),
+        _row("worse", nmse=0.50, frac_dead_train=0.0, pca_nmse_at_l0=0.25, random_nmse_at_l0=0.4),
+    ]
+    health = sweep_health(rows, 0.5)
+    assert health.severity == "warn" and len(health.warnings) == 1  # only the best member is held to the controls
+    assert "best" in health.warnings[0] and "loses to PCA" in health.warnings[0] and "0.2500" in health.warnings[0]
+    assert health.numbers()["best_pca_nmse_at_l0"] == 0.25 and health.numbers()["best_nmse"] == 0.30
+    won = sweep_health([_row("best", nmse=0.2, frac_dead_train=0.0, pca_nmse_at_l0=0.25)], 0.5)
+    assert won.severity == "ok" and won.problems == []
+
+
+def test_the_best_nmse_bound_is_an_error():
+    health = sweep_health([_row("a", frac_dead_train=0.0, nmse=0.4)], 0.5, max_nmse=0.3)
+    assert health.severity == "error" and "above [checks] max_nmse 0.3" in health.errors[0]

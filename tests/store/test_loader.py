@@ -15,7 +15,7 @@ from saev_core.errors import UserError
 from saev_core.store import ActivationStore, shards, stats, write_store
 from saev_core.store import loader as loader_mod
 from saev_core.store import metadata as store_metadata
-from saev_core.store.loader import ActivationLoader, split_images
+from saev_core.store.loader import SPLIT_STREAM, ActivationLoader, split_images
 from saev_core.store.shards import ChunkReader
 from saev_core.store.stats import compute_stats, normalization
 
@@ -153,13 +153,25 @@ def test_split_is_disjoint_covers_valid_images_and_excludes_invalid_ones(tmp_pat
     assert not np.array_equal(split_images(store, 0.25, seed=6)[1], val)
 
 
-def test_split_holds_out_whole_chunks_except_at_most_one(planted):
+def test_split_holds_out_whole_chunks_except_at_most_one_when_it_fills_enough_of_them(tmp_path):
+    store, _ = plant(str(tmp_path), n_imgs=400)  # 100 chunks of 4 images; 30 % = 120 images = 30 chunks >= 16
+    assert store.layout.imgs_per_chunk == 4
+    for seed in range(5):
+        _, val = split_images(store, 0.3, seed)
+        per_chunk = np.bincount(val // 4, minlength=100)
+        assert len(val) == 120
+        assert np.sum((per_chunk > 0) & (per_chunk < 4)) <= 1
+
+
+def test_a_small_split_comes_from_many_places_of_the_store(planted):
+    """12 held-out images of 40 (chunks of 4) would be 3 chunks, i.e. 3 classes of a folder listed class after
+    class; they are drawn in units of 12 // 16 -> 1 image instead, in the documented order."""
     store, _ = planted
     for seed in range(5):
         _, val = split_images(store, 0.3, seed)
-        per_chunk = np.bincount(val // store.layout.imgs_per_chunk, minlength=10)
-        assert len(val) == 12
-        assert np.sum((per_chunk > 0) & (per_chunk < 4)) <= 1
+        want = np.sort(np.random.default_rng([SPLIT_STREAM, seed]).permutation(40)[:12])
+        np.testing.assert_array_equal(val, want)
+        assert len(np.unique(val // store.layout.imgs_per_chunk)) > 3
 
 
 def test_loaders_never_mix_split_images(planted):

@@ -1,9 +1,9 @@
-"""The PCA baseline of the sweep report against a plain numpy PCA."""
+"""The PCA control against a plain numpy PCA."""
 
 import numpy as np
 import pytest
 
-from saev_core.analysis import report
+from saev_core.analysis import controls
 from saev_core.store import loader, write_store
 
 
@@ -14,7 +14,7 @@ def test_pca_baseline_equals_a_plain_numpy_pca(tmp_path, patches):
     basis = rng.normal(size=(d, d)) * np.linspace(3, 0.1, d)[:, None]  # anisotropic: PCA has something to find
     acts = (rng.normal(size=(1, n_imgs, n_tokens, d)) @ basis + 5.0).astype(np.float32)
     store = write_store(str(tmp_path / "s"), acts, imgs_per_shard=16)
-    got = report.pca_baseline(store, -2, patches, val_frac=0.25, seed=3)
+    got = controls.pca_baseline(store, -2, patches, val_frac=0.25, seed=3)
 
     train, val = loader.split_images(store, 0.25, 3)
     pick = (lambda x: x[:, 1:].reshape(-1, d)) if patches == "patches" else (lambda x: x[:, 0])
