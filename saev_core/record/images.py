@@ -157,6 +157,10 @@ class ImageSource:
     def __repr__(self) -> str:
         return f"ImageSource(root={self.root!r}, n_imgs={len(self)}, n_classes={len(self.class_names)})"
 
+    def patch_labels_fingerprint(self) -> str | None:
+        """A fingerprint of the per-patch labels the source gives (``segmentation.SegImageSource``); None: none."""
+        return None
+
     def _pixels(self, img: Image.Image) -> Any:
         return img if self.transform is None else self.transform(img)
 
@@ -168,13 +172,18 @@ class ImageSource:
 
 
 def make_image_source(
-    cfg: config.ImageFolderDataset | config.EmbeddedDataset,
+    cfg: config.DatasetConfig,
     transform: Callable[[Image.Image], Any] | None = None,
     n_imgs: int | None = None,
 ) -> ImageSource:
-    """List the images of ``cfg`` (embedded: generate them first) in index order, capped to the first ``n_imgs``."""
+    """List the images of ``cfg`` (embedded: generate them first) in index order, capped to the first ``n_imgs``.
+    Segmentation sources give a ``segmentation.SegImageSource``."""
     if n_imgs is not None and n_imgs < 1:
         raise UserError(f"n_imgs is {n_imgs}; it must be at least 1 (or None for all images).")
+    if isinstance(cfg, config.SEG_DATASETS):
+        from saev_core.record.segmentation import make_seg_source  # segmentation.py builds on this module
+
+        return make_seg_source(cfg, transform, n_imgs)
     if isinstance(cfg, config.EmbeddedDataset):
         from saev_core.record.embedded import ensure_embedded_images  # embedded.py builds on this module
 
@@ -183,14 +192,21 @@ def make_image_source(
         root = cfg.root
     else:
         raise TypeError(f"not an image-source config: {cfg!r}")
+    return list_source(root, getattr(cfg, "skip_bad", False), transform, n_imgs)
+
+
+def list_source(
+    root: str, skip_bad: bool, transform: Callable[[Image.Image], Any] | None, n_imgs: int | None
+) -> ImageSource:
+    """The images under ``root`` in index order (first sub-folder = class), capped to the first ``n_imgs``."""
     root = os.path.abspath(os.path.expanduser(root))
-    images, ignored = list_image_files(root, skip_bad=getattr(cfg, "skip_bad", False))
+    images, ignored = list_image_files(root, skip_bad=skip_bad)
     if ignored:
         shown = ", ".join(ignored[:10]) + (f" and {len(ignored) - 10} more" if len(ignored) > 10 else "")
         warnings.warn(
             f"{len(ignored)} file(s) in {root} are not images (by extension) and were ignored: {shown}",
             IgnoredFilesWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     if not images:
         raise UserError(
@@ -307,10 +323,13 @@ def image_list_fingerprint(source: ImageSource) -> str:
     """Hex SHA-256 over the class names and (relative path, size, mtime_ns) of every image in index order.
 
     Stat only, no reads: cheap enough for a Dagster observable source's data version. A file missing at stat time
-    hashes as size and mtime -1.
+    hashes as size and mtime -1. A segmentation source adds its patch-label fingerprint (masks and classes).
     """
     h = hashlib.sha256(b"saev-image-list-v1\n")
     h.update(json.dumps(source.class_names).encode() + b"\n")
+    labels_print = source.patch_labels_fingerprint()
+    if labels_print is not None:
+        h.update(f"patch-labels {labels_print}\n".encode())
     for i, rel in enumerate(source.paths):
         try:
             st = os.stat(source.abspath(i))
