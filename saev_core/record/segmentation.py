@@ -200,7 +200,7 @@ class SegImageSource(ImageSource):
         except Exception as err:
             raise MaskError(f"The mask {path} cannot be decoded ({type(err).__name__}: {err})") from None
         if mask is None:
-            raise MaskError(f"The mask {path} is a {mode} image, not an 8-bit class-index PNG (mode L or P)")
+            raise MaskError(f"The mask {path} has mode {mode}; it must be an 8-bit class-index PNG (mode L or P)")
         if size != tuple(image_size):
             raise MaskError(
                 f"The mask {path} is {size[0]}x{size[1]} but its image {self.abspath(i)} is "
