@@ -78,7 +78,7 @@ class MaskError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def mask_transform(transform) -> Callable[[Image.Image], Image.Image]:
+def mask_transform(transform) -> "MaskSteps":
     """The geometric steps of a ViT eval transform (a ``Compose``, a list, or one step), made safe for class-index
     masks: resizes with nearest-neighbour, crops padding with 0. UserError names a step it cannot map."""
     steps = getattr(transform, "transforms", transform)
@@ -101,13 +101,19 @@ def mask_transform(transform) -> Callable[[Image.Image], Image.Image]:
                 "ResizeKeepRatio, CenterCrop, CenterCropOrPad); record this ViT from an image source without masks."
             )
         kept.append(step)
+    return MaskSteps(kept)
 
-    def apply(mask: Image.Image) -> Image.Image:
-        for step in kept:
+
+class MaskSteps:
+    """The mask's geometric steps, in order (a class, not a closure, so a source holding it pickles to workers)."""
+
+    def __init__(self, steps: list):
+        self.steps = steps
+
+    def __call__(self, mask: Image.Image) -> Image.Image:
+        for step in self.steps:
             mask = step(mask)
         return mask
-
-    return apply
 
 
 def _nearest(interpolation: Any) -> Any:

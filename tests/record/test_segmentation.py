@@ -192,6 +192,29 @@ def test_a_resumed_recording_writes_the_missing_blocks_labels(capsys, tmp_path, 
     np.testing.assert_array_equal(ActivationStore.open(path).patch_labels(), full)
 
 
+def test_fan_out_parts_and_loading_workers_write_the_same_labels_as_one_run(capsys, tmp_path, tiny_clip_ckpt):
+    from saev_core.record import recording
+
+    expected = write_seg_folder(tmp_path / "seg")
+    base = dict(
+        vit_family="clip",
+        vit_ckpt=tiny_clip_ckpt,
+        vit_layers=(-1,),
+        n_patches_per_shard=50,  # one image per block
+        vit_batch_size=1,
+        device="cpu",
+        data=config.SegFolderDataset(root=str(tmp_path / "seg")),
+    )
+    cfg = config.ActivationsConfig(**base, n_workers=2, dump_to=str(tmp_path / "two"))  # labels made in workers
+    path = recording.create_store(cfg)
+    for i in (1, 0):
+        recording.record_activations(cfg, show_progress=False, part=(i, 2))
+    store = ActivationStore.open(path)
+    assert store.is_complete
+    for i, rel in enumerate(store.image_paths()):
+        np.testing.assert_array_equal(store.patch_labels()[i].reshape(7, 7), expected[rel[:-4]], err_msg=rel)
+
+
 def test_without_classes_txt_the_classes_are_numbered(capsys, tmp_path, tiny_clip_ckpt):
     write_seg_folder(tmp_path / "seg", classes=None)
     src = images.make_image_source(config.SegFolderDataset(root=str(tmp_path / "seg")))
