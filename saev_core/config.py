@@ -75,7 +75,35 @@ class EmbeddedDataset:
         check_fields(self, "--data.", {"n_imgs_per_photo": AT_LEAST_1})
 
 
-DatasetConfig = ImageFolderDataset | EmbeddedDataset
+@dataclasses.dataclass(frozen=True)
+class SegFolderDataset:
+    """Images with segmentation masks in ADE20K's layout: ROOT/images/<rel>.<ext> and ROOT/annotations/<rel>.png
+    (same relative folder and stem; 8-bit class-index PNG, 0 = unlabelled), and an optional ROOT/classes.txt
+    naming classes 1..C one per line. The store gets per-patch labels (docs/store-format.md)."""
+
+    root: str = "./ade20k"
+    """Folder holding images/, annotations/ and optionally classes.txt."""
+    skip_bad: bool = False
+    """Record images whose file or mask is bad as invalid (with a warning) instead of stopping with an error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedSegDataset:
+    """The embedded segmentation set: composites of textures cut from the embedded photographs pasted onto crops of
+    others, with exact masks (docs/embedded-images.md), generated on first use into a cache folder."""
+
+    cache_dir: str = ""
+    """Where the generated images go; empty means $SAEV_CACHE/embedded-seg or ~/.cache/saev/embedded-seg."""
+    n_imgs: int = 320
+    """Composites to generate."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "--data.", {"n_imgs": AT_LEAST_1})
+
+
+DatasetConfig = ImageFolderDataset | EmbeddedDataset | SegFolderDataset | EmbeddedSegDataset
+SEG_DATASETS = (SegFolderDataset, EmbeddedSegDataset)
+"""Image sources whose stores get per-patch labels."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

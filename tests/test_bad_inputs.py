@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.helpers import tiny_pipeline_text, write_images
 
@@ -340,6 +341,27 @@ def undecodable_image(w: World, t: Path) -> Call:
     return Call(argv[:-1] + [str(images)])
 
 
+def seg_folder(w: World, t: Path, damage: Callable[[Path], None]) -> Call:
+    """The good images in ADE20K's layout (ROOT/images, ROOT/annotations with an all-unlabelled mask each, a
+    classes.txt of two classes), then ``damage(ROOT)``; the first image in index order is cat/img001.png."""
+    root = t / "seg"
+    shutil.copytree(w.images, root / "images")
+    for img in sorted((root / "images").rglob("*.png")):
+        mask = root / "annotations" / img.relative_to(root / "images")
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(img) as im:
+            Image.fromarray(np.zeros(im.size[::-1], np.uint8)).save(mask)
+    write(root / "classes.txt", "sky\nroad\n")
+    damage(root)
+    return Call(w.activations(dump_to=t / "acts")[:-3] + ["data:seg-folder-dataset", "--data.root", str(root)])
+
+
+def save_mask(path: Path, mask: np.ndarray) -> None:
+    Image.fromarray(mask).save(path)
+
+
+FIRST_MASK = "annotations/cat/img001.png"
+
 ROWS = [
     # -- recording ---------------------------------------------------------------------------------------------
     row(
@@ -389,6 +411,44 @@ ROWS = [
         "--data.skip-bad",
     ),
     row("rec-missing-image-folder", lambda w, t, m: Call(w.activations()[:-1] + [str(t / "nowhere")]), "{t}/nowhere"),
+    row(
+        "rec-seg-missing-mask",
+        lambda w, t, m: seg_folder(w, t, lambda root: (root / FIRST_MASK).unlink()),
+        "{t}/seg/" + FIRST_MASK,
+        "--data.skip-bad",
+    ),
+    row(
+        "rec-seg-mask-size-mismatch",
+        lambda w, t, m: seg_folder(w, t, lambda root: save_mask(root / FIRST_MASK, np.zeros((48, 48), np.uint8))),
+        "{t}/seg/" + FIRST_MASK,
+        "48x48",
+        "64x48",
+    ),
+    row(
+        "rec-seg-class-out-of-range",
+        lambda w, t, m: seg_folder(w, t, lambda root: save_mask(root / FIRST_MASK, np.full((48, 64), 3, np.uint8))),
+        "{t}/seg/" + FIRST_MASK,
+        "class 3",
+        "{t}/seg/classes.txt",
+    ),
+    row(
+        "rec-seg-mask-not-8-bit",
+        lambda w, t, m: seg_folder(w, t, lambda root: save_mask(root / FIRST_MASK, np.zeros((48, 64, 3), np.uint8))),
+        "{t}/seg/" + FIRST_MASK,
+        "8-bit",
+    ),
+    row(
+        "rec-seg-no-annotations-folder",
+        lambda w, t, m: seg_folder(w, t, lambda root: shutil.rmtree(root / "annotations")),
+        "{t}/seg",
+        "annotations/",
+    ),
+    row(
+        "rec-seg-empty-class-name",
+        lambda w, t, m: seg_folder(w, t, lambda root: write(root / "classes.txt", "sky\n\nroad\n")),
+        "{t}/seg/classes.txt",
+        "line 2",
+    ),
     # -- training ----------------------------------------------------------------------------------------------
     row("train-zero-lr", lambda w, t, m: Call(w.train("--lr", "0", ckpt_path=t / "c")), "--lr 0.0"),
     row("train-nan-lr", lambda w, t, m: Call(w.train("--lr", "nan", ckpt_path=t / "c")), "--lr nan"),

@@ -20,6 +20,8 @@ from saev_core.train import sweep
 DATA_KINDS: dict[str, type] = {
     "embedded-dataset": config.EmbeddedDataset,
     "image-folder-dataset": config.ImageFolderDataset,
+    "seg-folder-dataset": config.SegFolderDataset,
+    "embedded-seg-dataset": config.EmbeddedSegDataset,
 }
 TABLES = ("activations", "train", "sweep", "visuals", "report", "checks", "automation", "watch", "demo")
 MEMBER_RULES = ("best", "all")
@@ -210,7 +212,7 @@ def _resolve_paths(pipe: Pipeline, base: str) -> Pipeline:
 
     acts = pipe.activations
     data = acts.data
-    if isinstance(data, config.ImageFolderDataset):
+    if isinstance(data, (config.ImageFolderDataset, config.SegFolderDataset)):
         data = dataclasses.replace(data, root=at(data.root))
     elif data.cache_dir:
         data = dataclasses.replace(data, cache_dir=at(data.cache_dir))
@@ -248,7 +250,9 @@ def check_inputs(pipe: Pipeline) -> None:
             f"activations.vit_ckpt = {acts.vit_ckpt!r} in {pipe.path}: no file at {ref.path}. Fix the "
             "path, or set [demo] random_vit = true to create random weights there."
         )
-    if isinstance(acts.data, config.ImageFolderDataset) and not os.path.isdir(acts.data.root):
+    if isinstance(acts.data, (config.ImageFolderDataset, config.SegFolderDataset)) and not os.path.isdir(
+        acts.data.root
+    ):
         raise UserError(
             f"activations.data.root = {acts.data.root!r} in {pipe.path} is not a folder; point it at the images."
         )

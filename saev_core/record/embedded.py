@@ -12,7 +12,7 @@ import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -101,10 +101,10 @@ def ensure_embedded_images(cfg: config.EmbeddedDataset) -> str:
     if os.path.isdir(final):  # the reuse path imports nothing: observable sources call it on every tick
         return final
     os.makedirs(base, exist_ok=True)
-    _remove_stale_tmp(base)
+    remove_stale_tmp(base, EMBEDDED_VERSION)
     tmp = os.path.join(base, f".{EMBEDDED_VERSION}-n{n_per}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        photos = _load_photos()
+        photos = load_photos()
         # photos that failed to load are made up for by more crops of the others (the fingerprint shows it)
         n_per = max(n_per, math.ceil(MIN_EMBEDDED_IMAGES / len(photos)))
         for name, photo in photos:
@@ -119,9 +119,12 @@ def ensure_embedded_images(cfg: config.EmbeddedDataset) -> str:
     return final
 
 
-def _load_photos() -> list[tuple[str, Image.Image]]:
+def load_photos(names: Sequence[str] | None = None) -> list[tuple[str, Image.Image]]:
+    """(name, RGB photo) of the embedded photographs (all, or ``names`` in that order); those that fail to load are
+    skipped with one warning, and UserError when none loads."""
+    loaders = dict(EMBEDDED_PHOTOS)
     photos, failed = [], []
-    for name, load in EMBEDDED_PHOTOS:
+    for name, load in [(n, loaders[n]) for n in names] if names is not None else EMBEDDED_PHOTOS:
         try:
             arr = np.asarray(load())
             if arr.dtype != np.uint8:  # e.g. float images in [0, 1]
@@ -166,11 +169,11 @@ def _write_crops(photo: Image.Image, name: str, n: int, folder: str) -> None:
         os.utime(path, ns=(EMBEDDED_MTIME_NS, EMBEDDED_MTIME_NS))
 
 
-def _remove_stale_tmp(base: str) -> None:
+def remove_stale_tmp(base: str, version: str) -> None:
     """Delete temporary folders left by killed generations (generation takes seconds; these are minutes old)."""
     now = time.time()
     for entry in os.scandir(base):
-        if entry.name.startswith(f".{EMBEDDED_VERSION}-") and ".tmp-" in entry.name:
+        if entry.name.startswith(f".{version}-") and ".tmp-" in entry.name:
             try:
                 if now - entry.stat().st_mtime > _STALE_TMP_S:
                     shutil.rmtree(entry.path, ignore_errors=True)

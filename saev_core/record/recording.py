@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from saev_core import config
 from saev_core.errors import UserError
 from saev_core.files import absolute, check_output_folder, check_url, is_url, join, write_error
-from saev_core.record import checkpoints, images
+from saev_core.record import checkpoints, images, segmentation
 from saev_core.record import vit as vitlib
 from saev_core.record.images import BAD_IMAGE
 from saev_core.store import ActivationStore, open_if_created, stats
@@ -88,16 +88,25 @@ def data_metadata(data: config.DatasetConfig) -> dict:
     """The image-source fields that decide the content (the cache location of the embedded set does not)."""
     if isinstance(data, config.EmbeddedDataset):
         return {"kind": "embedded-dataset", "n_imgs_per_photo": data.n_imgs_per_photo}
+    if isinstance(data, config.EmbeddedSegDataset):
+        return {"kind": "embedded-seg-dataset", "n_imgs": data.n_imgs}
+    if isinstance(data, config.SegFolderDataset):
+        return {"kind": "seg-folder-dataset", "root": data.root, "skip_bad": data.skip_bad}
     return {"kind": "image-folder-dataset", "root": data.root, "skip_bad": data.skip_bad}
 
 
 def fingerprints(cfg: config.ActivationsConfig, source) -> dict[str, str]:
-    """Content fingerprints of the checkpoint file and of the image list: part of the store key (the Dagster sources
-    report the same two, through saev_core.pipeline, as data versions)."""
-    return {
+    """Content fingerprints of the checkpoint file and of the image list, and for a segmentation source of its
+    patch labels (masks, classes, rule): part of the store key (the Dagster sources report the first two, through
+    saev_core.pipeline, as data versions; the image list's covers the masks too)."""
+    prints = {
         "vit_ckpt": vitlib.checkpoint_fingerprint(cfg.vit_family, cfg.vit_ckpt),
         "images": images.image_list_fingerprint(source),
     }
+    labels_print = source.patch_labels_fingerprint()
+    if labels_print is not None:
+        prints["patch_labels"] = labels_print
+    return prints
 
 
 def plan_recording(cfg: config.ActivationsConfig, vit, recorder, source) -> RecordingPlan:
@@ -172,9 +181,9 @@ class BlockWriter:
                 except BaseException as err:  # re-raised on the main thread
                     self.error = err
 
-    def put(self, block: int, acts: np.ndarray, valid: np.ndarray) -> None:
+    def put(self, block: int, acts: np.ndarray, valid: np.ndarray, patch_labels: np.ndarray | None = None) -> None:
         self._raise()
-        self.queue.put((block, acts, valid))
+        self.queue.put((block, acts, valid, patch_labels))
 
     def close(self) -> None:
         self.queue.put(None)
@@ -202,9 +211,7 @@ def record_activations(
     dump_to_existed = is_url(cfg.dump_to) or os.path.exists(cfg.dump_to)
     store = None
     try:
-        store = ActivationStore.create(
-            absolute(cfg.dump_to), plan.metadata, source.paths, source.labels, source.class_names
-        )
+        store = _create(cfg, plan, source)
         missing = store.missing_blocks()
         if part is not None:
             mine = set(block_part(store.layout.n_blocks, *part))
@@ -246,22 +253,42 @@ def _remove_store(path: str, empty_parent: str | None) -> None:
 def _record_into(cfg, store, recorder, source, missing, show_progress, on_progress) -> RecordResult:
     device = config.resolve_device(cfg.device)
     batches = block_batches(store.layout, missing, cfg.vit_batch_size)
+    seg = isinstance(source, segmentation.SegImageSource)
+    dataset = source.with_patch_labels(segmentation.patch_grid(recorder.n_patches_per_img)) if seg else source
     loader = torch.utils.data.DataLoader(
-        source, batch_sampler=batches, num_workers=cfg.n_workers, pin_memory=device == "cuda"
+        dataset, batch_sampler=batches, num_workers=cfg.n_workers, pin_memory=device == "cuda"
     )
+    skip_bad = getattr(cfg.data, "skip_bad", False)
     logger.info("recording %d images (%d blocks) into %s", sum(map(len, batches)), len(missing), store.path)
 
     def on_bad_image(i: int) -> None:
         reason = source.decode_error(i)
-        if not isinstance(cfg.data, config.ImageFolderDataset) or not cfg.data.skip_bad:
+        if not skip_bad:
             raise UserError(
                 f"Cannot decode image {source.paths[i]!r} (index {i}) in {source.root}: {reason}. Fix or remove "
                 "the file, or pass --data.skip-bad to skip bad files (they are recorded as invalid in the store)."
             )
         logger.warning("skipping undecodable image %s: %s", source.paths[i], reason)
 
+    def on_bad_mask(i: int) -> None:
+        reason = source.mask_error(i) or f"the mask {source.mask_abspath(i)} failed to give labels"
+        if not skip_bad:
+            raise UserError(
+                f"{reason}. Fix or remove it, or pass --data.skip-bad to record its image as invalid "
+                "(zero activations, no patch labels)."
+            )
+        logger.warning("skipping image %s: %s", source.paths[i], reason)
+
     result = record_batches(
-        store, recorder.to(device).eval(), loader, missing, device, on_bad_image, show_progress, on_progress
+        store,
+        recorder.to(device).eval(),
+        loader,
+        missing,
+        device,
+        on_bad_image,
+        show_progress,
+        on_progress,
+        on_bad_mask=on_bad_mask,
     )
     if store.is_complete:  # the last writer writes the statistics (a fan-out part may finish before the others)
         stats.write_store_stats(store)
@@ -278,9 +305,20 @@ def block_part(n_blocks: int, i: int, n: int) -> list[int]:
 def create_store(cfg: config.ActivationsConfig) -> str:
     """Plan and create the store of cfg without recording anything (before fanning out to workers); its path."""
     _, source, plan = prepare(cfg, with_transform=False)
+    return _create(cfg, plan, source).path
+
+
+def _create(cfg: config.ActivationsConfig, plan: RecordingPlan, source: images.ImageSource) -> ActivationStore:
+    """Create (or reopen) the planned store, with a patch-label array for a segmentation source."""
+    patch_class_names = source.patch_class_names if isinstance(source, segmentation.SegImageSource) else None
     return ActivationStore.create(
-        absolute(cfg.dump_to), plan.metadata, source.paths, source.labels, source.class_names
-    ).path
+        absolute(cfg.dump_to),
+        plan.metadata,
+        source.paths,
+        source.labels,
+        source.class_names,
+        patch_class_names=patch_class_names,
+    )
 
 
 class HostCopier:
@@ -321,21 +359,30 @@ class HostCopier:
 class BlockBuffer:
     """One block's activations as they arrive, batch by batch; handed to the writer once its last image is in."""
 
-    def __init__(self, store: ActivationStore, block: int, dtype: np.dtype):
+    def __init__(self, store: ActivationStore, block: int, dtype: np.dtype, with_patch_labels: bool = False):
         self.block = block
         self.start, self.end = store.layout.block_range(block)
         self.acts = np.empty((len(store.layers), self.end - self.start, store.n_tokens, store.d_vit), dtype=dtype)
         """[n_layers, n_imgs_in_block, n_tokens, d_vit]"""
         self.valid = np.ones(self.end - self.start, dtype=bool)
+        n_patches = store.metadata.n_patches_per_img
+        self.patch_labels = np.zeros((self.end - self.start, n_patches), np.int16) if with_patch_labels else None
+        """int16 [n_imgs_in_block, n_patches_per_img] for a store with patch labels, else None."""
 
-    def put(self, index: np.ndarray, acts: np.ndarray) -> None:
-        """Place a batch's acts [n_layers, batch, n_tokens, d_vit] for the consecutive images ``index``."""
-        self.acts[:, int(index[0]) - self.start : int(index[-1]) + 1 - self.start] = acts
+    def put(self, index: np.ndarray, acts: np.ndarray, patch_labels: np.ndarray | None = None) -> None:
+        """Place a batch's acts [n_layers, batch, n_tokens, d_vit] (and patch labels [batch, n_patches]) for the
+        consecutive images ``index``."""
+        rows = slice(int(index[0]) - self.start, int(index[-1]) + 1 - self.start)
+        self.acts[:, rows] = acts
+        if self.patch_labels is not None:
+            self.patch_labels[rows] = patch_labels
 
     def mark_bad(self, image: int) -> None:
-        """An image that failed to decode: zero activations, valid=False."""
+        """An image that failed to decode (or whose mask is bad): zero activations and labels, valid=False."""
         self.valid[image - self.start] = False
         self.acts[:, image - self.start] = 0
+        if self.patch_labels is not None:
+            self.patch_labels[image - self.start] = 0
 
     def is_full_after(self, index: np.ndarray) -> bool:
         return int(index[-1]) + 1 == self.end
@@ -349,6 +396,7 @@ class _InFlight:
     index: np.ndarray
     labels: np.ndarray
     handle: tuple
+    patch_labels: np.ndarray | None = None
 
 
 def record_batches(
@@ -360,8 +408,11 @@ def record_batches(
     on_bad_image: Callable[[int], None] = lambda i: None,
     show_progress: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    on_bad_mask: Callable[[int], None] = lambda i: None,
 ) -> RecordResult:
     """The hot loop: (pixels, index, label) batches aligned to ``blocks`` -> recorder -> block buffers -> writer.
+    For a store with patch labels the batches are (pixels, index, label, patch_labels); a row of ``BAD_MASK``
+    labels makes its image invalid after ``on_bad_mask(index)`` (which raises to stop instead).
 
     Each batch is finished (copied into its block buffer, bad images zeroed, a full block handed to the writer)
     one iteration late, so that on a GPU the next forward pass runs while the host does this work.
@@ -370,19 +421,25 @@ def record_batches(
     dtype = np.dtype(store.metadata.dtype)
     n_todo = sum(end - start for start, end in map(store.layout.block_range, blocks))
     writer, copier = BlockWriter(store), HostCopier(device, dtype)
+    with_labels = bool(store.patch_class_names)
     block_iter, buffer, in_flight = iter(blocks), None, None
     n_done = n_skipped = 0
     t0 = time.perf_counter()
 
     def finish(batch: _InFlight) -> None:
         nonlocal n_done, n_skipped
-        batch.buffer.put(batch.index, copier.finish(batch.handle))
+        batch.buffer.put(batch.index, copier.finish(batch.handle), batch.patch_labels)
         for i in batch.index[batch.labels == BAD_IMAGE].tolist():
             on_bad_image(i)
             batch.buffer.mark_bad(i)
             n_skipped += 1
+        if batch.patch_labels is not None:
+            for i in batch.index[(batch.patch_labels == segmentation.BAD_MASK).any(axis=1)].tolist():
+                on_bad_mask(i)
+                batch.buffer.mark_bad(i)
+                n_skipped += 1
         if batch.buffer.is_full_after(batch.index):
-            writer.put(batch.buffer.block, batch.buffer.acts, batch.buffer.valid)
+            writer.put(batch.buffer.block, batch.buffer.acts, batch.buffer.valid, batch.buffer.patch_labels)
         n_done += len(batch.index)
         bar.update(len(batch.index))
         if on_progress is not None:
@@ -390,15 +447,18 @@ def record_batches(
 
     try:
         with tqdm(total=n_todo, unit="img", desc="activations", disable=not show_progress) as bar:
-            for pixels, index, labels in batches:
+            for pixels, index, labels, *patch_labels in batches:
+                if with_labels and not patch_labels:
+                    raise ValueError(f"{store.path} has patch labels but the batches bring none")
                 if buffer is None or int(index[0]) >= buffer.end:
-                    buffer = BlockBuffer(store, next(block_iter), dtype)
+                    buffer = BlockBuffer(store, next(block_iter), dtype, with_labels)
                 with torch.inference_mode():
                     _, acts = recorder(pixels.to(device, non_blocking=True))
                     handle = copier.start(acts)
                 if in_flight is not None:
                     finish(in_flight)
-                in_flight = _InFlight(buffer, np.asarray(index), np.asarray(labels), handle)
+                labels_of_batch = np.asarray(patch_labels[0]) if with_labels else None
+                in_flight = _InFlight(buffer, np.asarray(index), np.asarray(labels), handle, labels_of_batch)
             if in_flight is not None:
                 finish(in_flight)
     finally:
@@ -432,6 +492,9 @@ def prepare(cfg: config.ActivationsConfig, with_transform: bool):
     recorder = vitlib.RecordedVisionTransformer(
         vit, cfg.n_patches_per_img or vit.n_patches_per_img, cfg.cls_token, list(cfg.vit_layers)
     )
+    if isinstance(source, segmentation.SegImageSource):  # masks must map onto the patch grid
+        grid = segmentation.patch_grid(recorder.n_patches_per_img)
+        segmentation.check_grid(vitlib.make_img_transform(cfg.vit_family, cfg.vit_ckpt), grid)
     plan = plan_recording(cfg, vit, recorder, source)
     existing = open_if_created(plan.path)
     missing = plan.nbytes if existing is None else existing.missing_bytes()

@@ -22,9 +22,19 @@ from saev_core.files import check_url, is_url, join, write_error
 from saev_core.store.metadata import FORMAT_VERSION, Layout, StoreMetadata
 from saev_core.store.shards import PlainShardLayout
 
+PATCH_LABELS = "patch_labels"
+"""The array of per-patch class labels (segmentation stores only)."""
+
 
 def layer_name(layer: int) -> str:
     return f"layer_{layer}"
+
+
+def patch_label_dtype(n_classes: int) -> str:
+    """uint8 while the classes fit (masks are 8-bit, so every recorded store), int16 beyond."""
+    if n_classes > np.iinfo(np.int16).max:
+        raise ValueError(f"{n_classes} patch classes do not fit int16")
+    return "uint8" if n_classes <= 255 else "int16"
 
 
 class ActivationStore:
@@ -69,16 +79,23 @@ class ActivationStore:
         image_paths: list[str],
         image_labels: list[int],
         class_names: list[str],
+        patch_class_names: Sequence[str] | None = None,
     ) -> "ActivationStore":
         """Create the store <root>/<key> (or reopen it to resume when it exists with the same image index).
 
-        Arrays are created before the attributes, so a store whose creation was killed has no format_version
-        and is created again.
+        ``patch_class_names`` (index 0 = unlabelled, then classes 1..C) adds the ``patch_labels`` array, which every
+        ``write_block`` then fills; such a store must carry ``fingerprints["patch_labels"]`` so that its key differs
+        from the same activations without labels. Arrays are created before the attributes, so a store whose
+        creation was killed has no format_version and is created again.
         """
         if not is_url(root) and os.path.exists(root) and not os.path.isdir(root):
             raise UserError(f"--dump-to {root!r} is a file, not a folder. Pass a folder (it is created if missing).")
         if len(image_paths) != metadata.n_imgs or len(image_labels) != metadata.n_imgs:
             raise ValueError("image index length differs from n_imgs")
+        if (patch_class_names is not None) != ("patch_labels" in metadata.fingerprints):
+            raise ValueError("a store has patch_class_names exactly when its fingerprints name its patch labels")
+        if patch_class_names is not None and len(patch_class_names) < 2:
+            raise ValueError(f"patch_class_names {list(patch_class_names)} need 'unlabelled' and at least one class")
         layout, n_tokens, d_vit = metadata.layout, metadata.n_tokens, metadata.d_vit
         path = join(root, metadata.key)
         existing = open_if_created(path)
@@ -105,6 +122,15 @@ class ActivationStore:
         index.create_array(
             "valid", shape=(layout.n_imgs,), dtype="uint8", chunks=(layout.imgs_per_shard,), fill_value=1
         )
+        if patch_class_names is not None:
+            group.create_array(
+                PATCH_LABELS,
+                shape=(layout.n_imgs, metadata.n_patches_per_img),
+                dtype=patch_label_dtype(len(patch_class_names) - 1),
+                chunks=(layout.imgs_per_shard, metadata.n_patches_per_img),
+                fill_value=0,
+                attributes={"class_names": [str(name) for name in patch_class_names]},
+            )
         group.create_array("progress", shape=(layout.n_blocks,), dtype="uint8", chunks=(1,), fill_value=0)
         group.create_group("stats")
         group.attrs.update(metadata.attrs())
@@ -131,7 +157,24 @@ class ActivationStore:
 
     @property
     def class_names(self) -> list[str]:
+        """The IMAGE-level classes (an image's first sub-folder), indexed by ``image_labels()``."""
         return list(self.group["image_index"].attrs["class_names"])
+
+    @property
+    def patch_class_names(self) -> list[str]:
+        """The PATCH-level classes, indexed by ``patch_labels()``: index 0 is "unlabelled", then classes 1..C;
+        ``[]`` when the store has no patch labels."""
+        if PATCH_LABELS not in self.group:
+            return []
+        return [str(name) for name in self.group[PATCH_LABELS].attrs["class_names"]]
+
+    def patch_labels(self) -> np.ndarray | None:
+        """[n_imgs, n_patches_per_img] integer (uint8, or int16 past 255 classes): each patch's class (0 =
+        unlabelled, 1..C), row i for image i; None when the store has no patch labels. Rows of images that failed
+        to decode and of blocks not yet written are 0."""
+        if PATCH_LABELS not in self.group:
+            return None
+        return np.asarray(self.group[PATCH_LABELS][:])
 
     def recorded_layer(self, layer: int) -> int:
         """The recorded key for a layer given as recorded (-2) or as its resolved block index (10)."""
@@ -202,16 +245,24 @@ class ActivationStore:
 
     # -- writing --------------------------------------------------------------------------------------------------
 
-    def write_block(self, block: int, acts: np.ndarray, valid: np.ndarray | None = None) -> None:
-        """Write one whole block for all layers, then mark it complete.
+    def write_block(
+        self,
+        block: int,
+        acts: np.ndarray,
+        valid: np.ndarray | None = None,
+        patch_labels: np.ndarray | None = None,
+    ) -> None:
+        """Write one whole block for all layers (and its patch labels), then mark it complete.
 
         acts: [n_layers, n_imgs_in_block, n_tokens, d_vit] in the order of ``self.layers``.
         valid: bool [n_imgs_in_block], False where an image failed to decode (optional).
+        patch_labels: int [n_imgs_in_block, n_patches_per_img] in 0..C; required exactly when the store has them.
         """
         start, end = self.layout.block_range(block)
         expected = (len(self.layers), end - start, self.n_tokens, self.d_vit)
         if tuple(acts.shape) != expected:
             raise ValueError(f"block {block} needs acts of shape {expected}, got {tuple(acts.shape)}")
+        labels = self._check_patch_labels(block, end - start, patch_labels)
         if not all_finite(acts):
             raise UserError(
                 f"Block {block} (images {start}..{end - 1}) has NaN or Inf activations; nothing was marked "
@@ -225,9 +276,28 @@ class ActivationStore:
                     arr[start:end] = acts[i]
             if valid is not None and not np.all(valid):
                 self.group["image_index/valid"][start:end] = np.asarray(valid, dtype=np.uint8)
+            if labels is not None:
+                self.group[PATCH_LABELS][start:end] = labels
             self._progress[block] = 1
         except OSError as err:  # full disk, read-only, permissions: the block stays unmarked, the rerun writes it
             raise write_error(f"{self.path} (block {block})", err) from None
+
+    def _check_patch_labels(self, block: int, n: int, labels: np.ndarray | None) -> np.ndarray | None:
+        """The block's patch labels in the stored dtype; ValueError when they are missing, unexpected, of the wrong
+        shape, or outside 0..C."""
+        names = self.patch_class_names
+        if not names:
+            if labels is not None:
+                raise ValueError(f"{self.path} has no patch labels, but block {block} was given some")
+            return None
+        expected = (n, self.metadata.n_patches_per_img)
+        if labels is None or tuple(np.shape(labels)) != expected:
+            got = None if labels is None else tuple(np.shape(labels))
+            raise ValueError(f"block {block} of {self.path} needs patch labels of shape {expected}, got {got}")
+        labels = np.asarray(labels)
+        if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
+            raise ValueError(f"block {block}: patch labels outside 0..{len(names) - 1} ({len(names) - 1} classes)")
+        return labels.astype(patch_label_dtype(len(names) - 1))
 
     def remove_stale_partials(self, blocks: Sequence[int], everything: bool) -> list[str]:
         """Remove the temporary files (``*.partial``: our shard writer's and zarr's) that a killed writer left in
@@ -368,11 +438,16 @@ def arrays_metadata(
     imgs_per_shard: int | None = None,
     dtype: str = "float32",
     fingerprint: str = "arrays",
+    patch_labels_fingerprint: str | None = None,
     **fields,
 ) -> StoreMetadata:
     """The metadata of a store of activations that did not come from ``record_activations`` (see ``write_store``):
-    ``imgs_per_shard`` images per block (default: one block), ``fingerprint`` standing for the images, ``fields``
-    overriding any other ``StoreMetadata`` field."""
+    ``imgs_per_shard`` images per block (default: one block), ``fingerprint`` standing for the images,
+    ``patch_labels_fingerprint`` for the patch labels (None: the store has none), ``fields`` overriding any other
+    ``StoreMetadata`` field."""
+    prints = {"vit_ckpt": "arrays", "images": fingerprint}
+    if patch_labels_fingerprint is not None:
+        prints["patch_labels"] = patch_labels_fingerprint
     return StoreMetadata(
         **{
             "vit_family": "clip",
@@ -386,7 +461,7 @@ def arrays_metadata(
             "data": {"kind": "arrays"},
             "seed": 0,
             "dtype": dtype,
-            "fingerprints": {"vit_ckpt": "arrays", "images": fingerprint},
+            "fingerprints": prints,
             **fields,
         }
     )
@@ -406,6 +481,8 @@ def write_store(
     class_names: Sequence[str] = ("",),
     dtype: str = "float32",
     fingerprint: str | None = None,
+    patch_labels: np.ndarray | None = None,
+    patch_class_names: Sequence[str] | None = None,
     **fields,
 ) -> ActivationStore:
     """A complete store of activations that did not come from ``record_activations``: computed elsewhere, or planted
@@ -414,7 +491,9 @@ def write_store(
     ``acts`` is [n_layers, n_imgs, n_tokens, d_vit], or a function (start, end) -> [n_layers, end - start, n_tokens,
     d_vit] called once per block (then ``shape`` = (n_imgs, n_tokens, d_vit) and ``fingerprint`` are required), so a
     store larger than memory can be planted. ``fingerprint`` stands for the images (default: a hash of ``acts``), so
-    different data gets a different key. ``fields`` set other ``StoreMetadata`` fields (``resolved_layers``...).
+    different data gets a different key. ``patch_labels`` (int [n_imgs, n_patches_per_img], 0 = unlabelled, 1..C)
+    with ``patch_class_names`` (C + 1 names, index 0 "unlabelled"; default "unlabelled", "1", ..., "C") plants
+    per-patch labels; they enter the key. ``fields`` set other ``StoreMetadata`` fields (``resolved_layers``...).
     """
     if callable(acts):
         if shape is None or fingerprint is None:
@@ -423,6 +502,26 @@ def write_store(
     else:
         _, n_imgs, n_tokens, d_vit = acts.shape
         fingerprint = fingerprint or hashlib.sha256(np.ascontiguousarray(acts).data).hexdigest()[:16]
+    labels_print = None
+    if patch_labels is not None:
+        patch_labels = np.asarray(patch_labels)
+        if patch_labels.shape != (n_imgs, n_tokens - int(cls_token)) or not np.issubdtype(
+            patch_labels.dtype, np.integer
+        ):
+            raise ValueError(
+                f"patch_labels must be integers of shape {(n_imgs, n_tokens - int(cls_token))}, got "
+                f"{patch_labels.dtype} {patch_labels.shape}"
+            )
+        if patch_class_names is None:
+            patch_class_names = ["unlabelled", *map(str, range(1, max(int(patch_labels.max(initial=0)), 1) + 1))]
+        patch_class_names = [str(name) for name in patch_class_names]
+        wide = np.ascontiguousarray(patch_labels, dtype=np.int64)
+        labels_print = (
+            hashlib.sha256(wide.data).hexdigest()[:16]
+            + hashlib.sha256(json.dumps(patch_class_names).encode()).hexdigest()[:16]
+        )
+    elif patch_class_names is not None:
+        raise ValueError("patch_class_names without patch_labels")
     meta = arrays_metadata(
         n_imgs,
         n_tokens,
@@ -432,14 +531,25 @@ def write_store(
         imgs_per_shard=imgs_per_shard,
         dtype=dtype,
         fingerprint=fingerprint,
+        patch_labels_fingerprint=labels_print,
         **fields,
     )
     paths = list(image_paths) if image_paths is not None else [f"{i}.png" for i in range(n_imgs)]
     store = ActivationStore.create(
-        root, meta, paths, list(labels) if labels is not None else [0] * n_imgs, list(class_names)
+        root,
+        meta,
+        paths,
+        list(labels) if labels is not None else [0] * n_imgs,
+        list(class_names),
+        patch_class_names=patch_class_names,
     )
     for block in store.missing_blocks():
         start, end = store.layout.block_range(block)
         block_acts = acts(start, end) if callable(acts) else acts[:, start:end]
-        store.write_block(block, np.asarray(block_acts, dtype=dtype), None if valid is None else valid[start:end])
+        store.write_block(
+            block,
+            np.asarray(block_acts, dtype=dtype),
+            None if valid is None else valid[start:end],
+            None if patch_labels is None else patch_labels[start:end],
+        )
     return store

@@ -26,28 +26,13 @@ from jaxtyping import Float
 from PIL import Image
 
 from saev_core.files import atomic_write
+from saev_core.record.segmentation import NON_GEOMETRIC_STEPS
 
 Box = tuple[float, float, float, float]
 """(left, top, right, bottom) in pixel coordinates; right and bottom are exclusive edges."""
 
-_NON_GEOMETRIC = frozenset(
-    {
-        "ToTensor",
-        "PILToTensor",
-        "MaybeToTensor",
-        "MaybePILToTensor",
-        "ToNumpy",
-        "Normalize",
-        "ConvertImageDtype",
-        "ToDtype",
-        "ToImage",
-        "ToPureTensor",
-        "MaybeConvertMode",
-        "_convert_to_rgb",
-        "Grayscale",
-    }
-)
-"""Transform steps (class or function names) that do not move pixels."""
+_NON_GEOMETRIC = NON_GEOMETRIC_STEPS
+"""Transform steps that do not move pixels (one list, shared with the masks of segmentation sources)."""
 
 
 def _pair(size, what: str) -> tuple[int, int]:

@@ -83,3 +83,26 @@ def test_a_missing_image_folder_fails_when_the_file_loads(tmp_path):
 def test_random_vit_may_name_a_file_that_does_not_exist_yet(tmp_path):
     path = write(tmp_path, '[demo]\nrandom_vit = true\n[activations]\nvit_ckpt = "ViT-B-32/w/new.pt"\n')
     assert pipeline_file.load_pipeline(path).checkpoint_file() == str(tmp_path / "exp" / "w" / "new.pt")
+
+
+def test_segmentation_sources_in_the_pipeline_file(tmp_path):
+    (tmp_path / "exp" / "ade").mkdir(parents=True)
+    seg = write(
+        tmp_path,
+        '[activations]\nvit_ckpt = "ViT-B-32/openai"\n[activations.data]\nkind = "seg-folder-dataset"\n'
+        'root = "ade"\nskip_bad = true\n',
+    )
+    data = pipeline_file.load_pipeline(seg).activations.data
+    assert (data.root, data.skip_bad) == (str(tmp_path / "exp" / "ade"), True)
+    embedded = write(
+        tmp_path,
+        '[activations]\nvit_ckpt = "ViT-B-32/openai"\n[activations.data]\nkind = "embedded-seg-dataset"\n'
+        'cache_dir = "cache"\nn_imgs = 64\n',
+    )
+    data = pipeline_file.load_pipeline(embedded).activations.data
+    assert (data.cache_dir, data.n_imgs) == (str(tmp_path / "exp" / "cache"), 64)
+    missing = write(
+        tmp_path, '[activations]\nvit_ckpt = "ViT-B-32/openai"\n[activations.data]\nkind = "seg-folder-dataset"\n'
+    )
+    with pytest.raises(UserError, match=r"activations.data.root.*ade20k.*not a folder"):
+        pipeline_file.load_pipeline(missing)

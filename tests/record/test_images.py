@@ -321,10 +321,10 @@ def test_embedded_set_has_336_rgb_224px_images_in_21_photo_classes(embedded):
 def test_embedded_set_is_reused_without_loading_photos(embedded, monkeypatch):
     cfg, folder = embedded
 
-    def fail():
+    def fail(*args):
         raise AssertionError("the photos were loaded again")
 
-    monkeypatch.setattr(embedded_set, "_load_photos", fail)
+    monkeypatch.setattr(embedded_set, "load_photos", fail)
     assert embedded_set.ensure_embedded_images(cfg) == folder
 
 

@@ -289,3 +289,75 @@ def test_statistics_written_by_parts_finishing_together_are_whole(tmp_path):
         mean, scale = ActivationStore.open(store.path).read_stats(-2, "patches")
         assert scale == 2.0 and np.array_equal(mean, np.arange(4.0))
     assert errors == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-patch labels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def planted_patch_labels() -> np.ndarray:
+    """[10 images, 4 patches] in 0..3, every class present."""
+    return (np.arange(40).reshape(10, 4) * 7 % 4).astype(np.int64)
+
+
+def test_patch_labels_round_trip_and_read_back_with_plain_zarr(tmp_path):
+    labels = planted_patch_labels()
+    names = ["unlabelled", "sky", "road", "tree"]
+    store, _ = plant(str(tmp_path), patch_labels=labels, patch_class_names=names)
+    reopened = ActivationStore.open(store.path)
+    np.testing.assert_array_equal(reopened.patch_labels(), labels)
+    assert reopened.patch_labels().dtype == np.uint8
+    assert reopened.patch_class_names == names
+    assert reopened.class_names == ["class0", "class1"]  # the image-level classes are kept beside them
+    group = zarr.open_group(store.path, mode="r")
+    np.testing.assert_array_equal(group["patch_labels"][:], labels)
+    assert group["patch_labels"].attrs["class_names"] == names
+    assert group["patch_labels"].chunks == (4, 4)  # one chunk per block: written with it
+
+
+def test_a_store_without_patch_labels_says_so(tmp_path):
+    store, _ = plant(str(tmp_path))
+    assert store.patch_labels() is None and store.patch_class_names == []
+
+
+def test_patch_labels_change_the_store_key(tmp_path):
+    plain, _ = plant(str(tmp_path))
+    labelled, _ = plant(str(tmp_path), patch_labels=planted_patch_labels())
+    other = planted_patch_labels()
+    other[0, 0] = (other[0, 0] + 1) % 4
+    relabelled, _ = plant(str(tmp_path), patch_labels=other)
+    renamed, _ = plant(str(tmp_path), patch_labels=planted_patch_labels(), patch_class_names=list("uabc"))
+    keys = {s.metadata.key for s in (plain, labelled, relabelled, renamed)}
+    assert len(keys) == 4
+    assert "patch_labels" not in plain.metadata.fingerprints
+    assert labelled.patch_class_names == ["unlabelled", "1", "2", "3"]
+
+
+def test_blocks_of_a_labelled_store_need_their_labels(tmp_path):
+    meta = planted_metadata(patch_labels_fingerprint="p")
+    store = ActivationStore.create(
+        str(tmp_path), meta, [f"{i}.png" for i in range(10)], [0] * 10, [""], patch_class_names=["u", "a"]
+    )
+    acts = np.zeros((2, 4, 5, 8), np.float32)
+    with pytest.raises(ValueError, match="patch labels of shape"):
+        store.write_block(0, acts)
+    with pytest.raises(ValueError, match="outside 0..1"):
+        store.write_block(0, acts, patch_labels=np.full((4, 4), 2))
+    assert store.missing_blocks() == [0, 1, 2]
+    store.write_block(0, acts, patch_labels=np.ones((4, 4), int))
+    assert store.missing_blocks() == [1, 2] and store.patch_labels()[:4].tolist() == [[1] * 4] * 4
+    with pytest.raises(ValueError, match="fingerprints name its patch labels"):
+        ActivationStore.create(
+            str(tmp_path), planted_metadata(), ["x"] * 10, [0] * 10, [""], patch_class_names=["u", "a"]
+        )
+    plain = ActivationStore.create(str(tmp_path), planted_metadata(), [f"{i}.png" for i in range(10)], [0] * 10, [""])
+    with pytest.raises(ValueError, match="has no patch labels"):
+        plain.write_block(0, acts, patch_labels=np.ones((4, 4), int))
+
+
+def test_more_than_255_patch_classes_are_int16(tmp_path):
+    labels = planted_patch_labels() * 100  # up to 300
+    store, _ = plant(str(tmp_path), patch_labels=labels)
+    assert store.patch_labels().dtype == np.int16 and len(store.patch_class_names) == 301
+    np.testing.assert_array_equal(store.patch_labels(), labels)
