@@ -18,7 +18,7 @@ from saev_core.pipeline.file import Pipeline, VisualsPlan, check_outputs
 from saev_core.record import checkpoints, vit
 from saev_core.store import ActivationStore, loader
 from saev_core.store.tokens import vectors_per_image
-from saev_core.train import results, sweep, trainer
+from saev_core.train import fitting, results, sweep, trainer
 from saev_core.visuals import render
 
 
@@ -150,7 +150,8 @@ def seed_consistency(pipe: Pipeline, layer: int, chosen: dict) -> dict:
     from saev_core import nn
     from saev_core.analysis import seeds
 
-    cfg = next(c for c in pipe.sweep_for(layer, chosen["data.shard_root"]) if sweep.member_id(c) == chosen["member_id"])
+    fitted = [fitting.fit_to_run(c)[0] for c in pipe.sweep_for(layer, chosen["data.shard_root"])]
+    cfg = next(c for c in fitted if sweep.member_id(c) == chosen["member_id"])
     other_seed = cfg.sae.seed + 1000
     other = dataclasses.replace(
         cfg, sae=dataclasses.replace(cfg.sae, seed=other_seed), ckpt_path=os.path.join(cfg.ckpt_path, "seeds")

@@ -106,3 +106,32 @@ def test_segmentation_sources_in_the_pipeline_file(tmp_path):
     )
     with pytest.raises(UserError, match=r"activations.data.root.*ade20k.*not a folder"):
         pipeline_file.load_pipeline(missing)
+
+
+def test_the_cli_pipeline_writes_a_report_that_reads_itself(tmp_path, tiny_clip_ckpt):
+    """Record, train, visuals and the report through ``python -m saev_core pipeline`` with [report] seeds = 2: the
+    report opens with its provenance, gives a verdict per layer, a seed-consistency line, the controls in sweep.csv,
+    paths relative to its folder, and a glossary."""
+    import pandas as pd
+
+    from saev_core.__main__ import main
+    from tests.helpers import tiny_pipeline_text, write_images
+
+    write_images(tmp_path / "imgs", 16)
+    text = tiny_pipeline_text(tmp_path, tiny_clip_ckpt, [-1]) + "\n[report]\nseeds = 2\nkmeans = true\n"
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    assert main(["pipeline", "--path", str(path)]) == 0
+    report = (tmp_path / "ckpts" / "report.md").read_text()
+    table = pd.read_csv(tmp_path / "ckpts" / "layer_-1" / "sweep.csv")
+    assert {"pca_nmse_at_l0", "random_nmse_at_l0", "kmeans_nmse", "gain_vs_pca", "gain_vs_random"} <= set(table)
+    assert (tmp_path / "ckpts" / "layer_-1" / "controls.json").is_file()
+    header = report.split("## Layer")[0]
+    assert "- ViT: clip " in header and "- Images: " in header and "- Code: saev-dagster" in header
+    assert f"- Pipeline file: `{path}`" in header and "2 members, 32 steps (2,048 vectors) each" in header
+    layer = report.split("## Layer -1")[1]
+    assert "**Chosen: " in layer and ("**Structure found**" in layer or "**No structure found**" in layer)
+    assert "Seed consistency: retrained with seed" in layer
+    assert (tmp_path / "ckpts" / "layer_-1" / "seeds" / "sweep.csv").is_file()  # the retrained member
+    assert str(tmp_path) not in layer.split("| member_id")[1]  # the table's paths are relative to the report
+    assert "layer_-1/" in layer and "## Columns" in report and "`gain_vs_pca / gain_vs_random" in report
