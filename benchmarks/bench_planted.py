@@ -34,7 +34,7 @@ import torch
 from saev_core import config, nn
 from saev_core.store import write_store
 from saev_core.store.loader import split_images
-from saev_core.train import fitting, trainer
+from saev_core.train import trainer
 from saev_core.train.sweep import grid
 
 DEFAULT_SWEEP = """
@@ -161,7 +161,7 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, device {config.resolve_device(args.device)}, "
-        f"{fitting.threads_for(cfgs[0])} "
+        f"{cfgs[0].n_threads or 'auto'} "
         f"CPU threads; {n:,} vectors of d={args.d}: {args.k} of {args.n_atoms} atoms + noise sigma={args.sigma}"
     )
     print(
