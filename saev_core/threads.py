@@ -6,15 +6,15 @@ another process stalls all of them (4.8x slower on 2 cores with one core busy el
 on an idle machine every core helps (2 threads 1.6x faster than 1 on 2 cores). Only the run itself can tell which
 case it is in, and the case can change while it runs.
 
-The rule (``ThreadTuner``, docs/training.md): start with every usable CPU (``usable_cpus``); after one warm-up step,
-the median of ``window`` steps at the current count is the reference; then probe one thread fewer for up to
-``window`` steps and move there only if its median is faster by ``min_gain`` (the probe stops as soon as its median
-is decided, so a much slower candidate costs two steps). After a move the next count in the same direction is probed
-too. Probes come again when the median of the last ``window`` steps jumps by ``jump`` (slower: one fewer; faster:
-one more) and every ``recheck_s`` seconds (one more when below the maximum, else one fewer), the wait doubling up to
-``max_recheck_s`` while the answer stays the same. Steps are compared per unit (``step_done(size)``), so a short
-last batch does not read as a faster count. An explicit count, or a device other than the CPU (its steps are
-asynchronous, and torch's CPU threads are not what it waits on), turns the timing off.
+The rule (``ThreadTuner``, docs/training.md): start with every usable CPU (``usable_cpus``); the median of the first
+``window`` steps is the reference (a slow first step, allocating, is one of three); then probe one thread fewer for
+up to ``window`` steps and move there only if its median is faster by ``min_gain`` (the probe stops as soon as its
+median is decided, so a much slower candidate costs two steps). After a move the next count in the same direction
+is probed too. Probes come again when the median of the last ``window`` steps jumps by ``jump`` (slower: one fewer;
+faster: one more) and every ``recheck_s`` seconds (one more when below the maximum, else one fewer), the wait
+doubling up to ``max_recheck_s`` while the answer stays the same. Steps are compared per unit (``step_done(size)``),
+so a short last batch does not read as a faster count. An explicit count, or a device other than the CPU (its steps
+are asynchronous, and torch's CPU threads are not what it waits on), turns the timing off.
 
 Imports torch only inside ``apply`` (the base layer is read by torch-free code).
 """
@@ -31,7 +31,7 @@ from saev_core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-RECHECK_S = 30.0
+RECHECK_S = 60.0
 """Seconds between probes while nothing changes (doubling up to ``MAX_RECHECK_S``)."""
 MAX_RECHECK_S = 120.0
 JUMP = 1.5
@@ -72,7 +72,6 @@ class ThreadTuner:
         clock: Callable[[], float] = time.perf_counter,
         set_threads: Callable[[int], None] | None = None,
         window: int = 3,
-        warmup: int = 1,
         recheck_s: float = RECHECK_S,
         max_recheck_s: float = MAX_RECHECK_S,
         jump: float = JUMP,
@@ -81,14 +80,13 @@ class ThreadTuner:
         if n_max < 1:
             raise ValueError(f"n_max {n_max} must be at least 1")
         self.n_max, self.fixed, self.clock, self.set_threads = n_max, fixed or n_max == 1, clock, set_threads
-        self.window, self.warmup, self.jump, self.min_gain = window, warmup, jump, min_gain
+        self.window, self.jump, self.min_gain = window, jump, min_gain
         self.recheck_s, self.max_recheck_s, self.interval = recheck_s, max_recheck_s, recheck_s
         self.threads = n_max
         """The count the next step runs with."""
         self.changes: list[tuple[int, int, int]] = []
         """(step, from, to) for every count kept after a probe: what the run chose, for logs and benchmarks."""
         self.n_steps = 0
-        self._skip = warmup
         self._times: list[float] = []  # per-unit seconds at ``threads`` since it was last decided
         self._reference: float | None = None
         self._probe: tuple[int, int, float, bool] | None = None  # (count probed from, direction, its median, moved)
@@ -116,9 +114,6 @@ class ThreadTuner:
         per_unit, self._last = (now - self._last) / max(size, 1e-12), now
         self.n_steps += 1
         if self.fixed:
-            return
-        if self._skip > 0:
-            self._skip -= 1
             return
         self._times.append(per_unit)
         if self._probe is not None:
@@ -188,7 +183,7 @@ def describe(tuner: ThreadTuner) -> str:
     """How the count is chosen, for the start-of-run log line."""
     if tuner.fixed:
         return f"{tuner.threads} CPU threads"
-    return f"{tuner.n_max} CPU threads (fewer when one fewer times faster, re-checked as it runs)"
+    return f"{tuner.n_max} CPU threads to begin with (one fewer kept while it times faster, re-checked as it runs)"
 
 
 def tuner_for(n_threads: int | None, device: str, **kw) -> ThreadTuner:
