@@ -111,6 +111,8 @@ def main() -> None:
         steps = ", ".join(f"{c} steps at {n}" for n, c in sorted(chosen[w].items()))
         print(f"default, {w}: {steps} (all rounds); load average at the start of each round: {loads_seen[w]}")
     print(f"load average at the end: {load()}")
+    if "idle" in loads and max(float(x.split("/")[0]) for x in loads_seen["idle"]) > 0.5:
+        print("(the 'idle' block was not idle: other processes held the CPUs, see the load averages above)")
 
 
 if __name__ == "__main__":
