@@ -40,7 +40,7 @@ from saev_core import config, nn
 from saev_core.analysis import controls
 from saev_core.store import write_store
 from saev_core.store.loader import split_images
-from saev_core.train import fitting, trainer
+from saev_core.train import trainer
 from saev_core.train.results import sweep_csv_path
 from saev_core.train.sweep import grid
 
@@ -178,7 +178,7 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, device {config.resolve_device(args.device)}, "
-        f"{fitting.threads_for(cfgs[0])} "
+        f"{cfgs[0].n_threads or 'auto'} "
         f"CPU threads; {n:,} vectors of d={args.d}: {args.k} of {args.n_atoms} atoms + noise sigma={args.sigma}"
     )
     print(

@@ -14,7 +14,7 @@ latents) works in every step. ``--profile`` adds where one sparse and one dense 
         [--rows topk:32,batchtopk:32,topk:128,topk:32:aux] [--n-steps 3] [--repeats 3] [--device auto]
         [--profile]
 
-Training uses ``fitting.threads_for`` threads (the CPUs minus one), as ``train`` does.
+Training uses every usable CPU (``threads.usable_cpus``), where ``train``'s timing of its steps starts.
 """
 
 import argparse
@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from saev_core import config, nn
+from saev_core import config, nn, threads
 from saev_core.nn import sparse_topk
-from saev_core.train import fitting, trainer
+from saev_core.train import trainer
 
 
 def sync(device: str) -> None:
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile one step of the first row")
     args = parser.parse_args()
     device = config.resolve_device(args.device)
-    n_threads = fitting.threads_for(config.TrainConfig())
+    n_threads = threads.usable_cpus()
     torch.set_num_threads(n_threads)
     print(
         f"torch {torch.__version__}, {n_threads} training threads of {os.cpu_count()} CPUs, device {device}"

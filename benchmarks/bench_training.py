@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from saev_core import config, nn
+from saev_core import config, nn, threads
 from saev_core.store import ActivationStore, shards, write_store
 from saev_core.store.stats import normalization
 from saev_core.train import fitting, trainer
@@ -124,7 +124,7 @@ def time_in_memory(cfgs: list[config.TrainConfig], batches: list[torch.Tensor], 
         members.append(trainer.Member(cfg, "", "", sae, torch.optim.Adam(sae.parameters(), lr=cfg.lr)))
     n = len(batches)
     outside = torch.get_num_threads()
-    torch.set_num_threads(fitting.threads_for(cfgs[0]))
+    torch.set_num_threads(threads.tuner_for(cfgs[0].n_threads, device).threads)  # auto: where the timing starts
     try:
         for m in members:
             trainer.train_step(m, batches[0], 0, n)
@@ -214,10 +214,9 @@ def bench_shared(args, store: ActivationStore, tmp: str) -> None:
                     )
                     _, loop, _ = time_sweep(cfgs)
                     rates.setdefault((name, load), []).append((args.n_steps - 1) * args.batch_size / loop)
-    auto = fitting.threads_for(member_cfgs(store, args, 1, "")[0])
     print(
         f"\n== sweep of {k} SAEs on a shared machine ({args.n_steps} steps of {args.batch_size} x {args.d_vit} -> "
-        f"d_sae {args.d_vit * args.exp_factor}, {args.arch}; {os.cpu_count()} CPUs, auto = {auto} threads; "
+        f"d_sae {args.d_vit * args.exp_factor}, {args.arch}; {os.cpu_count()} CPUs, auto = timed (saev_core.threads); "
         f"median of {args.shared_repeats}; load average before: {os.getloadavg()[0]:.1f}) =="
     )
     print(f"{'threads':>34} {'as is patches/s':>16} {'one core busy':>14} {'busy / as is':>13}")

@@ -1,7 +1,7 @@
 """Our CLI vs saev 0.1.0 on the same small job: record activations, train one SAE, render top-k visuals.
 
     .venv/bin/python benchmarks/bench_vs_saev.py [--saev-path /tmp/saev01] [--images DIR] [--repeats 1]
-        [--n-patches 60000] [--top-k 32] [--n-latents 64] [--keep DIR]
+        [--n-patches 60000] [--top-k 32] [--n-latents 64] [--keep DIR] [--defaults]
 
 saev 0.1.0 is not a dependency of this project. Install it, without its heavy dependencies, into a folder of its
 own (this venv already has torch, torchvision, open_clip, tyro, beartype, jaxtyping, matplotlib; the rest is about
@@ -34,6 +34,13 @@ Loading a local ViT checkpoint in saev 0.1.0: its ``--vit-ckpt`` is split with `
 two parts, then passed to ``open_clip.create_model_from_pretrained(arch, pretrained=...)``, which loads an
 existing file path. So ``--vit-ckpt ViT-B-32/<file name>`` works when run from the file's folder; a path with a
 '/' in it raises ``ValueError: too many values to unpack``.
+
+Thread counts: neither program is given one. saev 0.1.0 never sets torch's threads (torch's default, one per
+core); ours picks its own (``saev_core.threads``, docs/training.md). ``--defaults`` also leaves the worker counts and
+the ViT batch to each program's defaults (saev 0.1.0: 8 decoding workers and ViT batches of 1,024 for activations,
+32 DataLoader workers for training, 16 for visuals; ours: 2 workers and batches of 256), so the figures are each
+program as shipped; without it both get the same ``--n-workers``, ``--train-workers`` (saev only) and
+``--vit-batch-size``. The job (images, layer, SAE, patches, batch, lr, top-k) is the same in both modes.
 
 Known differences in what each does (the figures are for each program's own way of doing the job): saev's
 activations stage builds the ViT twice (once more for its preprocessing); its training and visuals compute the
@@ -77,6 +84,11 @@ def run(argv: list[str], cwd: str, env: dict | None = None) -> tuple[float, str]
     return seconds, proc.stdout
 
 
+def tuned(args, *flags) -> list[str]:
+    """Speed settings (workers, ViT batch): passed the same to both programs, or (``--defaults``) left to each."""
+    return [] if args.defaults else [str(f) for f in flags]
+
+
 def ours(args, stage: str, work: str, state: dict) -> float:
     cmd = [sys.executable, "-m", "saev_core", stage]
     if stage == "activations":
@@ -93,10 +105,7 @@ def ours(args, stage: str, work: str, state: dict) -> float:
             "-2",
             "--dump-to",
             os.path.join(work, "ours-acts"),
-            "--vit-batch-size",
-            str(args.vit_batch_size),
-            "--n-workers",
-            str(args.n_workers),
+            *tuned(args, "--vit-batch-size", args.vit_batch_size, "--n-workers", args.n_workers),
             "--n-patches-per-shard",
             str(args.n_patches_per_shard),
             "--device",
@@ -177,10 +186,7 @@ def saev(args, stage: str, work: str, state: dict) -> float:
             "-2",
             "--dump-to",
             os.path.join(work, "saev-acts"),
-            "--vit-batch-size",
-            str(args.vit_batch_size),
-            "--n-workers",
-            str(args.n_workers),
+            *tuned(args, "--vit-batch-size", args.vit_batch_size, "--n-workers", args.n_workers),
             "--n-patches-per-shard",
             str(args.n_patches_per_shard),
             "--device",
@@ -209,8 +215,7 @@ def saev(args, stage: str, work: str, state: dict) -> float:
             str(args.lr),
             "--n-lr-warmup",
             str(args.n_lr_warmup),
-            "--n-workers",
-            str(args.train_workers),
+            *tuned(args, "--n-workers", args.train_workers),
             "--no-track",
             "--log-every",
             "10",
@@ -237,8 +242,7 @@ def saev(args, stage: str, work: str, state: dict) -> float:
             str(args.top_k),
             "--n-latents",
             str(args.n_latents),
-            "--n-workers",
-            str(args.train_workers),
+            *tuned(args, "--n-workers", args.train_workers),
             "--device",
             "cpu",
             "--dump-to",
@@ -281,6 +285,11 @@ def main() -> None:
     parser.add_argument("--train-workers", type=int, default=2, help="saev's DataLoader workers (train, visuals)")
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--n-latents", type=int, default=64)
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="leave the speed settings (workers, ViT batch) to each program's defaults: ours vs theirs as shipped",
+    )
     parser.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temporary one)")
     args = parser.parse_args()
 
@@ -312,7 +321,8 @@ def main() -> None:
                     print(f"  run {rep}: {who:4s} {stage:11s} {seconds:7.1f} s", flush=True)
 
         print(
-            f"\n== saev_core CLI vs saev 0.1.0, {n_files} images, CPU, wall-clock per stage (best of {args.repeats}) =="
+            f"\n== saev_core CLI vs saev 0.1.0, {n_files} images, CPU, wall-clock per stage (best of {args.repeats}; "
+            f"{'each program with its own default speed settings' if args.defaults else 'the same speed settings'}) =="
         )
         rows = [("stage", "ours s", "saev 0.1.0 s", "saev / ours")]
         for stage in STAGES:

@@ -299,7 +299,8 @@ class TrainConfig:
     """Where the SAEs train: auto picks cuda when available."""
     n_threads: int | None = None
     """CPU threads for training: torch's intra-op threads during the run; the loader reads with at most 2 of them.
-    None: the CPUs this process may use, minus one for the loader and other work (at least 1)."""
+    None: the CPUs this process may use to begin with, one fewer (and so on) while the steps' own timing says it is
+    faster, re-checked as the run goes (docs/training.md)."""
     sparse_topk: Literal["auto", "on", "off"] = "auto"
     """topk and batchtopk: train sparsely (only the encoder's forward is a dense matmul; same loss and gradients,
     docs/training.md): auto when k / d_sae <= 1/12, on, or off (the dense reference). Other archs ignore it."""

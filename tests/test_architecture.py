@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "saev_core"
 
 # Lowest first. A module's layer is its sub-package, or its own name for the top-level modules.
 LAYERS: list[set[str]] = [
-    {"errors", "files", "tables", "config"},
+    {"errors", "files", "tables", "threads", "config"},
     {"store"},
     {"record"},
     {"nn"},
@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # The base is ordered too: errors, then files and tables, then config.
-BASE_ORDER = {"errors": 0, "files": 1, "tables": 1, "config": 2}
+BASE_ORDER = {"errors": 0, "files": 1, "tables": 1, "threads": 1, "config": 2}
 
 
 def layer_of(module: str) -> str:

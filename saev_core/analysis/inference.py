@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from PIL import Image
 
-from saev_core import config, nn
+from saev_core import config, nn, threads
 from saev_core.errors import UserError
 from saev_core.record import images as imagelib
 from saev_core.record import vit as vitlib
@@ -125,8 +125,9 @@ def _as_image(item) -> Image.Image:
 class Explainer:
     """A ViT and an SAE, ready to explain images (built once; ``__call__`` as often as needed)."""
 
-    def __init__(self, sae: nn.SparseAutoencoder, spec: ModelSpec, device: str = "cpu"):
+    def __init__(self, sae: nn.SparseAutoencoder, spec: ModelSpec, device: str = "cpu", n_threads: int | None = None):
         self.sae = sae.to(device).eval()
+        self.tuner = threads.tuner_for(n_threads, device)  # torch's CPU threads, timed over every call's batches
         self.spec = spec
         self.device = device
         vit = vitlib.make_vit(spec.vit_family, spec.vit_ckpt).to(device)
@@ -154,13 +155,14 @@ class Explainer:
         layer: int | None = None,
         token_mode: str | None = None,
         store: str | None = None,
+        n_threads: int | None = None,
     ) -> "Explainer":
         device = config.resolve_device(device)
         sae = nn.load(ckpt, device=device)
         spec = spec_from_checkpoint(sae, os.fspath(ckpt), vit_family, vit_ckpt, layer, token_mode)
         if sae.saved_no_normalization:
             _legacy_normalization(sae, spec, store or None, os.fspath(ckpt))
-        return cls(sae, spec, device)
+        return cls(sae, spec, device, n_threads)
 
     @torch.inference_mode()
     def latents(
@@ -187,9 +189,12 @@ class Explainer:
             raise UserError(f"top_n {top_n} must be at least 1.")
         pil = [_as_image(item) for item in images]
         parts = []
-        for start in range(0, len(pil), batch_size):
-            pixels = torch.stack([self.transform(img) for img in pil[start : start + batch_size]])
-            parts.append([t.float().cpu().numpy() if t is not None else None for t in self.latents(pixels)])
+        with threads.apply(self.tuner):
+            for start in range(0, len(pil), batch_size):
+                pixels = torch.stack([self.transform(img) for img in pil[start : start + batch_size]])
+                parts.append([t.float().cpu().numpy() if t is not None else None for t in self.latents(pixels)])
+                self.tuner.step_done(len(pixels))
+            self.tuner.settle()
         patch_values = np.concatenate([p[0] for p in parts])
         cls_values = np.concatenate([p[1] for p in parts]) if self.first else None
         image_values = np.concatenate([p[2] for p in parts])
@@ -247,5 +252,6 @@ def explain(
 ) -> Explanation:
     """Per-patch latent values, each image's ``top_n`` latents and their heatmaps, for ``images`` (PIL images or
     paths). ``spec`` may name ``vit_family``, ``vit_ckpt``, ``layer``, ``token_mode`` and ``store`` (required for a
-    saev 0.1.0 file: its ViT; optional for ours: they override the provenance)."""
+    saev 0.1.0 file: its ViT; optional for ours: they override the provenance), and ``n_threads`` torch's CPU
+    threads (None: timed and picked, ``saev_core.threads``)."""
     return Explainer.from_checkpoint(ckpt, device, **spec)(images, top_n=top_n, batch_size=batch_size)

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saev_core import config, nn
+from saev_core import config, nn, threads
 from saev_core.errors import UserError
 from saev_core.files import read_json
 from saev_core.record import images as imagelib
@@ -101,6 +101,7 @@ class SpliceEvaluator:
         pixels: Float[Tensor, "imgs 3 h w"],
         device: str = "cpu",
         batch_size: int = 32,
+        n_threads: int | None = None,
     ):
         if token_mode not in SPLICE_MODES:
             raise UserError(
@@ -110,6 +111,7 @@ class SpliceEvaluator:
         [block] = vitlib.resolve_layers([layer], vit.n_blocks)
         self.vit = vit.to(device)
         self.device, self.batch_size = device, batch_size
+        self.tuner = threads.tuner_for(n_threads, device)  # one for every pass: their batches cost the same
         self.pixels = pixels
         self.splice = _TokenSplice(self.vit, block, token_mode)
         self.mean = mean.to(device, torch.float32)
@@ -123,9 +125,12 @@ class SpliceEvaluator:
         out = []
         self.splice.replace = replace
         try:
-            for start in range(0, len(self.pixels), self.batch_size):
-                emb = self.vit(self.pixels[start : start + self.batch_size].to(self.device))
-                out.append(emb.float().reshape(len(emb), -1))
+            with threads.apply(self.tuner):
+                for start in range(0, len(self.pixels), self.batch_size):
+                    emb = self.vit(self.pixels[start : start + self.batch_size].to(self.device))
+                    out.append(emb.float().reshape(len(emb), -1))
+                    self.tuner.step_done(len(emb))
+                self.tuner.settle()
         finally:
             self.splice.replace = None
         return torch.cat(out)
@@ -224,9 +229,11 @@ def evaluate_checkpoints(
     max_images: int | None = 256,
     batch_size: int = 32,
     image_root: str | None = None,
+    n_threads: int | None = None,
 ) -> list[SpliceResult]:
     """Splice-in fidelity of each checkpoint; checkpoints of the same store, layer and token mode share the ViT's
-    untouched and ablated passes."""
+    untouched and ablated passes. ``n_threads``: torch's CPU threads; None times the batches and picks
+    (``saev_core.threads``)."""
     device = config.resolve_device(device)
     results: dict[str, SpliceResult] = {}
     groups: dict[tuple, list[tuple[str, nn.SparseAutoencoder]]] = {}
@@ -244,7 +251,7 @@ def evaluate_checkpoints(
             store, on, vitlib.make_img_transform(on.vit_family, on.vit_ckpt), max_images, image_root
         )
         mean = torch.as_tensor(stats.raw_stats(store, recorded, on.token_mode)[0], dtype=torch.float32)
-        evaluator = SpliceEvaluator(vit, on.layer, on.token_mode, mean, pixels, device, batch_size)
+        evaluator = SpliceEvaluator(vit, on.layer, on.token_mode, mean, pixels, device, batch_size, n_threads)
         try:
             for ckpt, sae in members:
                 results[ckpt] = evaluator.evaluate(sae)

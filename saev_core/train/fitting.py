@@ -1,20 +1,14 @@
 """Settings that depend on the run: a run's unset ``lr``, ``n_lr_warmup`` and ``sae.dead_after_n_patches`` fitted to
-its length (``fit_to_run``), and the CPU threads it trains with (``threads_for``).
+its length (``fit_to_run``). The CPU threads it trains with are chosen while it runs (``saev_core.threads``).
 
 Kept apart from the loop because they are decided once, before any data is read, and are reported to the user (the
 trainer logs every note ``fit_to_run`` returns); docs/training.md explains each rule.
 """
 
-import contextlib
 import dataclasses
 import math
-import os
-from collections.abc import Iterator
-
-import torch
 
 from saev_core import config, nn
-from saev_core.errors import UserError
 
 AUTO_LR = 4e-4
 """``lr`` left unset: saev 0.1.0's default learning rate for saev's default run (``AUTO_LR_D_SAE`` latents over
@@ -106,28 +100,3 @@ def fit_to_run(cfg: config.TrainConfig) -> tuple[config.TrainConfig, list[str]]:
         cfg, lr=lr, n_lr_warmup=warmup, sae=dataclasses.replace(cfg.sae, dead_after_n_patches=dead)
     )
     return fitted, notes
-
-
-def threads_for(cfg: config.TrainConfig) -> int:
-    """CPU threads for training: ``n_threads``, or (None) the CPUs this process may use minus one, at least 1.
-
-    One core is left to the loader's thread and to other work: torch's threads wait for each other at every
-    operation, so one of them losing its core to another process stalls them all (measured: 4.8x slower on
-    2 cores with one core busy elsewhere; docs/benchmarks.md)."""
-    if cfg.n_threads is not None:
-        if cfg.n_threads < 1:
-            raise UserError(f"--n-threads {cfg.n_threads} must be at least 1 (or leave it unset for auto).")
-        return cfg.n_threads
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, available - 1)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to n for the block, then back to what they were."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -7,7 +7,7 @@ schedule, no shared random state), so training K SAEs together gives the weights
 Settings left unset that depend on the SAE and the run's length (``lr``, ``n_lr_warmup``,
 ``sae.dead_after_n_patches``) are fitted to the run first (``fitting.fit_to_run``); what was chosen, and any
 explicit setting that does not fit the run, is reported once, in the log and through ``on_note``. Training uses
-``n_threads`` CPU threads (``fitting.threads_for``).
+``n_threads`` CPU threads, or (unset) the count the steps' own timing picks (``saev_core.threads``).
 
 Per member and step: lr = ``lr_at(step)`` (linear warm-up over ``n_lr_warmup`` steps, then linear decay that
 reaches 0 just after the last step), ``sae.sparsity_scale = min(1, step / n_sparsity_warmup)``, backward,
@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saev_core import config, nn
+from saev_core import config, nn, threads
 from saev_core.errors import UserError
 from saev_core.files import check_output_folder, remove_if_exists
 from saev_core.nn import sparse_topk
@@ -48,7 +48,7 @@ from saev_core.store import ActivationStore
 from saev_core.store.loader import ActivationLoader
 from saev_core.store.stats import normalization
 from saev_core.train import results, resume
-from saev_core.train.fitting import fit_to_run, threads_for, torch_threads
+from saev_core.train.fitting import fit_to_run
 from saev_core.train.sweep import grid, load_sweep, member_id, split_cfgs
 
 logger = logging.getLogger(__name__)
@@ -163,8 +163,8 @@ def _train_members(
 ) -> None:
     base = cfgs[0]
     device = config.resolve_device(base.device)
-    n_threads = threads_for(base)
-    n_read = min(2, n_threads)
+    tuner = threads.tuner_for(base.n_threads, device)
+    n_read = min(2, tuner.n_max)
     train_loader = ActivationLoader(
         store, base.data, base.sae_batch_size, base.seed, "train", n_read_threads=n_read, pin_memory=device == "cuda"
     )
@@ -186,11 +186,12 @@ def _train_members(
     def save(done: int) -> None:
         resume.save_train_state(group_file, members, done, n_steps, train_loader.state_dict())
 
-    logger.info("Training %d SAEs for %d steps with %d CPU threads.", len(members), n_steps - start, n_threads)
+    logger.info("Training %d SAEs for %d steps with %s.", len(members), n_steps - start, threads.describe(tuner))
     progress = _progress(show_progress, desc, n_steps, start, base.sae_batch_size)
-    with torch_threads(n_threads):
+    with threads.apply(tuner):
         with contextlib.closing(_full_batches(train_loader, base.sae_batch_size)) as batches, progress:
-            _run_steps(members, batches, start, n_steps, device, progress, on_log, save, group_file, store)
+            _run_steps(members, batches, start, n_steps, device, progress, on_log, save, group_file, store, tuner)
+        tuner.settle()
         sample = functools.partial(
             ActivationLoader, store, base.data, base.sae_batch_size, base.seed, "train", n_read_threads=n_read
         )
@@ -214,8 +215,10 @@ def _run_steps(
     save: Callable[[int], None],
     group_file: str,
     store: ActivationStore,
+    tuner: threads.ThreadTuner,
 ) -> None:
-    """The hot loop: each batch goes to the device once and through every member; logs, NaN checks, checkpoints."""
+    """The hot loop: each batch goes to the device once and through every member; logs, NaN checks, checkpoints;
+    ``tuner`` times each step (and may change torch's thread count for the next)."""
     ckpt_every = max(1, min(m.cfg.ckpt_every for m in members))
     first_bad = torch.full((len(members) + 1,), -1, dtype=torch.long, device=device)  # members..., data
     t_last, n_since = time.perf_counter(), 0
@@ -238,6 +241,7 @@ def _run_steps(
                 progress.set_postfix(loss=f"{stats[0]['loss'].item():.4g}", refresh=False)
         if ckpt_now:
             save(done)
+        tuner.step_done()
 
 
 def train_step(

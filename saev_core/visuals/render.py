@@ -22,7 +22,7 @@ from jaxtyping import Float, Int
 from PIL import Image
 from tqdm.auto import tqdm
 
-from saev_core import config, nn
+from saev_core import config, nn, threads
 from saev_core.errors import UserError
 from saev_core.files import atomic_write_json, check_output_folder, read_json
 from saev_core.record import images
@@ -325,7 +325,7 @@ def render_latents(
 
     _remove_stale(dump_to, {int(j): min(n_per_latent, int(cache.n_images()[j])) for j in latents})
     with (
-        concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool,
+        concurrent.futures.ThreadPoolExecutor(threads.usable_cpus()) as pool,
         tqdm(total=len(jobs), unit="img", desc="heatmaps", disable=not show_progress) as bar,
     ):
         for _ in pool.map(render, jobs):

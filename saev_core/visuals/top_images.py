@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saev_core import threads
 from saev_core.errors import UserError
 from saev_core.store import ActivationStore
 from saev_core.store.shards import ChunkReader, stream_chunks
@@ -200,10 +201,12 @@ def topk_pass(
     imgs_per_batch: int | None = None,
     show_progress: bool = False,
     on_batch=None,
+    n_threads: int | None = None,
 ) -> TopKCache:
     """Stream every valid image of the layer through ``sae`` (raw activations in: it normalises itself).
     ``on_batch(image_ids, ranking_values [imgs, d_sae])``, when given, sees every batch (the class association
-    collects its matrix there, so it needs no pass of its own)."""
+    collects its matrix there, so it needs no pass of its own). ``n_threads``: torch's CPU threads; None times the
+    batches and picks (``saev_core.threads``)."""
     check_rank_mode(store, patches)
     if top_k < 1:
         raise UserError(f"--top-k {top_k} must be at least 1 (128 is saev's default).")
@@ -232,14 +235,19 @@ def topk_pass(
         if on_batch is not None:
             on_batch(ids, rank)
         bar.update(len(x) * n_per_img)
+        tuner.step_done(len(x))
 
     ipc = store.layout.imgs_per_chunk
     chunks, starts = np.unique(images // ipc, return_index=True)
     xs, ids, n = [], [], 0
     reader = ChunkReader(store.array(layer))
-    with tqdm(
-        total=len(images) * n_per_img, unit="vec", unit_scale=True, desc="top-k", disable=not show_progress
-    ) as bar:
+    tuner = threads.tuner_for(n_threads, device)
+    with (
+        threads.apply(tuner),
+        tqdm(
+            total=len(images) * n_per_img, unit="vec", unit_scale=True, desc="top-k", disable=not show_progress
+        ) as bar,
+    ):
         for c, imgs, x in stream_chunks(reader, chunks, np.split(images, starts[1:]), ipc, store.n_imgs):
             xs.append(x[imgs - c * ipc])
             ids.append(imgs)

@@ -800,13 +800,15 @@ def test_n_threads_is_torchs_thread_count_while_training_and_is_put_back(store, 
         assert read_threads == [1, 1, 2, 2]  # train and held-out loaders read with at most n threads
     finally:
         torch.set_num_threads(outside)
-    cfg = train_cfg(store, tmp_path, n_threads=None)
+    # Unset: every usable CPU to begin with, then what the steps' timing picks (tests/test_threads.py); the loaders
+    # read with at most 2 of them.
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert fitting.threads_for(cfg) == 7  # auto: the CPUs this process may use, minus one
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
-    assert fitting.threads_for(cfg) == 1
+    seen, read_threads[:] = [], []
+    cfg = train_cfg(store, tmp_path / "auto", n_patches=4 * 128, n_threads=None, log_every=1)
+    trainer.train_sweep([cfg], show_progress=False, on_log=lambda *a: seen.append(torch.get_num_threads()))
+    assert seen[0] == 8 and set(seen) <= set(range(1, 9)) and read_threads == [2, 2]
     with pytest.raises(UserError, match="--n-threads 0 must be at least 1"):
-        fitting.threads_for(dataclasses.replace(cfg, n_threads=0))
+        trainer.train_sweep([dataclasses.replace(cfg, n_threads=0)], show_progress=False)
 
 
 def test_defaults_recover_a_planted_dictionary_in_a_short_run(tmp_path, capsys, caplog):

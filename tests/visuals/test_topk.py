@@ -1,5 +1,7 @@
 """The top-k pass against a brute-force computation over every activation, and its cache."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +94,30 @@ def test_streaming_topk_equals_brute_force(tmp_path, patches, imgs_per_batch):
     for latent in range(f.shape[-1]):
         kept = got.top_images[latent][got.top_images[latent] >= 0]
         assert len(set(kept.tolist())) == len(kept)
+
+
+def test_thread_counts_follow_n_threads_and_do_not_change_the_result(tmp_path, monkeypatch):
+    """An explicit count holds for every batch; auto (every usable CPU, then whatever the batches' timing picks)
+    ranks the same images as the brute force, and torch's count is put back after either."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    store, acts = plant(tmp_path)
+    sae, outside = make_sae(), torch.get_num_threads()
+    for n_threads in (1, None):
+        seen = []
+        got = top_images.topk_pass(
+            store,
+            -2,
+            "patches",
+            sae,
+            4,
+            identity(store),
+            imgs_per_batch=2,
+            n_threads=n_threads,
+            on_batch=lambda ids, rank, seen=seen: seen.append(torch.get_num_threads()),
+        )
+        assert len(seen) == 15 and (set(seen) == {1} if n_threads else seen[0] == 3 and set(seen) <= {1, 2, 3})
+        assert torch.get_num_threads() == outside
+        np.testing.assert_array_equal(got.top_images, brute_force(sae, acts, "patches", 4, True, np.arange(30))[1])
 
 
 def test_store_without_cls_token_ranks_patches_and_has_nan_cls(tmp_path):
