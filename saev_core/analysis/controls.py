@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
-from saev_core import config
+from saev_core import config, threads
 from saev_core.store import ActivationStore, loader, stats
 from saev_core.store.loader import ActivationLoader
 from saev_core.store.shards import ChunkReader, stream_chunks
@@ -80,7 +80,12 @@ def random_atoms(d_sae: int, d_vit: int, seed: int = CONTROL_SEED) -> Float[np.n
 
 
 def random_decoder_nmse(
-    data: HeldOut, d_sae: int, l0: float | int, seed: int = CONTROL_SEED, chunk: int = 1024
+    data: HeldOut,
+    d_sae: int,
+    l0: float | int,
+    seed: int = CONTROL_SEED,
+    chunk: int = 1024,
+    tuner: threads.ThreadTuner | None = None,
 ) -> float:
     """NMSE of the random-decoder control with ``round(l0)`` atoms per vector (at least 1).
 
@@ -103,6 +108,8 @@ def random_decoder_nmse(
         else:
             coef = torch.linalg.lstsq(atoms[support].transpose(1, 2), c.unsqueeze(2)).solution  # [n, k, 1]
         x_hat[start : start + chunk] = (coef.transpose(1, 2) @ atoms[support]).squeeze(1).numpy() + data.center
+        if tuner is not None:
+            tuner.step_done(len(c))
     return data.nmse(x_hat)
 
 
@@ -112,7 +119,11 @@ def kmeans_cost(n_vectors: int, n_centroids: int, d: int) -> float:
 
 
 def kmeans_centroids(
-    x: Float[torch.Tensor, "n d_vit"], n_centroids: int, seed: int = CONTROL_SEED, max_iter: int = KMEANS_MAX_ITER
+    x: Float[torch.Tensor, "n d_vit"],
+    n_centroids: int,
+    seed: int = CONTROL_SEED,
+    max_iter: int = KMEANS_MAX_ITER,
+    tuner: threads.ThreadTuner | None = None,
 ) -> Float[torch.Tensor, "k d_vit"]:
     """Lloyd's k-means in torch, seeded by k-means++ (Arthur & Vassilvitskii 2007); an emptied centroid moves to the
     vector farthest from its own. In torch rather than scikit-learn because its OpenMP threads spin against other busy
@@ -132,6 +143,8 @@ def kmeans_centroids(
         if len(empty):
             far = dist.gather(1, nearest[:, None]).squeeze(1).topk(len(empty)).indices
             moved[empty] = x[far]
+        if tuner is not None:
+            tuner.step_done()
         if torch.equal(moved, centres):
             break
         centres = moved
@@ -153,11 +166,16 @@ def _kmeans_plus_plus(x: Float[torch.Tensor, "n d_vit"], k: int, gen: torch.Gene
 
 
 def kmeans_nmse(
-    train_x: Float[np.ndarray, "n d_vit"], data: HeldOut, n_centroids: int, seed: int = CONTROL_SEED
+    train_x: Float[np.ndarray, "n d_vit"],
+    data: HeldOut,
+    n_centroids: int,
+    seed: int = CONTROL_SEED,
+    tuner: threads.ThreadTuner | None = None,
 ) -> float:
     """NMSE of k-means with ``n_centroids`` centroids (at most one per training vector) fitted on ``train_x``: each
     held-out vector reconstructed by its nearest centroid (L0 = 1, coefficient 1)."""
-    centres = kmeans_centroids(torch.from_numpy(np.ascontiguousarray(train_x, dtype=np.float32)), n_centroids, seed)
+    x_fit = torch.from_numpy(np.ascontiguousarray(train_x, dtype=np.float32))
+    centres = kmeans_centroids(x_fit, n_centroids, seed, tuner=tuner)
     x = torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32))
     nearest = torch.cdist(x, centres).argmin(1)
     return data.nmse(centres[nearest].double().numpy())
@@ -253,10 +271,12 @@ def sweep_controls(
     random: bool = True,
     kmeans: bool | None = None,
     pca_max_vectors: int = 200_000,
+    n_threads: int | None = None,
 ) -> SweepControls:
     """Every control for every member of a sweep (rows as in sweep.csv: ``l0``, ``nmse``, ``sae.d_vit``,
     ``sae.exp_factor``), on the split the members were evaluated on. ``kmeans``: None runs it when
-    ``kmeans_cost`` is under ``KMEANS_BUDGET``."""
+    ``kmeans_cost`` is under ``KMEANS_BUDGET``. CPU threads: ``n_threads``, or the timed rule of
+    ``saev_core.threads``."""
     table = table.copy()
     split = (store, layer, patches, val_frac, seed)
     widths = [int(d * e) for d, e in zip(table["sae.d_vit"], table["sae.exp_factor"])]
@@ -265,10 +285,13 @@ def sweep_controls(
     if baseline is not None:
         table["pca_nmse_at_l0"] = [baseline.at(l0) if l0 == l0 else math.nan for l0 in table["l0"]]
     data = held_out(*split) if random or kmeans is not False else None
+    tuner = threads.tuner_for(n_threads, "cpu")
     if random:
-        table["random_nmse_at_l0"] = [
-            random_decoder_nmse(data, w, l0) if l0 == l0 else math.nan for w, l0 in zip(widths, table["l0"])
-        ]
+        with threads.apply(tuner):
+            table["random_nmse_at_l0"] = [
+                random_decoder_nmse(data, w, l0, tuner=tuner) if l0 == l0 else math.nan
+                for w, l0 in zip(widths, table["l0"])
+            ]
     if kmeans is not False:
         n_fit = min(
             MAX_CONTROL_VECTORS, len(loader.split_images(store, val_frac, seed)[0]) * vectors_per_image(store, patches)
@@ -276,7 +299,8 @@ def sweep_controls(
         cost = max(kmeans_cost(n_fit, w, store.d_vit) for w in widths)
         if kmeans or cost <= KMEANS_BUDGET:
             train_x = training_sample(*split)
-            by_width = {w: kmeans_nmse(train_x, data, w) for w in sorted(set(widths))}
+            with threads.apply(tuner):
+                by_width = {w: kmeans_nmse(train_x, data, w, tuner=tuner) for w in sorted(set(widths))}
             table["kmeans_nmse"] = [by_width[w] for w in widths]
         else:
             notes.append(
