@@ -36,6 +36,39 @@ def absolute(path: str) -> str:
     return path if is_url(path) else os.path.abspath(path)
 
 
+def inside(folder: str | os.PathLike, *parts, what: str = "name") -> str:
+    """``folder/part/part...`` for names that come from data (a member id from sweep.csv, a latent id, a file name
+    from a cache or a watched folder), refused with a UserError naming the bad part when one is not a plain name
+    (empty, ``.``, ``..``, a separator, a NUL byte, an absolute path) or when the resolved path (symbolic links
+    followed) leaves ``folder``. Every writer that builds a path from data goes through here."""
+    folder = os.fspath(folder)
+    for part in parts:
+        text = str(part)
+        if (
+            text in ("", ".", "..")
+            or "/" in text
+            or "\\" in text
+            or "\0" in text
+            or (os.altsep and os.altsep in text)
+            or os.path.isabs(text)
+        ):
+            raise UserError(
+                f"Refusing {what} {text!r}: it is not a plain file name, so the path built from it would leave "
+                f"{folder}. Fix the {what} where it comes from (a sweep.csv, a cache, a file name)."
+            )
+    path = os.path.join(folder, *map(str, parts))
+    if is_url(folder):
+        return path
+    root = os.path.realpath(folder)
+    resolved = os.path.realpath(path)
+    if os.path.commonpath([root, resolved]) != root:
+        raise UserError(
+            f"Refusing {what} {'/'.join(map(str, parts))!r}: {path} resolves to {resolved}, outside {folder} "
+            "(a symbolic link points out of it). Remove the link or choose another output folder."
+        )
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], durable: bool = True) -> str:
     """Call ``write(f)`` on a temporary binary file beside ``path``, fsync it, rename it over ``path`` and fsync the
     folder. Creates the folder. Returns the absolute path.

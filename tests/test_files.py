@@ -6,6 +6,7 @@ import stat
 import pytest
 
 from saev_core import files
+from saev_core.errors import UserError
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
@@ -58,3 +59,14 @@ def test_only_this_hosts_dead_writers_temporaries_are_removed(tmp_path):
     files.atomic_write_bytes(target, b"whole")
     assert target.read_bytes() == b"whole"
     assert not ours_dead.exists() and ours_alive.exists() and other_host.exists()
+
+
+def test_inside_refuses_every_kind_of_escape(tmp_path):
+    (tmp_path / "out").mkdir()
+    os.symlink(tmp_path, tmp_path / "out" / "link")
+    assert files.inside(tmp_path / "out", "a", "b.png") == str(tmp_path / "out" / "a" / "b.png")
+    for bad in ["..", ".", "", "a/../..", "/etc", "a\\b", "x\0y"]:
+        with pytest.raises(UserError, match="not a plain file name"):
+            files.inside(tmp_path / "out", bad)
+    with pytest.raises(UserError, match="outside"):
+        files.inside(tmp_path / "out", "link", "x")

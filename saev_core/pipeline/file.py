@@ -13,7 +13,7 @@ import tomllib
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.files import check_output_folder
+from saev_core.files import check_output_folder, inside
 from saev_core.tables import from_table
 from saev_core.train import sweep
 
@@ -37,8 +37,11 @@ class VisualsPlan:
     """The flags; ``ckpt`` is each member's checkpoint and the output goes to
     <dump_to>/layer_<layer>/<member_id>/."""
 
-    def folder(self, layer: int, member_id: str = "") -> str:
-        return os.path.join(self.visuals.dump_to, f"layer_{layer}", member_id)
+    def folder(self, layer: int, member_id: str | None = None) -> str:
+        """<dump_to>/layer_<layer>, or a member's folder in it; a member id that would leave it (``../x``, from a
+        hand-edited sweep.csv or members.json) is refused (``files.inside``)."""
+        layer_folder = os.path.join(self.visuals.dump_to, f"layer_{layer}")
+        return layer_folder if member_id is None else inside(layer_folder, member_id, what="member id")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,7 @@ def train_layer(
     cfgs = pipe.sweep_for(layer, store_path)
     members = trainer.train_sweep(cfgs, show_progress=show_progress, on_log=on_log, on_note=on_note)
     csv_path = results.sweep_csv_path(cfgs[0].ckpt_path)
-    table = pd.read_csv(csv_path)
+    table = results.read_sweep_csv(csv_path)
     return LayerSweep(
         results=members,
         csv_path=csv_path,
@@ -104,7 +104,7 @@ def visuals_for_layer(pipe: Pipeline, layer: int, sweep_csv: str, show_progress:
     """Top-k visuals for the chosen members of one layer's sweep, one folder each; records which folders exist in
     <dump_to>/layer_<layer>/members.json (what the Dagster check reads)."""
 
-    rows = pd.read_csv(sweep_csv).to_dict("records")
+    rows = results.read_sweep_csv(sweep_csv).to_dict("records")
     done = []
     for row in choose_members(pipe.visuals, rows, sweep_csv):
         cfg = dataclasses.replace(

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from saev_core import config, nn
 from saev_core.errors import UserError
-from saev_core.files import atomic_write_json, check_output_folder, read_json
+from saev_core.files import atomic_write_json, check_output_folder, inside, read_json
 from saev_core.record import images
 from saev_core.record import vit as vitlib
 from saev_core.store import ActivationStore, stats
@@ -347,7 +347,7 @@ def _remove_stale(dump_to: str, n_images: dict[int, int]) -> None:
             if not os.listdir(folder):
                 os.rmdir(folder)
     for latent, n in n_images.items():
-        folder = os.path.join(root, str(latent))
+        folder = inside(root, str(latent), what="latent id")
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(folder):
             if name.endswith(".png") and name[:-4].isdigit() and int(name[:-4]) >= n:
@@ -361,7 +361,7 @@ def _latent_row(cache, latent: int, n_per_latent: int, paths, labels, class_name
     names = [class_names[labels[i]] if 0 <= labels[i] < len(class_names) else "" for i in imgs]
     log_freq, log_value = math.log10(cache.freq[latent]), math.log10(cache.mean_value[latent])
     atomic_write_json(
-        os.path.join(dump_to, gallery.NEURONS_DIR, str(latent), "metadata.json"),
+        inside(dump_to, gallery.NEURONS_DIR, str(latent), "metadata.json", what="latent id"),
         {
             "latent": latent,
             "log10_freq": log_freq,
