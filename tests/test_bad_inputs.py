@@ -570,6 +570,26 @@ ROWS = [
         "{t}/full/w.pt",
         "disk",
     ),
+    row(
+        "pipe-no-activations-table",
+        lambda w, t, m: pipeline_file(w, t, lambda s: s[: s.index("[activations]")] + s[s.index("[train]") :]),
+        "{t}/p.toml",
+        "[activations]",
+    ),
+    row(
+        "pipe-observe-cron-not-cron",
+        lambda w, t, m: pipeline_file(w, t, lambda s: s + '\n[automation]\nobserve_cron = "every 5 minutes"\n'),
+        "{t}/p.toml",
+        "automation.observe_cron",
+        "every 5 minutes",
+    ),
+    row(
+        "pipe-watch-folder-missing",
+        lambda w, t, m: pipeline_file(w, t, lambda s: s + f'\n[watch]\nfolder = "{t / "nowhere"}"\n'),
+        "{t}/p.toml",
+        "watch.folder",
+        "{t}/nowhere",
+    ),
     # -- checkpoint loading (visuals) ---------------------------------------------------------------------------
     row(
         "ckpt-header-sizes-absurd",

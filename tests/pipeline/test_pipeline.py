@@ -17,6 +17,7 @@ def write(tmp_path, text: str) -> str:
 
 def test_relative_paths_are_relative_to_the_files_folder(tmp_path, monkeypatch):
     (tmp_path / "exp" / "imgs").mkdir(parents=True)
+    (tmp_path / "exp" / "drop").mkdir()
     (tmp_path / "exp" / "w.pt").write_bytes(b"x")
     path = write(
         tmp_path,
