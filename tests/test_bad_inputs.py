@@ -204,6 +204,10 @@ LOCK_FOLDER = textwrap.dedent("""
 """As root a chmod 000 folder is still listed: make it unlistable in the subprocess, as it would be for a user."""
 
 
+TINY_MEMORY = "from saev_core import config\nconfig.available_memory = lambda device: 10_000\n"
+"""The machine has 10 kB free: every memory estimate is above it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Call:
     argv: list[str]
@@ -497,6 +501,20 @@ ROWS = [
         named=lambda w, t: [str(t / "acts"), "held-out", "NaN"],
     ),
     row(
+        "train-width-beyond-memory",
+        lambda w, t, m: Call(w.train("--sae.exp-factor", "1000000", ckpt_path=t / "c")),
+        "--sae.exp-factor",
+        "width 64000000",
+        "available",
+    ),
+    row(
+        "train-batch-beyond-memory",
+        lambda w, t, m: Call(w.train(ckpt_path=t / "c"), TINY_MEMORY),
+        "--sae-batch-size 64",
+        "need about",
+        "available",
+    ),
+    row(
         "train-sweep-unknown-key",
         lambda w, t, m: Call(w.train("--sweep", str(write(t / "s.toml", "[sae]\nkk = [1, 2]\n")), ckpt_path=t / "c")),
         "{t}/s.toml",
@@ -657,6 +675,31 @@ ROWS = [
         "{t}/ro",
     ),
     row("vis-zero-top-k", lambda w, t, m: Call(w.visuals(w.ckpt, "--top-k", "0", dump_to=t / "v")), "--top-k 0"),
+    row(
+        "vis-top-k-beyond-the-images",
+        lambda w, t, m: Call(w.visuals(w.ckpt, "--top-k", "100000", dump_to=t / "v")),
+        "--top-k 100000",
+        "8 usable images",
+    ),
+    row(
+        "vis-top-k-not-a-whole-number",
+        lambda w, t, m: Call(w.visuals(w.ckpt, "--top-k", "1e9", dump_to=t / "v")),
+        "--top-k",
+        "'1e9'",
+    ),
+    row(
+        "vis-top-k-beyond-memory",
+        lambda w, t, m: Call(w.visuals(w.ckpt, "--top-k", "8", dump_to=t / "v"), TINY_MEMORY),
+        "--top-k 8",
+        "need about",
+        "available",
+    ),
+    row(
+        "vis-device-not-a-choice",
+        lambda w, t, m: Call(w.visuals(w.ckpt, dump_to=t / "v")[:-2] + ["--device", "gpu"]),
+        "--device 'gpu'",
+        "cpu",
+    ),
     row(
         "vis-infinite-range",
         lambda w, t, m: Call(w.visuals(w.ckpt, "--log-freq-range", "-6", "inf", dump_to=t / "v")),

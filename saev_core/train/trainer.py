@@ -152,6 +152,31 @@ def train_group(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def training_bytes(cfgs: list[config.TrainConfig]) -> int:
+    """A lower bound of what training ``cfgs`` together allocates: per member 16 bytes per parameter (weights,
+    gradients, Adam's two moments) and one batch of latents ([sae_batch_size, d_sae] float32, which even the sparse
+    top-k path computes before choosing)."""
+    total = 0
+    for c in cfgs:
+        d_vit, d_sae = c.sae.d_vit, c.sae.d_vit * c.sae.exp_factor
+        total += 16 * (2 * d_vit * d_sae + d_sae + d_vit) + 4 * c.sae_batch_size * d_sae
+    return total
+
+
+def check_training_memory(cfgs: list[config.TrainConfig], device: str) -> None:
+    """Refuse before any SAE is built when the group cannot fit in ``device``'s free memory (the estimate in the
+    message)."""
+    widths = sorted({c.sae.d_vit * c.sae.exp_factor for c in cfgs})
+    config.check_memory(
+        training_bytes(cfgs),
+        device,
+        f"{len(cfgs)} SAE(s) of width {', '.join(map(str, widths))} (--sae.d-vit x --sae.exp-factor) with "
+        f"--sae-batch-size {cfgs[0].sae_batch_size} (16 bytes per parameter for weights, gradients and Adam, plus "
+        "one batch of latents)",
+        "Lower --sae.exp-factor or --sae-batch-size, or train fewer members at once.",
+    )
+
+
 def _train_members(
     cfgs: list[config.TrainConfig],
     store: ActivationStore,
@@ -174,6 +199,7 @@ def _train_members(
             f"The training split of {store.path} has {train_loader.n_vectors} vectors, fewer than one batch "
             f"(--sae-batch-size {base.sae_batch_size}). Lower --sae-batch-size or record more images."
         )
+    check_training_memory(cfgs, device)
     mean, scale, b_dec = _normalization(store, base.data)
     members = [_make_member(c, mean, scale, b_dec, device) for c in cfgs]
     start, loader_state = resume.load_train_state(group_file, members, device)
