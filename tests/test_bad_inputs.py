@@ -1,7 +1,8 @@
 """Bad input, as a class: every row goes through the real CLI in a subprocess and must end in exit 2, one error line
 naming the offending flag, key or file, no traceback, no torch advice to unpickle untrusted code, and a good store
 and checkpoint (made once per module) byte-identical afterwards. Then: what a crash leaves behind is cleaned up by
-the rerun.
+the rerun. Object storage: missing credentials, a missing bucket (a local moto server), a refused and a silent
+endpoint (loopback sockets) each end in one line naming the URL and the fix, with no network.
 
 Rows are cheap: most fail while the config is built or before a model is loaded. Disk-full and read-only rows use
 a small tmpfs when the test may mount one (root); a non-root run uses chmod for read-only and skips disk-full.
@@ -15,9 +16,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -213,6 +216,8 @@ class Call:
     argv: list[str]
     patch: str = ""
     """Python run in the subprocess before the CLI (simulates a missing package or an unlistable folder)."""
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Environment variables set for the subprocess (a value None: removed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -722,6 +727,7 @@ ROWS = [
 
 def run_cli(call: Call, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {k: v for k, v in {**env, **call.env}.items() if v is not None}
     if call.patch:
         code = f"{call.patch}\nimport sys\nfrom saev_core.__main__ import main\nsys.exit(main(sys.argv[1:]))"
         cmd = [sys.executable, "-c", code, *call.argv]
@@ -879,3 +885,117 @@ def test_ctrl_c_ends_in_one_line_saying_what_is_kept(world: World, tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted:") and "checkpoint" in last and "run the same command again" in last
     assert glob.glob(str(ckpt_path / "*" / "train_state-*.pt"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Object storage: one line within a bounded time (a local moto server, a closed port, a socket that never answers)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto():
+    """A moto S3 server on a free loopback port with the bucket ``acts``; yields its URL."""
+    port = free_port()
+    server = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen(
+        [server, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, "moto_server did not start"
+                time.sleep(0.2)
+        import boto3
+
+        boto3.client(
+            "s3", endpoint_url=url, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
+        ).create_bucket(Bucket="acts")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def silent_endpoint():
+    """A loopback socket that accepts every connection and never sends a byte; yields its URL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held = []
+
+    def accept():
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+def s3_env(endpoint: str, credentials: bool = True, **extra) -> dict:
+    """Only what the test sets: no AWS files, no instance metadata lookup (no network), the given endpoint."""
+    env = {k: None for k in os.environ if k.startswith("AWS_")}
+    env.update(
+        AWS_CONFIG_FILE="/dev/null",
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+        **extra,
+    )
+    if credentials:
+        env.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
+    return env
+
+
+STORAGE_CASES = {
+    # case: (endpoint kind, credentials, bucket, what the line must say)
+    "no-credentials": ("moto", False, "acts", ["no object-storage credentials", "AWS_ACCESS_KEY_ID"]),
+    "missing-bucket": ("moto", True, "nobucket", ["bucket 'nobucket' does not exist", "Create it"]),
+    "refused-endpoint": ("closed", True, "acts", ["cannot connect to http://127.0.0.1:", "AWS_ENDPOINT_URL"]),
+    "silent-endpoint": ("silent", True, "acts", ["did not answer within", "SAEV_STORAGE_TIMEOUT"]),
+}
+
+
+@pytest.mark.parametrize("command", ["activations", "train"])
+@pytest.mark.parametrize("case", list(STORAGE_CASES))
+def test_object_storage_fails_in_one_line_naming_the_url_and_the_fix(
+    case, command, world: World, tmp_path, moto, silent_endpoint
+):
+    kind, credentials, bucket, said = STORAGE_CASES[case]
+    endpoint = {"moto": moto, "silent": silent_endpoint, "closed": f"http://127.0.0.1:{free_port()}"}[kind]
+    url = f"s3://{bucket}/acts"
+    if command == "activations":
+        argv, flag = world.activations(dump_to=url), "--dump-to"
+    else:
+        argv, flag = world.train(ckpt_path=tmp_path / "c", shard_root=f"{url}/store"), "The activation store"
+        url = f"{url}/store"
+    # The defaults bound the silent endpoint's wait (about 20 s); the train rows show the variables are read.
+    env = s3_env(endpoint, credentials, **({"SAEV_STORAGE_TIMEOUT": "1"} if command == "train" else {}))
+    result = run_cli(Call(argv, env=env), tmp_path, timeout=120)
+    err = result.stderr
+    assert result.returncode == 2, f"exit {result.returncode}\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    [line] = [x for x in err.splitlines() if x.startswith("error: ")]
+    for name in [flag, url, *said]:
+        assert name in line, f"{name!r} not named in: {line}"
+    if kind != "moto":
+        assert endpoint in line

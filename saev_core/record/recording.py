@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.files import absolute, check_output_folder, check_url, is_url, join, write_error
+from saev_core.files import absolute, check_output_folder, check_url, is_url, join, url_filesystem, write_error
 from saev_core.record import checkpoints, images
 from saev_core.record import vit as vitlib
 from saev_core.record.images import BAD_IMAGE
@@ -231,10 +231,8 @@ def _remove_store(path: str, empty_parent: str | None) -> None:
     """Remove a store that failed before its first block (nothing in it worth keeping), and the --dump-to folder
     this run created for it when nothing else is in it."""
     if is_url(path):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(path)
         with contextlib.suppress(Exception):
+            fs, root = url_filesystem(path)
             fs.rm(root, recursive=True)
         return
     shutil.rmtree(path, ignore_errors=True)
