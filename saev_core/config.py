@@ -340,6 +340,9 @@ class VisualsConfig:
     """Select latents whose log10 mean value (when firing) is in [LOW, HIGH]."""
     include_latents: tuple[int, ...] = ()
     """Latents always rendered (unless dead), in addition to the random selection."""
+    allow_layer_mismatch: bool = False
+    """Render even when --data.layer is not the layer the SAE was trained on (refused by default: its latents mean
+    nothing on another layer's activations)."""
     n_latents: int = 400
     """How many latents to pick at random among those that pass the filters."""
     seed: int = 42

@@ -282,6 +282,12 @@ def with_cfg(w: World, **cfg) -> dict:
     return {**header, "cfg": {**header["cfg"], **cfg}}
 
 
+def trained_on_layer_0(w: World, t: Path) -> Path:
+    """The good SAE, its provenance saying it was trained on layer 0 (the store holds layer -1 only)."""
+    header = good_header(w)
+    return sae_file(t, {**header, "provenance": {**header["provenance"], "layer": 0}}, good_state(w))
+
+
 def damaged_resume(w: World, t: Path, damage: Callable[[Path], None]) -> Call:
     ckpts = t / "ckpts"
     shutil.copytree(w.interrupted, ckpts)
@@ -706,6 +712,13 @@ ROWS = [
         "cpu",
     ),
     row(
+        "vis-layer-the-sae-was-not-trained-on",
+        lambda w, t, m: Call(w.visuals(trained_on_layer_0(w, t), "--data.layer", "-1", dump_to=t / "v")),
+        "--data.layer -1",
+        "(layer 0)",
+        "--allow-layer-mismatch",
+    ),
+    row(
         "vis-infinite-range",
         lambda w, t, m: Call(w.visuals(w.ckpt, "--log-freq-range", "-6", "inf", dump_to=t / "v")),
         "--log-freq-range",
@@ -761,6 +774,13 @@ def test_bad_input_exits_2_with_one_clear_line_and_harms_nothing(bad: Row, world
     assert tree_hashes(world.store, os.path.dirname(world.ckpt)) == before
     if bad.id.startswith("rec-"):  # a recording refused before its first block leaves no store behind
         assert not os.path.exists(tmp_path / "acts") or os.listdir(tmp_path / "acts") == []
+
+
+def test_allow_layer_mismatch_renders_the_layer_the_sae_was_not_trained_on(world: World, tmp_path):
+    argv = world.visuals(trained_on_layer_0(world, tmp_path), "--data.layer", "-1", dump_to=tmp_path / "v")
+    result = run_cli(Call([*argv, "--allow-layer-mismatch", "--top-k", "4", "--n-imgs-per-latent", "1"]), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "v" / "index.html")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from saev_core import config, nn
 from saev_core.errors import UserError
 from saev_core.files import atomic_write_json, check_output_folder, inside, read_json
+from saev_core.nn.checkpoint import check_trained_layer
 from saev_core.record import images
 from saev_core.record import vit as vitlib
 from saev_core.store import ActivationStore, stats
@@ -91,6 +92,9 @@ def resolve_inputs(cfg: config.VisualsConfig, device: str) -> VisualsInputs:
             f"{store.d_vit}-d ones; pass the store the SAE was trained on (--data.shard-root)."
         )
     recorded = store.recorded_layer(layer)
+    if cfg.data.layer is not None and not cfg.allow_layer_mismatch:
+        n_blocks = store.metadata.n_blocks_in_vit
+        check_trained_layer(cfg.data.layer, prov, ckpt_path, "--data.layer ", "--allow-layer-mismatch", n_blocks)
     if sae.saved_no_normalization:
         stats.set_store_normalization(sae, store, recorded, patches)
         logger.info(
