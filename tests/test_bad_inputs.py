@@ -282,6 +282,14 @@ def with_cfg(w: World, **cfg) -> dict:
     return {**header, "cfg": {**header["cfg"], **cfg}}
 
 
+def pickled_object(path: Path) -> Path:
+    """A weights file whose pickle holds an object (torch's weights-only loader refuses it, with advice to retry
+    unsafely that must not reach the user)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"visual.proj": Path("x")}, path)
+    return path
+
+
 def trained_on_layer_0(w: World, t: Path) -> Path:
     """The good SAE, its provenance saying it was trained on layer 0 (the store holds layer -1 only)."""
     header = good_header(w)
@@ -323,6 +331,24 @@ def poisoned_heldout_store(w: World, t: Path) -> str:
     img = arr[int(val[0])]
     img[1, 3] = np.nan
     arr[int(val[0])] = img
+    return str(copy)
+
+
+def huge_value_store(w: World, t: Path) -> str:
+    """A copy of the good store with one activation of 3e38 in each training image: finite, its square is not."""
+    from saev_core import config
+    from saev_core.store import ActivationStore
+    from saev_core.store.loader import split_images
+
+    copy = t / "acts" / os.path.basename(w.store)
+    shutil.copytree(w.store, copy)
+    store = ActivationStore.open(str(copy), mode="r+")
+    train, _ = split_images(store, config.DataLoadConfig().val_frac, config.TrainConfig().seed)
+    arr = store.array(int(LAYER))
+    for image in train:
+        img = arr[int(image)]
+        img[1, 3] = 3e38
+        arr[int(image)] = img
     return str(copy)
 
 
@@ -385,6 +411,24 @@ ROWS = [
         "--dump-to",
         "s3fs",
     ),
+    row(
+        "rec-vit-ckpt-pickled-object",
+        lambda w, t, m: Call(w.activations("--vit-ckpt", f"saev-tiny-clip/{pickled_object(t / 'vit.pt')}")),
+        "{t}/vit.pt",
+        "Python objects other than tensors",
+        "state dict of tensors",
+    ),
+    row(
+        "rec-vit-ckpt-truncated",
+        lambda w, t, m: Call(
+            w.activations(
+                "--vit-ckpt",
+                f"saev-tiny-clip/{write(t / 'vit.pt', Path(w.vit_ckpt.split('/', 1)[1]).read_bytes()[:5000])}",
+            )
+        ),
+        "{t}/vit.pt",
+        "saev-tiny-clip",
+    ),
     row("rec-negative-workers", lambda w, t, m: Call(w.activations("--n-workers", "-1")), "--n-workers -1"),
     row("rec-zero-batch", lambda w, t, m: Call(w.activations("--vit-batch-size", "0")), "--vit-batch-size 0"),
     row(
@@ -393,6 +437,11 @@ ROWS = [
         "--n-patches-per-shard 0",
     ),
     row("rec-zero-images", lambda w, t, m: Call(w.activations("--n-imgs", "0")), "--n-imgs 0"),
+    row(  # README: the command's flags may come after the data: subcommand too
+        "rec-zero-images-after-the-subcommand",
+        lambda w, t, m: Call([*w.activations(), "--n-imgs", "0"]),
+        "--n-imgs 0",
+    ),
     row("rec-zero-d-vit", lambda w, t, m: Call(w.activations("--d-vit", "0")), "--d-vit 0"),
     row("rec-negative-seed", lambda w, t, m: Call(w.activations("--seed", "-1")), "--seed -1"),
     row("rec-unlistable-subfolder", lambda w, t, m: unlistable_subfolder(w, t), "{t}/imgs/locked", "--data.skip-bad"),
@@ -524,6 +573,11 @@ ROWS = [
         "--sae-batch-size 64",
         "need about",
         "available",
+    ),
+    row(
+        "train-huge-value-in-the-data",
+        lambda w, t, m: Call(w.train(ckpt_path=t / "c", shard_root=huge_value_store(w, t))),
+        named=lambda w, t: [str(t / "acts"), "huge values", "3e+38", "not the learning rate"],
     ),
     row(
         "train-sweep-unknown-key",
