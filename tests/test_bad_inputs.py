@@ -443,6 +443,13 @@ ROWS = [
         "--n-imgs 0",
     ),
     row("rec-zero-d-vit", lambda w, t, m: Call(w.activations("--d-vit", "0")), "--d-vit 0"),
+    row(
+        "rec-blocks-beyond-memory",
+        lambda w, t, m: Call(w.activations(), TINY_MEMORY),
+        "--n-patches-per-shard 200",
+        "need about",
+        "available",
+    ),
     row("rec-negative-seed", lambda w, t, m: Call(w.activations("--seed", "-1")), "--seed -1"),
     row("rec-unlistable-subfolder", lambda w, t, m: unlistable_subfolder(w, t), "{t}/imgs/locked", "--data.skip-bad"),
     row("rec-non-utf8-name", lambda w, t, m: non_utf8_name(w, t), "caf\\xe9.png", "UTF-8"),

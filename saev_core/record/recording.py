@@ -434,6 +434,14 @@ def prepare(cfg: config.ActivationsConfig, with_transform: bool):
     existing = open_if_created(plan.path)
     missing = plan.nbytes if existing is None else existing.missing_bytes()
     check_disk_space(cfg.dump_to, missing)  # a resumed store needs room for its missing blocks only
+    config.check_memory(
+        3 * plan.block_bytes,
+        "cpu",
+        f"--n-patches-per-shard {cfg.n_patches_per_shard}: recording's 3 blocks in memory (filling, waiting, writing; "
+        f"{plan.metadata.layout.imgs_per_shard} images x {plan.metadata.n_tokens} tokens x {plan.metadata.d_vit} x "
+        f"{plan.metadata.itemsize} bytes x {len(plan.metadata.layers)} layers each)",
+        "Lower --n-patches-per-shard or record fewer --vit-layers at once.",
+    )
     return recorder, source, plan
 
 
