@@ -70,3 +70,20 @@ def test_inside_refuses_every_kind_of_escape(tmp_path):
             files.inside(tmp_path / "out", bad)
     with pytest.raises(UserError, match="outside"):
         files.inside(tmp_path / "out", "link", "x")
+
+
+def test_object_storage_waits_are_bounded_and_the_user_can_raise_them(monkeypatch):
+    monkeypatch.delenv(files.STORAGE_TIMEOUT_ENV, raising=False)
+    monkeypatch.delenv(files.STORAGE_ATTEMPTS_ENV, raising=False)
+    assert files.storage_limits() == (5.0, 2)
+    config = files.storage_options("s3://bucket/acts")["config_kwargs"]
+    assert (config["connect_timeout"], config["read_timeout"], config["retries"]["max_attempts"]) == (5.0, 5.0, 1)
+    assert files.storage_options("memory://acts") == {} and files.storage_options("/local/acts") == {}
+    monkeypatch.setenv(files.STORAGE_TIMEOUT_ENV, "60")
+    monkeypatch.setenv(files.STORAGE_ATTEMPTS_ENV, "5")
+    assert files.storage_limits() == (60.0, 5)
+    for timeout, attempts in [("abc", "2"), ("0", "2"), ("inf", "2"), ("5", "0"), ("5", "1.5")]:
+        monkeypatch.setenv(files.STORAGE_TIMEOUT_ENV, timeout)
+        monkeypatch.setenv(files.STORAGE_ATTEMPTS_ENV, attempts)
+        with pytest.raises(UserError, match=files.STORAGE_TIMEOUT_ENV):
+            files.storage_limits()
