@@ -3,6 +3,7 @@
 Flags keep the original saev's names. Bad input prints one error line that says what to fix and exits 2.
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -154,20 +155,46 @@ def interrupted_line(cmd: object) -> str:
     return f"interrupted: {kept}."
 
 
+def _one_line_value_errors():
+    """While tyro parses: a flag whose value cannot be converted (``--top-k 1e9`` for a whole number) or is not one
+    of its choices becomes a UserError (one line) instead of tyro's box. Uses tyro's parse-error hook, which tyro
+    marks unstable: when it is missing, tyro's own box is shown (still exit 2, no traceback)."""
+    try:
+        from tyro._errors import InstantiationFailure, InvalidChoice, on_parse_error
+    except ImportError:
+        return contextlib.nullcontext()
+
+    def hook(event):
+        argument = getattr(event, "argument", None)
+        if argument is None:
+            return None
+        flag = "/".join(argument.lowered.name_or_flags) or str(argument.lowered.metavar)
+        if isinstance(event, InstantiationFailure):
+            kind = argument.lowered.metavar or "a value"
+            raise UserError(f"{flag}: {event.message} (expected {kind}). See `{event.prog} --help`.")
+        if isinstance(event, InvalidChoice):
+            raise UserError(f"{flag} {event.value!r}: expected one of {', '.join(event.choices)}.")
+        return None
+
+    return on_parse_error(hook)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse argv (sys.argv[1:] when None), run the command, print its main result last on stdout."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     cmd = None
     try:
-        cmd = tyro.cli(
-            Command,
-            args=argv,
-            prog="python -m saev_core",
-            config=(tyro.conf.CascadeSubcommandArgs,),
-            description=(
-                "Record ViT activations to a zarr store, train sparse autoencoders on them, and look at their latents."
-            ),
-        )
+        with _one_line_value_errors():
+            cmd = tyro.cli(
+                Command,
+                args=argv,
+                prog="python -m saev_core",
+                config=(tyro.conf.CascadeSubcommandArgs,),
+                description=(
+                    "Record ViT activations to a zarr store, train sparse autoencoders on them, and look at their "
+                    "latents."
+                ),
+            )
         if isinstance(cmd, config.ActivationsConfig):
             out = run_activations(cmd)
         elif isinstance(cmd, config.TrainConfig):

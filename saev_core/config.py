@@ -369,6 +369,9 @@ class VisualsConfig:
     """Select latents whose log10 mean value (when firing) is in [LOW, HIGH]."""
     include_latents: tuple[int, ...] = ()
     """Latents always rendered (unless dead), in addition to the random selection."""
+    allow_layer_mismatch: bool = False
+    """Render even when --data.layer is not the layer the SAE was trained on (refused by default: its latents mean
+    nothing on another layer's activations)."""
     n_latents: int = 400
     """How many latents to pick at random among those that pass the filters."""
     seed: int = 42
@@ -444,6 +447,44 @@ def resolve_device(device: Device) -> str:
 
         raise UserError("--device cuda was asked for, but torch sees no CUDA GPU here; pass --device cpu or auto.")
     return device
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes a new allocation may use now: the free memory of a CUDA device, else the kernel's MemAvailable (RAM
+    not needed by others, page cache included); None when it cannot be known."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def size_text(nbytes: float) -> str:
+    """A byte count for people (GB, MB or kB)."""
+    if nbytes >= 1e8:
+        return f"{nbytes / 1e9:.2f} GB"
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
+
+
+def check_memory(nbytes: int, device: str, what: str, fix: str) -> None:
+    """Refuse, before allocating, a job whose arrays (``what``, with how they were counted) would not fit in the
+    memory ``device`` has free now: the estimate and what is available go in the message, as the recording's
+    --dry-run prints them."""
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        from saev_core.errors import UserError
+
+        raise UserError(f"{what} need about {size_text(nbytes)} but {device} has {size_text(free)} available. {fix}")
 
 
 def cache_dir() -> str:

@@ -36,6 +36,39 @@ def absolute(path: str) -> str:
     return path if is_url(path) else os.path.abspath(path)
 
 
+def inside(folder: str | os.PathLike, *parts, what: str = "name") -> str:
+    """``folder/part/part...`` for names that come from data (a member id from sweep.csv, a latent id, a file name
+    from a cache or a watched folder), refused with a UserError naming the bad part when one is not a plain name
+    (empty, ``.``, ``..``, a separator, a NUL byte, an absolute path) or when the resolved path (symbolic links
+    followed) leaves ``folder``. Every writer that builds a path from data goes through here."""
+    folder = os.fspath(folder)
+    for part in parts:
+        text = str(part)
+        if (
+            text in ("", ".", "..")
+            or "/" in text
+            or "\\" in text
+            or "\0" in text
+            or (os.altsep and os.altsep in text)
+            or os.path.isabs(text)
+        ):
+            raise UserError(
+                f"Refusing {what} {text!r}: it is not a plain file name, so the path built from it would leave "
+                f"{folder}. Fix the {what} where it comes from (a sweep.csv, a cache, a file name)."
+            )
+    path = os.path.join(folder, *map(str, parts))
+    if is_url(folder):
+        return path
+    root = os.path.realpath(folder)
+    resolved = os.path.realpath(path)
+    if os.path.commonpath([root, resolved]) != root:
+        raise UserError(
+            f"Refusing {what} {'/'.join(map(str, parts))!r}: {path} resolves to {resolved}, outside {folder} "
+            "(a symbolic link points out of it). Remove the link or choose another output folder."
+        )
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], durable: bool = True) -> str:
     """Call ``write(f)`` on a temporary binary file beside ``path``, fsync it, rename it over ``path`` and fsync the
     folder. Creates the folder. Returns the absolute path.
@@ -231,7 +264,8 @@ def remove_if_exists(path: str | os.PathLike) -> None:
 
 
 def check_url(url: str, flag: str) -> None:
-    """Fail at once when fsspec cannot open ``url``'s protocol: unknown, or its package (s3fs for s3://) missing."""
+    """Fail at once when fsspec cannot open ``url``'s protocol (unknown, or its package, s3fs for s3://, missing) or
+    when an s3:// bucket cannot be reached (``check_storage``)."""
     if not is_url(url):
         return
     import fsspec
@@ -250,3 +284,139 @@ def check_url(url: str, flag: str) -> None:
             f"{flag} {url!r}: unknown URL protocol {protocol!r}. Pass a local path or a URL fsspec knows "
             "(s3://, gs://, memory://, file://...)."
         ) from None
+    check_storage(url, flag)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Object storage: bounded waits and one line when it cannot be reached
+# ----------------------------------------------------------------------------------------------------------------
+
+STORAGE_TIMEOUT_ENV = "SAEV_STORAGE_TIMEOUT"
+"""Seconds to wait for object storage to accept a connection, and then for each read (default 5)."""
+STORAGE_ATTEMPTS_ENV = "SAEV_STORAGE_ATTEMPTS"
+"""Tries of a request that timed out or lost its connection before giving up (default 2)."""
+_BOUNDED_PROTOCOLS = ("s3", "s3a")
+_PROBED: set[tuple[str, str, str]] = set()
+
+
+def storage_limits() -> tuple[float, int]:
+    """(timeout in seconds, attempts) from $SAEV_STORAGE_TIMEOUT and $SAEV_STORAGE_ATTEMPTS. The defaults make an
+    endpoint that accepts and never answers fail in about 20 s (two requests of the bucket check, two tries each)."""
+    try:
+        timeout = float(os.environ.get(STORAGE_TIMEOUT_ENV) or 5)
+        attempts = int(os.environ.get(STORAGE_ATTEMPTS_ENV) or 2)
+    except ValueError:
+        timeout, attempts = -1.0, -1
+    if not (0 < timeout < float("inf")) or attempts < 1:
+        raise UserError(
+            f"${STORAGE_TIMEOUT_ENV}={os.environ.get(STORAGE_TIMEOUT_ENV)!r} and ${STORAGE_ATTEMPTS_ENV}="
+            f"{os.environ.get(STORAGE_ATTEMPTS_ENV)!r}: expected seconds > 0 and a whole number >= 1 (or unset)."
+        )
+    return timeout, attempts
+
+
+def _protocol(url: str) -> str:
+    return str(url).split("://", 1)[0].lower()
+
+
+def storage_options(url: str) -> dict:
+    """fsspec options for ``url``: for s3://, connect and read timeouts of $SAEV_STORAGE_TIMEOUT seconds and no
+    retries inside botocore (s3fs retries, ``url_filesystem`` sets how often); {} for other protocols."""
+    if _protocol(url) not in _BOUNDED_PROTOCOLS:
+        return {}
+    timeout, _ = storage_limits()
+    retries = {"max_attempts": 1, "mode": "standard"}
+    return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout, "retries": retries}}
+
+
+def url_filesystem(url: str, asynchronous: bool = False):
+    """(fsspec file system, path) of ``url`` with the bounded options of ``storage_options``; s3fs's own retries
+    (a class default of 5, not a constructor argument) set to $SAEV_STORAGE_ATTEMPTS on this instance."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, asynchronous=asynchronous, **storage_options(url))
+    if _protocol(url) in _BOUNDED_PROTOCOLS:
+        fs.retries = storage_limits()[1]
+    return fs, path
+
+
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
+
+
+def storage_error(url: str, flag: str, err: BaseException, bucket_check: bool = False) -> UserError | None:
+    """The one line for a failure to reach object storage (None when ``err`` is not one): what happened, the URL
+    and endpoint, and the fix. A FileNotFoundError means a missing bucket only in the bucket check (elsewhere it is
+    a missing store, which its reader explains)."""
+    name = type(err).__name__
+    text = str(err).splitlines()[0] if str(err) else name
+    bucket = str(url).split("://", 1)[-1].split("/", 1)[0]
+    where = f"{flag} {url}"
+    timeout, attempts = storage_limits()
+    if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return UserError(
+            f"{where}: no object-storage credentials were found ({text}). Set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for a server other than AWS."
+        )
+    if isinstance(err, FileNotFoundError):
+        if not bucket_check:
+            return None
+        return UserError(
+            f"{where}: the bucket {bucket!r} does not exist at {_endpoint()} ({text}). Create it, or fix the "
+            "bucket name or AWS_ENDPOINT_URL."
+        )
+    if isinstance(err, PermissionError) or (name == "ClientError" and "403" in text):
+        return UserError(
+            f"{where}: access to the bucket {bucket!r} at {_endpoint()} was denied ({text}). Check the credentials "
+            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the bucket's permissions."
+        )
+    if name in ("ReadTimeoutError", "FSTimeoutError", "TimeoutError", "ConnectTimeoutError") or isinstance(
+        err, TimeoutError
+    ):
+        return UserError(
+            f"{where}: {_endpoint()} did not answer within {timeout:g} s ({attempts} tries: {text}). Check that "
+            f"AWS_ENDPOINT_URL names a running S3 server; on a slow link raise ${STORAGE_TIMEOUT_ENV} (seconds) or "
+            f"${STORAGE_ATTEMPTS_ENV}."
+        )
+    if name in ("EndpointConnectionError", "ConnectionClosedError", "ProxyConnectionError", "SSLError") or isinstance(
+        err, ConnectionError
+    ):
+        return UserError(
+            f"{where}: cannot connect to {_endpoint()} ({text}). Check AWS_ENDPOINT_URL and that the server is up "
+            "and reachable from here."
+        )
+    if type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs"):
+        return UserError(f"{where}: object storage failed ({name}: {text}). Check the URL, credentials and endpoint.")
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(url: str, flag: str, bucket_check: bool = False):
+    """Inside: a failure to reach object storage at ``url`` becomes one UserError line (``storage_error``)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        if not is_url(url):
+            raise
+        converted = storage_error(url, flag, err, bucket_check)
+        if converted is None:
+            raise
+        raise converted from None
+
+
+def check_storage(url: str, flag: str) -> None:
+    """Before any work on an s3:// URL: its bucket can be reached with the credentials at hand (one request, bounded
+    by $SAEV_STORAGE_TIMEOUT and $SAEV_STORAGE_ATTEMPTS), else one line naming the URL and the fix. Once per bucket
+    and endpoint per process."""
+    if _protocol(url) not in _BOUNDED_PROTOCOLS:
+        return
+    with storage_errors(url, flag, bucket_check=True):
+        fs, path = url_filesystem(url)
+        bucket = path.split("/", 1)[0]
+        key = (_protocol(url), bucket, _endpoint())
+        if key in _PROBED:
+            return
+        fs.info(bucket)
+    _PROBED.add(key)

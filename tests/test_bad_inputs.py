@@ -1,7 +1,8 @@
 """Bad input, as a class: every row goes through the real CLI in a subprocess and must end in exit 2, one error line
 naming the offending flag, key or file, no traceback, no torch advice to unpickle untrusted code, and a good store
 and checkpoint (made once per module) byte-identical afterwards. Then: what a crash leaves behind is cleaned up by
-the rerun.
+the rerun. Object storage: missing credentials, a missing bucket (a local moto server), a refused and a silent
+endpoint (loopback sockets) each end in one line naming the URL and the fix, with no network.
 
 Rows are cheap: most fail while the config is built or before a model is loaded. Disk-full and read-only rows use
 a small tmpfs when the test may mount one (root); a non-root run uses chmod for read-only and skips disk-full.
@@ -15,9 +16,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -205,11 +208,17 @@ LOCK_FOLDER = textwrap.dedent("""
 """As root a chmod 000 folder is still listed: make it unlistable in the subprocess, as it would be for a user."""
 
 
+TINY_MEMORY = "from saev_core import config\nconfig.available_memory = lambda device: 10_000\n"
+"""The machine has 10 kB free: every memory estimate is above it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Call:
     argv: list[str]
     patch: str = ""
     """Python run in the subprocess before the CLI (simulates a missing package or an unlistable folder)."""
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Environment variables set for the subprocess (a value None: removed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +283,20 @@ def with_cfg(w: World, **cfg) -> dict:
     return {**header, "cfg": {**header["cfg"], **cfg}}
 
 
+def pickled_object(path: Path) -> Path:
+    """A weights file whose pickle holds an object (torch's weights-only loader refuses it, with advice to retry
+    unsafely that must not reach the user)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"visual.proj": Path("x")}, path)
+    return path
+
+
+def trained_on_layer_0(w: World, t: Path) -> Path:
+    """The good SAE, its provenance saying it was trained on layer 0 (the store holds layer -1 only)."""
+    header = good_header(w)
+    return sae_file(t, {**header, "provenance": {**header["provenance"], "layer": 0}}, good_state(w))
+
+
 def damaged_resume(w: World, t: Path, damage: Callable[[Path], None]) -> Call:
     ckpts = t / "ckpts"
     shutil.copytree(w.interrupted, ckpts)
@@ -309,6 +332,24 @@ def poisoned_heldout_store(w: World, t: Path) -> str:
     img = arr[int(val[0])]
     img[1, 3] = np.nan
     arr[int(val[0])] = img
+    return str(copy)
+
+
+def huge_value_store(w: World, t: Path) -> str:
+    """A copy of the good store with one activation of 3e38 in each training image: finite, its square is not."""
+    from saev_core import config
+    from saev_core.store import ActivationStore
+    from saev_core.store.loader import split_images
+
+    copy = t / "acts" / os.path.basename(w.store)
+    shutil.copytree(w.store, copy)
+    store = ActivationStore.open(str(copy), mode="r+")
+    train, _ = split_images(store, config.DataLoadConfig().val_frac, config.TrainConfig().seed)
+    arr = store.array(int(LAYER))
+    for image in train:
+        img = arr[int(image)]
+        img[1, 3] = 3e38
+        arr[int(image)] = img
     return str(copy)
 
 
@@ -392,6 +433,24 @@ ROWS = [
         "--dump-to",
         "s3fs",
     ),
+    row(
+        "rec-vit-ckpt-pickled-object",
+        lambda w, t, m: Call(w.activations("--vit-ckpt", f"saev-tiny-clip/{pickled_object(t / 'vit.pt')}")),
+        "{t}/vit.pt",
+        "Python objects other than tensors",
+        "state dict of tensors",
+    ),
+    row(
+        "rec-vit-ckpt-truncated",
+        lambda w, t, m: Call(
+            w.activations(
+                "--vit-ckpt",
+                f"saev-tiny-clip/{write(t / 'vit.pt', Path(w.vit_ckpt.split('/', 1)[1]).read_bytes()[:5000])}",
+            )
+        ),
+        "{t}/vit.pt",
+        "saev-tiny-clip",
+    ),
     row("rec-negative-workers", lambda w, t, m: Call(w.activations("--n-workers", "-1")), "--n-workers -1"),
     row("rec-zero-batch", lambda w, t, m: Call(w.activations("--vit-batch-size", "0")), "--vit-batch-size 0"),
     row(
@@ -400,7 +459,19 @@ ROWS = [
         "--n-patches-per-shard 0",
     ),
     row("rec-zero-images", lambda w, t, m: Call(w.activations("--n-imgs", "0")), "--n-imgs 0"),
+    row(  # README: the command's flags may come after the data: subcommand too
+        "rec-zero-images-after-the-subcommand",
+        lambda w, t, m: Call([*w.activations(), "--n-imgs", "0"]),
+        "--n-imgs 0",
+    ),
     row("rec-zero-d-vit", lambda w, t, m: Call(w.activations("--d-vit", "0")), "--d-vit 0"),
+    row(
+        "rec-blocks-beyond-memory",
+        lambda w, t, m: Call(w.activations(), TINY_MEMORY),
+        "--n-patches-per-shard 200",
+        "need about",
+        "available",
+    ),
     row("rec-negative-seed", lambda w, t, m: Call(w.activations("--seed", "-1")), "--seed -1"),
     row("rec-unlistable-subfolder", lambda w, t, m: unlistable_subfolder(w, t), "{t}/imgs/locked", "--data.skip-bad"),
     row("rec-non-utf8-name", lambda w, t, m: non_utf8_name(w, t), "caf\\xe9.png", "UTF-8"),
@@ -557,6 +628,25 @@ ROWS = [
         named=lambda w, t: [str(t / "acts"), "held-out", "NaN"],
     ),
     row(
+        "train-width-beyond-memory",
+        lambda w, t, m: Call(w.train("--sae.exp-factor", "1000000", ckpt_path=t / "c")),
+        "--sae.exp-factor",
+        "width 64000000",
+        "available",
+    ),
+    row(
+        "train-batch-beyond-memory",
+        lambda w, t, m: Call(w.train(ckpt_path=t / "c"), TINY_MEMORY),
+        "--sae-batch-size 64",
+        "need about",
+        "available",
+    ),
+    row(
+        "train-huge-value-in-the-data",
+        lambda w, t, m: Call(w.train(ckpt_path=t / "c", shard_root=huge_value_store(w, t))),
+        named=lambda w, t: [str(t / "acts"), "huge values", "3e+38", "not the learning rate"],
+    ),
+    row(
         "train-sweep-unknown-key",
         lambda w, t, m: Call(w.train("--sweep", str(write(t / "s.toml", "[sae]\nkk = [1, 2]\n")), ckpt_path=t / "c")),
         "{t}/s.toml",
@@ -630,6 +720,26 @@ ROWS = [
         "{t}/full/w.pt",
         "disk",
     ),
+    row(
+        "pipe-no-activations-table",
+        lambda w, t, m: pipeline_file(w, t, lambda s: s[: s.index("[activations]")] + s[s.index("[train]") :]),
+        "{t}/p.toml",
+        "[activations]",
+    ),
+    row(
+        "pipe-observe-cron-not-cron",
+        lambda w, t, m: pipeline_file(w, t, lambda s: s + '\n[automation]\nobserve_cron = "every 5 minutes"\n'),
+        "{t}/p.toml",
+        "automation.observe_cron",
+        "every 5 minutes",
+    ),
+    row(
+        "pipe-watch-folder-missing",
+        lambda w, t, m: pipeline_file(w, t, lambda s: s + f'\n[watch]\nfolder = "{t / "nowhere"}"\n'),
+        "{t}/p.toml",
+        "watch.folder",
+        "{t}/nowhere",
+    ),
     # -- checkpoint loading (visuals) ---------------------------------------------------------------------------
     row(
         "ckpt-header-sizes-absurd",
@@ -698,6 +808,38 @@ ROWS = [
     ),
     row("vis-zero-top-k", lambda w, t, m: Call(w.visuals(w.ckpt, "--top-k", "0", dump_to=t / "v")), "--top-k 0"),
     row(
+        "vis-top-k-beyond-the-images",
+        lambda w, t, m: Call(w.visuals(w.ckpt, "--top-k", "100000", dump_to=t / "v")),
+        "--top-k 100000",
+        "8 usable images",
+    ),
+    row(
+        "vis-top-k-not-a-whole-number",
+        lambda w, t, m: Call(w.visuals(w.ckpt, "--top-k", "1e9", dump_to=t / "v")),
+        "--top-k",
+        "'1e9'",
+    ),
+    row(
+        "vis-top-k-beyond-memory",
+        lambda w, t, m: Call(w.visuals(w.ckpt, "--top-k", "8", dump_to=t / "v"), TINY_MEMORY),
+        "--top-k 8",
+        "need about",
+        "available",
+    ),
+    row(
+        "vis-device-not-a-choice",
+        lambda w, t, m: Call(w.visuals(w.ckpt, dump_to=t / "v")[:-2] + ["--device", "gpu"]),
+        "--device 'gpu'",
+        "cpu",
+    ),
+    row(
+        "vis-layer-the-sae-was-not-trained-on",
+        lambda w, t, m: Call(w.visuals(trained_on_layer_0(w, t), "--data.layer", "-1", dump_to=t / "v")),
+        "--data.layer -1",
+        "(layer 0)",
+        "--allow-layer-mismatch",
+    ),
+    row(
         "vis-infinite-range",
         lambda w, t, m: Call(w.visuals(w.ckpt, "--log-freq-range", "-6", "inf", dump_to=t / "v")),
         "--log-freq-range",
@@ -719,6 +861,7 @@ ROWS = [
 
 def run_cli(call: Call, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {k: v for k, v in {**env, **call.env}.items() if v is not None}
     if call.patch:
         code = f"{call.patch}\nimport sys\nfrom saev_core.__main__ import main\nsys.exit(main(sys.argv[1:]))"
         cmd = [sys.executable, "-c", code, *call.argv]
@@ -752,6 +895,13 @@ def test_bad_input_exits_2_with_one_clear_line_and_harms_nothing(bad: Row, world
     assert tree_hashes(world.store, os.path.dirname(world.ckpt)) == before
     if bad.id.startswith("rec-"):  # a recording refused before its first block leaves no store behind
         assert not os.path.exists(tmp_path / "acts") or os.listdir(tmp_path / "acts") == []
+
+
+def test_allow_layer_mismatch_renders_the_layer_the_sae_was_not_trained_on(world: World, tmp_path):
+    argv = world.visuals(trained_on_layer_0(world, tmp_path), "--data.layer", "-1", dump_to=tmp_path / "v")
+    result = run_cli(Call([*argv, "--allow-layer-mismatch", "--top-k", "4", "--n-imgs-per-latent", "1"]), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "v" / "index.html")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -876,3 +1026,117 @@ def test_ctrl_c_ends_in_one_line_saying_what_is_kept(world: World, tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted:") and "checkpoint" in last and "run the same command again" in last
     assert glob.glob(str(ckpt_path / "*" / "train_state-*.pt"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Object storage: one line within a bounded time (a local moto server, a closed port, a socket that never answers)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto():
+    """A moto S3 server on a free loopback port with the bucket ``acts``; yields its URL."""
+    port = free_port()
+    server = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen(
+        [server, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, "moto_server did not start"
+                time.sleep(0.2)
+        import boto3
+
+        boto3.client(
+            "s3", endpoint_url=url, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
+        ).create_bucket(Bucket="acts")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def silent_endpoint():
+    """A loopback socket that accepts every connection and never sends a byte; yields its URL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held = []
+
+    def accept():
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+def s3_env(endpoint: str, credentials: bool = True, **extra) -> dict:
+    """Only what the test sets: no AWS files, no instance metadata lookup (no network), the given endpoint."""
+    env = {k: None for k in os.environ if k.startswith("AWS_")}
+    env.update(
+        AWS_CONFIG_FILE="/dev/null",
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+        **extra,
+    )
+    if credentials:
+        env.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
+    return env
+
+
+STORAGE_CASES = {
+    # case: (endpoint kind, credentials, bucket, what the line must say)
+    "no-credentials": ("moto", False, "acts", ["no object-storage credentials", "AWS_ACCESS_KEY_ID"]),
+    "missing-bucket": ("moto", True, "nobucket", ["bucket 'nobucket' does not exist", "Create it"]),
+    "refused-endpoint": ("closed", True, "acts", ["cannot connect to http://127.0.0.1:", "AWS_ENDPOINT_URL"]),
+    "silent-endpoint": ("silent", True, "acts", ["did not answer within", "SAEV_STORAGE_TIMEOUT"]),
+}
+
+
+@pytest.mark.parametrize("command", ["activations", "train"])
+@pytest.mark.parametrize("case", list(STORAGE_CASES))
+def test_object_storage_fails_in_one_line_naming_the_url_and_the_fix(
+    case, command, world: World, tmp_path, moto, silent_endpoint
+):
+    kind, credentials, bucket, said = STORAGE_CASES[case]
+    endpoint = {"moto": moto, "silent": silent_endpoint, "closed": f"http://127.0.0.1:{free_port()}"}[kind]
+    url = f"s3://{bucket}/acts"
+    if command == "activations":
+        argv, flag = world.activations(dump_to=url), "--dump-to"
+    else:
+        argv, flag = world.train(ckpt_path=tmp_path / "c", shard_root=f"{url}/store"), "The activation store"
+        url = f"{url}/store"
+    # The defaults bound the silent endpoint's wait (about 20 s); the train rows show the variables are read.
+    env = s3_env(endpoint, credentials, **({"SAEV_STORAGE_TIMEOUT": "1"} if command == "train" else {}))
+    result = run_cli(Call(argv, env=env), tmp_path, timeout=120)
+    err = result.stderr
+    assert result.returncode == 2, f"exit {result.returncode}\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    [line] = [x for x in err.splitlines() if x.startswith("error: ")]
+    for name in [flag, url, *said]:
+        assert name in line, f"{name!r} not named in: {line}"
+    if kind != "moto":
+        assert endpoint in line

@@ -6,6 +6,7 @@ import stat
 import pytest
 
 from saev_core import files
+from saev_core.errors import UserError
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
@@ -58,3 +59,31 @@ def test_only_this_hosts_dead_writers_temporaries_are_removed(tmp_path):
     files.atomic_write_bytes(target, b"whole")
     assert target.read_bytes() == b"whole"
     assert not ours_dead.exists() and ours_alive.exists() and other_host.exists()
+
+
+def test_inside_refuses_every_kind_of_escape(tmp_path):
+    (tmp_path / "out").mkdir()
+    os.symlink(tmp_path, tmp_path / "out" / "link")
+    assert files.inside(tmp_path / "out", "a", "b.png") == str(tmp_path / "out" / "a" / "b.png")
+    for bad in ["..", ".", "", "a/../..", "/etc", "a\\b", "x\0y"]:
+        with pytest.raises(UserError, match="not a plain file name"):
+            files.inside(tmp_path / "out", bad)
+    with pytest.raises(UserError, match="outside"):
+        files.inside(tmp_path / "out", "link", "x")
+
+
+def test_object_storage_waits_are_bounded_and_the_user_can_raise_them(monkeypatch):
+    monkeypatch.delenv(files.STORAGE_TIMEOUT_ENV, raising=False)
+    monkeypatch.delenv(files.STORAGE_ATTEMPTS_ENV, raising=False)
+    assert files.storage_limits() == (5.0, 2)
+    config = files.storage_options("s3://bucket/acts")["config_kwargs"]
+    assert (config["connect_timeout"], config["read_timeout"], config["retries"]["max_attempts"]) == (5.0, 5.0, 1)
+    assert files.storage_options("memory://acts") == {} and files.storage_options("/local/acts") == {}
+    monkeypatch.setenv(files.STORAGE_TIMEOUT_ENV, "60")
+    monkeypatch.setenv(files.STORAGE_ATTEMPTS_ENV, "5")
+    assert files.storage_limits() == (60.0, 5)
+    for timeout, attempts in [("abc", "2"), ("0", "2"), ("inf", "2"), ("5", "0"), ("5", "1.5")]:
+        monkeypatch.setenv(files.STORAGE_TIMEOUT_ENV, timeout)
+        monkeypatch.setenv(files.STORAGE_ATTEMPTS_ENV, attempts)
+        with pytest.raises(UserError, match=files.STORAGE_TIMEOUT_ENV):
+            files.storage_limits()

@@ -20,6 +20,7 @@ from PIL import Image
 
 from saev_core import config, nn, threads
 from saev_core.errors import UserError
+from saev_core.nn import checkpoint
 from saev_core.record import images as imagelib
 from saev_core.record import vit as vitlib
 from saev_core.visuals import heatmaps
@@ -143,6 +144,9 @@ class Explainer:
         self.geometry = heatmaps.geometry_of_transform(self.transform)
         self.grid = vit.grid
         self.first = int(vit.has_cls)
+        self.n_blocks = vit.n_blocks
+        self.input_shape = tuple(self.transform(Image.new("RGB", (64, 64))).shape)
+        """(3, height, width) of one image as the ViT takes it: what ``latents`` accepts."""
 
     @classmethod
     def from_checkpoint(
@@ -156,19 +160,32 @@ class Explainer:
         token_mode: str | None = None,
         store: str | None = None,
         n_threads: int | None = None,
+        allow_layer_mismatch: bool = False,
     ) -> "Explainer":
         device = config.resolve_device(device)
         sae = nn.load(ckpt, device=device)
         spec = spec_from_checkpoint(sae, os.fspath(ckpt), vit_family, vit_ckpt, layer, token_mode)
         if sae.saved_no_normalization:
             _legacy_normalization(sae, spec, store or None, os.fspath(ckpt))
-        return cls(sae, spec, device, n_threads)
+        explainer = cls(sae, spec, device, n_threads)
+        if layer is not None and not allow_layer_mismatch:  # compared as blocks of this ViT: -1 and 11 are one layer
+            checkpoint.check_trained_layer(
+                layer, sae.provenance, os.fspath(ckpt), "layer=", "allow_layer_mismatch=True", explainer.n_blocks
+            )
+        return explainer
 
     @torch.inference_mode()
-    def latents(
-        self, pixels: Float[torch.Tensor, "imgs 3 h w"]
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(patch latents [imgs, n_patches, d_sae], CLS latents [imgs, d_sae] or None, ranking values [imgs, d_sae])."""
+    def latents(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(patch latents [imgs, n_patches, d_sae], CLS latents [imgs, d_sae] or None, ranking values [imgs, d_sae])
+        of ``pixels`` [imgs, 3, h, w] made by ``self.transform`` (checked here, with one message, rather than by the
+        annotation, so that callers without runtime type checks get it too)."""
+        shape = tuple(getattr(pixels, "shape", ()))
+        if not isinstance(pixels, torch.Tensor) or len(shape) != 4 or shape[1:] != self.input_shape or not shape[0]:
+            raise UserError(
+                f"Explainer.latents takes a tensor [images, {', '.join(map(str, self.input_shape))}] (images made by "
+                f"explainer.transform), not {type(pixels).__name__} of shape {list(shape)}; call the explainer on PIL "
+                "images or file paths to have them transformed."
+            )
         _, acts = self.recorder(pixels.to(self.device))
         x = acts[:, 0]
         patch_f = self.sae.encode(x[:, self.first :].reshape(-1, x.shape[-1])).reshape(len(x), -1, self.sae.cfg.d_sae)
@@ -182,12 +199,22 @@ class Explainer:
         return patch_f, cls_f, rank
 
     def __call__(
-        self, images: Sequence, top_n: int = 5, batch_size: int = 32, heatmap_side: int | None = 224
+        self,
+        images: Sequence | Image.Image | str | os.PathLike,
+        top_n: int = 5,
+        batch_size: int = 32,
+        heatmap_side: int | None = 224,
     ) -> Explanation:
         """Explain ``images`` (PIL images or paths) in batches of ``batch_size``."""
-        if top_n < 1:
-            raise UserError(f"top_n {top_n} must be at least 1.")
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+            raise UserError(f"top_n {top_n!r} must be a whole number >= 1.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch_size {batch_size!r} must be a whole number >= 1.")
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]  # one image, not a sequence of them (a path would otherwise be read letter by letter)
         pil = [_as_image(item) for item in images]
+        if not pil:
+            raise UserError("No images to explain: pass a list of PIL images or file paths (it was empty).")
         parts = []
         with threads.apply(self.tuner):
             for start in range(0, len(pil), batch_size):
@@ -225,6 +252,14 @@ class Explainer:
     ) -> Image.Image:
         """``img`` with one latent's patch values drawn over the region the ViT saw (the gallery's rule); vmax
         defaults to the image's own maximum for that latent."""
+        n_patches = self.grid[0] * self.grid[1]
+        if np.shape(values) != (n_patches,):
+            raise UserError(
+                f"Explainer.heatmap takes one latent's value per patch, shape [{n_patches}] (a {self.grid[0]}x"
+                f"{self.grid[1]} grid), not shape {list(np.shape(values))}; pass "
+                "explanation.patch_values[i, :, latent]."
+            )
+        values = np.asarray(values)
         top = float(max(values.max(initial=0.0), cls_value or 0.0)) if vmax is None else vmax
         box = self.geometry.crop_box(*img.size)
         return heatmaps.overlay_heatmap(
@@ -248,10 +283,16 @@ def _legacy_normalization(sae: nn.SparseAutoencoder, spec: ModelSpec, store: str
 
 
 def explain(
-    images: Sequence, ckpt: str | os.PathLike, top_n: int = 5, device: str = "auto", batch_size: int = 32, **spec
+    images: Sequence | Image.Image | str | os.PathLike,
+    ckpt: str | os.PathLike,
+    top_n: int = 5,
+    device: str = "auto",
+    batch_size: int = 32,
+    **spec,
 ) -> Explanation:
     """Per-patch latent values, each image's ``top_n`` latents and their heatmaps, for ``images`` (PIL images or
-    paths). ``spec`` may name ``vit_family``, ``vit_ckpt``, ``layer``, ``token_mode`` and ``store`` (required for a
-    saev 0.1.0 file: its ViT; optional for ours: they override the provenance), and ``n_threads`` torch's CPU
-    threads (None: timed and picked, ``saev_core.threads``)."""
+    paths; one image alone works too). ``spec`` may name ``vit_family``, ``vit_ckpt``, ``layer``, ``token_mode`` and
+    ``store`` (required for a saev 0.1.0 file: its ViT; optional for ours: they override the provenance; a layer other
+    than the SAE's needs ``allow_layer_mismatch=True``), and ``n_threads`` torch's CPU threads (None: timed and
+    picked, ``saev_core.threads``)."""
     return Explainer.from_checkpoint(ckpt, device, **spec)(images, top_n=top_n, batch_size=batch_size)

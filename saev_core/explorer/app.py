@@ -48,6 +48,35 @@ class Explorer:
             self.books[key] = LatentBook(folder, ckpt)
         return self.books[key]
 
+    def member_book(self, member: str, progress=None) -> LatentBook:
+        """Open a sweep member's visuals, rendering them first (one SAE pass) when its folder has no cache. A member
+        id that is not one (``../x`` in a hand-edited sweep.csv) is refused before anything is written."""
+        if self.sweep is None:
+            raise UserError("No sweep is open: start the explorer with --sweep CKPT_DIR.")
+        if not member:
+            raise UserError("Pick a member of the sweep first.")
+        ckpt = self.sweep.ckpt(member)
+        folder = member_visuals_folder(self.book.dump_to, self.sweep.members, member)
+        if top_images.read_cache(folder) is None:
+            from saev_core.visuals import render
+
+            if progress is not None:
+                progress(0, desc=f"rendering the visuals of {member} (one SAE pass over the store)")
+            render.make_visuals(
+                config.VisualsConfig(
+                    ckpt=ckpt,
+                    dump_to=folder,
+                    log_freq_range=(-10.0, 0.0),
+                    log_value_range=(-10.0, 10.0),
+                    n_latents=50,
+                    n_imgs_per_latent=6,
+                    device=self.cfg.device,
+                ),
+                show_progress=progress is not None,
+            )
+        self.book = self.open_book(folder, ckpt)
+        return self.book
+
     def explainer(self, progress=None):
         book = self.book
         if book.ckpt_problem:
@@ -150,30 +179,8 @@ def build_app(cfg: config.ExploreConfig):
         return (gr.Tabs(selected="latents"), latent, *show_latent(latent))
 
     def open_member(member, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (as above)
-        if app.sweep is None:
-            return fail("No sweep is open: start the explorer with --sweep CKPT_DIR.", 6)
-        if not member:
-            return fail("Pick a member of the sweep first.", 6)
         try:
-            ckpt = app.sweep.ckpt(member)
-            folder = member_visuals_folder(app.book.dump_to, app.sweep.members, member)
-            if top_images.read_cache(folder) is None:
-                from saev_core.visuals import render
-
-                progress(0, desc=f"rendering the visuals of {member} (one SAE pass over the store)")
-                render.make_visuals(
-                    config.VisualsConfig(
-                        ckpt=ckpt,
-                        dump_to=folder,
-                        log_freq_range=(-10.0, 0.0),
-                        log_value_range=(-10.0, 10.0),
-                        n_latents=50,
-                        n_imgs_per_latent=6,
-                        device=cfg.device,
-                    ),
-                    show_progress=True,
-                )
-            app.book = app.open_book(folder, ckpt)
+            app.member_book(member, progress)
         except UserError as err:
             return fail(str(err), 6)
         except Exception as err:  # noqa: BLE001

@@ -12,7 +12,8 @@ from PIL import Image
 
 from saev_core import nn
 from saev_core.errors import UserError
-from saev_core.files import read_json
+from saev_core.files import inside, read_json
+from saev_core.train.sweep import check_member_id
 from saev_core.visuals import association, heatmaps, render, top_images
 
 SORT_KEYS = ("frequency", "mean value", "max value", "id", "class selectivity")
@@ -244,7 +245,8 @@ class SweepTable:
         path = os.path.join(self.folder, "sweep.csv")
         if not os.path.isfile(path):
             raise UserError(f"No sweep.csv in {self.folder}; pass --sweep with a `train --ckpt-path` folder.")
-        self.table = pd.read_csv(path)
+        self.path = path
+        self.table = pd.read_csv(path, dtype={"member_id": str})  # ids stay text (checked when one is opened)
 
     @property
     def members(self) -> list[str]:
@@ -274,6 +276,7 @@ class SweepTable:
         return self.table[cols].round(4).values.tolist(), cols
 
     def ckpt(self, member: str) -> str:
+        check_member_id(member, self.path)
         row = self.table[self.table["member_id"].astype(str) == member]
         if row.empty:
             raise UserError(f"{member!r} is not a member of the sweep in {self.folder}.")
@@ -282,8 +285,9 @@ class SweepTable:
 
 def member_visuals_folder(visuals: str, members: list[str], member: str) -> str:
     """Where a member's visuals are (or go): beside the opened folder when that is a member's (the pipeline's
-    ``<dump_to>/layer_<L>/<member_id>`` layout), else ``<visuals>/sweep_members/<member_id>``."""
+    ``<dump_to>/layer_<L>/<member_id>`` layout), else ``<visuals>/sweep_members/<member_id>``; a member id that
+    would leave that folder is refused (``files.inside``)."""
     visuals = os.path.abspath(visuals)
     if os.path.basename(visuals) in members:
-        return os.path.join(os.path.dirname(visuals), member)
-    return os.path.join(visuals, "sweep_members", member)
+        return inside(os.path.dirname(visuals), member, what="member id")
+    return inside(os.path.join(visuals, "sweep_members"), member, what="member id")

@@ -204,3 +204,24 @@ def _typed_cfg(fields: dict, where: str, not_ckpt) -> config.SparseAutoencoderCo
         return from_table(config.SparseAutoencoderConfig(), fields, where.rstrip(".") or "header", "the header")
     except UserError as err:
         raise not_ckpt(str(err).rstrip(".")) from None
+
+
+def check_trained_layer(
+    asked: int, prov: dict, ckpt_path: str, flag: str, override: str, n_blocks: int | None = None
+) -> None:
+    """Refuse to run an SAE on a layer other than the one its provenance records (compared as blocks of a ViT of
+    ``n_blocks`` when known, so -1 and 11 of a 12-block ViT are one layer): its latents would be read off activations
+    it never saw. A checkpoint without a recorded layer (saev 0.1.0) is not checked."""
+    trained = prov.get("layer")
+    if trained is None:
+        return
+
+    def block(layer: int) -> int:
+        return int(layer) % n_blocks if n_blocks else int(layer)
+
+    if block(asked) != block(trained):
+        raise UserError(
+            f"{flag}{asked} is not the layer the SAE {ckpt_path} was trained on (layer {trained}); its latents mean "
+            f"nothing on another layer's activations. Leave the layer unset (the SAE's own), or pass {override} to "
+            "run it there anyway."
+        )

@@ -13,7 +13,7 @@ import tomllib
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.files import check_output_folder
+from saev_core.files import check_output_folder, inside
 from saev_core.tables import from_table
 from saev_core.train import sweep
 
@@ -39,8 +39,11 @@ class VisualsPlan:
     """The flags; ``ckpt`` is each member's checkpoint and the output goes to
     <dump_to>/layer_<layer>/<member_id>/."""
 
-    def folder(self, layer: int, member_id: str = "") -> str:
-        return os.path.join(self.visuals.dump_to, f"layer_{layer}", member_id)
+    def folder(self, layer: int, member_id: str | None = None) -> str:
+        """<dump_to>/layer_<layer>, or a member's folder in it; a member id that would leave it (``../x``, from a
+        hand-edited sweep.csv or members.json) is refused (``files.inside``)."""
+        layer_folder = os.path.join(self.visuals.dump_to, f"layer_{layer}")
+        return layer_folder if member_id is None else inside(layer_folder, member_id, what="member id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +259,11 @@ def check_inputs(pipe: Pipeline) -> None:
         raise UserError(
             f"activations.data.root = {acts.data.root!r} in {pipe.path} is not a folder; point it at the images."
         )
+    if pipe.watch.folder is not None and not os.path.isdir(pipe.watch.folder):
+        raise UserError(
+            f"watch.folder = {pipe.watch.folder!r} in {pipe.path} is not a folder: create it (mkdir -p "
+            f"{pipe.watch.folder}) or remove [watch] folder."
+        )
     n_blocks = checkpoints.known_n_blocks(acts.vit_family, ref.arch)
     bad = [layer for layer in acts.vit_layers if n_blocks is not None and not -n_blocks <= layer < n_blocks]
     if bad:
@@ -281,6 +289,14 @@ def load_pipeline(path: str | None = None) -> Pipeline:
     for table in doc:
         if table not in TABLES:
             raise UserError(f"Unknown table [{table}] in {path}; allowed: {', '.join(TABLES)}.")
+        if not isinstance(doc[table], dict):
+            raise UserError(f"{table} = {doc[table]!r} in {path}: [{table}] must be a table (a [{table}] header).")
+    if "activations" not in doc:
+        raise UserError(
+            f"{path} has no [activations] table: every pipeline file says what to record (vit_family, vit_ckpt, "
+            "vit_layers, [activations.data]); without it the defaults would record ViT-L-14/openai on the embedded "
+            "images. Add the table (the embedded demo, saev_core/pipeline/demo.toml, is an example)."
+        )
     acts_table = dict(doc.get("activations", {}))
     n_workers_fanout = _fanout(acts_table.pop("n_workers_fanout", 1), path)
     data_table = dict(acts_table.pop("data", {"kind": "embedded-dataset"}))
@@ -319,10 +335,64 @@ def load_pipeline(path: str | None = None) -> Pipeline:
         if os.path.abspath(path) == os.path.abspath(embedded_demo_path())
         else os.path.dirname(os.path.abspath(path))
     )
+    check_cron(pipe.automation.observe_cron, f"automation.observe_cron in {path}")
     pipe = _resolve_paths(pipe, base)
     check_inputs(pipe)
     pipe.sweep_for(activations.vit_layers[0], "<store>")  # check the [sweep] table now, not at training time
     return pipe
+
+
+# The five fields of a cron string Dagster accepts (minute hour day-of-month month day-of-week), their ranges and
+# names; and the @-shortcuts. tests/dagster checks this agrees with Dagster's own parser on good and bad strings.
+_CRON_FIELDS = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+_CRON_SHORTCUTS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def check_cron(text, where: str) -> None:
+    """A UserError naming ``where`` (the file and key) when ``text`` is not a five-field cron string: read when the
+    file loads, so Dagster's load fails with one line rather than a traceback inside the sensor's definition."""
+
+    def problem() -> str | None:
+        if not isinstance(text, str):
+            return "not a string"
+        if text.strip().lower() in _CRON_SHORTCUTS:
+            return None
+        fields = text.split()
+        if len(fields) != 5:
+            return f"{len(fields)} fields where cron has 5 (minute hour day-of-month month day-of-week)"
+        for field, (name, low, high, names) in zip(fields, _CRON_FIELDS):
+            for item in field.split(","):
+                span, _, step = item.partition("/")
+                if step and not (step.isdigit() and int(step) >= 1):
+                    return f"the {name} field {field!r} has a bad step {step!r}"
+                if span == "*":
+                    continue
+                ends = span.split("-")
+                values = [_cron_value(e.lower(), low, names) for e in ends]
+                if len(ends) > 2 or None in values or any(not low <= v <= high for v in values):
+                    return f"the {name} field {field!r} is not a value, range or list in {low}..{high}"
+        if fields[3].lower() in ("2", "feb") and fields[2] in ("30", "31"):
+            return f"February has no day {fields[2]}"
+        return None
+
+    why = problem()
+    if why is not None:
+        raise UserError(
+            f'{where}: {text!r} is not a cron string ({why}). Write five fields, e.g. "*/5 * * * *" (every five '
+            "minutes), or @hourly / @daily."
+        )
+
+
+def _cron_value(text: str, low: int, names: tuple[str, ...]) -> int | None:
+    if text.isdigit():
+        return int(text)
+    return names.index(text) + low if text in names else None
 
 
 def _visuals_plan(table: dict, source: str) -> VisualsPlan:

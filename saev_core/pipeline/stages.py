@@ -7,7 +7,6 @@ import os
 import typing
 
 import numpy as np
-import pandas as pd
 
 from saev_core import files
 from saev_core.analysis import controls, plots, report
@@ -81,7 +80,7 @@ def layer_controls(pipe: Pipeline, sweep_csv: str, fresh: bool = False) -> contr
     """A sweep's table with the controls [report] asks for. They are computed once after training (``fresh``: the
     trainer has just rewritten sweep.csv) and kept in sweep.csv and controls.json; the report computes only those
     still missing (a sweep from ``python -m saev_core train``, or [report] changed since)."""
-    table = pd.read_csv(sweep_csv)
+    table = results.read_sweep_csv(sweep_csv)
     kept = {} if fresh else (files.read_json(controls_json_path(sweep_csv)) or {})
     plan = pipe.report
     need_pca = plan.pca and ("pca_nmse_at_l0" not in table or "pca_nmse" not in kept)
@@ -171,7 +170,7 @@ def _provenance(pipe: Pipeline, folder: str, stores: dict, sweep_csvs: dict[int,
     images = f"{type(data).__name__} {getattr(data, 'root', '') or ''}".strip()
     training = []
     for layer, csv in sorted(sweep_csvs.items()):
-        table = pd.read_csv(csv)
+        table = results.read_sweep_csv(csv)
         runs = sorted({(int(n // b), int(n)) for n, b in zip(table["n_patches"], table["sae_batch_size"])})
         training.append(
             f"layer {layer}: {len(table)} members, "
@@ -236,7 +235,7 @@ def visuals_for_layer(pipe: Pipeline, layer: int, sweep_csv: str, show_progress:
     """Top-k visuals for the chosen members of one layer's sweep, one folder each; records which folders exist in
     <dump_to>/layer_<layer>/members.json (what the Dagster check reads)."""
 
-    rows = pd.read_csv(sweep_csv).to_dict("records")
+    rows = results.read_sweep_csv(sweep_csv).to_dict("records")
     done = []
     for row in choose_members(pipe.visuals, rows, sweep_csv):
         cfg = dataclasses.replace(

@@ -14,6 +14,7 @@ import os
 
 from saev_core import config
 from saev_core.errors import UserError
+from saev_core.files import inside
 
 SAE_SUFFIXES = (".pt",)
 SIDECAR_KEYS = ("store", "layer", "token_mode")
@@ -58,7 +59,8 @@ def dropped_visuals_config(
     its sidecar when there is one, output in <dump_root>/<file name>/."""
     from saev_core import nn
 
-    ckpt = os.path.join(folder, name)
+    out = inside(dump_root, name, what="file name")  # a plain name, so the file read is in the folder too
+    ckpt = os.path.join(folder, name)  # read as is: a symbolic link to a checkpoint elsewhere is fine
     side = sidecar(folder, name)
     if side is None:
         prov = nn.load(ckpt).provenance
@@ -71,4 +73,4 @@ def dropped_visuals_config(
         data = template.data
     else:
         data = config.VisualsDataConfig(shard_root=side["store"], layer=int(side["layer"]), patches=side["token_mode"])
-    return dataclasses.replace(template, ckpt=ckpt, data=data, dump_to=os.path.join(dump_root, name))
+    return dataclasses.replace(template, ckpt=ckpt, data=data, dump_to=out)

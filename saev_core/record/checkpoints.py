@@ -100,3 +100,18 @@ def known_n_blocks(family: str, arch: str) -> int | None:
             layers = json.loads(path.read_text()).get("vision_cfg", {}).get("layers")
             return layers if isinstance(layers, int) else None
     return None
+
+
+def load_failure(err: BaseException) -> str:
+    """Why a weights file could not be loaded, in our words: torch's weights-only refusal comes with advice to
+    retry with ``weights_only=False``, which runs whatever code the file holds, so it is replaced by safe advice;
+    other errors keep their first sentence."""
+    text = str(err).strip()
+    if type(err).__name__ == "UnpicklingError" or "weights_only" in text or "Weights only load failed" in text:
+        return (
+            "the file holds Python objects other than tensors, which could run code when loaded, and this loader "
+            "reads plain tensors only. Re-save the weights from a source you trust as a state dict of tensors "
+            "(torch.save(model.state_dict(), path))"
+        )
+    first = text.splitlines()[0].split(". ")[0] if text else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__

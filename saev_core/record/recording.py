@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.files import absolute, check_output_folder, check_url, is_url, join, write_error
+from saev_core.files import absolute, check_output_folder, check_url, is_url, join, url_filesystem, write_error
 from saev_core.record import checkpoints, images, segmentation
 from saev_core.record import vit as vitlib
 from saev_core.record.images import BAD_IMAGE
@@ -238,10 +238,8 @@ def _remove_store(path: str, empty_parent: str | None) -> None:
     """Remove a store that failed before its first block (nothing in it worth keeping), and the --dump-to folder
     this run created for it when nothing else is in it."""
     if is_url(path):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(path)
         with contextlib.suppress(Exception):
+            fs, root = url_filesystem(path)
             fs.rm(root, recursive=True)
         return
     shutil.rmtree(path, ignore_errors=True)
@@ -499,6 +497,14 @@ def prepare(cfg: config.ActivationsConfig, with_transform: bool):
     existing = open_if_created(plan.path)
     missing = plan.nbytes if existing is None else existing.missing_bytes()
     check_disk_space(cfg.dump_to, missing)  # a resumed store needs room for its missing blocks only
+    config.check_memory(
+        3 * plan.block_bytes,
+        "cpu",
+        f"--n-patches-per-shard {cfg.n_patches_per_shard}: recording's 3 blocks in memory (filling, waiting, writing; "
+        f"{plan.metadata.layout.imgs_per_shard} images x {plan.metadata.n_tokens} tokens x {plan.metadata.d_vit} x "
+        f"{plan.metadata.itemsize} bytes x {len(plan.metadata.layers)} layers each)",
+        "Lower --n-patches-per-shard or record fewer --vit-layers at once.",
+    )
     return recorder, source, plan
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from saev_core.errors import UserError
 from saev_core.files import atomic_write, atomic_write_bytes
-from saev_core.record.checkpoints import CheckpointRef, check_family, parse_ckpt
+from saev_core.record.checkpoints import CheckpointRef, check_family, load_failure, parse_ckpt
 
 TIMM_IMG_SIZE = 224
 """Image size for timm ViTs (``dinov2``): 224 px like the other families; position embeddings are resampled."""
@@ -141,9 +141,9 @@ def _build_open_clip(ref: CheckpointRef) -> nn.Module:
             return open_clip.create_model(ref.arch, pretrained=ref.path)
         except Exception as err:  # a wrong or corrupt file: RuntimeError, UnpicklingError, EOFError, ...
             raise UserError(
-                f"could not load {ref.path} as {ref.arch} weights: {err}; check that the file holds a full "
-                f"open_clip {ref.arch} model (both towers)"
-            ) from err
+                f"could not load {ref.path} as {ref.arch} weights ({load_failure(err)}); check that the "
+                f"file holds a full open_clip {ref.arch} model (both towers)"
+            ) from None
     tags = open_clip.list_pretrained_tags_by_model(ref.arch)
     if ref.tag not in tags:
         raise UserError(
@@ -229,7 +229,10 @@ def _build_timm(ref: CheckpointRef) -> nn.Module:
         try:
             return timm.create_model(ref.arch, pretrained=True, pretrained_cfg_overlay=overlay, img_size=TIMM_IMG_SIZE)
         except Exception as err:  # a wrong or corrupt file: RuntimeError, UnpicklingError, EOFError, ...
-            raise UserError(f"could not load {ref.path} as {ref.arch} weights: {err}") from err
+            raise UserError(
+                f"could not load {ref.path} as {ref.arch} weights ({load_failure(err)}); check that the "
+                f"file holds timm {ref.arch} weights"
+            ) from None
     try:
         return timm.create_model(ref.arch, pretrained=True, img_size=TIMM_IMG_SIZE)
     except Exception as err:  # hub download failures come as many exception types

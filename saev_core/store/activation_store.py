@@ -18,7 +18,7 @@ import zarr
 import zarr.errors
 
 from saev_core.errors import UserError
-from saev_core.files import check_url, is_url, join, write_error
+from saev_core.files import check_url, is_url, join, storage_errors, storage_options, url_filesystem, write_error
 from saev_core.store.metadata import FORMAT_VERSION, Layout, StoreMetadata
 from saev_core.store.shards import PlainShardLayout
 
@@ -63,7 +63,8 @@ class ActivationStore:
         if not is_url(path_or_url):
             _check_local_store_path(path_or_url)
         try:
-            group = zarr.open_group(path_or_url, mode=mode)
+            with storage_errors(path_or_url, "The activation store"):
+                group = zarr.open_group(zarr_store(path_or_url, mode), mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError) as err:
             raise UserError(
                 f"No activation store at {path_or_url!r} ({type(err).__name__}: {err}). Pass the path that "
@@ -103,7 +104,8 @@ class ActivationStore:
             existing.check_image_index(image_paths, image_labels)
             return existing
 
-        group = zarr.open_group(path, mode="w")
+        with storage_errors(path, "--dump-to"):
+            group = zarr.open_group(zarr_store(path, "w"), mode="w")
         for layer in metadata.layers:
             group.create_array(
                 layer_name(layer),
@@ -134,7 +136,7 @@ class ActivationStore:
         group.create_array("progress", shape=(layout.n_blocks,), dtype="uint8", chunks=(1,), fill_value=0)
         group.create_group("stats")
         group.attrs.update(metadata.attrs())
-        return cls(zarr.open_group(path, mode="r+"), path)
+        return cls(zarr.open_group(zarr_store(path, "r+"), mode="r+"), path)
 
     # -- reading --------------------------------------------------------------------------------------------------
 
@@ -417,10 +419,20 @@ def all_finite(x: np.ndarray) -> bool:
         return bool(np.isfinite(np.dot(flat, flat))) or bool(np.isfinite(x).all())
 
 
+def zarr_store(path: str, mode: str):
+    """What zarr opens: a local path or a URL as is, except s3:// URLs, opened over the file system of
+    ``files.url_filesystem`` (bounded connect and read timeouts and retries) so no request waits forever."""
+    if not is_url(path) or not storage_options(path):
+        return path
+    fs, root = url_filesystem(path, asynchronous=True)
+    return zarr.storage.FsspecStore(fs, path=root, read_only=mode == "r")
+
+
 def open_if_created(path: str) -> ActivationStore | None:
     """The store at path when it exists and its creation finished (to resume into it); None otherwise."""
     try:
-        group = zarr.open_group(path, mode="r+")
+        with storage_errors(path, "The activation store"):
+            group = zarr.open_group(zarr_store(path, "r+"), mode="r+")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
     if group.attrs.get("format_version") != FORMAT_VERSION:

@@ -10,11 +10,12 @@ import os
 import numpy as np
 
 from saev_core import config, nn
+from saev_core.errors import UserError
 from saev_core.files import absolute, atomic_write, atomic_write_json, read_json
 from saev_core.record.checkpoints import absolute_ckpt
 from saev_core.store import ActivationStore
 from saev_core.train import resume
-from saev_core.train.sweep import member_id
+from saev_core.train.sweep import check_member_id, member_id
 
 SUMMARY_METRICS = (
     "nmse",
@@ -93,6 +94,22 @@ def read_result(cfg: config.TrainConfig, folder: str) -> MemberResult:
 def sweep_csv_path(ckpt_path: str) -> str:
     """Where a sweep's table goes: one row per member (config, held-out metrics, checkpoint path)."""
     return os.path.join(ckpt_path, "sweep.csv")
+
+
+def read_sweep_csv(path: str):
+    """sweep.csv as a DataFrame, member ids kept as text (``012345678901`` or ``12e456789012`` would otherwise be
+    read as numbers) and each checked against the member id pattern, so a path built from one stays a member's."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype={"member_id": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise UserError(f"Cannot read the sweep table {path}: {err}. Train the sweep again to rewrite it.") from None
+    if "member_id" not in table:
+        raise UserError(f"{path} has no member_id column; pass the sweep.csv that `train` wrote.")
+    for value in table["member_id"]:
+        check_member_id(value, path)
+    return table
 
 
 def write_sweep_csv(results: list[MemberResult], path: str) -> None:

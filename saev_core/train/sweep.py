@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import tomllib
 import typing
 from typing import TYPE_CHECKING, Any
@@ -193,6 +194,23 @@ def _data_pass_key(cfg: config.TrainConfig) -> tuple[Any, ...]:
     names = [f.name for f in dataclasses.fields(cfg)]
     unclassified = [n for n in names if n not in DATA_PASS_FIELDS and n not in PER_MEMBER_FIELDS]
     return tuple((n, getattr(cfg, n)) for n in [*DATA_PASS_FIELDS, *unclassified] if n in names)
+
+
+MEMBER_ID_PATTERN = re.compile(r"[0-9a-f]{12}")
+"""What ``member_id`` makes: 12 lowercase hex digits. Readers of sweep.csv check ids against it before building a
+folder name from one (``check_member_id``)."""
+
+
+def check_member_id(value: Any, source: str) -> str:
+    """``value`` as a member id, or a UserError naming ``source`` (the sweep.csv it came from) when it does not
+    match ``MEMBER_ID_PATTERN`` (a hand-edited or foreign table: ``../x`` must not become a folder name)."""
+    text = str(value)
+    if not MEMBER_ID_PATTERN.fullmatch(text):
+        raise UserError(
+            f"member_id {text!r} in {source} is not a member id (12 lowercase hex digits, as `train` writes them). "
+            "Fix or remove that row, or train the sweep again to rewrite the table."
+        )
+    return text
 
 
 def member_id(cfg: config.TrainConfig) -> str:

@@ -152,6 +152,31 @@ def train_group(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def training_bytes(cfgs: list[config.TrainConfig]) -> int:
+    """A lower bound of what training ``cfgs`` together allocates: per member 16 bytes per parameter (weights,
+    gradients, Adam's two moments) and one batch of latents ([sae_batch_size, d_sae] float32, which even the sparse
+    top-k path computes before choosing)."""
+    total = 0
+    for c in cfgs:
+        d_vit, d_sae = c.sae.d_vit, c.sae.d_vit * c.sae.exp_factor
+        total += 16 * (2 * d_vit * d_sae + d_sae + d_vit) + 4 * c.sae_batch_size * d_sae
+    return total
+
+
+def check_training_memory(cfgs: list[config.TrainConfig], device: str) -> None:
+    """Refuse before any SAE is built when the group cannot fit in ``device``'s free memory (the estimate in the
+    message)."""
+    widths = sorted({c.sae.d_vit * c.sae.exp_factor for c in cfgs})
+    config.check_memory(
+        training_bytes(cfgs),
+        device,
+        f"{len(cfgs)} SAE(s) of width {', '.join(map(str, widths))} (--sae.d-vit x --sae.exp-factor) with "
+        f"--sae-batch-size {cfgs[0].sae_batch_size} (16 bytes per parameter for weights, gradients and Adam, plus "
+        "one batch of latents)",
+        "Lower --sae.exp-factor or --sae-batch-size, or train fewer members at once.",
+    )
+
+
 def _train_members(
     cfgs: list[config.TrainConfig],
     store: ActivationStore,
@@ -174,6 +199,7 @@ def _train_members(
             f"The training split of {store.path} has {train_loader.n_vectors} vectors, fewer than one batch "
             f"(--sae-batch-size {base.sae_batch_size}). Lower --sae-batch-size or record more images."
         )
+    check_training_memory(cfgs, device)
     mean, scale, b_dec = _normalization(store, base.data)
     members = [_make_member(c, mean, scale, b_dec, device) for c in cfgs]
     start, loader_state = resume.load_train_state(group_file, members, device)
@@ -221,18 +247,20 @@ def _run_steps(
     ``tuner`` times each step (and may change torch's thread count for the next)."""
     ckpt_every = max(1, min(m.cfg.ckpt_every for m in members))
     first_bad = torch.full((len(members) + 1,), -1, dtype=torch.long, device=device)  # members..., data
+    largest = torch.zeros((), device=device)  # the largest finite |x| so far: huge data is named, not the lr
     t_last, n_since = time.perf_counter(), 0
     for step in range(start, n_steps):
         x: Float[Tensor, "batch d_vit"] = next(batches).to(device, non_blocking=True)
         logging_now = [step % max(1, m.cfg.log_every) == 0 or step == n_steps - 1 for m in members]
         stats = [train_step(m, x, step, n_steps, want) for m, want in zip(members, logging_now)]
         first_bad = _track_nonfinite(first_bad, step, x, [s["loss"] for s in stats])
+        largest = torch.maximum(largest, torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0).amax())
         n_since += len(x)
         progress.update(len(x))
         done = step + 1
         ckpt_now = done % ckpt_every == 0 and done < n_steps  # after the last step come the final files
         if any(logging_now) or ckpt_now:
-            _raise_if_nonfinite(first_bad, members, group_file, store)
+            _raise_if_nonfinite(first_bad, members, group_file, store, largest)
             rate, t_last, n_since = n_since / max(time.perf_counter() - t_last, 1e-9), time.perf_counter(), 0
             for m, s, want in zip(members, stats, logging_now):
                 if want:
@@ -386,7 +414,14 @@ def _track_nonfinite(first_bad: Tensor, step: int, x: Tensor, losses: list[Tenso
     return torch.where((first_bad < 0) & bad, step, first_bad)
 
 
-def _raise_if_nonfinite(first_bad: Tensor, members: list[Member], group_file: str, store: ActivationStore):
+HUGE_ACTIVATION = 1e15
+"""A finite activation above this is the data's fault when a loss turns non-finite: ViT activations are O(1) to
+O(1e3), and a float32 square summed over a few thousand dimensions overflows not far above it (3.4e38)."""
+
+
+def _raise_if_nonfinite(
+    first_bad: Tensor, members: list[Member], group_file: str, store: ActivationStore, largest: Tensor
+):
     steps = first_bad.tolist()
     if max(steps) < 0:
         return
@@ -405,6 +440,14 @@ def _raise_if_nonfinite(first_bad: Tensor, members: list[Member], group_file: st
         )
     i = min((s, i) for i, s in enumerate(steps[:-1]) if s >= 0)[1]
     m = members[i]
+    biggest = float(largest)
+    if biggest > HUGE_ACTIVATION:
+        raise UserError(
+            f"The activations hold huge values (|x| up to {biggest:.3g} in the batches read; ViT activations are "
+            f"O(1) to O(1e3)) in {store.path}, layer {m.cfg.data.layer}: SAE {m.id}'s loss overflowed to NaN or Inf "
+            f"at step {steps[i]} because of the data, not the learning rate; training stopped and {where}. Record "
+            "the layer again (check the ViT checkpoint and --dtype) or remove the images that produce them."
+        )
     raise UserError(
         f"SAE {m.id} ({m.cfg.sae.arch}, d_sae={m.cfg.sae.d_sae}, lr={m.cfg.lr:g}) got a non-finite loss at step "
         f"{steps[i]}; training stopped and {where}. Lower --lr, raise --n-lr-warmup or lower --max-grad-norm."

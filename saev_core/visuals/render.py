@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from saev_core import config, nn, threads
 from saev_core.errors import UserError
-from saev_core.files import atomic_write_json, check_output_folder, read_json
+from saev_core.files import atomic_write_json, check_output_folder, inside, read_json
+from saev_core.nn.checkpoint import check_trained_layer
 from saev_core.record import images
 from saev_core.record import vit as vitlib
 from saev_core.store import ActivationStore, stats
@@ -91,6 +92,9 @@ def resolve_inputs(cfg: config.VisualsConfig, device: str) -> VisualsInputs:
             f"{store.d_vit}-d ones; pass the store the SAE was trained on (--data.shard-root)."
         )
     recorded = store.recorded_layer(layer)
+    if cfg.data.layer is not None and not cfg.allow_layer_mismatch:
+        n_blocks = store.metadata.n_blocks_in_vit
+        check_trained_layer(cfg.data.layer, prov, ckpt_path, "--data.layer ", "--allow-layer-mismatch", n_blocks)
     if sae.saved_no_normalization:
         stats.set_store_normalization(sae, store, recorded, patches)
         logger.info(
@@ -347,7 +351,7 @@ def _remove_stale(dump_to: str, n_images: dict[int, int]) -> None:
             if not os.listdir(folder):
                 os.rmdir(folder)
     for latent, n in n_images.items():
-        folder = os.path.join(root, str(latent))
+        folder = inside(root, str(latent), what="latent id")
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(folder):
             if name.endswith(".png") and name[:-4].isdigit() and int(name[:-4]) >= n:
@@ -361,7 +365,7 @@ def _latent_row(cache, latent: int, n_per_latent: int, paths, labels, class_name
     names = [class_names[labels[i]] if 0 <= labels[i] < len(class_names) else "" for i in imgs]
     log_freq, log_value = math.log10(cache.freq[latent]), math.log10(cache.mean_value[latent])
     atomic_write_json(
-        os.path.join(dump_to, gallery.NEURONS_DIR, str(latent), "metadata.json"),
+        inside(dump_to, gallery.NEURONS_DIR, str(latent), "metadata.json", what="latent id"),
         {
             "latent": latent,
             "log10_freq": log_freq,

@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saev_core import threads
+from saev_core import config, threads
 from saev_core.errors import UserError
 from saev_core.store import ActivationStore
 from saev_core.store.shards import ChunkReader, stream_chunks
@@ -189,6 +189,33 @@ def batch_images(n_tokens: int, d_sae: int, d_vit: int, device: str) -> int:
     return max(1, budget // per_img)
 
 
+def topk_bytes(d_sae: int, top_k: int, n_patches: int) -> int:
+    """Memory of the running top-k lists (``_RunningTopK``: keys, images int64; values, CLS float32; the rows of
+    n_patches float32) and of their copies as the cache's numpy arrays."""
+    return 2 * d_sae * top_k * (8 + 8 + 4 + 4 + 4 * n_patches)
+
+
+def check_top_k(store: ActivationStore, top_k: int, d_sae: int, device: str, flag: str = "--top-k") -> None:
+    """Before allocating: ``top_k`` is at most the store's usable images (each image enters a latent's list once, so
+    more slots stay empty; the default, 128, is allowed on a smaller store) and its lists fit in the memory
+    ``device`` has free."""
+    n_images = int(store.usable_images().sum())
+    limit = max(n_images, config.VisualsConfig.top_k)
+    if top_k > limit:
+        raise UserError(
+            f"{flag} {top_k} is more than the {n_images} usable images of the store {store.path} (each image enters "
+            f"a latent's list at most once, so the other slots would stay empty); pass {flag} {limit} or less."
+        )
+    n_patches = store.n_tokens - first_patch(store)
+    config.check_memory(
+        topk_bytes(d_sae, top_k, n_patches),
+        device,
+        f"{flag} {top_k}: the top-k lists ({d_sae} latents x {top_k} images x ({n_patches} patches + 6) x 4 bytes, "
+        "and their copy in the cache)",
+        f"Lower {flag}.",
+    )
+
+
 @torch.inference_mode()
 def topk_pass(
     store: ActivationStore,
@@ -210,6 +237,7 @@ def topk_pass(
     check_rank_mode(store, patches)
     if top_k < 1:
         raise UserError(f"--top-k {top_k} must be at least 1 (128 is saev's default).")
+    check_top_k(store, top_k, sae.cfg.d_sae, device)
     sae = sae.to(device).eval()
     d_sae, first = sae.cfg.d_sae, first_patch(store)
     n_patches = store.n_tokens - first

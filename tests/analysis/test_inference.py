@@ -111,3 +111,43 @@ def test_unreadable_image_is_a_user_error(run, tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(UserError, match="bad.png"):
         explain([str(bad)], run[2], device="cpu")
+
+
+def test_bad_calls_through_the_public_api_get_one_clear_message(run):
+    """explain([]), a single path, wrong-size tensors and per-patch values, top_n 0: each a UserError that says what
+    to pass (not numpy's or torch's error from deep inside)."""
+    from PIL import Image
+
+    from saev_core.analysis.inference import Explainer
+
+    imgs, _, ckpt = run
+    path = os.path.join(imgs, sorted(os.listdir(imgs))[0])
+    path = os.path.join(path, sorted(os.listdir(path))[0]) if os.path.isdir(path) else path
+    with pytest.raises(UserError, match="No images to explain"):
+        explain([], ckpt, device="cpu")
+    explainer = Explainer.from_checkpoint(ckpt, "cpu")
+    assert explainer.input_shape == (3, 224, 224)  # the tiny config's image_size; 7x7 patches of 32
+    for bad in [torch.zeros(3, 224, 224), torch.zeros(1, 3, 32, 32), torch.zeros(0, 3, 224, 224)]:
+        with pytest.raises(UserError, match=r"Explainer.latents takes a tensor \[images, 3, 224, 224\]"):
+            explainer.latents(bad)
+    with pytest.raises(UserError, match=r"one latent's value per patch, shape \[49\]"):
+        explainer.heatmap(Image.new("RGB", (64, 64)), np.zeros(48))
+    with pytest.raises(UserError, match="top_n 0"):
+        explainer([path], top_n=0)
+    one = explainer(path, top_n=2)  # one path alone is one image, not a sequence of letters
+    assert one.top_latents.shape == (1, 2)
+
+
+def test_a_layer_the_sae_was_not_trained_on_is_refused_unless_allowed(run):
+    """The tiny ViT has 2 blocks; the SAE was trained on layer -1 (block 1). Layer 1 is the same block; layer 0 is
+    another, refused unless allow_layer_mismatch."""
+    imgs, _, ckpt = run
+    path = next(os.path.join(d, f) for d, _, fs in sorted(os.walk(imgs)) for f in sorted(fs))
+    assert saev_core.nn.load(ckpt).provenance["layer"] == -1
+    with pytest.raises(UserError, match=r"layer=0 is not the layer the SAE .* was trained on.*allow_layer_mismatch"):
+        explain([path], ckpt, device="cpu", layer=0)
+    same = explain([path], ckpt, device="cpu", layer=1)
+    default = explain([path], ckpt, device="cpu")
+    np.testing.assert_array_equal(same.image_values, default.image_values)
+    other = explain([path], ckpt, device="cpu", layer=0, allow_layer_mismatch=True)
+    assert other.image_values.shape == default.image_values.shape

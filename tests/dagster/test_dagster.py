@@ -693,3 +693,68 @@ def test_the_instance_template_limits_the_gpu_pool_that_the_heavy_assets_use(tmp
     # activations is a graph: its recording ops (the ViT passes) take the pool, planning and checking do not
     recording_ops = {op.name: op.pool for op in defs.resolve_assets_def("activations").node_def.iterate_op_defs()}
     assert recording_ops == {"activations_store": None, "record_activations_part": "gpu", "activations_verify": None}
+
+
+CRON_STRINGS = [
+    "*/5 * * * *",
+    "0 0 * * *",
+    "@daily",
+    "@hourly",
+    "0 9-17 * * mon-fri",
+    "15,45 * 1 jan,jul sun",
+    "0 0 * * 7",
+    "5-1 * * * *",
+    "*/5 1-10/2 * * *",
+    "*/0 * * * *",
+    "60 * * * *",
+    "* * * *",
+    "* * * * * *",
+    "every 5 minutes",
+    "0 24 * * *",
+    "0 0 0 * *",
+    "0 0 * 13 *",
+    "a * * * *",
+    "* * * * 8",
+    "1-2-3 * * * *",
+    "",
+    "@reboot",
+    "0 0 30 feb *",
+]
+
+
+@pytest.mark.parametrize("cron", CRON_STRINGS)
+def test_the_pipeline_files_cron_check_agrees_with_dagsters_parser(cron):
+    """saev_core reads no Dagster: its cron check is its own, so Dagster's parser is the reference."""
+    from dagster._utils.schedules import is_valid_cron_string
+
+    from saev_core.errors import UserError
+    from saev_core.pipeline.file import check_cron
+
+    try:
+        check_cron(cron, "automation.observe_cron in x.toml")
+        ours = True
+    except UserError as err:
+        assert "automation.observe_cron in x.toml" in str(err) and repr(cron) in str(err)
+        ours = False
+    assert ours == is_valid_cron_string(cron)
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (lambda s: s[: s.index("[activations]")] + s[s.index("[train]") :], "[activations]"),
+        (lambda s: s + '\n[automation]\nobserve_cron = "every 5 minutes"\n', "automation.observe_cron"),
+        (lambda s: s + '\n[automation]\nobserve_cron = "*/5 * * *"\n', "automation.observe_cron"),
+        (lambda s: s.replace('folder = "', 'folder = "/nowhere/'), "watch.folder"),
+        (lambda s: "report = 5\n" + s, "[report]"),
+    ],
+    ids=["no-activations", "cron-words", "cron-four-fields", "watch-folder-missing", "report-not-a-table"],
+)
+def test_the_dagster_load_refuses_a_bad_table_naming_file_and_key(pipeline_file, edit, named):
+    """Through the code location's own load: one PipelineFileError naming the file and the key."""
+    text = edit(pipeline_file.read_text())
+    bad = pipeline_file.parent / "bad.toml"
+    bad.write_text(text)
+    with pytest.raises(PipelineFileError) as err:
+        build_definitions(str(bad))
+    assert str(bad) in str(err.value) and named in str(err.value), str(err.value)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from saev_core import config, explorer
 from saev_core.__main__ import main
 from saev_core.analysis.inference import explain
+from saev_core.errors import UserError
 from saev_core.train import trainer
 from saev_core.visuals import render, top_images
 from tests.browser import CHROMIUM, Chromium
@@ -287,3 +289,39 @@ def test_latents_sort_by_each_key_as_a_plain_sort_does(sweep):
     assert book.order("mean value") == sorted(alive, key=lambda i: (-book.cache.mean_value[i], i))
     sel = book.assoc.selectivity()
     assert book.order("class selectivity") == sorted(alive, key=lambda i: (-sel[i], i))
+
+
+def test_a_member_id_that_leaves_its_folder_is_refused_in_the_page_and_nothing_is_written(sweep, tmp_path):
+    """A hand-edited sweep.csv whose member id is ``../../escape``: "Open this member's latents" (the app's own
+    handler, in-process) shows one message naming the id, and nothing appears outside the visuals folder."""
+    import pandas as pd
+
+    from saev_core.explorer.app import Explorer, build_app
+
+    root, folder, first, second = sweep
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    table = pd.read_csv(root / "ckpts" / "sweep.csv", dtype={"member_id": str})
+    table.loc[1, "member_id"] = "../../escape"
+    table.to_csv(ckpts / "sweep.csv", index=False)
+    visuals = Path(folder)
+    cfg = config.ExploreConfig(visuals=folder, sweep=str(ckpts), device="cpu")
+
+    def files() -> list[str]:
+        return sorted(str(p) for p in [*tmp_path.rglob("*"), *root.rglob("*")])
+
+    before = files()
+
+    with pytest.raises(UserError, match=r"'\.\./\.\./escape'.*12 lowercase hex"):
+        Explorer(cfg).member_book("../../escape")
+    blocks = build_app(cfg)
+    [open_member] = [f.fn for f in blocks.fns.values() if getattr(f.fn, "__name__", "") == "open_member"]
+    message, *_ = open_member("../../escape", progress=lambda *a, **k: None)
+    assert message.startswith("⚠️") and "'../../escape'" in message and str(ckpts / "sweep.csv") in message
+    assert files() == before
+    # The folder rule on its own: a plain id goes beside the opened member, '../x' never resolves outside.
+    assert explorer.member_visuals_folder(str(visuals), [first.member_id], "0123456789ab") == str(
+        visuals.parent / "0123456789ab"
+    )
+    with pytest.raises(UserError, match="member id '../x'"):
+        explorer.member_visuals_folder(str(visuals), [first.member_id], "../x")

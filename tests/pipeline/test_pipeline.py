@@ -17,6 +17,7 @@ def write(tmp_path, text: str) -> str:
 
 def test_relative_paths_are_relative_to_the_files_folder(tmp_path, monkeypatch):
     (tmp_path / "exp" / "imgs").mkdir(parents=True)
+    (tmp_path / "exp" / "drop").mkdir()
     (tmp_path / "exp" / "w.pt").write_bytes(b"x")
     path = write(
         tmp_path,
@@ -135,3 +136,35 @@ def test_the_cli_pipeline_writes_a_report_that_reads_itself(tmp_path, tiny_clip_
     assert (tmp_path / "ckpts" / "layer_-1" / "seeds" / "sweep.csv").is_file()  # the retrained member
     assert str(tmp_path) not in layer.split("| member_id")[1]  # the table's paths are relative to the report
     assert "layer_-1/" in layer and "## Columns" in report and "`gain_vs_pca / gain_vs_random" in report
+
+
+def test_a_member_id_or_file_name_that_leaves_its_folder_is_refused_and_nothing_is_written(tmp_path):
+    """The visuals stage builds <dump_to>/layer_<L>/<member_id> from sweep.csv, the dropped-file visuals
+    <dump_to>/dropped/<file name>: ``../`` in either is refused with one message naming it."""
+    from saev_core.pipeline import stages, watch
+
+    path = write(tmp_path, '[activations]\nvit_ckpt = "ViT-B-32/openai"\n[visuals]\ndump_to = "vis"\n')
+    pipe = pipeline_file.load_pipeline(path)
+    csv = tmp_path / "sweep.csv"
+    csv.write_text("member_id,l0,nmse,ckpt\n0123456789ab,4.0,0.5,/x/sae.pt\n../../escape,4.0,0.1,/x/sae.pt\n")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(UserError, match=rf"member_id '\.\./\.\./escape' in {csv}.*12 lowercase hex"):
+        stages.visuals_for_layer(pipe, -2, str(csv), show_progress=False)
+    assert sorted(tmp_path.rglob("*")) == before
+    with pytest.raises(UserError, match=r"member id '\.\./x'.*leave"):
+        pipe.visuals.folder(-2, "../x")
+    assert pipe.visuals.folder(-2, "0123456789ab") == str(tmp_path / "exp" / "vis" / "layer_-2" / "0123456789ab")
+    with pytest.raises(UserError, match=r"file name '\.\./x\.pt'"):
+        watch.dropped_visuals_config(
+            pipe.visuals.visuals, str(tmp_path), "../x.pt", stages.dropped_visuals_folder(pipe)
+        )
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_ids_that_pandas_would_read_as_numbers_stay_member_ids(tmp_path):
+    """``012345678901`` (leading zero) and ``12e456789012`` (a float's exponent) are valid hex ids; read as text."""
+    from saev_core.train import results
+
+    csv = tmp_path / "sweep.csv"
+    csv.write_text("member_id,l0\n012345678901,1\n12e456789012,2\n")
+    assert list(results.read_sweep_csv(str(csv))["member_id"]) == ["012345678901", "12e456789012"]
