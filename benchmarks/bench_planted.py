@@ -11,9 +11,9 @@ pass (the trainer's own code path, as `python -m saev_core train --sweep` runs i
   member's L0, and with k components);
 - wall time of the sweep and patches/s;
 - then the report's controls (``saev_core.analysis.controls``) beside each member: PCA and the random-decoder control
-  at matched L0, k-means (L0 = 1), the gains over each, and the verdict's headline (structure found: at least 10 %
-  less error than the random control and no more than PCA). ``--null`` swaps the planted atoms for isotropic
-  Gaussian vectors, where every member must get "no structure found".
+  at matched L0, k-means (L0 = 1), the gains over each, and the verdict's headline (structure found: at least
+  ``config.MIN_GAIN_VS_RANDOM`` less error than the random control and no more than PCA). ``--null`` swaps the
+  planted atoms for isotropic Gaussian vectors, where every member should get "no structure found".
 
 Usage (about a minute on 2 CPU cores with the default sweep):
 
@@ -43,9 +43,6 @@ from saev_core.store.loader import split_images
 from saev_core.train import trainer
 from saev_core.train.results import sweep_csv_path
 from saev_core.train.sweep import grid
-
-MIN_GAIN_VS_RANDOM = 0.1
-"""The verdict's margin ([checks] min_gain_vs_random's default)."""
 
 DEFAULT_SWEEP = """
 # topk and batchtopk at the planted k and at 2k; relu (saev's recipe) and relu-decnorm at coefficients that give an
@@ -221,7 +218,7 @@ def main() -> None:
     for r in results:
         row = with_controls.loc[r.member_id]
         k = r.cfg.sae.k if r.cfg.sae.arch in ("topk", "batchtopk") else "-"
-        found = row["gain_vs_random"] >= MIN_GAIN_VS_RANDOM and row["gain_vs_pca"] >= 0
+        found = row["gain_vs_random"] >= config.MIN_GAIN_VS_RANDOM and row["gain_vs_pca"] >= 0
         print(
             f"{r.member_id:>12} {r.cfg.sae.arch:>10} {k:>3} {row['nmse']:>7.4f} {row['pca_nmse_at_l0']:>7.4f} "
             f"{row['random_nmse_at_l0']:>10.4f} {row.get('kmeans_nmse', float('nan')):>8.4f} "

@@ -9,6 +9,7 @@ import os
 
 import pandas as pd
 
+from saev_core import config
 from saev_core.analysis import controls, plots
 from saev_core.files import atomic_write_bytes, is_url
 from saev_core.nn import metrics
@@ -29,7 +30,7 @@ class RunFacts:
     """The ViT has random weights (the demo): its activations need not have sparse structure."""
     max_frac_dead: float = 0.5
     """[checks] max_frac_dead: the bound the dead fraction is held to."""
-    min_gain_vs_random: float = 0.1
+    min_gain_vs_random: float = config.MIN_GAIN_VS_RANDOM
     """[checks] min_gain_vs_random: how much less error than the random-decoder control counts as structure."""
 
 
@@ -143,6 +144,12 @@ def verdict(
         )
     if versus_pca == versus_pca and versus_pca < 0:
         shortfalls.append(f"{-versus_pca:.0%} more error than PCA at the same L0")
+    d_vit = chosen.get("sae.d_vit", math.nan)
+    if chosen["l0"] >= d_vit:
+        shortfalls.append(
+            f"L0 {chosen['l0']:.1f} is at least d_vit ({int(d_vit)}): PCA and random atoms reconstruct exactly there, "
+            "so there is nothing to beat"
+        )
     if shortfalls:
         lines.append(
             f"**No structure found**: {'; '.join(shortfalls)}. Most likely: {' or '.join(causes)}. (Beating PCA alone "

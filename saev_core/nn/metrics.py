@@ -26,6 +26,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from saev_core import config
+
 ALMOST_DEAD_FREQ = 1e-7
 DENSE_FREQ = 1e-2
 
@@ -183,7 +185,7 @@ def sweep_health(
     max_frac_dead: float,
     max_nmse: float | None = None,
     max_l0: float | None = None,
-    min_gain_vs_random: float = 0.0,
+    min_gain_vs_random: float = config.MIN_GAIN_VS_RANDOM,
 ) -> SweepHealth:
     """The sweep's health from its rows (sweep.csv rows or metrics.json dicts with ``member_id``, the held-out
     metrics, ``frac_dead_train`` (old rows: ``frac_dead``) and, when computed, ``pca_nmse_at_l0`` and

@@ -84,7 +84,7 @@ class ChecksPlan:
     """A sweep member with more dead latents than this fails the sweep's check."""
     max_nmse: float | None = None
     """A sweep whose best member's held-out NMSE is above this fails the sweep's check (None: no bound)."""
-    min_gain_vs_random: float = 0.1
+    min_gain_vs_random: float = config.MIN_GAIN_VS_RANDOM
     """The chosen member must have this much less held-out error than the random-decoder control at its L0 to count
     as having found structure (the report's verdict; a warning of the sweep's check below it)."""
 
