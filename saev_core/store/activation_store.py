@@ -155,6 +155,19 @@ class ActivationStore:
     def image_labels(self) -> np.ndarray:
         return np.asarray(self.group["image_index/label"][:])
 
+    def patch_labels(self) -> np.ndarray | None:
+        """int [n_imgs, n_patches_per_img]: each patch's class (0 = unlabelled, 1..C), or None without labels."""
+        if "patch_labels" not in self.group:
+            return None
+        return np.asarray(self.group["patch_labels"][:])
+
+    @property
+    def patch_class_names(self) -> list[str]:
+        """The patch classes, ``[0]`` = "unlabelled" (len C + 1); [] when the store has no patch labels."""
+        if "patch_labels" not in self.group:
+            return []
+        return list(self.group["patch_labels"].attrs["class_names"])
+
     def valid_images(self) -> np.ndarray:
         """bool [n_imgs]: False for images skipped because they failed to decode (--data.skip-bad)."""
         return np.asarray(self.group["image_index/valid"][:]).astype(bool)
@@ -406,6 +419,8 @@ def write_store(
     class_names: Sequence[str] = ("",),
     dtype: str = "float32",
     fingerprint: str | None = None,
+    patch_labels: np.ndarray | None = None,
+    patch_class_names: Sequence[str] | None = None,
     **fields,
 ) -> ActivationStore:
     """A complete store of activations that did not come from ``record_activations``: computed elsewhere, or planted
@@ -415,6 +430,8 @@ def write_store(
     d_vit] called once per block (then ``shape`` = (n_imgs, n_tokens, d_vit) and ``fingerprint`` are required), so a
     store larger than memory can be planted. ``fingerprint`` stands for the images (default: a hash of ``acts``), so
     different data gets a different key. ``fields`` set other ``StoreMetadata`` fields (``resolved_layers``...).
+    ``patch_labels`` [n_imgs, n_patches_per_img] (0 = unlabelled, 1..C) with ``patch_class_names`` (len C + 1, [0] =
+    "unlabelled") plant per-patch labels.
     """
     if callable(acts):
         if shape is None or fingerprint is None:
@@ -422,7 +439,10 @@ def write_store(
         n_imgs, n_tokens, d_vit = shape
     else:
         _, n_imgs, n_tokens, d_vit = acts.shape
-        fingerprint = fingerprint or hashlib.sha256(np.ascontiguousarray(acts).data).hexdigest()[:16]
+        digest = hashlib.sha256(np.ascontiguousarray(acts).data)
+        if patch_labels is not None:
+            digest.update(np.ascontiguousarray(patch_labels, dtype=np.int16).data)
+        fingerprint = fingerprint or digest.hexdigest()[:16]
     meta = arrays_metadata(
         n_imgs,
         n_tokens,
@@ -442,4 +462,8 @@ def write_store(
         start, end = store.layout.block_range(block)
         block_acts = acts(start, end) if callable(acts) else acts[:, start:end]
         store.write_block(block, np.asarray(block_acts, dtype=dtype), None if valid is None else valid[start:end])
+    if patch_labels is not None and "patch_labels" not in store.group:
+        labels_arr = store.group.create_array("patch_labels", shape=patch_labels.shape, dtype="int16")
+        labels_arr[:] = np.asarray(patch_labels, dtype=np.int16)
+        labels_arr.attrs["class_names"] = list(patch_class_names or [])
     return store
