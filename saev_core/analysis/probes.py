@@ -361,14 +361,15 @@ def _newton(x: Tensor, n: Tensor, y: Tensor, prior: Tensor) -> tuple[Tensor, Ten
         h_ww, h_wb, h_bb = hess[..., 0] + RIDGE, hess[..., 1], hess[..., 2] + 1e-12
         det = h_ww * h_bb - h_wb**2
         d_w, d_b = (h_bb * g_w - h_wb * g_b) / det, (h_ww * g_b - h_wb * g_w) / det
-        if float(torch.nan_to_num(d_w.abs() + d_b.abs()).max()) < 1e-9:
+        active = g_w * d_w + g_b * d_b > 1e-14  # the Newton decrement: what a full step would still gain, x2
+        if not active.any():
             break
         objective = loss + RIDGE / 2 * w**2
-        step = torch.ones_like(w)
-        for _ in range(10):
+        step = active.double()
+        for _ in range(20):
             nw, nb = w - step * d_w, b - step * d_b
             new_loss, new_grad, new_hess = _logistic_terms(x, n, y, nw, nb)
-            worse = ~(new_loss + RIDGE / 2 * nw**2 <= objective)
+            worse = new_loss + RIDGE / 2 * nw**2 > objective + 1e-15 * objective.abs()
             if not worse.any():
                 break
             step = torch.where(worse, step / 2, step)
@@ -480,7 +481,7 @@ def evaluate(
             elif w == 0:
                 pos, total = pos.sum(keepdims=True), total.sum(keepdims=True)
             ap = float(_ap_from_groups(pos.astype(np.float64), total.astype(np.float64)))
-            purity = _purity(top_v, top_c, val[j], zero_bins[j], j, c, k, w, k_kept)
+            purity = _purity(top_v, top_c, val[j], int(zero_bins[j]), j, c, k, w, k_kept)
         rows.append(ClassProbe(cname, j, _none_if_nan(ap), _none_if_nan(purity), w, float(losses[j]), n_train, n_val))
     done = [r for r in rows if r.ap is not None]
     return ProbeMetrics(
