@@ -83,3 +83,19 @@ def test_a_missing_image_folder_fails_when_the_file_loads(tmp_path):
 def test_random_vit_may_name_a_file_that_does_not_exist_yet(tmp_path):
     path = write(tmp_path, '[demo]\nrandom_vit = true\n[activations]\nvit_ckpt = "ViT-B-32/w/new.pt"\n')
     assert pipeline_file.load_pipeline(path).checkpoint_file() == str(tmp_path / "exp" / "w" / "new.pt")
+
+
+def test_the_probe_table_is_optional_and_checked(tmp_path):
+    acts = '[activations]\nvit_ckpt = "ViT-B-32/openai"\n'
+    assert pipeline_file.load_pipeline(write(tmp_path, acts)).probe is None
+    pipe = pipeline_file.load_pipeline(write(tmp_path, acts + '[probe]\nmembers = "all"\nk = 7\ncontrols = ["pca"]\n'))
+    assert pipe.probe.members == "all" and pipe.probe.probe.k == 7 and pipe.probe.probe.controls == ("pca",)
+    assert pipe.probe.folder("/c/layer_0/m1/sae.pt") == "/c/layer_0/m1/probes"
+    for table, message in [
+        ('members = "some"', r"probe.members = 'some' .*'best', 'all'"),
+        ("tau = 2.0", r"--tau 2.0 must be in \[0, 1\]"),
+        ('dump_to = "x"', r"probe.dump_to .* set per member"),
+        ("kk = 3", r"Unknown key"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            pipeline_file.load_pipeline(write(tmp_path, acts + f"[probe]\n{table}\n"))
