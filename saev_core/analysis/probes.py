@@ -214,7 +214,7 @@ class _Accumulator:
         for split, flat in (("train", self.train_count), ("val", self.val_count)):
             count = flat.view(width, b, c)
             missing = self.class_total[split][None, :] - count.sum(dim=1)  # the zeros, never scattered
-            count[torch.arange(width), zero_bin] += missing
+            count[torch.arange(width, device=count.device), zero_bin] += missing
             counts[split] = count
         return BinnedData(
             self.edges, counts["train"], self.train_sum.view(width, b, c), counts["val"], self.top, self.top_classes
