@@ -99,7 +99,8 @@ def _split_settings(ckpt_path: str, prov: dict, data: config.ProbeDataConfig) ->
     sweep_csv = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), "sweep.csv")
     if os.path.isfile(sweep_csv):
         with open(sweep_csv, newline="") as f:
-            row = next((r for r in csv.DictReader(f) if os.path.abspath(r.get("ckpt", "")) == ckpt_path), {})
+            mine = os.path.abspath(ckpt_path)
+            row = next((r for r in csv.DictReader(f) if os.path.abspath(r.get("ckpt") or "") == mine), {})
     val_frac = data.val_frac if data.val_frac is not None else float(row.get("data.val_frac") or DEFAULT_VAL_FRAC)
     seed = (
         data.seed if data.seed is not None else int(prov.get("data_seed", row.get("seed") or config.TrainConfig.seed))

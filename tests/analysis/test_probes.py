@@ -216,3 +216,20 @@ def test_probe_refuses_an_sae_of_cls_vectors(tmp_path):
 
     with pytest.raises(UserError, match="trained on patches"):
         probe_run.run_probes(config.ProbeConfig(ckpt=ckpt, dump_to=str(tmp_path / "p"), device="cpu"))
+
+
+def test_the_split_is_the_sae_members_own(tmp_path):
+    """val_frac from the member's row of the sweep.csv beside its folder, the seed from its provenance; flags win."""
+    from saev_core.analysis import probe_run
+
+    ckpt = tmp_path / "layer_-2" / "m1" / "sae.pt"
+    ckpt.parent.mkdir(parents=True)
+    (tmp_path / "layer_-2" / "sweep.csv").write_text(
+        f"member_id,ckpt,data.val_frac,seed\nm0,{tmp_path}/layer_-2/m0/sae.pt,0.5,1\nm1,{ckpt},0.3,5\n"
+    )
+    data = config.ProbeDataConfig()
+    assert probe_run._split_settings(str(ckpt), {"data_seed": 9}, data) == (0.3, 9)
+    assert probe_run._split_settings(str(ckpt), {}, data) == (0.3, 5)
+    flags = config.ProbeDataConfig(val_frac=0.2, seed=3)
+    assert probe_run._split_settings(str(ckpt), {"data_seed": 9}, flags) == (0.2, 3)
+    assert probe_run._split_settings(str(tmp_path / "elsewhere.pt"), {}, data) == (0.1, 42)  # the training defaults
