@@ -8,8 +8,8 @@ Controls, each probed exactly like the SAE (docs/probes.md):
   min(d_sae, d_vit) principal directions of the calibration sample (signed; the probe's weight picks the sign).
 - ``random``: the random-decoder control of ``analysis.controls`` (its d_sae random unit atoms) as a TopK encoder:
   each vector keeps its round(L0) largest projections (the SAE's own L0 on the calibration sample), the rest 0.
-- ``kmeans``: k-means (k = min(256, d_sae)) on the calibration sample; latent j of a vector is minus its squared
-  distance to centroid j.
+- ``kmeans``: k-means (k = min(256, d_sae); Lloyd's algorithm on at most 8,192 calibration vectors) on the
+  normalised calibration sample; latent j of a vector is minus its squared distance to centroid j.
 
 The **calibration sample** (at most ``CALIBRATION_VECTORS`` labelled patches of training images drawn with the
 split's seed) sets each encoder's bins and fits PCA and k-means; nothing of the held-out split is seen before
@@ -23,7 +23,6 @@ import math
 import os
 
 import numpy as np
-import scipy.cluster.vq
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -39,6 +38,7 @@ logger = logging.getLogger("saev_core.analysis.probe_run")
 CALIBRATION_VECTORS = 16_384
 KMEANS_CLUSTERS = 256
 KMEANS_ITERS = 20
+KMEANS_FIT_VECTORS = 8192
 DEFAULT_VAL_FRAC = config.DataLoadConfig().val_frac
 
 
@@ -156,12 +156,27 @@ def random_encoder(sae: nn.SparseAutoencoder, l0: float) -> probes.Encode:
     return encode
 
 
+def kmeans_centroids(x: Float[Tensor, "n d"], k: int, seed: int) -> Float[Tensor, "k d"]:
+    """Lloyd's algorithm on at most ``KMEANS_FIT_VECTORS`` of the vectors, from k of them drawn with ``seed``, for
+    at most ``KMEANS_ITERS`` rounds (a centroid that loses all its vectors stays where it was)."""
+    gen = torch.Generator().manual_seed(seed)
+    sample = x[torch.randperm(len(x), generator=gen)[:KMEANS_FIT_VECTORS].to(x.device)]
+    centroids = sample[torch.randperm(len(sample), generator=gen)[:k].to(x.device)].clone()
+    for _ in range(KMEANS_ITERS):
+        nearest = (2 * sample @ centroids.T - (centroids * centroids).sum(1)).argmax(1)
+        sums = torch.zeros_like(centroids).index_add_(0, nearest, sample)
+        counts = torch.bincount(nearest, minlength=k)[:, None]
+        moved = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        if torch.equal(moved, centroids):
+            break
+        centroids = moved
+    return centroids
+
+
 def kmeans_encoder(sae: nn.SparseAutoencoder, x: Float[Tensor, "n d_vit"], seed: int) -> probes.Encode:
     """Minus the squared distance of the normalised vector to each of k centroids fitted on the sample."""
-    x_n = sae.normalize(x).double().cpu().numpy()
-    k = max(1, min(KMEANS_CLUSTERS, sae.cfg.d_sae, len(x_n) // 4))
-    centroids, _ = scipy.cluster.vq.kmeans2(x_n, k, iter=KMEANS_ITERS, minit="++", seed=np.random.default_rng(seed))
-    c = torch.from_numpy(centroids).float().to(x.device)
+    x_n = sae.normalize(x)
+    c = kmeans_centroids(x_n, max(1, min(KMEANS_CLUSTERS, sae.cfg.d_sae, len(x_n))), seed)
     c_sq = (c * c).sum(1)
 
     def encode(v: Tensor) -> Tensor:

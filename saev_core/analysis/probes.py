@@ -321,16 +321,20 @@ class ProbeFit:
     """Mean training logistic loss (without the ridge term); NaN for a class without training positives."""
 
 
-def _logistic_terms(x, n, y, w, b):
-    """Mean loss and its derivatives over weighted points x (counts n, targets y); w, b broadcast per probe."""
-    z = w[..., None] * x + b[..., None]
-    total = n.sum(-1)
-    loss = (n * (torch.nn.functional.softplus(z) - y * z)).sum(-1) / total
-    p = torch.sigmoid(z)
+def _mean_loss(x: Tensor, n: Tensor, y: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Mean logistic loss of probes (w, b) [P] over their weighted points x, n, y [P, M]."""
+    z = w[:, None] * x + b[:, None]
+    return (n * (torch.nn.functional.softplus(z) - y * z)).sum(-1) / n.sum(-1)
+
+
+def _gradient_hessian(x: Tensor, n: Tensor, y: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean loss's gradient [P, 2] (d/dw, d/db) and Hessian [P, 3] (ww, wb, bb)."""
+    p = torch.sigmoid(w[:, None] * x + b[:, None])
+    total = n.sum(-1, keepdim=True)
     r, h = n * (p - y), n * p * (1 - p)
-    grad = torch.stack([(r * x).sum(-1), r.sum(-1)], -1) / total[..., None]
-    hess = torch.stack([(h * x * x).sum(-1), (h * x).sum(-1), h.sum(-1)], -1) / total[..., None]
-    return loss, grad, hess
+    grad = torch.stack([(r * x).sum(-1), r.sum(-1)], -1) / total
+    hess = torch.stack([(h * x * x).sum(-1), (h * x).sum(-1), h.sum(-1)], -1) / total
+    return grad, hess
 
 
 def _binned_points(pos: Tensor, pos_sum: Tensor):
@@ -352,33 +356,38 @@ def _binned_points(pos: Tensor, pos_sum: Tensor):
 
 
 def _newton(x: Tensor, n: Tensor, y: Tensor, prior: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(w, b, mean loss) of every probe: Newton steps on the ridge-penalised loss, halving a probe's step while it
-    does not lower that probe's objective; from w = 0 and b = logit(prevalence)."""
-    w, b = torch.zeros_like(prior), torch.log(prior / (1 - prior))
-    loss, grad, hess = _logistic_terms(x, n, y, w, b)
+    """(w, b, mean loss) of every probe: Newton steps on the ridge-penalised loss from w = 0, b = logit(prevalence),
+    halving a probe's step while it does not lower that probe's objective; a probe stops once its Newton decrement
+    (what a full step would still gain, x2) is below 1e-10, and later steps work on the others only."""
+    shape = prior.shape
+    x, n, y = (t.reshape(-1, t.shape[-1]) for t in (x, n, y))
+    w, b = torch.zeros(prior.numel(), dtype=x.dtype, device=x.device), torch.log(prior / (1 - prior)).reshape(-1)
+    loss = _mean_loss(x, n, y, w, b)
+    active = torch.arange(len(w), device=x.device)
     for _ in range(NEWTON_STEPS):
-        g_w, g_b = grad[..., 0] + RIDGE * w, grad[..., 1]
-        h_ww, h_wb, h_bb = hess[..., 0] + RIDGE, hess[..., 1], hess[..., 2] + 1e-12
+        xa, na, ya, wa, ba = x[active], n[active], y[active], w[active], b[active]
+        grad, hess = _gradient_hessian(xa, na, ya, wa, ba)
+        g_w, g_b = grad[:, 0] + RIDGE * wa, grad[:, 1]
+        h_ww, h_wb, h_bb = hess[:, 0] + RIDGE, hess[:, 1], hess[:, 2] + 1e-12
         det = h_ww * h_bb - h_wb**2
         d_w, d_b = (h_bb * g_w - h_wb * g_b) / det, (h_ww * g_b - h_wb * g_w) / det
-        active = g_w * d_w + g_b * d_b > 1e-14  # the Newton decrement: what a full step would still gain, x2
-        if not active.any():
+        moving = g_w * d_w + g_b * d_b > 1e-10
+        if not moving.any():
             break
-        objective = loss + RIDGE / 2 * w**2
-        step = active.double()
+        active, xa, na, ya, wa, ba, d_w, d_b = (t[moving] for t in (active, xa, na, ya, wa, ba, d_w, d_b))
+        objective = loss[active] + RIDGE / 2 * wa**2
+        step = torch.ones_like(wa)
         for _ in range(20):
-            nw, nb = w - step * d_w, b - step * d_b
-            new_loss, new_grad, new_hess = _logistic_terms(x, n, y, nw, nb)
+            nw, nb = wa - step * d_w, ba - step * d_b
+            new_loss = _mean_loss(xa, na, ya, nw, nb)
             worse = new_loss + RIDGE / 2 * nw**2 > objective + 1e-15 * objective.abs()
             if not worse.any():
                 break
             step = torch.where(worse, step / 2, step)
-        better = ~worse
-        w, b = torch.where(better, nw, w), torch.where(better, nb, b)
-        loss = torch.where(better, new_loss, loss)
-        grad = torch.where(better[..., None], new_grad, grad)
-        hess = torch.where(better[..., None], new_hess, hess)
-    return w, b, loss
+        better = ~worse  # a probe no halving improves has converged as far as float64 tells
+        active = active[better]
+        w[active], b[active], loss[active] = nw[better], nb[better], new_loss[better]
+    return w.reshape(shape), b.reshape(shape), loss.reshape(shape)
 
 
 def fit_probes(data: BinnedData, chunk: int = 256) -> ProbeFit:
