@@ -19,7 +19,7 @@ O(patches); the patch-label array of the store is read whole (one small int per 
 
 The pass only touches nonzero latent values (the zero bin's counts are the class totals minus the rest), so a
 sparse SAE costs little beyond its own forward. Controls (PCA directions, the random-decoder control, k-means) go
-through the same pass as further "encoders" (``probe_controls``).
+through the same pass as further "encoders" (``probe_run``).
 """
 
 import dataclasses
