@@ -1,7 +1,7 @@
 """The probe job against one plain SAE forward pass over the same store, and its peak memory at two store sizes.
 
     .venv/bin/python benchmarks/bench_probes.py [--n-imgs 500,2000] [--d-vit 768] [--n-tokens 50] [--exp-factor 8]
-        [--k 32] [--n-classes 8] [--repeats 1]
+        [--k 32] [--n-classes 8] [--repeats 1] [--variants plain,probe,probe+controls]
 
 For each ``--n-imgs`` a store is planted in a temporary folder (ViT-B/32 shapes by default: CLS + 49 patches,
 d_vit 768, float32 standard normal values) with per-patch labels (``--n-classes`` classes, one patch in ten
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--n-classes", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--variants", default="plain,probe,probe+controls")
     parser.add_argument("--child", default=None)
     parser.add_argument("--store", default=None)
     parser.add_argument("--out", default=None)
@@ -134,7 +135,7 @@ def main() -> None:
             store_path = plant(os.path.join(tmp, f"store-{n_imgs}"), n_imgs, args)
             best = {}
             for _ in range(args.repeats):
-                for variant in ("plain", "probe", "probe+controls"):
+                for variant in args.variants.split(","):
                     r = run_child(variant, store_path, os.path.join(tmp, f"out-{n_imgs}-{variant}"))
                     if variant not in best or r["wall"] < best[variant]["wall"]:
                         best[variant] = r
@@ -146,7 +147,7 @@ def main() -> None:
         )
         for n_imgs, n_patches, best in rows:
             for variant, r in best.items():
-                ratio = r["wall"] / best["plain"]["wall"]
+                ratio = r["wall"] / best["plain"]["wall"] if "plain" in best else float("nan")
                 print(
                     f"{n_imgs:>7} {n_patches:>9} {variant:>15} {r['wall']:>8.1f} {r['cpu']:>8.1f} {ratio:>8.2f} "
                     f"{r['rss_mb']:>12.0f}"
