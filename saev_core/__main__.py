@@ -18,8 +18,9 @@ from saev_core.files import atomic_write_bytes, write_error
 
 @dataclasses.dataclass(frozen=True)
 class RunPipeline:
-    """Run every stage of a pipeline file (TOML): record its [activations], train its [sweep] on every layer, and
-    render top-k visuals of the members its [visuals] table chooses."""
+    """Run every stage of a pipeline file (TOML): record its [activations], train its [sweep] on every layer,
+    render top-k visuals of the members its [visuals] table chooses, and with a [probe] table fit their patch
+    probes."""
 
     path: str | None = None
     """Pipeline file; None means $SAEV_PIPELINE, else the embedded demo pipeline."""
@@ -104,6 +105,12 @@ def run_pipeline(cmd: RunPipeline) -> str:
         print(png)
         for member in stages.visuals_for_layer(pipe, layer, sweep.csv_path):
             print(member.result.index_html)
+        if pipe.probe is not None:
+            probed = stages.probes_for_layer(pipe, layer, sweep.csv_path)
+            if probed.note:
+                print(f"warning: layer {layer}: {probed.note}", file=sys.stderr)
+            for _, result in probed.members:
+                print(result.path)
     return pipe.train.ckpt_path
 
 

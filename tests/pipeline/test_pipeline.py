@@ -99,3 +99,15 @@ def test_the_probe_table_is_optional_and_checked(tmp_path):
     ]:
         with pytest.raises(UserError, match=message):
             pipeline_file.load_pipeline(write(tmp_path, acts + f"[probe]\n{table}\n"))
+
+
+def test_the_pipeline_command_runs_the_probe_stage_and_notes_a_store_without_labels(tmp_path, tiny_clip_ckpt, capsys):
+    from saev_core.__main__ import main
+    from tests.helpers import tiny_pipeline_text, write_images
+
+    write_images(tmp_path / "imgs", 6)
+    path = tmp_path / "p.toml"
+    path.write_text(tiny_pipeline_text(tmp_path, tiny_clip_ckpt, [-1]) + '\n[probe]\nmembers = "best"\n')
+    assert main(["pipeline", "--path", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: layer -1: no patch probes: the store" in err and "data:seg-folder-dataset" in err
