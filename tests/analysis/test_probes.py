@@ -233,3 +233,18 @@ def test_the_split_is_the_sae_members_own(tmp_path):
     flags = config.ProbeDataConfig(val_frac=0.2, seed=3)
     assert probe_run._split_settings(str(ckpt), {"data_seed": 9}, flags) == (0.2, 3)
     assert probe_run._split_settings(str(tmp_path / "elsewhere.pt"), {}, data) == (0.1, 42)  # the training defaults
+
+
+def test_a_class_missing_from_a_split_is_listed_but_left_out_of_every_mean():
+    rng = np.random.default_rng(4)
+    f = _sparse_values(rng, 600, 4)
+    c_train = rng.integers(0, 3, 300)
+    c_val = rng.integers(0, 2, 300)  # class 2 has no held-out patch
+    c_train[c_train == 1] = 0  # class 1 has no training patch
+    data = _accumulate(f[:200], f[:300], c_train, f[300:], c_val, 3, k=10)
+    m = probes.evaluate("sae", data, probes.fit_probes(data), ["a", "b", "c"], k=10, tau=0.3)
+    a, b, c = m.classes
+    assert b.best_latent is None and b.ap is None and b.n_train == 0 and b.n_val == (c_val == 1).sum()
+    assert c.best_latent is not None and c.ap is None and c.n_val == 0
+    assert a.ap is not None and m.map == pytest.approx(a.ap) and m.as_dict()["n_classes_evaluated"] == 1
+    assert m.coverage == float(a.ap >= 0.3) and m.purity_at_k == pytest.approx(a.purity_at_k)
