@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Integer
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -227,7 +227,7 @@ class _Accumulator:
 
 
 def labelled_patches(
-    store: ActivationStore, layer: int, labels: Int[np.ndarray, "n_imgs n_patches"], images: np.ndarray
+    store: ActivationStore, layer: int, labels: Integer[np.ndarray, "n_imgs n_patches"], images: np.ndarray
 ):
     """Yield (image ids, vectors [n, d_vit] float32, classes [n] in 0..C-1) of the labelled patches of ``images``,
     a chunk at a time in store order."""
@@ -262,7 +262,7 @@ def check_labels(store: ActivationStore, labels: np.ndarray | None, class_names:
 def probe_pass(
     store: ActivationStore,
     layer: int,
-    labels: Int[np.ndarray, "n_imgs n_patches"],
+    labels: Integer[np.ndarray, "n_imgs n_patches"],
     n_classes: int,
     train: np.ndarray,
     val: np.ndarray,
