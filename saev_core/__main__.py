@@ -1,4 +1,4 @@
-"""The command line: ``python -m saev_core activations|train|visuals|pipeline|evaluate|explore``.
+"""The command line: ``python -m saev_core activations|train|visuals|pipeline|evaluate|probe|explore``.
 
 Flags keep the original saev's names. Bad input prints one error line that says what to fix and exits 2.
 """
@@ -19,8 +19,9 @@ from saev_core.files import atomic_write_bytes, write_error
 
 @dataclasses.dataclass(frozen=True)
 class RunPipeline:
-    """Run every stage of a pipeline file (TOML): record its [activations], train its [sweep] on every layer, and
-    render top-k visuals of the members its [visuals] table chooses."""
+    """Run every stage of a pipeline file (TOML): record its [activations], train its [sweep] on every layer,
+    render top-k visuals of the members its [visuals] table chooses, and with a [probe] table fit their patch
+    probes."""
 
     path: str | None = None
     """Pipeline file; None means $SAEV_PIPELINE, else the embedded demo pipeline."""
@@ -32,6 +33,7 @@ Command = (
     | Annotated[config.VisualsConfig, tyro.conf.subcommand("visuals", prefix_name=False)]
     | Annotated[RunPipeline, tyro.conf.subcommand("pipeline", prefix_name=False)]
     | Annotated[config.EvaluateConfig, tyro.conf.subcommand("evaluate", prefix_name=False)]
+    | Annotated[config.ProbeConfig, tyro.conf.subcommand("probe", prefix_name=False)]
     | Annotated[config.ExploreConfig, tyro.conf.subcommand("explore", prefix_name=False)]
 )
 
@@ -108,6 +110,12 @@ def run_pipeline(cmd: RunPipeline) -> str:
         print(png)
         for member in stages.visuals_for_layer(pipe, layer, sweep.csv_path):
             print(member.result.index_html)
+        if pipe.probe is not None:
+            probed = stages.probes_for_layer(pipe, layer, sweep.csv_path)
+            if probed.note:
+                print(f"warning: layer {layer}: {probed.note}", file=sys.stderr)
+            for _, result in probed.members:
+                print(result.path)
     report_path, _ = stages.sweep_report(pipe, csvs)
     print(report_path)
     return pipe.train.ckpt_path
@@ -122,6 +130,20 @@ def run_evaluate(cfg: config.EvaluateConfig) -> str:
     [result] = splice.evaluate_checkpoints([cfg.ckpt], cfg.device, cfg.max_images, cfg.batch_size, cfg.images_root)
     print(f"splice-in fidelity of {cfg.ckpt}: {result.line()}")
     return json.dumps(dataclasses.asdict(result))
+
+
+def run_probe(cfg: config.ProbeConfig) -> str:
+    """Print mAP, Coverage and Purity@k of the SAE and each control; the last line is probe.json's path."""
+    from saev_core.analysis import probe_run
+
+    result = probe_run.run_probes(cfg)
+    for m in [result.sae, *result.controls.values()]:
+        print(
+            f"{m.name}: mAP={m.map:.3f} coverage@{m.tau:g}={m.coverage:.3f} purity@{m.k}={m.purity_at_k:.3f} "
+            f"({m.width} latents)",
+            file=sys.stderr,
+        )
+    return result.path
 
 
 def run_explore(cfg: config.ExploreConfig) -> str:
@@ -144,6 +166,7 @@ KEPT_WHEN_INTERRUPTED = {
     config.VisualsConfig: "the top-k cache, once written, and the rendered latents are kept; run the same command "
     "again to finish",
     config.EvaluateConfig: "evaluate writes nothing; run it again",
+    config.ProbeConfig: "probe.json is written only at the end; run the same command again",
 }
 """Ctrl-C's one line per command: what is kept and how to go on (pipeline: every stage keeps what its command does)."""
 
@@ -203,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             out = run_visuals(cmd)
         elif isinstance(cmd, config.EvaluateConfig):
             out = run_evaluate(cmd)
+        elif isinstance(cmd, config.ProbeConfig):
+            out = run_probe(cmd)
         elif isinstance(cmd, config.ExploreConfig):
             out = run_explore(cmd)
         else:

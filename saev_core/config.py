@@ -441,6 +441,62 @@ class ExploreConfig:
         check_fields(self, "--", {"port": ("a port number in [0, 65535]", lambda v: 0 <= v <= 65535)})
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Patch probes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeDataConfig:
+    """Which labelled activations to probe; each field left unset comes from the checkpoint (its provenance, or the
+    sweep.csv beside its folder)."""
+
+    shard_root: str | None = None
+    """Activation store path or URL, with per-patch labels (default: the store the SAE was trained on)."""
+    layer: int | None = None
+    """Layer, as recorded (-2) or resolved (10) (default: the SAE's)."""
+    val_frac: float | None = None
+    """The held-out fraction of images (default: the SAE's own, from its sweep.csv; else 0.1)."""
+    seed: int | None = None
+    """The split's seed (default: the SAE's data seed)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "--data.", {"layer": ANY, "val_frac": ("in [0, 1)", lambda v: 0 <= v < 1), "seed": SEED})
+
+
+PROBE_CONTROLS = ("pca", "random", "kmeans")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    """Patch probes (docs/probes.md): per class, the latent whose 1-D logistic probe fits its patches best on the
+    training images, and its AP and Purity@k on the held-out images; mAP and Coverage; the same for controls."""
+
+    ckpt: str = "./checkpoints/sae.pt"
+    """SAE checkpoint written by `train` (its provenance names the store and layer)."""
+    dump_to: str = "./probes"
+    """Output folder: probe.json."""
+    data: ProbeDataConfig = dataclasses.field(default_factory=ProbeDataConfig)
+    """Which activations (--data.*); defaults to the checkpoint's."""
+    k: int = 100
+    """Purity@k: the held-out patches ranked highest by the best latent."""
+    tau: float = 0.3
+    """Coverage@tau: the AP a class's best latent must reach."""
+    n_bins: int = 64
+    """Value bins per latent (memory about 24 bytes x latents x bins x classes)."""
+    controls: tuple[Literal["pca", "random", "kmeans"], ...] = PROBE_CONTROLS
+    """Controls probed the same way: pca (principal directions), random (random decoder, TopK support), kmeans."""
+    device: Device = "auto"
+    """Where the SAE runs: auto picks cuda when available."""
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            "--",
+            {"k": AT_LEAST_1, "tau": ("in [0, 1]", lambda v: 0 <= v <= 1), "n_bins": ("at least 8", lambda v: v >= 8)},
+        )
+
+
 def resolve_device(device: Device) -> str:
     """auto -> cuda when available, else cpu. Imports torch lazily (Dagster imports this module)."""
     import torch

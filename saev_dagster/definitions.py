@@ -12,6 +12,7 @@ from saev_core.errors import UserError
 from saev_core.pipeline import file as pipeline_file
 from saev_dagster.assets.activations import build_activations_asset
 from saev_dagster.assets.dropped import build_dropped_assets
+from saev_dagster.assets.probe_metrics import build_probe_metrics_asset
 from saev_dagster.assets.sae_sweep import build_sae_sweep_asset
 from saev_dagster.assets.sources import build_sources
 from saev_dagster.assets.sweep_report import build_sweep_report_asset
@@ -45,6 +46,7 @@ def build_definitions(path: str | None = None, executor: str | None = None) -> d
             build_topk_visuals_asset(layers, pipe.code_version("topk_visuals")),
             build_sweep_report_asset(layers.get_partition_keys(), pipe.code_version("sweep_report")),
             *(build_dropped_assets(pipe.automation.observe_cron) if pipe.watch.folder else []),
+            *([build_probe_metrics_asset(layers, pipe.code_version("probe_metrics"))] if pipe.probe else []),
         ],
         asset_checks=[build_topk_visuals_check(layers)],
         jobs=[

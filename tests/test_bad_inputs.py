@@ -855,6 +855,14 @@ ROWS = [
         "--port 70000",
     ),
     row("ckpt-evaluate-missing-file", lambda w, t, m: Call(["evaluate", "--ckpt", str(t / "none.pt")]), "{t}/none.pt"),
+    row(
+        "vis-probe-store-without-patch-labels",
+        lambda w, t, m: Call(["probe", "--ckpt", str(w.ckpt), "--dump-to", str(t / "p"), "--device", "cpu"]),
+        "{w.store}",
+        "data:seg-folder-dataset",
+    ),
+    row("vis-probe-zero-k", lambda w, t, m: Call(["probe", "--ckpt", str(w.ckpt), "--k", "0"]), "--k 0"),
+    row("vis-probe-tau-above-1", lambda w, t, m: Call(["probe", "--ckpt", str(w.ckpt), "--tau", "2"]), "--tau 2"),
 ]
 # The pickled-object row: torch's own message would say "weights_only ... will likely succeed"; it must not show.
 

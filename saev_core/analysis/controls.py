@@ -157,14 +157,15 @@ def _kmeans_plus_plus(x: Float[torch.Tensor, "n d_vit"], k: int, gen: torch.Gene
     """k-means++ seeding: each next centre drawn with probability proportional to the squared distance to the
     nearest centre so far (k passes of n x d: about one Lloyd round)."""
     sq = (x * x).sum(1)  # [n]
-    chosen = [int(torch.randint(len(x), (1,), generator=gen))]
+    chosen = [int(torch.randint(len(x), (1,), generator=gen))]  # CPU generator, index used on x's device
     nearest = (sq - 2 * (x @ x[chosen[0]]) + sq[chosen[0]]).clamp(min=0)  # [n]
     for _ in range(1, k):
         total = float(nearest.sum())
-        pick = int(torch.multinomial(nearest / total, 1, generator=gen)) if total > 0 else int(nearest.argmax())
+        weights = (nearest / total).cpu()  # the generator is a CPU one, whatever the device
+        pick = int(torch.multinomial(weights, 1, generator=gen)) if total > 0 else int(nearest.argmax())
         chosen.append(pick)
         nearest = torch.minimum(nearest, (sq - 2 * (x @ x[pick]) + sq[pick]).clamp(min=0))
-    return torch.tensor(chosen)
+    return torch.tensor(chosen, device=x.device)
 
 
 def kmeans_nmse(

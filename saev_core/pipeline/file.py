@@ -1,9 +1,9 @@
 """The pipeline file: one TOML describing an experiment, parsed into the same config classes the CLI uses.
 
 Tables: ``[activations]`` (with ``[activations.data]``, whose ``kind`` picks the image source), ``[train]`` and
-``[sweep]``, ``[visuals]``, ``[report]``, ``[checks]``, ``[automation]``, ``[watch]``, ``[demo]``. Keys are the CLI's
-field names; every table is read by ``saev_core.tables.from_table`` into a frozen dataclass. Importing this module
-imports no torch: Dagster reads the file at every code-server start.
+``[sweep]``, ``[visuals]``, ``[report]``, ``[checks]``, ``[automation]``, ``[watch]``, ``[demo]``, ``[probe]``.
+Keys are the CLI's field names; every table is read by ``saev_core.tables.from_table`` into a frozen dataclass.
+Importing this module imports no torch: Dagster reads the file at every code-server start.
 """
 
 import dataclasses
@@ -23,7 +23,7 @@ DATA_KINDS: dict[str, type] = {
     "seg-folder-dataset": config.SegFolderDataset,
     "embedded-seg-dataset": config.EmbeddedSegDataset,
 }
-TABLES = ("activations", "train", "sweep", "visuals", "report", "checks", "automation", "watch", "demo")
+TABLES = ("activations", "train", "sweep", "visuals", "report", "checks", "automation", "watch", "demo", "probe")
 MEMBER_RULES = ("best", "all")
 
 
@@ -74,6 +74,22 @@ class ReportPlan:
     def __post_init__(self) -> None:
         if self.seeds not in (1, 2):
             raise UserError(f"report.seeds = {self.seeds!r}: expected 1 (no retraining) or 2 (one more seed).")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbePlan:
+    """[probe]: patch probes (docs/probes.md) of the chosen members of each layer's sweep; needs a store with
+    per-patch labels. Without the table there is no probe stage."""
+
+    members: str = "best"
+    """"best": the member with the lowest held-out NMSE among those with L0 <= max_l0; "all": every member."""
+    max_l0: float | None = None
+    """The "best" rule's L0 bound (None: no bound)."""
+    probe: config.ProbeConfig = dataclasses.field(default_factory=config.ProbeConfig)
+    """The flags (k, tau, n_bins, controls, device); each member's probe.json goes to <its folder>/probes/."""
+
+    def folder(self, ckpt: str) -> str:
+        return os.path.join(os.path.dirname(ckpt), "probes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +151,8 @@ class Pipeline:
     automation: AutomationPlan = dataclasses.field(default_factory=AutomationPlan)
     watch: WatchPlan = dataclasses.field(default_factory=WatchPlan)
     demo: DemoPlan = dataclasses.field(default_factory=DemoPlan)
+    probe: ProbePlan | None = None
+    """[probe]: patch probes of each layer's chosen members (None: no such table, no probe stage)."""
     n_workers_fanout: int = 1
     """[activations] n_workers_fanout: Dagster records the store's blocks in this many parallel ops (one writer per
     block; the bytes are those of one worker). Not part of any output, so not of any code version."""
@@ -152,6 +170,10 @@ class Pipeline:
             "sae_sweep": [train, sorted(self.sweep.items())],
             "topk_visuals": [visuals],
             "sweep_report": [self.report],
+            "probe_metrics": [
+                self.probe
+                and dataclasses.replace(self.probe, probe=dataclasses.replace(self.probe.probe, device="auto"))
+            ],
         }[stage]
         import hashlib
 
@@ -324,6 +346,7 @@ def load_pipeline(path: str | None = None) -> Pipeline:
         automation=from_table(AutomationPlan(), doc.get("automation", {}), "automation", path),
         watch=from_table(WatchPlan(), doc.get("watch", {}), "watch", path),
         demo=from_table(DemoPlan(), doc.get("demo", {}), "demo", path),
+        probe=_probe_plan(doc["probe"], path) if "probe" in doc else None,
         n_workers_fanout=n_workers_fanout,
     )
     if not activations.vit_layers:
@@ -412,6 +435,23 @@ def _visuals_plan(table: dict, source: str) -> VisualsPlan:
             raise UserError(f"visuals.{key} in {source} is set per member by the pipeline; remove it.")
     cfg = from_table(config.VisualsConfig(), table, "visuals", source)
     return VisualsPlan(members, None if max_l0 is None else float(max_l0), cfg)
+
+
+def _probe_plan(table: dict, source: str) -> ProbePlan:
+    table = dict(table)
+    members = table.pop("members", "best")
+    if members not in MEMBER_RULES:
+        raise UserError(
+            f"probe.members = {members!r} in {source}: expected one of {', '.join(map(repr, MEMBER_RULES))}."
+        )
+    max_l0 = table.pop("max_l0", None)
+    if max_l0 is not None and (not isinstance(max_l0, (int, float)) or isinstance(max_l0, bool) or max_l0 < 0):
+        raise UserError(f"probe.max_l0 = {max_l0!r} in {source}: expected a number >= 0 (the best member's L0 bound).")
+    for key in ("ckpt", "dump_to", "data"):
+        if key in table:
+            raise UserError(f"probe.{key} in {source} is set per member by the pipeline; remove it.")
+    probe = from_table(config.ProbeConfig(), table, "probe", source)
+    return ProbePlan(members, None if max_l0 is None else float(max_l0), probe)
 
 
 def _fanout(value, source: str) -> int:

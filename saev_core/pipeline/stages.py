@@ -1,6 +1,6 @@
 """The pipeline's stages: train a layer's sweep, render the chosen members' visuals, write the report, render a
-dropped SAE file, make the demo's random weights. The CLI's ``pipeline`` command and the Dagster assets both call
-these, so a stage is written once."""
+dropped SAE file, make the demo's random weights, fit the chosen members' patch probes. The CLI's ``pipeline``
+command and the Dagster assets both call these, so a stage is written once."""
 
 import dataclasses
 import os
@@ -8,12 +8,12 @@ import typing
 
 import numpy as np
 
-from saev_core import files
+from saev_core import config, files
 from saev_core.analysis import controls, plots, report
 from saev_core.errors import UserError
 from saev_core.nn import metrics
 from saev_core.pipeline import watch
-from saev_core.pipeline.file import Pipeline, VisualsPlan, check_outputs
+from saev_core.pipeline.file import Pipeline, ProbePlan, VisualsPlan, check_outputs
 from saev_core.record import checkpoints, vit
 from saev_core.store import ActivationStore, loader
 from saev_core.store.tokens import vectors_per_image
@@ -210,7 +210,7 @@ def code_version() -> str:
     return f"saev-dagster {version}" + (f" (git {commit})" if commit else "")
 
 
-def choose_members(plan: VisualsPlan, rows: list[dict], source: str) -> list[dict]:
+def choose_members(plan: VisualsPlan | ProbePlan, rows: list[dict], source: str) -> list[dict]:
     """The sweep rows (``sweep.csv``) that get visuals under the plan's rule."""
     if plan.members == "all":
         return rows
@@ -282,3 +282,37 @@ def prepare_demo_checkpoint(pipe: Pipeline) -> None:
     ref = checkpoints.parse_ckpt(pipe.activations.vit_family, pipe.activations.vit_ckpt, must_exist=False)
     if ref.path is not None and not os.path.exists(ref.path):
         vit.save_random_weights(ref.family, ref.arch, ref.path, seed=pipe.activations.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerProbes:
+    """One layer's patch probes: each chosen member's result, or a note when the store has no patch labels."""
+
+    members: list[tuple[str, typing.Any]]
+    """(member_id, probe_run.ProbeResult) per chosen member."""
+    note: str | None = None
+
+
+def probes_for_layer(pipe: Pipeline, layer: int, sweep_csv: str, show_progress: bool = True) -> LayerProbes:
+    """[probe]: patch probes of the chosen members of one layer's sweep, each into <member folder>/probes/; a note
+    instead when the layer's store has no per-patch labels."""
+    from saev_core.analysis import probe_run, probes
+
+    if pipe.probe is None:
+        raise UserError(f"{pipe.path} has no [probe] table; add one to fit patch probes.")
+    rows = results.read_sweep_csv(sweep_csv).to_dict("records")
+    store = ActivationStore.open(rows[0]["data.shard_root"])
+    if not store.patch_class_names:
+        return LayerProbes(
+            [], f"no patch probes: the store {store.path} has no per-patch labels; {probes.NO_LABELS_FIX}"
+        )
+    done = []
+    for row in choose_members(pipe.probe, rows, sweep_csv):
+        cfg = dataclasses.replace(
+            pipe.probe.probe,
+            ckpt=row["ckpt"],
+            dump_to=pipe.probe.folder(row["ckpt"]),
+            data=config.ProbeDataConfig(val_frac=float(row["data.val_frac"]), seed=int(row["seed"])),
+        )
+        done.append((row["member_id"], probe_run.run_probes(cfg, show_progress)))
+    return LayerProbes(done)

@@ -758,3 +758,47 @@ def test_the_dagster_load_refuses_a_bad_table_naming_file_and_key(pipeline_file,
     with pytest.raises(PipelineFileError) as err:
         build_definitions(str(bad))
     assert str(bad) in str(err.value) and named in str(err.value), str(err.value)
+
+
+def _plant_patch_labels(store_path: str) -> None:
+    """Per-patch labels written into a recorded store (stand-in until recording from segmentation masks lands):
+    the layout ``ActivationStore.patch_labels`` reads."""
+    import numpy as np
+    import zarr
+
+    store = ActivationStore.open(store_path)
+    n_patches = store.n_tokens - int(store.metadata["cls_token"])
+    labels = np.random.default_rng(0).integers(0, 3, size=(store.n_imgs, n_patches))
+    arr = zarr.open_group(store_path, mode="r+").create_array("patch_labels", shape=labels.shape, dtype="int16")
+    arr[:] = labels
+    arr.attrs["class_names"] = ["unlabelled", "a", "b"]
+
+
+def test_probe_metrics_exists_with_a_probe_table_and_notes_a_store_without_labels(pipeline_file, tmp_path):
+    assert "probe_metrics" not in {a.key.to_user_string() for a in build_definitions().assets}
+    pipeline_file.write_text(pipeline_file.read_text() + '\n[probe]\nmembers = "best"\nk = 5\ndevice = "cpu"\n')
+    defs = build_definitions()
+    (asset,) = [a for a in defs.assets if a.key.to_user_string() == "probe_metrics"]
+    assert asset.op.compute_fn.decorated_fn.fails_cleanly  # a UserError inside is a clean failure
+    instance = dg.DagsterInstance.ephemeral()
+    assert _materialize_all_layers(instance, defs=defs).success
+    assert _materialize_sweep(instance, "-1").success
+    (mat,) = materialize(defs, ["probe_metrics"], instance, partition_key="-1").asset_materializations_for_node(
+        "probe_metrics"
+    )
+    assert mat.metadata["n_members"].value == 0 and "data:seg-folder-dataset" in mat.metadata["note"].value
+
+    store_path = next(str(p) for p in (tmp_path / "acts").iterdir() if p.is_dir())
+    _plant_patch_labels(store_path)
+    (mat,) = materialize(defs, ["probe_metrics"], instance, partition_key="-1").asset_materializations_for_node(
+        "probe_metrics"
+    )
+    assert mat.metadata["n_members"].value == 1 and 0.0 <= mat.metadata["map"].value <= 1.0
+    path = next(v.value for k, v in mat.metadata.items() if k.startswith("probe_json_"))
+    doc = json.loads(open(path).read())
+    assert doc["map"] == pytest.approx(mat.metadata["map"].value) and set(doc["controls"]) == {
+        "pca",
+        "random",
+        "kmeans",
+    }
+    assert path.startswith(str(tmp_path / "ckpts" / "layer_-1"))

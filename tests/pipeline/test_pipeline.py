@@ -168,3 +168,31 @@ def test_ids_that_pandas_would_read_as_numbers_stay_member_ids(tmp_path):
     csv = tmp_path / "sweep.csv"
     csv.write_text("member_id,l0\n012345678901,1\n12e456789012,2\n")
     assert list(results.read_sweep_csv(str(csv))["member_id"]) == ["012345678901", "12e456789012"]
+
+
+def test_the_probe_table_is_optional_and_checked(tmp_path):
+    acts = '[activations]\nvit_ckpt = "ViT-B-32/openai"\n'
+    assert pipeline_file.load_pipeline(write(tmp_path, acts)).probe is None
+    pipe = pipeline_file.load_pipeline(write(tmp_path, acts + '[probe]\nmembers = "all"\nk = 7\ncontrols = ["pca"]\n'))
+    assert pipe.probe.members == "all" and pipe.probe.probe.k == 7 and pipe.probe.probe.controls == ("pca",)
+    assert pipe.probe.folder("/c/layer_0/m1/sae.pt") == "/c/layer_0/m1/probes"
+    for table, message in [
+        ('members = "some"', r"probe.members = 'some' .*'best', 'all'"),
+        ("tau = 2.0", r"--tau 2.0 must be in \[0, 1\]"),
+        ('dump_to = "x"', r"probe.dump_to .* set per member"),
+        ("kk = 3", r"Unknown key"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            pipeline_file.load_pipeline(write(tmp_path, acts + f"[probe]\n{table}\n"))
+
+
+def test_the_pipeline_command_runs_the_probe_stage_and_notes_a_store_without_labels(tmp_path, tiny_clip_ckpt, capsys):
+    from saev_core.__main__ import main
+    from tests.helpers import tiny_pipeline_text, write_images
+
+    write_images(tmp_path / "imgs", 6)
+    path = tmp_path / "p.toml"
+    path.write_text(tiny_pipeline_text(tmp_path, tiny_clip_ckpt, [-1]) + '\n[probe]\nmembers = "best"\n')
+    assert main(["pipeline", "--path", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: layer -1: no patch probes: the store" in err and "data:seg-folder-dataset" in err
