@@ -11,7 +11,7 @@ import pandas as pd
 
 from saev_core import config
 from saev_core.analysis import controls, plots
-from saev_core.files import atomic_write_bytes, is_url
+from saev_core.files import atomic_write_bytes, is_url, read_json
 from saev_core.nn import metrics
 
 SHORT_RUN_STEPS = 1_000
@@ -58,7 +58,7 @@ def layer_report(
 ) -> LayerReport:
     """One layer's report from its sweep table with controls; ``splice`` maps ``ckpt`` to a ``splice.SpliceResult``
     and ``seeds`` is the chosen member's seed-consistency result (``seeds.SeedConsistency`` as a dict)."""
-    table = sweep.table.copy()
+    table = with_probe_columns(sweep.table.copy())
     chosen = metrics.best_member(table.to_dict("records"), max_l0)
     if splice is not None:
         for column, field in SPLICE_COLUMNS.items():
@@ -75,6 +75,33 @@ def layer_report(
     )
     lines = verdict(table, chosen, max_l0, facts, seeds)
     return LayerReport(layer, table, chosen, sweep.pca, png, lines, list(sweep.notes))
+
+
+PROBE_COLUMNS = ["map", "coverage", "pca_map", "random_map", "kmeans_map"]
+"""From a member's probes/probe.json (``analysis.probe_run``): its patch probes' mAP and Coverage@tau, and each
+control's mAP."""
+
+
+def probe_json_path(ckpt: str) -> str:
+    """Where the probe stage ([probe], ``pipeline.stages.probes_for_layer``) writes a member's probe.json."""
+    return os.path.join(os.path.dirname(ckpt), "probes", "probe.json")
+
+
+def with_probe_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with ``PROBE_COLUMNS`` when any member has a probe.json (NaN for the others)."""
+    docs = [read_json(probe_json_path(c)) if isinstance(c, str) else None for c in table["ckpt"]]
+    if not any(docs):
+        return table
+    table["map"] = [_num(d, "map") for d in docs]
+    table["coverage"] = [_num(d, "coverage") for d in docs]
+    for name in ("pca", "random", "kmeans"):
+        table[f"{name}_map"] = [_num((d or {}).get("controls", {}).get(name), "map") for d in docs]
+    return table
+
+
+def _num(doc: dict | None, key: str) -> float:
+    value = None if doc is None else doc.get(key)
+    return math.nan if value is None else float(value)
 
 
 SPLICE_COLUMNS = {"splice_cos": "cos_sae", "splice_cos_zero": "cos_zero", "splice_gap_recovered": "gap_recovered"}
@@ -185,6 +212,18 @@ def verdict(
     lines.append(
         length + (f": **short** (under {SHORT_RUN_STEPS:,} steps), so these numbers are provisional." if short else ".")
     )
+    if chosen.get("map", math.nan) == chosen.get("map", math.nan) and "map" in chosen:
+        others = [
+            f"{name} {chosen[f'{key}_map']:.3f}"
+            for key, name in (("pca", "PCA"), ("random", "random atoms"), ("kmeans", "k-means"))
+            if chosen.get(f"{key}_map", math.nan) == chosen.get(f"{key}_map", math.nan)
+        ]
+        lines.append(
+            f"Patch probes: mAP {chosen['map']:.3f}"
+            + (f" (controls: {', '.join(others)})" if others else "")
+            + f"; coverage {chosen['coverage']:.0%} (classes whose best latent reaches AP >= [probe] tau; "
+            "docs/probes.md)."
+        )
     if seeds:
         lines.append(
             f"Seed consistency: retrained with seed {seeds['other_seed']}, its decoder atoms match this run's with "
@@ -301,6 +340,7 @@ REPORT_COLUMNS = [
     "frac_dead_train",
     "frac_dead_heldout",
     "frac_dense",
+    *PROBE_COLUMNS,
     *SPLICE_COLUMNS,
     "ckpt",
 ]
@@ -324,6 +364,9 @@ GLOSSARY = {
     "(the one definition of dead: docs/training.md)",
     "frac_dead_heldout": "latents that fired on no held-out vector (a rare latent can be silent there and alive)",
     "frac_dense": f"latents firing on over {metrics.DENSE_FREQ:.0%} of held-out vectors",
+    "map / coverage": "patch probes ([probe], docs/probes.md): mean over classes of the held-out AP of each class's "
+    "best 1-D latent probe; the share of classes whose best latent reaches AP >= tau",
+    "pca_map / random_map / kmeans_map": "the same mAP with the controls' directions as latents",
     "splice_*": "splice-in fidelity: cosine of the ViT's final embedding with the layer replaced by the "
     "reconstruction (splice_cos) or by zeros (splice_cos_zero), and the gap recovered",
     "ckpt": "the member's checkpoint, relative to this report",

@@ -22,16 +22,20 @@ COLUMNS = [
     ("gain_vs_random", "float"),
     ("l0", "float"),
     ("frac_dead_train", "float"),
+    ("map", "float"),
+    ("coverage", "float"),
+    ("pca_map", "float"),
+    ("random_map", "float"),
     ("splice_cos", "float"),
     ("splice_gap_recovered", "float"),
     ("chosen", "bool"),
 ]
 
 
-def build_sweep_report_asset(layers: list[str], code_version: str) -> dg.AssetsDefinition:
+def build_sweep_report_asset(layers: list[str], code_version: str, probes: bool = False) -> dg.AssetsDefinition:
     @dg.asset(
         name="sweep_report",
-        deps=["sae_sweep", "topk_visuals"],
+        deps=["sae_sweep", "topk_visuals", *(["probe_metrics"] if probes else [])],
         **stage_asset_kwargs("report", {"pandas", "markdown"}, code_version),
         description="A verdict per layer in plain words, every sweep member of every layer beside its controls (PCA "
         "and the random-decoder control at matched L0, k-means), the chosen member per layer ([report] rule), and "
