@@ -86,7 +86,7 @@ def report_members(results) -> None:
 
 def stage_line(label: str, seconds: float, figure: str) -> None:
     """The pipeline's one line per stage: what ran, how long it took, its key figure."""
-    print(f"{label:<18} {seconds:6.1f} s  {figure}", flush=True)
+    print(f"{label:<20} {seconds:6.1f} s  {figure}", flush=True)
 
 
 def run_pipeline(cmd: RunPipeline) -> str:
@@ -116,7 +116,7 @@ def run_pipeline(cmd: RunPipeline) -> str:
         atomic_write_bytes(png, sweep.l0_vs_nmse_png)
         best = metrics.best_member(sweep.table.to_dict("records"))
         figure = (
-            f"best NMSE {best['nmse']:.4f} at L0 {best['l0']:.1f} ({best['member_id']})" if best else "no finite NMSE"
+            f"lowest NMSE {best['nmse']:.4f} at L0 {best['l0']:.1f} ({best['member_id']})" if best else "no finite NMSE"
         )
         stage_line(f"sae_sweep[{layer}]", time.monotonic() - start, f"{len(sweep.results)} members; {figure}")
         print(f"  sweep: {sweep.csv_path}\n  plot: {png}")

@@ -27,12 +27,12 @@ ASSET_JOB = "__ASSET_JOB"
 
 
 def run_config() -> dict:
-    """Every demo run's config: the console logger shows warnings and errors only (the rest is in the UI and the log
-    file), the steps draw progress bars, and with Dagster's default executor the steps run in the run's own
-    process (the multiprocess default starts a Python process per step: seconds each, for no parallelism on the
-    demo's one recording op)."""
+    """Every demo run's config: the console logger shows errors only (everything is in the UI and the log file;
+    saev_core's own warnings still print, once), the steps draw progress bars, and with Dagster's default executor
+    the steps run in the run's own process (the multiprocess default starts a Python process per step: seconds
+    each, for no parallelism on the demo's one recording op)."""
     config = {
-        "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+        "loggers": {"console": {"config": {"log_level": "ERROR"}}},
         "resources": {"saev_pipeline": {"config": {"show_progress": True}}},
     }
     if os.environ.get("SAEV_DAGSTER_EXECUTOR", "multiprocess") == "multiprocess":
@@ -77,7 +77,7 @@ class Demo:
         return time.monotonic() - start, materializations(self.instance, run.run_id)
 
     def line(self, seconds: float, label: str, figure: str) -> None:
-        self.say(f"{label:<18} {seconds:6.1f} s  {figure}")
+        self.say(f"{label:<20} {seconds:6.1f} s  {figure}")
 
 
 def run(pipeline_path: str | None, home: str, say=print) -> None:
@@ -100,7 +100,7 @@ def run(pipeline_path: str | None, home: str, say=print) -> None:
     start = time.monotonic()
     observed = observe_sources(defs, instance)
     changed = ", ".join(e.asset_key.to_user_string() for e in observed) or "nothing"
-    say(f"{'sources':<18} {time.monotonic() - start:6.1f} s  observed without a run; new data versions: {changed}")
+    say(f"{'sources':<20} {time.monotonic() - start:6.1f} s  observed without a run; new data versions: {changed}")
 
     with Workspace(instance, WORKSPACE) as workspace:
         demo = Demo(workspace, os.path.join(os.environ["DAGSTER_HOME"], LOG_FILE), say)
@@ -116,7 +116,7 @@ def run(pipeline_path: str | None, home: str, say=print) -> None:
             demo.line(
                 seconds,
                 f"sae_sweep[{layer}]",
-                f"{meta['n_members']} members; best NMSE {meta['best_nmse']:.4f} at L0 {meta['best_l0']:.1f} "
+                f"{meta['n_members']} members; lowest NMSE {meta['best_nmse']:.4f} at L0 {meta['best_l0']:.1f} "
                 f"({meta['best_member']})",
             )
             seconds, (mat,) = demo.stage(

@@ -590,7 +590,7 @@ def test_the_demo_prints_one_line_per_stage_and_its_runs_are_the_code_locations(
         "img/s" in stages[f"activations[{', '.join(layers)}]"] and "MB" in stages[f"activations[{', '.join(layers)}]"]
     )
     assert all(
-        "best NMSE" in stages[f"sae_sweep[{layer}]"] and "L0" in stages[f"sae_sweep[{layer}]"] for layer in layers
+        "lowest NMSE" in stages[f"sae_sweep[{layer}]"] and "L0" in stages[f"sae_sweep[{layer}]"] for layer in layers
     )
     galleries = [line.split(": ", 1)[1] for line in out if line.strip().startswith("gallery (")]
     assert len(galleries) == 2 * len(LAYERS) and all(os.path.isfile(g) for g in galleries)  # members = "all"

@@ -32,7 +32,7 @@ def test_the_pipeline_command_prints_one_line_per_stage_with_its_figures(tmp_pat
         sweep = pd.read_csv(tmp_path / "ckpts" / f"layer_{layer}" / "sweep.csv")
         best = sweep.loc[sweep["nmse"].idxmin()]
         assert stages[f"sae_sweep[{layer}]"] == (
-            f"2 members; best NMSE {best['nmse']:.4f} at L0 {best['l0']:.1f} ({best['member_id']})"
+            f"2 members; lowest NMSE {best['nmse']:.4f} at L0 {best['l0']:.1f} ({best['member_id']})"
         )
     assert len([line for line in out if line.strip().startswith("gallery (")]) == 2 * len(LAYERS)  # members = "all"
     assert len(out) < 40
