@@ -53,6 +53,7 @@ def build_observation_sensor(observe_cron: str) -> dg.SensorDefinition:
             return dg.SkipReason(f"no observe_cron tick ({observe_cron}) since the last look")
         events, new = changes(saev_pipeline.load(), context.instance, on_watch_error=context.log.warning)
         return dg.SensorResult(
+            skip_reason=None if events or new else "no source changed (stat only)",
             asset_events=events,
             dynamic_partitions_requests=[SAE_FILES.build_add_request(new)] if new else None,
             cursor=str(tick),
