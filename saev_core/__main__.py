@@ -87,37 +87,70 @@ def report_members(results) -> None:
         )
 
 
+def stage_line(label: str, seconds: float, figure: str) -> None:
+    """The pipeline's one line per stage: what ran, how long it took, its key figure."""
+    print(f"{label:<20} {seconds:6.1f} s  {figure}", flush=True)
+
+
 def run_pipeline(cmd: RunPipeline) -> str:
+    """Every stage of the pipeline file, one line each (progress bars and warnings on stderr; INFO logs are off)."""
+    import time
+
+    from saev_core.nn import metrics
     from saev_core.pipeline import file as pipeline_file
     from saev_core.pipeline import stages
+    from saev_core.record import recording
 
+    logging.getLogger().setLevel(logging.WARNING)
     pipe = pipeline_file.load_pipeline(cmd.path)
     stages.prepare_demo_checkpoint(pipe)
-    store_path = run_activations(pipe.activations)
-    print(store_path)
+    start = time.monotonic()
+    rec = recording.record_activations(pipe.activations)
+    figure = (
+        f"{rec.bytes_written / 1e6:.1f} MB at {rec.imgs_per_s:.1f} img/s"
+        if rec.n_imgs_written
+        else "complete store reused"
+    )
+    stage_line(f"activations[{', '.join(map(str, rec.layers))}]", time.monotonic() - start, f"{figure}: {rec.path}")
     csvs = {}
     for layer in pipe.activations.vit_layers:
-        sweep = stages.train_layer(pipe, layer, store_path)
+        start = time.monotonic()
+        sweep = stages.train_layer(pipe, layer, rec.path)
         csvs[layer] = sweep.csv_path
-        report_members(sweep.results)
+        png = os.path.join(os.path.dirname(sweep.csv_path), "l0_vs_nmse.png")
+        atomic_write_bytes(png, sweep.l0_vs_nmse_png)
+        best = metrics.best_member(sweep.table.to_dict("records"))
+        figure = (
+            f"lowest NMSE {best['nmse']:.4f} at L0 {best['l0']:.1f} ({best['member_id']})" if best else "no finite NMSE"
+        )
+        stage_line(f"sae_sweep[{layer}]", time.monotonic() - start, f"{len(sweep.results)} members; {figure}")
+        print(f"  sweep: {sweep.csv_path}\n  plot: {png}")
         for problem in sweep.health.errors:
             print(f"error: layer {layer}: {problem}", file=sys.stderr)
         for problem in sweep.health.warnings:
             print(f"warning: layer {layer}: {problem}", file=sys.stderr)
-        png = os.path.join(os.path.dirname(sweep.csv_path), "l0_vs_nmse.png")
-        atomic_write_bytes(png, sweep.l0_vs_nmse_png)
-        print(sweep.csv_path)
-        print(png)
-        for member in stages.visuals_for_layer(pipe, layer, sweep.csv_path):
-            print(member.result.index_html)
+        start = time.monotonic()
+        members = stages.visuals_for_layer(pipe, layer, sweep.csv_path)
+        n_latents = sum(len(m.result.latents) for m in members)
+        stage_line(
+            f"topk_visuals[{layer}]", time.monotonic() - start, f"{n_latents} latents of {len(members)} member(s)"
+        )
+        for member in members:
+            print(f"  gallery ({member.member_id}): {member.result.index_html}")
         if pipe.probe is not None:
+            start = time.monotonic()
             probed = stages.probes_for_layer(pipe, layer, sweep.csv_path)
             if probed.note:
                 print(f"warning: layer {layer}: {probed.note}", file=sys.stderr)
+            maps = ", ".join(f"mAP {result.sae.map:.3f} ({member})" for member, result in probed.members)
+            stage_line(f"probe_metrics[{layer}]", time.monotonic() - start, maps or "no patch labels")
             for _, result in probed.members:
-                print(result.path)
-    report_path, _ = stages.sweep_report(pipe, csvs)
-    print(report_path)
+                print(f"  probes: {result.path}")
+    start = time.monotonic()
+    report_path, reports = stages.sweep_report(pipe, csvs)
+    found = sum("**Structure found**" in line for rep in reports for line in rep.verdict)
+    stage_line("sweep_report", time.monotonic() - start, f"structure found in {found} of {len(reports)} layers")
+    print(f"  report: {report_path}")
     return pipe.train.ckpt_path
 
 

@@ -1,12 +1,13 @@
-"""One automation sensor over everything, sources included (without them nothing is observed). It is RUNNING by
-default: a user who replaces a checkpoint expects the re-run without looking for a switch."""
+"""One automation sensor over every asset (the observation sensor, ``saev_dagster.observation``, observes the
+sources). It is RUNNING by default: a user who replaces a checkpoint expects the re-run without looking for a
+switch."""
 
 import dagster as dg
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "saev_automation",
-    target=dg.AssetSelection.all(include_sources=True),
+    target=dg.AssetSelection.all(),
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Observes the ViT checkpoint and the images on [automation] observe_cron and re-runs what they make "
-    "stale, downstream in dependency order (blocking checks first).",
+    description="Re-runs what new observations of the ViT checkpoint, the images or the [watch] folder make stale, "
+    "downstream in dependency order (blocking checks first).",
 )

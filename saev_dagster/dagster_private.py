@@ -2,8 +2,8 @@
 that moves one breaks this import and nothing else. Each was looked for in dagster 1.13's public API (the names
 ``import dagster`` exports, and the API docs) and is not there.
 
-Not here on purpose: Dagster's private ``observe`` (an in-process observation run). It is an asset job over the
-sources executed in process, all public API, so ``assets.sources.observe_sources`` does that instead.
+Not here on purpose: Dagster's private ``observe`` (an in-process observation run). The sources are observed by a
+sensor that reports runless events (``DagsterInstance.report_runless_asset_event``, public), so no run is needed.
 """
 
 # The tag under which an observation carries its data version ("dagster/data_version"). An observation run writes it
@@ -18,4 +18,30 @@ sources executed in process, all public API, so ``assets.sources.observe_sources
 from dagster._config import process_config
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
-__all__ = ["DATA_VERSION_TAG", "process_config"]
+# Launching a run of the workspace's code location from Python, as the UI does (`saev_dagster.launch`): load the
+# workspace file like `dagster dev` (a managed code server), pick a job subset by asset selection, and create the
+# run with the code location's origin so it shows on the Jobs page and the timeline. Public and missing: the
+# public launchers (`execute_job`, `materialize`, `execute_in_process`) create runs without a code location origin,
+# and `DagsterGraphQLClient` needs a running webserver.
+from dagster._core.definitions.selector import JobSubsetSelector
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import WorkspaceFileTarget
+
+# The latest tick of a cron string at or before a time (the observation sensor observes once per [automation]
+# observe_cron tick). Public and missing: cron schedules are public, but no function that evaluates a cron string
+# is exported; Dagster's own is used so the sensor reads a cron exactly as a schedule would.
+from dagster._utils.schedules import get_latest_completed_cron_tick
+
+
+def latest_cron_tick(cron: str, now):
+    return get_latest_completed_cron_tick(cron, now, "UTC")
+
+
+__all__ = [
+    "DATA_VERSION_TAG",
+    "JobSubsetSelector",
+    "WorkspaceFileTarget",
+    "WorkspaceProcessContext",
+    "latest_cron_tick",
+    "process_config",
+]

@@ -6,6 +6,8 @@ cron and the code versions, and handed to every asset, check and source as the `
 file fails the load with one message naming the file and the key.
 """
 
+import warnings
+
 import dagster as dg
 
 from saev_core.errors import UserError
@@ -19,11 +21,17 @@ from saev_dagster.assets.sweep_report import build_sweep_report_asset
 from saev_dagster.assets.topk_visuals import build_topk_visuals_asset, build_topk_visuals_check
 from saev_dagster.automation import automation_sensor
 from saev_dagster.deployment import choose_executor, io_manager_resources
+from saev_dagster.observation import build_observation_sensor
 from saev_dagster.partitions import layer_partitions
 from saev_dagster.resources import SaevPipeline
 
 LAYER_JOB = "layer_assets"
 REPORT_JOB = "sweep_report_job"
+
+# layer_assets holds activations (single-run backfills) with the per-layer assets; Dagster warns, in every process
+# that loads the code location, that a backfill of the whole job would take one partition per run. Backfills go
+# through the assets' own policies, so the warning says nothing here.
+warnings.filterwarnings("ignore", message=f"Asset job {LAYER_JOB} materializes assets with varying BackfillPolicies")
 
 
 class PipelineFileError(Exception):
@@ -40,14 +48,14 @@ def build_definitions(path: str | None = None, executor: str | None = None) -> d
     layers = layer_partitions(pipe.activations.vit_layers)
     return dg.Definitions(
         assets=[
-            *build_sources(pipe.automation.observe_cron),
+            *build_sources(),
             build_activations_asset(layers, pipe.code_version("activations"), pipe.activations.device),
             build_sae_sweep_asset(layers, pipe.code_version("sae_sweep")),
             build_topk_visuals_asset(layers, pipe.code_version("topk_visuals")),
             build_sweep_report_asset(
                 layers.get_partition_keys(), pipe.code_version("sweep_report"), probes=pipe.probe is not None
             ),
-            *(build_dropped_assets(pipe.automation.observe_cron) if pipe.watch.folder else []),
+            *(build_dropped_assets() if pipe.watch.folder else []),
             *([build_probe_metrics_asset(layers, pipe.code_version("probe_metrics"))] if pipe.probe else []),
         ],
         asset_checks=[build_topk_visuals_check(layers)],
@@ -63,7 +71,7 @@ def build_definitions(path: str | None = None, executor: str | None = None) -> d
                 description="The sweep report over every layer.",
             ),
         ],
-        sensors=[automation_sensor],
+        sensors=[automation_sensor, build_observation_sensor(pipe.automation.observe_cron)],
         resources={"saev_pipeline": SaevPipeline(path=path), **io_manager_resources()},
         executor=choose_executor(executor),
     )

@@ -1,6 +1,8 @@
-"""Dagster metadata helpers: inline PNGs (Dagster has no image metadata type), lineage through metadata, tables."""
+"""Dagster metadata helpers: inline PNGs (Dagster has no image metadata type), lineage through metadata, tables,
+numbers the Plots tab can chart."""
 
 import base64
+import math
 
 import dagster as dg
 
@@ -64,3 +66,28 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> dg.TableMetadataV
         for row in rows
     ]
     return dg.MetadataValue.table(records, schema=schema)
+
+
+def rounded(value, digits: int = 4) -> dg.MetadataValue | None:
+    """A float as Dagster metadata with ``digits`` significant digits (the UI shows every digit it is given); None
+    for a missing or non-finite value."""
+    if value is None or not math.isfinite(float(value)):
+        return None
+    return dg.MetadataValue.float(float(f"{float(value):.{digits}g}"))
+
+
+def member_figures(sweep) -> dict:
+    """A sweep's numbers as numeric metadata, so the asset's Plots tab charts them run after run: ``best_nmse`` and
+    ``best_l0`` (of the member with the lowest held-out NMSE, ``nn.metrics.best_member``, named in ``best_member``),
+    and ``nmse/<member_id>``, ``l0/<member_id>`` for every member. ``sweep``: the sweep.csv table (pandas)."""
+    from saev_core.nn import metrics
+
+    rows = sweep.to_dict("records")
+    best = metrics.best_member(rows)
+    figures = {}
+    if best is not None:
+        figures = {"best_nmse": rounded(best["nmse"]), "best_l0": rounded(best["l0"]), "best_member": best["member_id"]}
+    for row in rows:
+        for name in ("nmse", "l0"):
+            figures[f"{name}/{row['member_id']}"] = rounded(row.get(name))
+    return {k: v for k, v in figures.items() if v is not None}

@@ -9,6 +9,9 @@ class SaevPipeline(dg.ConfigurableResource):
     path: str = ""
     """Pipeline file; empty means $SAEV_PIPELINE, else the embedded demo pipeline."""
 
+    show_progress: bool = False
+    """Draw progress bars on the run's stderr (the demo's terminal); off for runs whose stderr only the UI shows."""
+
     def load(self):
         """The parsed ``saev_core.pipeline.Pipeline``. A bad file raises ``UserError`` naming file and key, which the
         body that calls this turns into a clean failure (``user_errors_fail_cleanly``)."""

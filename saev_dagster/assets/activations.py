@@ -42,7 +42,9 @@ def build_activations_asset(
 
         layers = layers_of(context.partition_keys)
         pipe = saev_pipeline.load()
-        context.log_event(as_observation("vit_checkpoint", observe_checkpoint(pipe)))  # makes [demo] random weights
+        context.log_event(
+            as_observation("vit_checkpoint", observe_checkpoint(pipe, context.instance))
+        )  # makes [demo] random weights
         context.log_event(as_observation("image_source", observe_images(pipe)))
         cfg = pipe.activations_for(layers, **config.overrides())
         path = recording.create_store(cfg)
@@ -63,7 +65,7 @@ def build_activations_asset(
         cfg = saev_pipeline.load().activations_for(tuple(job["layers"]), **job["overrides"])
         part = (job["part"], job["n"]) if job["n"] > 1 else None
         result = recording.record_activations(
-            cfg, show_progress=False, part=part, on_progress=_progress_logger(context)
+            cfg, show_progress=saev_pipeline.show_progress, part=part, on_progress=_progress_logger(context)
         )
         return {**job, "result": result, "end": time.time()}
 

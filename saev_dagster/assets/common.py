@@ -1,5 +1,6 @@
 """What every asset of the pipeline shares, written once: its stage tag and group, its kinds, its owners, the GPU
-pool of the heavy ones, and when it is brought up to date (eagerly after its upstream; sources on a cron)."""
+pool of the heavy ones, and when it is brought up to date (eagerly after its upstream; sources are observed by the
+observation sensor, ``saev_dagster.observation``)."""
 
 import dagster as dg
 
@@ -27,12 +28,7 @@ def stage_asset_kwargs(
     return kwargs
 
 
-def source_asset_kwargs(stage: str, kinds: set[str], observe_cron: str, *, group: str | None = None) -> dict:
-    """Keyword arguments for ``dg.observable_source_asset``: tagged and grouped as a stage asset, observed on the
-    pipeline's [automation] observe_cron."""
-    return {
-        "group_name": group or stage,
-        "kinds": kinds,
-        "tags": {"stage": stage},
-        "automation_condition": dg.AutomationCondition.cron_tick_passed(observe_cron),
-    }
+def source_asset_kwargs(stage: str, kinds: set[str], *, group: str | None = None) -> dict:
+    """Keyword arguments for ``dg.observable_source_asset``: tagged and grouped as a stage asset. No automation
+    condition: an automated observation would be a run per cron tick, so the observation sensor observes them."""
+    return {"group_name": group or stage, "kinds": kinds, "tags": {"stage": stage}}

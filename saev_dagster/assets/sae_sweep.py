@@ -4,10 +4,12 @@ import dagster as dg
 
 from saev_dagster.assets.common import stage_asset_kwargs
 from saev_dagster.failures import user_errors_fail_cleanly
-from saev_dagster.metadata import latest_store_path, png_markdown, table
+from saev_dagster.metadata import latest_store_path, member_figures, png_markdown, table
 from saev_dagster.resources import SaevPipeline
 
 CHECK = "sweep_is_healthy"
+PLOT = "plot: L0 vs NMSE (PNG)"
+"""The one picture that must stay markdown (Dagster has no image metadata): its key says what the link shows."""
 MEMBER_COLUMNS = [
     ("member_id", "string"),
     ("sae.arch", "string"),
@@ -53,17 +55,22 @@ def build_sae_sweep_asset(partitions_def: dg.PartitionsDefinition, code_version:
         pipe = saev_pipeline.load()
         store_path = latest_store_path(context, context.partition_key)
         sweep = stages.train_layer(
-            pipe, layer, store_path, show_progress=False, on_log=_log_to(context), on_note=context.log.warning
+            pipe,
+            layer,
+            store_path,
+            show_progress=saev_pipeline.show_progress,
+            on_log=_log_to(context),
+            on_note=context.log.warning,
         )
         columns = [c for c in MEMBER_COLUMNS if c[0] in sweep.table]
         return dg.MaterializeResult(
             metadata={
                 "members": table(sweep.table.to_dict("records"), columns),
-                "l0_vs_nmse": png_markdown(sweep.l0_vs_nmse_png, "L0 vs NMSE"),
+                PLOT: png_markdown(sweep.l0_vs_nmse_png, "L0 vs NMSE"),
                 "sweep_csv": dg.MetadataValue.path(sweep.csv_path),
                 "store_path": dg.MetadataValue.path(store_path),
                 "n_members": len(sweep.results),
-                "best_nmse": float(sweep.table["nmse"].min()),
+                **member_figures(sweep.table),
             },
             check_results=[health_check_result(sweep.health)],
         )

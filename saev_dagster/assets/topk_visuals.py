@@ -26,18 +26,18 @@ def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_versi
         layer = int(context.partition_key)
         pipe = saev_pipeline.load()
         sweep_csv = latest_materialization_value(context, "sae_sweep", context.partition_key, "sweep_csv")
-        members = stages.visuals_for_layer(pipe, layer, sweep_csv, show_progress=False)
+        members = stages.visuals_for_layer(pipe, layer, sweep_csv, show_progress=saev_pipeline.show_progress)
         metadata = {
             "n_members": len(members),
             "n_latents": sum(len(m.result.latents) for m in members),
-            "n_images": sum(m.result.n_images for m in members),
+            "n_heatmaps": sum(m.result.n_images for m in members),
         }
         for m in members:
-            metadata[f"gallery_{m.member_id}"] = dg.MetadataValue.path(m.result.index_html)
-            metadata[f"preview_{m.member_id}"] = png_markdown(
+            metadata[f"gallery/{m.member_id}"] = dg.MetadataValue.path(m.result.index_html)
+            metadata[f"preview: top images of 4 latents, {m.member_id} (PNG)"] = png_markdown(
                 gallery.preview_grid(m.result.dump_to, m.result.latents[:4], 6), f"top images of {m.member_id}"
             )
-            metadata[f"explore_{m.member_id}"] = (
+            metadata[f"explore/{m.member_id}"] = (
                 f"python -m saev_core explore --visuals {m.result.dump_to} --sweep {sweep_csv.rsplit('/', 1)[0]}"
             )
             context.log.info(f"{m.member_id}: {len(m.result.latents)} latents -> {m.result.index_html}")

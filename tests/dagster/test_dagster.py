@@ -4,6 +4,7 @@ materializes with its checks."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,11 +16,12 @@ import dagster as dg
 import pytest
 
 from saev_core.store import ActivationStore
-from saev_dagster.assets.sources import observe_sources
 from saev_dagster.definitions import PipelineFileError, build_definitions
+from saev_dagster.observation import observe_sources
 from tests.helpers import tiny_pipeline_text, write_images
 
 LAYERS = [0, -1]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture
@@ -112,7 +114,16 @@ def test_asset_graph_of_the_demo_pipeline():
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("activations")).parent_keys}
     assert parents == {"vit_checkpoint", "image_source"}
 
-    assert keys == {"vit_checkpoint", "image_source", "activations", "sae_sweep", "topk_visuals", "sweep_report"}
+    assert keys == {
+        "vit_checkpoint",
+        "image_source",
+        "activations",
+        "sae_sweep",
+        "topk_visuals",
+        "sweep_report",
+        "sae_checkpoints",  # the demo watches a folder
+        "dropped_sae_visuals",
+    }
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("topk_visuals")).parent_keys} == {"sae_sweep"}
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("sweep_report")).parent_keys} == {
         "sae_sweep",
@@ -127,6 +138,8 @@ def test_asset_graph_of_the_demo_pipeline():
         "sae_sweep": "training",
         "topk_visuals": "visuals",
         "sweep_report": "report",
+        "sae_checkpoints": "dropped",
+        "dropped_sae_visuals": "dropped",
     }
     sweep = defs.resolve_assets_def("sae_sweep")
     assert sweep.partitions_def.get_partition_keys() == acts.partitions_def.get_partition_keys()
@@ -271,24 +284,19 @@ def test_a_fresh_demo_instance_observes_the_random_weights_it_makes(tmp_path, mo
     path.write_text("[demo]\nrandom_vit = true\n" + tiny_pipeline_text(tmp_path, f"saev-tiny-clip/{made}", LAYERS))
     monkeypatch.setenv("SAEV_PIPELINE", str(path))
     defs = build_definitions()
-    result = observe_sources(defs, dg.DagsterInstance.ephemeral())
-    assert result.success and made.is_file()
-    versions = {
-        e.asset_key.to_user_string(): e.event_specific_data.asset_observation.data_version
-        for e in result.all_events
-        if e.event_type_value == "ASSET_OBSERVATION"
-    }
+    events = observe_sources(defs, dg.DagsterInstance.ephemeral())
+    assert made.is_file()
+    versions = {e.asset_key.to_user_string(): e.tags["dagster/data_version"] for e in events}
     assert versions["vit_checkpoint"] == checkpoint_fingerprint("clip", f"saev-tiny-clip/{made}")
 
 
 def test_observations_say_what_was_observed(pipeline_file, own_ckpt, tmp_path):
     defs = build_definitions()
     instance = dg.DagsterInstance.ephemeral()
-    result = observe_sources(defs, instance)
+    observe_sources(defs, instance)
     obs = {
-        e.asset_key.to_user_string(): e.event_specific_data.asset_observation.metadata
-        for e in result.all_events
-        if e.event_type_value == "ASSET_OBSERVATION"
+        key: instance.fetch_observations(dg.AssetKey(key), limit=1).records[0].asset_observation.metadata
+        for key in ("vit_checkpoint", "image_source")
     }
     weights = own_ckpt.split("/", 1)[1]
     assert obs["vit_checkpoint"]["path"].value == weights
@@ -357,12 +365,22 @@ def test_sae_sweep_trains_the_pipelines_grid_on_the_recorded_layer(pipeline_file
     assert result.success
     (mat,) = result.asset_materializations_for_node("sae_sweep")
     assert mat.partition == "-1" and mat.metadata["n_members"].value == 2
-    assert "data:image/png;base64," in mat.metadata["l0_vs_nmse"].value
+    assert "data:image/png;base64," in mat.metadata["plot: L0 vs NMSE (PNG)"].value
     csv = mat.metadata["sweep_csv"].value
     assert csv == str(tmp_path / "ckpts" / "layer_-1" / "sweep.csv")
+    # Numbers the Plots tab charts, to 4 significant digits: per member, and the lowest held-out NMSE with its L0.
     import pandas as pd
 
-    rows = pd.read_csv(csv)
+    sweep = pd.read_csv(csv)
+    for row in sweep.to_dict("records"):
+        for name in ("nmse", "l0"):
+            value = mat.metadata[f"{name}/{row['member_id']}"]
+            assert isinstance(value, dg.FloatMetadataValue) and value.value == pytest.approx(row[name], rel=5e-4)
+    best = sweep.loc[sweep["nmse"].idxmin()]
+    assert mat.metadata["best_member"].value == best["member_id"]
+    assert mat.metadata["best_nmse"].value == float(f"{best['nmse']:.4g}")
+    assert mat.metadata["best_l0"].value == float(f"{best['l0']:.4g}")
+    rows = sweep
     assert sorted(rows["lr"]) == [1e-3, 3e-3] and (rows["data.layer"] == -1).all()
     (check,) = result.get_asset_check_evaluations()
     assert check.partition == "-1"  # the check's result belongs to the layer it checked
@@ -488,10 +506,13 @@ def test_topk_visuals_renders_every_member_and_its_check_sees_a_deleted_png(pipe
     assert result.success
     (mat,) = result.asset_materializations_for_node("topk_visuals")
     assert mat.metadata["n_members"].value == 2 and mat.metadata["n_latents"].value > 0
-    galleries = [v.value for k, v in mat.metadata.items() if k.startswith("gallery_")]
-    assert len(galleries) == 2 and all(os.path.isfile(g) for g in galleries)
-    assert all("data:image/png;base64," in v.value for k, v in mat.metadata.items() if k.startswith("preview_"))
-    commands = [v.value for k, v in mat.metadata.items() if k.startswith("explore_")]
+    galleries = [v for k, v in mat.metadata.items() if k.startswith("gallery/")]
+    assert len(galleries) == 2 and all(
+        isinstance(g, dg.PathMetadataValue) and os.path.isfile(g.value) for g in galleries
+    )
+    previews = [v.value for k, v in mat.metadata.items() if k.startswith("preview: top images")]
+    assert len(previews) == 2 and all("data:image/png;base64," in v for v in previews)
+    commands = [v.value for k, v in mat.metadata.items() if k.startswith("explore/")]
     assert len(commands) == 2 and all(c.startswith("python -m saev_core explore --visuals ") for c in commands)
     (check,) = result.get_asset_check_evaluations()
     assert check.passed, check.metadata
@@ -546,19 +567,63 @@ def test_a_bad_pipeline_file_fails_the_load_naming_file_and_key(tmp_path):
         build_definitions(str(bad))
 
 
-def test_the_demo_command_materializes_the_whole_graph_with_its_checks(pipeline_file, tmp_path, capsys):
-    from saev_dagster import demo
+JOB_RUNS = """query JobRuns($selector: PipelineSelector!) {
+  pipelineOrError(params: $selector) {
+    __typename
+    ... on Pipeline { runs { runId repositoryOrigin { repositoryLocationName repositoryName } } }
+  }
+}"""
+
+
+def is_progress_bar(line: str) -> bool:
+    """A tqdm bar (its \\r-separated updates end in one line): "desc:  45%|####  | 9/20 [00:01<00:01, ...]"."""
+    return bool(re.search(r"\d+%\|.*\| *[\d.]+k?/[\d.]+k? \[", line))
+
+
+def test_the_demo_prints_one_line_per_stage_and_its_runs_are_the_code_locations(pipeline_file, tmp_path):
+    """The demo as a user runs it (its own process; the terminal is stdout and stderr together): every stage in one
+    line with its time, the galleries, the report and the UI command, fewer than 40 lines besides progress bars;
+    the whole graph materialized with its checks; and every run belongs to workspace.yaml's code location, so the
+    Jobs page lists it (asked through GraphQL as the UI asks)."""
+    import yaml
+
+    from saev_dagster.dagster_private import WorkspaceFileTarget, WorkspaceProcessContext
 
     home = tmp_path / "home"
-    assert demo.main(["--pipeline", str(pipeline_file), "--dagster-home", str(home)]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    galleries = [line.split(": ", 1)[1] for line in out if line.startswith("gallery")]
+    command = [sys.executable, "-m", "saev_dagster.demo", "--pipeline", str(pipeline_file), "--dagster-home", str(home)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    text_lines = [line for line in lines if not is_progress_bar(line)]
+    assert len(text_lines) < 40, "\n".join(text_lines)
+    assert any(is_progress_bar(line) for line in lines)  # the steps draw their bars on the demo's terminal
+    out = done.stdout.splitlines()
+    stages = {m[1]: line for line in out if (m := re.match(r"^(\S.*?) +[\d.]+ s  ", line))}
+    layers = [str(x) for x in LAYERS]
+    assert set(stages) == {
+        "sources",
+        f"activations[{', '.join(layers)}]",
+        *(f"{asset}[{layer}]" for layer in layers for asset in ("sae_sweep", "topk_visuals")),
+        "sweep_report",
+        "dropped_sae_visuals",
+    }
+    assert (
+        "img/s" in stages[f"activations[{', '.join(layers)}]"] and "MB" in stages[f"activations[{', '.join(layers)}]"]
+    )
+    assert all(
+        "lowest NMSE" in stages[f"sae_sweep[{layer}]"] and "L0" in stages[f"sae_sweep[{layer}]"] for layer in layers
+    )
+    galleries = [line.split(": ", 1)[1] for line in out if line.strip().startswith("gallery (")]
     assert len(galleries) == 2 * len(LAYERS) and all(os.path.isfile(g) for g in galleries)  # members = "all"
-    explorers = [line.split(": ", 1)[1] for line in out if line.startswith("explorer app")]
+    explorers = [line.split(": ", 1)[1] for line in out if line.strip().startswith("explorer app (")]
     assert len(explorers) == len(galleries) and all(
         e.startswith(f"{sys.executable} -m saev_core explore --visuals ") for e in explorers
     )
-    assert out[-2] == f"report: {tmp_path / 'ckpts' / 'report.md'}" and out[-1].startswith("UI: ")
+    assert stages["sweep_report"].endswith(f"report: {tmp_path / 'ckpts' / 'report.md'}")
+    assert out[-1].startswith("UI: ") and "dagster dev -w" in out[-1]
+    log_file = out[-2].rsplit(" ", 1)[1]
+    assert "sae_sweep: step 0" in open(log_file).read()  # Dagster's INFO log went to the file, not the terminal
+
     instance = dg.DagsterInstance.from_config(str(home))
     for key in ("activations", "sae_sweep", "topk_visuals", "sweep_report"):
         assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
@@ -566,11 +631,38 @@ def test_the_demo_command_materializes_the_whole_graph_with_its_checks(pipeline_
         dg.AssetCheckKey(dg.AssetKey("topk_visuals"), "visuals_complete"), limit=10
     )
     assert len(checks) == len(LAYERS)
-    runs = instance.get_run_records()
-    assert all(r.dagster_run.is_success for r in runs)
-    recording = [r for r in runs if r.dagster_run.asset_selection == {dg.AssetKey("activations")}]
+    runs = [r.dagster_run for r in instance.get_run_records()]
+    assert all(r.is_success for r in runs)
+    recording = [r for r in runs if r.asset_selection == {dg.AssetKey("activations")}]
     assert len(recording) == 1  # every layer in ONE run (one ViT pass)
-    assert len(runs) == 1 + 1 + 2 * len(LAYERS) + 1  # observation, activations, per layer sweep + visuals, report
+    # activations, per layer sweep + visuals, report, the dropped checkpoint's visuals; observing took no run
+    assert len(runs) == 1 + 2 * len(LAYERS) + 1 + 1
+    assert instance.get_dynamic_partitions("sae_files") == [os.path.basename(stages["dropped_sae_visuals"].split()[3])]
+
+    # The code location that `dagster dev -w workspace.yaml` serves, as Dagster loads it from the workspace file.
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    with open(os.path.join(REPO, "workspace.yaml")) as f:
+        (entry,) = yaml.safe_load(f)["load_from"]
+    listed = set()
+    with WorkspaceProcessContext(instance, WorkspaceFileTarget(paths=[os.path.join(REPO, "workspace.yaml")])) as ws:
+        context = ws.create_request_context()
+        (location,) = context.code_location_names
+        assert location.startswith(entry["python_module"]["module_name"])
+        assert {
+            (r.remote_job_origin.location_name, r.remote_job_origin.repository_origin.repository_name) for r in runs
+        } == {(location, "__repository__")}
+        # the label the UI filters a location's runs by (a tag Dagster stores beside the run's own tags)
+        labelled = instance.get_runs(dg.RunsFilter(tags={".dagster/repository": f"__repository__@{location}"}))
+        assert {r.run_id for r in labelled} == {r.run_id for r in runs}
+        for job in {r.job_name for r in runs}:
+            selector = {"repositoryLocationName": location, "repositoryName": "__repository__", "pipelineName": job}
+            result = execute_dagster_graphql(context, JOB_RUNS, {"selector": selector})
+            assert not result.errors, result.errors
+            job_runs = result.data["pipelineOrError"]["runs"]
+            assert {o["repositoryOrigin"]["repositoryLocationName"] for o in job_runs} == {location}
+            listed |= {o["runId"] for o in job_runs}
+    assert listed == {r.run_id for r in runs}  # each run on its job's page of the code location
 
 
 def test_dropped_sae_files_get_their_own_visuals_and_only_those(pipeline_file, tmp_path):

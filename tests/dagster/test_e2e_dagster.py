@@ -87,7 +87,7 @@ RUN = """query Run($id: ID!) {
 # The plot is markdown metadata: the partition page shows "[Show Markdown]" in its row, the click opens a dialog.
 SHOW_PLOT_LINK = """(() => {
   const key = Array.from(document.querySelectorAll('tr td:first-child span'))
-    .find(e => e.textContent.trim() === 'l0_vs_nmse');
+    .find(e => e.textContent.trim() === 'plot: L0 vs NMSE (PNG)');
   const link = key && Array.from(key.closest('tr').querySelectorAll('a'))
     .find(a => a.textContent.trim() === '[Show Markdown]');
   if (!link) return false;
@@ -230,15 +230,18 @@ def dagster_home(tmp_path, pipeline):
     everything downstream, and a re-run could not be told apart from one caused by new weights."""
     import dagster as dg
 
-    from saev_dagster.assets.sources import observe_sources
     from saev_dagster.definitions import build_definitions
+    from saev_dagster.observation import observe_sources
 
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     defs = build_definitions(str(pipeline))
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        assert observe_sources(defs, instance).success
+        assert {e.asset_key.to_user_string() for e in observe_sources(defs, instance)} == {
+            "vit_checkpoint",
+            "image_source",
+        }
     return home
 
 
@@ -400,7 +403,7 @@ def test_dagster_dev_backfills_in_one_run_reruns_on_new_weights_and_shows_the_sw
     # The UI: the asset page of sae_sweep, partition -1, shows the L0-vs-NMSE plot, loaded from the page itself.
     tab = browser.open(f"{dagster_dev.url}/assets/sae_sweep?view=partitions&partition=-1")
     wait_for(
-        "the l0_vs_nmse row of sae_sweep[-1] on its asset page",
+        "the L0-vs-NMSE plot's row of sae_sweep[-1] on its asset page",
         lambda: tab.js(SHOW_PLOT_LINK),
         deadline,
         log,
