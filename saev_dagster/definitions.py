@@ -51,7 +51,7 @@ def build_definitions(path: str | None = None, executor: str | None = None) -> d
             *build_sources(),
             build_activations_asset(layers, pipe.code_version("activations"), pipe.activations.device),
             build_sae_sweep_asset(layers, pipe.code_version("sae_sweep")),
-            build_topk_visuals_asset(layers, pipe.code_version("topk_visuals")),
+            build_topk_visuals_asset(layers, pipe.code_version("topk_visuals"), probes=pipe.probe is not None),
             build_sweep_report_asset(
                 layers.get_partition_keys(), pipe.code_version("sweep_report"), probes=pipe.probe is not None
             ),
@@ -62,8 +62,10 @@ def build_definitions(path: str | None = None, executor: str | None = None) -> d
         jobs=[
             dg.define_asset_job(
                 LAYER_JOB,
-                selection=dg.AssetSelection.assets("activations", "sae_sweep", "topk_visuals"),
-                description="Record, train and render, one layer partition.",
+                selection=dg.AssetSelection.assets(
+                    "activations", "sae_sweep", "topk_visuals", *(["probe_metrics"] if pipe.probe else [])
+                ),
+                description="Record, train, probe and render, one layer partition.",
             ),
             dg.define_asset_job(
                 REPORT_JOB,

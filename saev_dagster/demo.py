@@ -63,9 +63,10 @@ class Demo:
         self.workspace, self.log_path, self.say = workspace, log_path, say
         self.instance = workspace.instance
 
-    def stage(self, label: str, job: str, assets: list[str], tags: dict | None = None) -> tuple[float, list]:
-        """Launch one run through the code location and wait for it: (seconds, its materializations)."""
-        from saev_dagster.launch import append_event_log, materializations, step_failures
+    def stage(self, label: str, job: str, assets: list[str], tags: dict | None = None) -> tuple[float, dict]:
+        """Launch one run through the code location and wait for it: (its seconds, asset -> (its step's seconds,
+        its metadata values))."""
+        from saev_dagster.launch import append_event_log, materializations, step_failures, step_seconds
 
         start = time.monotonic()
         run = self.workspace.launch(job, assets, tags, run_config())
@@ -74,7 +75,14 @@ class Demo:
         if not run.is_success:
             failed = step_failures(self.instance, run.run_id)
             raise StageFailed(f"{label} failed (run {run.run_id}): {failed[-1] if failed else 'see the run in the UI'}")
-        return time.monotonic() - start, materializations(self.instance, run.run_id)
+        steps = step_seconds(self.instance, run.run_id)
+        seconds = time.monotonic() - start
+        by_asset = {}
+        for mat in materializations(self.instance, run.run_id):
+            name = mat.asset_key.to_user_string()
+            values = {k: v.value for k, v in mat.metadata.items()}
+            by_asset[name] = (steps.get(name, seconds), values)
+        return seconds, by_asset
 
     def line(self, seconds: float, label: str, figure: str) -> None:
         self.say(f"{label:<20} {seconds:6.1f} s  {figure}")
@@ -105,24 +113,30 @@ def run(pipeline_path: str | None, home: str, say=print) -> None:
     with Workspace(instance, WORKSPACE) as workspace:
         demo = Demo(workspace, os.path.join(os.environ["DAGSTER_HOME"], LOG_FILE), say)
         tags = {"dagster/asset_partition_range_start": layers[0], "dagster/asset_partition_range_end": layers[-1]}
-        seconds, mats = demo.stage("activations", LAYER_JOB, ["activations"], tags)
-        demo.line(seconds, f"activations[{', '.join(layers)}]", recording_figure(mats[0].metadata))
+        seconds, by_asset = demo.stage("activations", LAYER_JOB, ["activations"], tags)
+        demo.line(seconds, f"activations[{', '.join(layers)}]", recording_figure(by_asset["activations"][1]))
 
         sweeps = {}
-        for layer in layers:
-            seconds, (mat,) = demo.stage(f"sae_sweep[{layer}]", LAYER_JOB, ["sae_sweep"], {"dagster/partition": layer})
-            meta = {k: v.value for k, v in mat.metadata.items()}
+        per_layer = ["sae_sweep", *(["probe_metrics"] if pipe.probe else []), "topk_visuals"]
+        for layer in layers:  # one run per layer: the sweep, its probes and its visuals
+            seconds, by_asset = demo.stage(f"layer {layer}", LAYER_JOB, per_layer, {"dagster/partition": layer})
+            meta = by_asset["sae_sweep"][1]
             sweeps[layer] = meta
             demo.line(
-                seconds,
+                by_asset["sae_sweep"][0],
                 f"sae_sweep[{layer}]",
                 f"{meta['n_members']} members; lowest NMSE {meta['best_nmse']:.4f} at L0 {meta['best_l0']:.1f} "
                 f"({meta['best_member']})",
             )
-            seconds, (mat,) = demo.stage(
-                f"topk_visuals[{layer}]", LAYER_JOB, ["topk_visuals"], {"dagster/partition": layer}
-            )
-            meta = {k: v.value for k, v in mat.metadata.items()}
+            if "probe_metrics" in by_asset:
+                seconds, meta = by_asset["probe_metrics"]
+                figure = (
+                    f"patch probes mAP {meta['map']:.3f}, coverage {meta['coverage']:.0%}"
+                    if "map" in meta
+                    else meta.get("note", "no probes")
+                )
+                demo.line(seconds, f"probe_metrics[{layer}]", figure)
+            seconds, meta = by_asset["topk_visuals"]
             demo.line(
                 seconds, f"topk_visuals[{layer}]", f"{meta['n_latents']} latents of {meta['n_members']} member(s)"
             )
@@ -133,8 +147,12 @@ def run(pipeline_path: str | None, home: str, say=print) -> None:
                 if key.startswith("explore/"):
                     say(f"  explorer app ({key.split('/', 1)[1]}): {sys.executable} -m {value.split(' -m ', 1)[1]}")
 
-        seconds, (mat,) = demo.stage("sweep_report", REPORT_JOB, ["sweep_report"])
-        demo.line(seconds, "sweep_report", f"report: {mat.metadata['report'].value}")
+        seconds, by_asset = demo.stage("sweep_report", REPORT_JOB, ["sweep_report"])
+        meta = by_asset["sweep_report"][1]
+        found = sum("**Structure found**" in v for k, v in meta.items() if k.startswith("verdict_layer_"))
+        demo.line(
+            seconds, "sweep_report", f"structure found in {found} of {len(layers)} layers; report: {meta['report']}"
+        )
 
         if pipe.watch.folder:
             drop_own_checkpoint(demo, defs, pipe, layers[-1], sweeps[layers[-1]])
@@ -148,10 +166,10 @@ def run(pipeline_path: str | None, home: str, say=print) -> None:
 
 def recording_figure(meta: dict) -> str:
     """The activations stage's key figure: what was written and how fast, or that the store was reused."""
-    store = meta["store_path"].value
-    if meta["reused_existing_store"].value:
+    store = meta["store_path"]
+    if meta["reused_existing_store"]:
         return f"complete store reused: {store}"
-    return f"{meta['mb_written'].value:.1f} MB at {meta['imgs_per_s'].value:.1f} img/s: {store}"
+    return f"{meta['mb_written']:.1f} MB at {meta['imgs_per_s']:.1f} img/s: {store}"
 
 
 def drop_own_checkpoint(demo: Demo, defs, pipe, layer: str, sweep: dict) -> None:
@@ -160,12 +178,11 @@ def drop_own_checkpoint(demo: Demo, defs, pipe, layer: str, sweep: dict) -> None
     is left alone, so a second demo finds nothing new)."""
     import filecmp
 
-    import pandas as pd
-
     from saev_core.files import atomic_write_bytes
+    from saev_core.train import results
     from saev_dagster.observation import observe_sources
 
-    rows = pd.read_csv(sweep["sweep_csv"]).to_dict("records")
+    rows = results.read_sweep_csv(sweep["sweep_csv"]).to_dict("records")
     row = next((r for r in rows if r["member_id"] != sweep["best_member"]), rows[0])
     name = f"layer_{layer}_{row['member_id']}.pt"
     target = os.path.join(pipe.watch.folder, name)
@@ -174,10 +191,11 @@ def drop_own_checkpoint(demo: Demo, defs, pipe, layer: str, sweep: dict) -> None
             atomic_write_bytes(target, f.read())  # the folder never shows half a file
     start = time.monotonic()
     observe_sources(defs, demo.instance)
-    _, (mat,) = demo.stage(
+    _, by_asset = demo.stage(
         f"dropped_sae_visuals[{name}]", ASSET_JOB, ["dropped_sae_visuals"], {"dagster/partition": name}
     )
-    demo.line(time.monotonic() - start, "dropped_sae_visuals", f"{target} -> gallery {mat.metadata['gallery'].value}")
+    gallery = by_asset["dropped_sae_visuals"][1]["gallery"]
+    demo.line(time.monotonic() - start, "dropped_sae_visuals", f"{target} -> gallery {gallery}")
 
 
 def main(argv: list[str] | None = None) -> int:

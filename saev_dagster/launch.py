@@ -93,6 +93,18 @@ def materializations(instance: dg.DagsterInstance, run_id: str) -> list[dg.Asset
     return [r.event_log_entry.asset_materialization for r in records]
 
 
+def step_seconds(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
+    """Each step's wall time in a run (step key -> seconds from its start to its success)."""
+    types = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS}
+    starts, seconds = {}, {}
+    for entry in instance.all_logs(run_id, of_type=types):
+        if entry.dagster_event.event_type == dg.DagsterEventType.STEP_START:
+            starts[entry.step_key] = entry.timestamp
+        elif entry.step_key in starts:
+            seconds[entry.step_key] = entry.timestamp - starts[entry.step_key]
+    return seconds
+
+
 def append_event_log(instance: dg.DagsterInstance, run_id: str, path: str, level: int = logging.INFO) -> None:
     """Append a run's event log at ``level`` and above to a text file, one line per event (the UI shows all)."""
     lines = []

@@ -125,6 +125,9 @@ class WatchPlan:
 
     folder: str | None = None
     """SAE checkpoint files dropped here get visuals (Dagster's dropped_sae_visuals); None: no watched folder."""
+    create: bool = False
+    """Create a missing folder when the file loads (the demo's, under its own outputs); otherwise a missing folder is
+    refused, since a typo there would watch nothing in silence."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,10 +285,13 @@ def check_inputs(pipe: Pipeline) -> None:
             f"activations.data.root = {acts.data.root!r} in {pipe.path} is not a folder; point it at the images."
         )
     if pipe.watch.folder is not None and not os.path.isdir(pipe.watch.folder):
-        raise UserError(
-            f"watch.folder = {pipe.watch.folder!r} in {pipe.path} is not a folder: create it (mkdir -p "
-            f"{pipe.watch.folder}) or remove [watch] folder."
-        )
+        if pipe.watch.create and not os.path.exists(pipe.watch.folder):
+            os.makedirs(pipe.watch.folder, exist_ok=True)
+        else:
+            raise UserError(
+                f"watch.folder = {pipe.watch.folder!r} in {pipe.path} is not a folder: create it (mkdir -p "
+                f"{pipe.watch.folder}), set [watch] create = true, or remove [watch] folder."
+            )
     n_blocks = checkpoints.known_n_blocks(acts.vit_family, ref.arch)
     bad = [layer for layer in acts.vit_layers if n_blocks is not None and not -n_blocks <= layer < n_blocks]
     if bad:

@@ -10,11 +10,15 @@ from saev_dagster.resources import SaevPipeline
 CHECK = "visuals_complete"
 
 
-def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_version: str) -> dg.AssetsDefinition:
+def build_topk_visuals_asset(
+    partitions_def: dg.PartitionsDefinition, code_version: str, probes: bool = False
+) -> dg.AssetsDefinition:
+    """``probes``: the pipeline has [probe]; the gallery then follows probe_metrics, whose probe.json it shows."""
+
     @dg.asset(
         name="topk_visuals",
         partitions_def=partitions_def,
-        deps=["sae_sweep"],
+        deps=["sae_sweep", *(["probe_metrics"] if probes else [])],
         **stage_asset_kwargs("visuals", {"pytorch", "html"}, code_version, gpu=True),
         description="For each chosen sweep member: every selected latent's top images as heatmaps, and a gallery.",
     )

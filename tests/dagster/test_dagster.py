@@ -123,11 +123,17 @@ def test_asset_graph_of_the_demo_pipeline():
         "sweep_report",
         "sae_checkpoints",  # the demo watches a folder
         "dropped_sae_visuals",
+        "probe_metrics",  # the demo has patch labels and a [probe] table
     }
-    assert {k.to_user_string() for k in graph.get(dg.AssetKey("topk_visuals")).parent_keys} == {"sae_sweep"}
+    # the gallery shows the probes: it follows them
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("topk_visuals")).parent_keys} == {
+        "sae_sweep",
+        "probe_metrics",
+    }
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("sweep_report")).parent_keys} == {
         "sae_sweep",
         "topk_visuals",
+        "probe_metrics",
     }
     dg.Definitions.validate_loadable(defs)
     groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
@@ -140,6 +146,7 @@ def test_asset_graph_of_the_demo_pipeline():
         "sweep_report": "report",
         "sae_checkpoints": "dropped",
         "dropped_sae_visuals": "dropped",
+        "probe_metrics": "probes",
     }
     sweep = defs.resolve_assets_def("sae_sweep")
     assert sweep.partitions_def.get_partition_keys() == acts.partitions_def.get_partition_keys()
@@ -635,8 +642,9 @@ def test_the_demo_prints_one_line_per_stage_and_its_runs_are_the_code_locations(
     assert all(r.is_success for r in runs)
     recording = [r for r in runs if r.asset_selection == {dg.AssetKey("activations")}]
     assert len(recording) == 1  # every layer in ONE run (one ViT pass)
-    # activations, per layer sweep + visuals, report, the dropped checkpoint's visuals; observing took no run
-    assert len(runs) == 1 + 2 * len(LAYERS) + 1 + 1
+    # activations, ONE run per layer (its sweep and visuals), report, the dropped checkpoint's visuals; observing
+    # took no run
+    assert len(runs) == 1 + len(LAYERS) + 1 + 1
     assert instance.get_dynamic_partitions("sae_files") == [os.path.basename(stages["dropped_sae_visuals"].split()[3])]
 
     # The code location that `dagster dev -w workspace.yaml` serves, as Dagster loads it from the workspace file.

@@ -196,3 +196,12 @@ def test_the_pipeline_command_runs_the_probe_stage_and_notes_a_store_without_lab
     assert main(["pipeline", "--path", str(path)]) == 0
     err = capsys.readouterr().err
     assert "warning: layer -1: no patch probes: the store" in err and "data:seg-folder-dataset" in err
+
+
+def test_a_missing_watched_folder_is_refused_unless_the_file_asks_to_create_it(tmp_path):
+    base = '[activations]\nvit_ckpt = "ViT-B-32/openai"\n[watch]\nfolder = "drop"\n'
+    with pytest.raises(UserError, match=r"watch.folder = .*drop.* is not a folder.*create = true"):
+        pipeline_file.load_pipeline(write(tmp_path, base))
+    assert not (tmp_path / "exp" / "drop").exists()
+    pipe = pipeline_file.load_pipeline(write(tmp_path, base + "create = true\n"))
+    assert pipe.watch.folder == str(tmp_path / "exp" / "drop") and os.path.isdir(pipe.watch.folder)
