@@ -251,6 +251,7 @@ def evaluate_checkpoints(
             store, on, vitlib.make_img_transform(on.vit_family, on.vit_ckpt), max_images, image_root
         )
         mean = torch.as_tensor(stats.raw_stats(store, recorded, on.token_mode)[0], dtype=torch.float32)
+        vitlib.check_forward_memory(min(batch_size, len(pixels)), store.n_tokens, store.d_vit, device, "--batch-size")
         evaluator = SpliceEvaluator(vit, on.layer, on.token_mode, mean, pixels, device, batch_size, n_threads)
         try:
             for ckpt, sae in members:

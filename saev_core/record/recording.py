@@ -505,6 +505,13 @@ def prepare(cfg: config.ActivationsConfig, with_transform: bool):
         f"{plan.metadata.itemsize} bytes x {len(plan.metadata.layers)} layers each)",
         "Lower --n-patches-per-shard or record fewer --vit-layers at once.",
     )
+    vitlib.check_forward_memory(
+        cfg.vit_batch_size,
+        plan.metadata.n_tokens,
+        plan.metadata.d_vit,
+        config.resolve_device(cfg.device),
+        "--vit-batch-size",
+    )
     return recorder, source, plan
 
 

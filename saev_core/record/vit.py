@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from saev_core import config
 from saev_core.errors import UserError
 from saev_core.files import atomic_write, atomic_write_bytes
 from saev_core.record.checkpoints import CheckpointRef, check_family, load_failure, parse_ckpt
@@ -246,6 +247,20 @@ def _wrap_timm(ref: CheckpointRef, ckpt: str, model: nn.Module) -> VisionTransfo
     if not all(hasattr(model, a) for a in ("blocks", "patch_embed", "num_prefix_tokens")):
         raise UserError(f"timm model {ref.arch!r} is a {type(model).__name__}, not a ViT; pick a timm ViT name")
     return _timm_vit(model, ref, ckpt, model)
+
+
+def check_forward_memory(batch: int, n_tokens: int, d_vit: int, device: str, flag: str) -> None:
+    """Refuse a ViT batch whose forward pass cannot fit in ``device``'s free memory, before loading anything onto
+    it. The estimate is a lower bound (the float32 residual stream and one MLP hidden layer, 4 x d_vit wide, of every
+    image: what any block holds at once), so a refusal is certain."""
+    nbytes = batch * n_tokens * d_vit * 4 * 5
+    config.check_memory(
+        nbytes,
+        device,
+        f"{flag} {batch}: one ViT forward pass ({batch} images x {n_tokens} tokens x {d_vit} x 4 bytes x 5, the "
+        "residual stream and an MLP hidden layer)",
+        f"Lower {flag}.",
+    )
 
 
 def save_random_weights(family: str, arch: str, path: str | os.PathLike, seed: int = 0) -> str:
