@@ -245,7 +245,7 @@ def _describe(row: dict) -> str:
     if row.get("sae.d_vit") == row.get("sae.d_vit") and row.get("sae.exp_factor") is not None:
         parts.append(f"{int(row['sae.d_vit'] * row['sae.exp_factor']):,} latents")
     if "lr" in row:
-        parts.append(f"lr {row['lr']:g}")
+        parts.append(f"lr {row['lr']:.3g}")
     return ", ".join(parts)
 
 
@@ -310,7 +310,7 @@ def provenance_lines(
         f"Images: {images} ({n_imgs:,} images)",
         f"Activation store: `{relative(store_path, folder)}` (key `{store_key}`)",
         *[f"Training: {line}" for line in training],
-        f"Pipeline file: `{pipeline_file}`",
+        f"Pipeline file: `{relative(pipeline_file, folder)}`",
         f"Code: {code_version}",
     ]
 

@@ -57,7 +57,7 @@ class ReportPlan:
     random_control: bool = True
     """Add the random-decoder control at each member's L0 and width (``saev_core.analysis.controls``)."""
     kmeans: bool | None = None
-    """Add k-means with d_sae centroids (L0 = 1): true or false; unset runs it when it costs about two seconds or
+    """Add k-means with d_sae centroids (L0 = 1): true or false; unset runs it when it costs about six seconds or
     less (``controls.KMEANS_BUDGET``)."""
     seeds: int = 1
     """2: retrain each layer's chosen member from another initialisation and report how well the two decoders'

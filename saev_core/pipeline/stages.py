@@ -166,8 +166,13 @@ def _provenance(pipe: Pipeline, folder: str, stores: dict, sweep_csvs: dict[int,
     """The report header's facts: ViT, images, store, run length per member, pipeline file, code version."""
     store = next(iter(stores.values()))
     meta = store.metadata
-    data = pipe.activations.data
-    images = f"{type(data).__name__} {getattr(data, 'root', '') or ''}".strip()
+    data = meta.get("data") or {}
+    root = data.get("root")
+    images = f"{data.get('kind', 'images')}" + (f" `{report.relative(root, folder)}`" if root else "")
+    ref = checkpoints.parse_ckpt(meta.get("vit_family"), meta.get("vit_ckpt"), must_exist=False)
+    vit = f"{meta.get('vit_family')} {ref.arch}" + (
+        f" from `{report.relative(ref.path, folder)}`" if ref.path else f"/{meta.get('vit_ckpt').split('/', 1)[-1]}"
+    )
     training = []
     for layer, csv in sorted(sweep_csvs.items()):
         table = results.read_sweep_csv(csv)
@@ -179,7 +184,7 @@ def _provenance(pipe: Pipeline, folder: str, stores: dict, sweep_csvs: dict[int,
         )
     return report.provenance_lines(
         folder,
-        vit=f"{meta.get('vit_family')} {meta.get('vit_ckpt')}",
+        vit=vit,
         random_vit=pipe.demo.random_vit,
         images=images,
         n_imgs=store.n_imgs,

@@ -128,8 +128,9 @@ def test_the_cli_pipeline_writes_a_report_that_reads_itself(tmp_path, tiny_clip_
     assert {"pca_nmse_at_l0", "random_nmse_at_l0", "kmeans_nmse", "gain_vs_pca", "gain_vs_random"} <= set(table)
     assert (tmp_path / "ckpts" / "layer_-1" / "controls.json").is_file()
     header = report.split("## Layer")[0]
-    assert "- ViT: clip " in header and "- Images: " in header and "- Code: saev-dagster" in header
-    assert f"- Pipeline file: `{path}`" in header and "2 members, 32 steps (2,048 vectors) each" in header
+    assert "- ViT: clip saev-tiny-clip from `../" in header and "- Code: saev-dagster" in header
+    assert "- Images: image-folder-dataset `../imgs` (16 images)" in header  # paths relative to the report
+    assert "- Pipeline file: `../p.toml`" in header and "2 members, 32 steps (2,048 vectors) each" in header
     layer = report.split("## Layer -1")[1]
     assert "**Chosen: " in layer and ("**Structure found**" in layer or "**No structure found**" in layer)
     assert "Seed consistency: retrained with seed" in layer
