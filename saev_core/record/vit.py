@@ -12,12 +12,14 @@ timm's ``pretrained_cfg_overlay=dict(file=path)``), the same path real weights t
 inside functions: they are slow to import and this module is imported by code that may not need them.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
+import logging
 import os
 import pathlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -263,6 +265,21 @@ def check_forward_memory(batch: int, n_tokens: int, d_vit: int, device: str, fla
     )
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """Drop warnings sent to the root logger inside the block without installing logging's default stderr handler
+    (``logging.warning`` would install it for the rest of the process when the root logger has none)."""
+    root = logging.getLogger()
+    level, quiet = root.level, logging.NullHandler()
+    root.addHandler(quiet)
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.removeHandler(quiet)
+
+
 def save_random_weights(family: str, arch: str, path: str | os.PathLike, seed: int = 0) -> str:
     """Save a randomly initialised model where ``make_vit(family, f"{arch}/{path}")`` reads it.
 
@@ -280,7 +297,8 @@ def save_random_weights(family: str, arch: str, path: str | os.PathLike, seed: i
             model = timm.create_model(arch, pretrained=False)
         else:
             _check_open_clip_arch(arch)
-            model = _open_clip().create_model(arch)
+            with _quiet_root_logger():  # open_clip warns "No pretrained weights loaded": random weights are the point
+                model = _open_clip().create_model(arch)
     state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save
