@@ -11,7 +11,7 @@ import threading
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.explorer.data import LatentBook, SweepTable, cache_file, member_visuals_folder
+from saev_core.explorer.data import DENSE_FREQ, LatentBook, SweepTable, cache_file, member_visuals_folder
 from saev_core.record import images as imagelib
 
 logger = logging.getLogger("saev_core.explorer")
@@ -257,7 +257,14 @@ def build_app(cfg: config.ExploreConfig):
                 latent_status = gr.Markdown(elem_id="latent-status")
                 with gr.Row():
                     with gr.Column(scale=1):
-                        sort = gr.Radio([], label="Sort latents by", elem_id="sort")
+                        sort = gr.Radio(
+                            [],
+                            label="Sort latents by",
+                            info="best AP: the patch probes' held-out AP of the classes a latent is best for; class "
+                            f"selectivity: best AUROC over the store's classes, dense latents (firing on over "
+                            f"{DENSE_FREQ:.0%} of vectors) last",
+                            elem_id="sort",
+                        )
                         table = gr.Dataframe(
                             interactive=False,
                             max_height=480,
@@ -356,7 +363,20 @@ def build_app(cfg: config.ExploreConfig):
             open_btn.click(open_member, member, [sweep_status, top, tabs, sort, table, latent_id, plot]).then(
                 show_latent, latent_id, latent_outputs
             )
+    blocks.saev_explorer = app
     return blocks
+
+
+def _prefetch(app: Explorer) -> None:
+    """Once the server answers: read what the first page shows (the cache, the first latent's images), so that it
+    is ready or under way when a browser asks. Errors are left for the page to report."""
+    try:
+        book = app.book
+        order = book.order(book.default_sort())
+        if order:
+            book.images(order[0])
+    except Exception:  # noqa: BLE001 - the page's own request raises it again and shows it
+        logger.debug("prefetch failed", exc_info=True)
 
 
 def serve(cfg: config.ExploreConfig, block: bool = True):
@@ -377,6 +397,7 @@ def serve(cfg: config.ExploreConfig, block: bool = True):
         mcp_server=False,
     )
     print(f"explorer on {url} (127.0.0.1 only; Ctrl-C stops it)", flush=True)
+    threading.Thread(target=_prefetch, args=(blocks.saev_explorer,), daemon=True).start()
     if block:
         try:
             blocks.block_thread()

@@ -354,6 +354,8 @@ def test_explorer_in_chromium_browses_sorts_explains_opens_members_and_stays_loc
     by_auroc = expected_order(other_folder, second.ckpt_path, "class selectivity")
     wait_for(tab, first_row_is(by_auroc[0]))
     assert table_ids(tab) == by_auroc[: len(table_ids(tab))]
+    wait_for(tab, f"{text('#latent-summary')}.includes('Latent {by_auroc[0]}')")
+    wait_for(tab, loaded_images("#latent-images"))
     screenshot(browser, tab, "member")
 
     requests = tab.requested_urls() + [e["url"] for e in tab.events("Network.webSocketCreated")]
