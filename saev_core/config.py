@@ -24,6 +24,10 @@ POSITIVE = ("a positive finite number", lambda v: v > 0)
 ANY = ("a finite number", lambda v: True)
 SEED = ("an integer in [0, 2**63)", lambda v: 0 <= v < 2**63)
 
+DENSE_FREQ = 1e-2
+"""A latent that fires on more than this fraction of vectors is dense (``nn.metrics``' ``n_dense``, the report's
+verdict, the explorer's class-selectivity order)."""
+
 MIN_GAIN_VS_RANDOM = 0.25
 """How much less held-out error than the random-decoder control at the same L0 counts as structure found ([checks]
 min_gain_vs_random). Trained SAEs beat random atoms by up to 13 % on isotropic Gaussian noise and by 40-89 % on planted

@@ -5,6 +5,13 @@ import io
 import pandas as pd
 
 
+def pca_curve(pca_nmse, max_l0: float) -> tuple[list[int], list[float]]:
+    """The PCA baseline drawn beside a sweep: (components, held-out NMSE) from 1 to 1.5 x the sweep's largest L0
+    (at least 1), capped at the components there are. ``pca_nmse[k - 1]``: the NMSE at k components."""
+    top = int(min(max(float(max_l0), 1.0) * 1.5, len(pca_nmse)))
+    return list(range(1, top + 1)), [float(v) for v in pca_nmse[:top]]
+
+
 def l0_vs_nmse_png(
     sweep: pd.DataFrame, title: str = "", pca: tuple[list[int], list[float]] | None = None, chosen: str | None = None
 ) -> bytes:

@@ -1,11 +1,13 @@
 """The explorer: a local Gradio app over a visuals folder (``python -m saev_core explore``).
 
-Three tabs: **Latents** (every live latent, sorted by frequency, mean value, max value, id or class selectivity; its
-top images as heatmaps and its value histogram, all from the top-k cache, with no SAE pass), **Explain an image**
-(upload an image: where its top latents fire, via ``inference.Explainer``; pick one to open its top images) and
-**Sweep** (the members of a sweep on an L0-vs-NMSE plot; open one member's latents, rendering its visuals first when
-it has none). ``data`` holds the data side (``LatentBook``, ``SweepTable``; no Gradio), ``app`` the Gradio app
-(Gradio is imported only when an app is built).
+Three tabs: **Latents** (every latent that fires on the store, sorted by best AP when the member has patch probes,
+else by class selectivity, or by frequency, mean value, max value or id; its top images as heatmaps and its value
+histogram, all from the top-k cache, with no SAE pass), **Explain an image** (upload an image, previewed at once:
+where its top latents fire, via ``inference.Explainer``; pick one to open its top images) and **Sweep** (the members
+of a sweep on an L0-vs-NMSE plot with the PCA baseline, and in a table with the controls; open one member's latents,
+rendering its visuals first when it has none). ``data`` holds the data side (``LatentBook``, ``SweepTable``,
+``PatchProbes``; no Gradio), ``app`` the Gradio app (Gradio is imported only when an app is built). Importing either
+imports no torch: the visuals cache is read when the page first asks for it, the ViT when an upload is explained.
 """
 
 from saev_core.explorer.app import Explorer, build_app, local_theme, serve
@@ -14,6 +16,7 @@ from saev_core.explorer.data import (
     N_TABLE_ROWS,
     SORT_KEYS,
     LatentBook,
+    PatchProbes,
     SweepTable,
     member_visuals_folder,
 )
@@ -24,6 +27,7 @@ __all__ = [
     "SORT_KEYS",
     "Explorer",
     "LatentBook",
+    "PatchProbes",
     "SweepTable",
     "build_app",
     "local_theme",

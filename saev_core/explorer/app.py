@@ -7,12 +7,12 @@ Problems (a wrong checkpoint, a cache of another SAE, an unreadable upload) are 
 
 import logging
 import os
+import threading
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.explorer.data import SORT_KEYS, LatentBook, SweepTable, member_visuals_folder
+from saev_core.explorer.data import DENSE_FREQ, LatentBook, SweepTable, cache_file, member_visuals_folder
 from saev_core.record import images as imagelib
-from saev_core.visuals import top_images
 
 logger = logging.getLogger("saev_core.explorer")
 
@@ -32,15 +32,29 @@ def local_theme():
 
 
 class Explorer:
-    """The app's state: the open visuals folder, the sweep, and one Explainer per checkpoint (built on first use)."""
+    """The app's state: the open visuals folder, the sweep, and one Explainer per checkpoint (built on first use).
+
+    Nothing slow happens here: the visuals folder is checked for its cache file, and the cache itself is read when
+    the page first asks for ``book``; torch and the ViT are loaded when an upload is first explained."""
 
     def __init__(self, cfg: config.ExploreConfig):
         self.cfg = cfg
-        self.device = config.resolve_device(cfg.device)
+        if not os.path.isfile(cache_file(cfg.visuals)):
+            raise UserError(
+                f"No top-k cache in {os.path.abspath(cfg.visuals)} (cache/topk.npz): pass a folder written by "
+                "`python -m saev_core visuals --dump-to DIR`, or run that first."
+            )
         self.books: dict[str, LatentBook] = {}
-        self.book = self.open_book(cfg.visuals, cfg.ckpt)
+        self._open = (cfg.visuals, cfg.ckpt)
+        self._lock = threading.Lock()
         self.sweep = SweepTable(cfg.sweep) if cfg.sweep else None
         self._explainers: dict[str, object] = {}
+
+    @property
+    def book(self) -> LatentBook:
+        """The open visuals folder, read on first use (once, whichever request comes first)."""
+        with self._lock:
+            return self.open_book(*self._open)
 
     def open_book(self, folder: str, ckpt: str | None = None) -> LatentBook:
         key = os.path.abspath(folder)
@@ -57,7 +71,7 @@ class Explorer:
             raise UserError("Pick a member of the sweep first.")
         ckpt = self.sweep.ckpt(member)
         folder = member_visuals_folder(self.book.dump_to, self.sweep.members, member)
-        if top_images.read_cache(folder) is None:
+        if not os.path.isfile(cache_file(folder)):
             from saev_core.visuals import render
 
             if progress is not None:
@@ -74,8 +88,10 @@ class Explorer:
                 ),
                 show_progress=progress is not None,
             )
-        self.book = self.open_book(folder, ckpt)
-        return self.book
+        with self._lock:
+            book = self.open_book(folder, ckpt)
+            self._open = (folder, ckpt)
+        return book
 
     def explainer(self, progress=None):
         book = self.book
@@ -86,12 +102,18 @@ class Explorer:
 
             if progress is not None:
                 progress(0.1, desc="loading the ViT and the SAE")
-            self._explainers[book.ckpt] = Explainer.from_checkpoint(book.ckpt, self.device)
+            device = config.resolve_device(self.cfg.device)
+            self._explainers[book.ckpt] = Explainer.from_checkpoint(book.ckpt, device)
         return self._explainers[book.ckpt]
 
 
+def _uploaded_path(file) -> str:
+    return file if isinstance(file, str) else getattr(file, "name", str(file))
+
+
 def build_app(cfg: config.ExploreConfig):
-    """The Gradio Blocks of the explorer (not launched)."""
+    """The Gradio Blocks of the explorer (not launched). The components start empty and the page's load fills them
+    (``start``), so the server answers before any cache is read."""
     _offline_env()
     import gradio as gr
 
@@ -99,22 +121,41 @@ def build_app(cfg: config.ExploreConfig):
 
     def banner() -> str:
         book = app.book
-        parts = [
-            f"**Visuals:** `{book.dump_to}` · layer {book.cache.identity.layer} · {book.cache.d_sae} latents, "
-            f"{len(book.alive)} fire on the store's images"
-        ]
+        parts = [book.describe()]
         if book.ckpt_problem:
             parts.append(f"⚠️ {book.ckpt_problem}")
+        parts += [f"⚠️ {note}" for note in book.notes]
         return "\n\n".join(parts)
 
     def fail(message: str, n: int):
         gr.Warning(message, duration=8)
         return (f"⚠️ {message}", *[gr.update()] * n)
 
-    def sort_keys() -> list[str]:
-        return [k for k in SORT_KEYS if k != "class selectivity" or app.book.assoc is not None]
+    def open_current(key: str | None = None):
+        """Banner, sort choices, table and first latent of the open folder, in ``key``'s order (default: the
+        folder's own, ``LatentBook.default_sort``)."""
+        book = app.book
+        key = key or book.default_sort()
+        order = book.order(key)
+        return (
+            banner(),
+            gr.update(choices=book.sort_keys(), value=key),
+            gr.update(value=book.table(key)),
+            order[0] if order else None,
+        )
+
+    def start():
+        try:
+            return ("", *open_current())
+        except UserError as err:
+            return fail(str(err), 4)
+        except Exception as err:  # noqa: BLE001 - shown in the page, not as a trace
+            logger.exception("opening %s", cfg.visuals)
+            return fail(f"Could not open {cfg.visuals}: {type(err).__name__}: {err}", 4)
 
     def show_latent(latent):
+        if latent is None and not len(app.book.alive):
+            return "No latent fires on the store's images: there is nothing to show.", "", [], None
         try:
             latent = app.book.check_latent(latent)
             pictures = app.book.images(latent)
@@ -139,18 +180,29 @@ def build_app(cfg: config.ExploreConfig):
             return tuple(gr.update() for _ in range(5))
         return (latent, *show_latent(latent))
 
-    def explain(file, top_n, progress=gr.Progress()):  # noqa: B008 (Gradio injects the tracker through this default)
+    def preview(file):
+        """The upload as it was sent, at once (explaining it may first load the ViT); earlier results cleared."""
         if file is None:
-            return "Upload an image to see which latents fire where.", [], gr.update(choices=[], value=None)
-        path = file if isinstance(file, str) else getattr(file, "name", str(file))
+            return "Upload an image to see which latents fire where.", None, [], gr.update(choices=[], value=None)
+        path = _uploaded_path(file)
         try:
             image = imagelib.load_rgb(path)
         except Exception as err:  # noqa: BLE001 - PIL raises many types for files it cannot decode
-            return fail(
+            message = (
                 f"Cannot read the uploaded file {os.path.basename(path)}: it is not an image Pillow can "
-                f"decode ({type(err).__name__}). Upload a PNG, JPEG, WebP or another image file.",
-                2,
+                f"decode ({type(err).__name__}). Upload a PNG, JPEG, WebP or another image file."
             )
+            return (*fail(message, 0), None, [], gr.update(choices=[], value=None))
+        return f"Explaining {os.path.basename(path)} ...", image, [], gr.update(choices=[], value=None)
+
+    def explain(file, top_n, progress=gr.Progress()):  # noqa: B008 (Gradio injects the tracker through this default)
+        if file is None:
+            return "Upload an image to see which latents fire where.", [], gr.update(choices=[], value=None)
+        path = _uploaded_path(file)
+        try:
+            image = imagelib.load_rgb(path)
+        except Exception:  # noqa: BLE001 - the preview has said why
+            return gr.update(), [], gr.update(choices=[], value=None)
         try:
             explainer = app.explainer(progress)
             progress(0.6, desc="encoding the image")
@@ -165,11 +217,11 @@ def build_app(cfg: config.ExploreConfig):
         choices = [(f"latent {j} ({v:.3g})", j) for j, v in zip(latents, values) if v > 0]
         message = (
             (
-                f"The image's {len(choices)} strongest latents (of {int((out.image_values[0] > 0).sum())} that fire "
-                "on it). Pick one below to open its top images."
+                f"{os.path.basename(path)}: its {len(choices)} strongest latents (of "
+                f"{int((out.image_values[0] > 0).sum())} that fire on it). Pick one below to open its top images."
             )
             if choices
-            else "No latent fires on this image."
+            else f"{os.path.basename(path)}: no latent fires on this image."
         )
         return message, pictures, gr.update(choices=choices, value=None)
 
@@ -181,47 +233,48 @@ def build_app(cfg: config.ExploreConfig):
     def open_member(member, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (as above)
         try:
             app.member_book(member, progress)
+            current = open_current()
         except UserError as err:
             return fail(str(err), 6)
         except Exception as err:  # noqa: BLE001
             logger.exception("opening member %s", member)
             return fail(f"Could not open member {member}: {type(err).__name__}: {err}", 6)
-        first = app.book.order("frequency")[0]
-        return (
-            "",
-            banner(),
-            gr.Tabs(selected="latents"),
-            gr.update(choices=sort_keys(), value="frequency"),
-            gr.update(value=app.book.table("frequency")),
-            first,
-            gr.update(value=app.sweep.plot(member)),
-        )
+        banner_text, *rest = current
+        return ("", banner_text, gr.Tabs(selected="latents"), *rest, gr.update(value=app.sweep.plot(member)))
+
+    def sweep_plot():
+        try:
+            return gr.update(value=app.sweep.plot(os.path.basename(app.book.dump_to)))
+        except Exception:  # noqa: BLE001 - the tab still has its table; the error is in the log
+            logger.exception("drawing the sweep plot")
+            return gr.update()
 
     with gr.Blocks(title="SAE explorer", analytics_enabled=False) as blocks:
         gr.Markdown("# SAE explorer")
-        top = gr.Markdown(banner(), elem_id="banner")
+        top = gr.Markdown("Reading the visuals ...", elem_id="banner")
         with gr.Tabs(selected="latents") as tabs:
             with gr.Tab("Latents", id="latents"):
                 latent_status = gr.Markdown(elem_id="latent-status")
                 with gr.Row():
-                    with gr.Column(scale=2):
-                        sort = gr.Radio(sort_keys(), value="frequency", label="Sort latents by", elem_id="sort")
-                        table = gr.Dataframe(
-                            app.book.table("frequency"),
-                            headers=["latent", "log10 freq", "log10 mean", "max", "best class (AUROC)"],
-                            interactive=False,
-                            max_height=420,
-                            elem_id="latent-table",
-                            label="Live latents (click one)",
+                    with gr.Column(scale=1):
+                        sort = gr.Radio(
+                            [],
+                            label="Sort latents by",
+                            info="best AP: the patch probes' held-out AP of the classes a latent is best for; class "
+                            f"selectivity: best AUROC over the store's classes, dense latents (firing on over "
+                            f"{DENSE_FREQ:.0%} of vectors) last",
+                            elem_id="sort",
                         )
-                    with gr.Column(scale=3):
+                        table = gr.Dataframe(
+                            interactive=False,
+                            max_height=480,
+                            wrap=True,
+                            elem_id="latent-table",
+                            label="Latents that fire on the store's images (click one)",
+                        )
+                    with gr.Column(scale=1):
                         with gr.Row():
-                            latent_id = gr.Number(
-                                label="Latent id",
-                                precision=0,
-                                elem_id="latent-id",
-                                value=app.book.order("frequency")[0],
-                            )
+                            latent_id = gr.Number(label="Latent id", precision=0, elem_id="latent-id")
                             show = gr.Button("Show", variant="primary", elem_id="show-latent")
                         summary = gr.Markdown(elem_id="latent-summary")
                         pictures = gr.Gallery(
@@ -239,30 +292,52 @@ def build_app(cfg: config.ExploreConfig):
                     "Upload an image to see which latents fire where.", elem_id="explain-status"
                 )
                 with gr.Row():
-                    upload = gr.File(
-                        label="Image (PNG, JPEG, ...)", elem_id="upload", file_count="single", type="filepath"
-                    )
-                    top_n = gr.Slider(1, 24, value=8, step=1, label="Top latents")
-                explained = gr.Gallery(
-                    label="Where its top latents fire",
-                    columns=4,
-                    height="auto",
-                    elem_id="explain-images",
-                    object_fit="contain",
-                )
-                jump_to = gr.Radio([], label="Open a latent's top images", elem_id="jump-pick")
+                    with gr.Column(scale=1, elem_id="upload-column"):
+                        upload = gr.UploadButton(
+                            "Upload an image (PNG, JPEG, ...)",
+                            file_count="single",
+                            type="filepath",
+                            variant="primary",
+                            elem_id="upload",
+                        )
+                        uploaded = gr.Image(
+                            label="Your image",
+                            interactive=False,
+                            type="pil",
+                            height=240,
+                            elem_id="upload-preview",
+                        )
+                        top_n = gr.Slider(1, 24, value=8, step=1, label="Top latents")
+                    with gr.Column(scale=3):
+                        explained = gr.Gallery(
+                            label="Where its top latents fire",
+                            columns=4,
+                            height="auto",
+                            elem_id="explain-images",
+                            object_fit="contain",
+                        )
+                        jump_to = gr.Radio([], label="Open a latent's top images", elem_id="jump-pick")
             with gr.Tab("Sweep", id="sweep", visible=app.sweep is not None):
                 sweep_status = gr.Markdown(elem_id="sweep-status")
                 if app.sweep is not None:
                     rows, cols = app.sweep.rows()
+                    if app.sweep.notes:
+                        gr.Markdown("\n\n".join(f"⚠️ {note}" for note in app.sweep.notes))
                     with gr.Row():
-                        plot = gr.Image(
-                            app.sweep.plot(os.path.basename(app.book.dump_to)),
-                            label="L0 vs NMSE (held out)",
-                            interactive=False,
-                            elem_id="sweep-plot",
-                            type="pil",
-                        )
+                        with gr.Column():
+                            gr.Markdown(
+                                "L0 vs NMSE on the held-out split"
+                                + (
+                                    ", with the PCA baseline (PCA with L0 components: a member below the line beats "
+                                    "it at matched L0)"
+                                    if app.sweep.pca_nmse is not None
+                                    else " (no controls.json beside sweep.csv: no PCA baseline)"
+                                ),
+                                elem_id="sweep-plot-caption",
+                            )
+                            plot = gr.Image(
+                                show_label=False, interactive=False, elem_id="sweep-plot", type="pil", height=380
+                            )
                         with gr.Column():
                             member = gr.Radio(app.sweep.choices(), label="Member", elem_id="member-pick")
                             open_btn = gr.Button("Open this member's latents", variant="primary", elem_id="open-member")
@@ -271,17 +346,37 @@ def build_app(cfg: config.ExploreConfig):
         latent_outputs = [latent_status, summary, pictures, hist]
         show.click(show_latent, latent_id, latent_outputs)
         latent_id.submit(show_latent, latent_id, latent_outputs)
-        sort.change(resort, sort, [latent_status, table])
+        sort.input(resort, sort, [latent_status, table])
         table.select(pick_row, table, [latent_id, *latent_outputs])
-        upload.change(explain, [upload, top_n], [explain_status, explained, jump_to])
-        jump_to.change(jump, jump_to, [tabs, latent_id, *latent_outputs])
+        explain_outputs = [explain_status, explained, jump_to]
+        upload.upload(preview, upload, [explain_status, uploaded, explained, jump_to]).then(
+            explain, [upload, top_n], explain_outputs
+        )
+        top_n.release(explain, [upload, top_n], explain_outputs)
+        jump_to.input(jump, jump_to, [tabs, latent_id, *latent_outputs])
+        loaded = blocks.load(start, None, [latent_status, top, sort, table, latent_id]).then(
+            show_latent, latent_id, latent_outputs
+        )
         if app.sweep is not None:
+            loaded.then(sweep_plot, None, plot)
             member.change(lambda m: app.sweep.plot(m) if m else gr.update(), member, plot)
             open_btn.click(open_member, member, [sweep_status, top, tabs, sort, table, latent_id, plot]).then(
                 show_latent, latent_id, latent_outputs
             )
-        blocks.load(show_latent, latent_id, latent_outputs)
+    blocks.saev_explorer = app
     return blocks
+
+
+def _prefetch(app: Explorer) -> None:
+    """Once the server answers: read what the first page shows (the cache, the first latent's images), so that it
+    is ready or under way when a browser asks. Errors are left for the page to report."""
+    try:
+        book = app.book
+        order = book.order(book.default_sort())
+        if order:
+            book.images(order[0])
+    except Exception:  # noqa: BLE001 - the page's own request raises it again and shows it
+        logger.debug("prefetch failed", exc_info=True)
 
 
 def serve(cfg: config.ExploreConfig, block: bool = True):
@@ -302,6 +397,7 @@ def serve(cfg: config.ExploreConfig, block: bool = True):
         mcp_server=False,
     )
     print(f"explorer on {url} (127.0.0.1 only; Ctrl-C stops it)", flush=True)
+    threading.Thread(target=_prefetch, args=(blocks.saev_explorer,), daemon=True).start()
     if block:
         try:
             blocks.block_thread()

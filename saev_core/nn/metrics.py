@@ -29,7 +29,7 @@ from torch import Tensor
 from saev_core import config
 
 ALMOST_DEAD_FREQ = 1e-7
-DENSE_FREQ = 1e-2
+DENSE_FREQ = config.DENSE_FREQ
 
 
 class ReconstructionMetrics:

@@ -65,10 +65,7 @@ def train_layer(
 
 
 def _pca_curve(pca, table) -> tuple[list[int], list[float]] | None:
-    if pca is None:
-        return None
-    top = int(min(max(float(table["l0"].max()), 1.0) * 1.5, len(pca.nmse)))
-    return list(range(1, top + 1)), [pca.at(k) for k in range(1, top + 1)]
+    return None if pca is None else plots.pca_curve(pca.nmse, float(table["l0"].max()))
 
 
 def controls_json_path(sweep_csv: str) -> str:
