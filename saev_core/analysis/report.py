@@ -63,14 +63,10 @@ def layer_report(
     if splice is not None:
         for column, field in SPLICE_COLUMNS.items():
             table[column] = [getattr(splice[c], field) if c in splice else math.nan for c in table["ckpt"]]
-    ks = []
-    if sweep.pca is not None:  # the baseline over the members' L0 range and a little beyond
-        top = int(min(max(float(table["l0"].max()), 1.0) * 1.5, len(sweep.pca.nmse)))
-        ks = list(range(1, top + 1))
     png = plots.l0_vs_nmse_png(
         table,
         f"layer {layer}",
-        pca=(ks, [sweep.pca.at(k) for k in ks]) if sweep.pca else None,
+        pca=plots.pca_curve(sweep.pca.nmse, table["l0"].max()) if sweep.pca else None,
         chosen=chosen["member_id"] if chosen else None,
     )
     lines = verdict(table, chosen, max_l0, facts, seeds)
