@@ -63,7 +63,7 @@ def run_visuals(cfg: config.VisualsConfig) -> str:
 
     result = render.make_visuals(cfg)
     print(
-        f"rendered {result.n_images} images for {len(result.latents)} latents ({result.n_alive} of {result.d_sae} "
+        f"rendered {result.n_heatmaps} heatmaps for {len(result.latents)} latents ({result.n_alive} of {result.d_sae} "
         f"latents fire); top-k cache {'reused' if result.cache_reused else 'computed'}",
         file=sys.stderr,
     )
@@ -108,14 +108,14 @@ def run_pipeline(cmd: RunPipeline) -> str:
         atomic_write_bytes(png, sweep.l0_vs_nmse_png)
         print(sweep.csv_path)
         print(png)
-        for member in stages.visuals_for_layer(pipe, layer, sweep.csv_path):
-            print(member.result.index_html)
-        if pipe.probe is not None:
+        if pipe.probe is not None:  # before the visuals: their galleries show the probes
             probed = stages.probes_for_layer(pipe, layer, sweep.csv_path)
             if probed.note:
                 print(f"warning: layer {layer}: {probed.note}", file=sys.stderr)
             for _, result in probed.members:
                 print(result.path)
+        for member in stages.visuals_for_layer(pipe, layer, sweep.csv_path):
+            print(member.result.index_html)
     report_path, _ = stages.sweep_report(pipe, csvs)
     print(report_path)
     return pipe.train.ckpt_path

@@ -43,7 +43,7 @@ def build_definitions(path: str | None = None, executor: str | None = None) -> d
             *build_sources(pipe.automation.observe_cron),
             build_activations_asset(layers, pipe.code_version("activations"), pipe.activations.device),
             build_sae_sweep_asset(layers, pipe.code_version("sae_sweep")),
-            build_topk_visuals_asset(layers, pipe.code_version("topk_visuals")),
+            build_topk_visuals_asset(layers, pipe.code_version("topk_visuals"), after_probes=pipe.probe is not None),
             build_sweep_report_asset(layers.get_partition_keys(), pipe.code_version("sweep_report")),
             *(build_dropped_assets(pipe.automation.observe_cron) if pipe.watch.folder else []),
             *([build_probe_metrics_asset(layers, pipe.code_version("probe_metrics"))] if pipe.probe else []),

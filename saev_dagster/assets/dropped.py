@@ -50,7 +50,7 @@ def build_dropped_assets(observe_cron: str) -> list:
                 "gallery": dg.MetadataValue.path(result.index_html),
                 "preview": png_markdown(gallery.preview_grid(result.dump_to, result.latents[:4], 6), "top images"),
                 "n_latents": len(result.latents),
-                "n_images": result.n_images,
+                "n_heatmaps": result.n_heatmaps,
                 "cache_reused": result.cache_reused,
             }
         )

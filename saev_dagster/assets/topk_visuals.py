@@ -10,11 +10,16 @@ from saev_dagster.resources import SaevPipeline
 CHECK = "visuals_complete"
 
 
-def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_version: str) -> dg.AssetsDefinition:
+def build_topk_visuals_asset(
+    partitions_def: dg.PartitionsDefinition, code_version: str, after_probes: bool = False
+) -> dg.AssetsDefinition:
+    """``after_probes`` (the pipeline has a [probe] table): run after ``probe_metrics``, so that each gallery shows
+    its member's patch probes."""
+
     @dg.asset(
         name="topk_visuals",
         partitions_def=partitions_def,
-        deps=["sae_sweep"],
+        deps=["sae_sweep", *(["probe_metrics"] if after_probes else [])],
         **stage_asset_kwargs("visuals", {"pytorch", "html"}, code_version, gpu=True),
         description="For each chosen sweep member: every selected latent's top images as heatmaps, and a gallery.",
     )
@@ -30,7 +35,7 @@ def build_topk_visuals_asset(partitions_def: dg.PartitionsDefinition, code_versi
         metadata = {
             "n_members": len(members),
             "n_latents": sum(len(m.result.latents) for m in members),
-            "n_images": sum(m.result.n_images for m in members),
+            "n_heatmaps": sum(m.result.n_heatmaps for m in members),
         }
         for m in members:
             metadata[f"gallery_{m.member_id}"] = dg.MetadataValue.path(m.result.index_html)

@@ -488,6 +488,7 @@ def test_topk_visuals_renders_every_member_and_its_check_sees_a_deleted_png(pipe
     assert result.success
     (mat,) = result.asset_materializations_for_node("topk_visuals")
     assert mat.metadata["n_members"].value == 2 and mat.metadata["n_latents"].value > 0
+    assert mat.metadata["n_heatmaps"].value >= mat.metadata["n_latents"].value  # heatmaps, not distinct images
     galleries = [v.value for k, v in mat.metadata.items() if k.startswith("gallery_")]
     assert len(galleries) == 2 and all(os.path.isfile(g) for g in galleries)
     assert all("data:image/png;base64," in v.value for k, v in mat.metadata.items() if k.startswith("preview_"))
@@ -802,3 +803,14 @@ def test_probe_metrics_exists_with_a_probe_table_and_notes_a_store_without_label
         "kmeans",
     }
     assert path.startswith(str(tmp_path / "ckpts" / "layer_-1"))
+
+    # The visuals come after the probes, and the probed member's gallery shows them.
+    graph = defs.resolve_asset_graph()
+    parents = {k.to_user_string() for k in graph.get(dg.AssetKey("topk_visuals")).parent_keys}
+    assert parents == {"sae_sweep", "probe_metrics"}
+    (mat,) = materialize(defs, ["topk_visuals"], instance, partition_key="-1").asset_materializations_for_node(
+        "topk_visuals"
+    )
+    member = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    with open(mat.metadata[f"gallery_{member}"].value) as f:
+        assert 'id="probe-classes"' in f.read()
