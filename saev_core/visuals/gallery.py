@@ -522,7 +522,8 @@ def _classes_cell(row: dict) -> str:
 
 def _probe_cell(row: dict) -> str:
     lines = [
-        f'best for <a href="#probe-{_e(c["class"])}">{_e(c["class"])}</a>: AP {_num(c.get("ap"))}'
+        f'best for <a href="#probe-{_e(urllib.parse.quote(str(c["class"])))}">{_e(c["class"])}</a>: '
+        f"AP {_num(c.get('ap'))}"
         f' <span class="small">purity {_num(c.get("purity_at_k"))}</span>'
         for c in row.get("probe", ())
     ]

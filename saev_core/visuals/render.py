@@ -258,16 +258,18 @@ def missing_images(dump_to: str) -> list[str]:
     selection = read_json(selection_path(dump_to))
     if selection is None:
         return [f"no {selection_path(dump_to)}: the visuals never finished"]
-    missing = []
+    missing, originals = [], {}
     for latent, n in zip(selection["latents"], selection.get("n_heatmaps", selection.get("n_images"))):
         folder = os.path.join(dump_to, gallery.NEURONS_DIR, str(latent))
         names = [f"{rank}.png" for rank in range(n)] + ["metadata.json"]
         missing += [os.path.join(folder, name) for name in names if not os.path.isfile(os.path.join(folder, name))]
-        meta = read_json(os.path.join(folder, "metadata.json")) or {}
-        for i in meta.get("image_indices", [])[:n]:
-            path = os.path.join(dump_to, gallery.original_relpath(i))
-            if not os.path.isfile(path) and path not in missing:
-                missing.append(path)
+        try:
+            shown = (read_json(os.path.join(folder, "metadata.json")) or {}).get("image_indices", [])[:n]
+        except ValueError:
+            missing.append(f"{os.path.join(folder, 'metadata.json')} (damaged)")
+            shown = []
+        originals.update(dict.fromkeys(os.path.join(dump_to, gallery.original_relpath(i)) for i in shown))
+    missing += [path for path in originals if not os.path.isfile(path)]
     if not os.path.isfile(os.path.join(dump_to, "index.html")):
         missing.append(os.path.join(dump_to, "index.html"))
     return [f"missing {path}" for path in missing]

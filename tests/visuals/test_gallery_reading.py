@@ -372,4 +372,9 @@ def test_every_table_link_leads_to_its_row_in_chromium(browser, made):
     assert tab.js("location.hash") == f"#latent-{PROBE_ONLY}"
     top = tab.js(f"document.getElementById('latent-{PROBE_ONLY}').getBoundingClientRect().top")
     assert 0 <= top < tab.js("window.innerHeight")
+    # And back: a row's "best for <class>" leads to that class's probe row.
+    back = tab.js("Array.from(document.querySelectorAll('#latents a[href^=\"#probe-\"]')).map(a => a.hash)")
+    assert sorted(back) == ["#probe-grass", "#probe-sky"]
+    tab.click('#latents a[href="#probe-grass"]')
+    assert tab.js("document.querySelector(':target').id") == "probe-grass"
     assert tab.errors() == []

@@ -287,6 +287,7 @@ def test_best_member_is_the_lowest_nmse_under_the_l0_bound():
         ('members = "some"', "visuals.members"),
         ("max_l0 = -1", "visuals.max_l0"),
         ('ckpt = "x.pt"', "set per member"),
+        ('probe = "probe.json"', "visuals.probe in .* is set per member"),
         ("top_kk = 3", "Unknown key 'top_kk'"),
         ('log_freq_range = "wide"', "visuals.log_freq_range"),
     ],
