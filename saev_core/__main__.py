@@ -63,7 +63,7 @@ def run_visuals(cfg: config.VisualsConfig) -> str:
 
     result = render.make_visuals(cfg)
     print(
-        f"rendered {result.n_images} images for {len(result.latents)} latents ({result.n_alive} of {result.d_sae} "
+        f"rendered {result.n_heatmaps} heatmaps for {len(result.latents)} latents ({result.n_alive} of {result.d_sae} "
         f"latents fire); top-k cache {'reused' if result.cache_reused else 'computed'}",
         file=sys.stderr,
     )
@@ -129,15 +129,7 @@ def run_pipeline(cmd: RunPipeline) -> str:
             print(f"error: layer {layer}: {problem}", file=sys.stderr)
         for problem in sweep.health.warnings:
             print(f"warning: layer {layer}: {problem}", file=sys.stderr)
-        start = time.monotonic()
-        members = stages.visuals_for_layer(pipe, layer, sweep.csv_path)
-        n_latents = sum(len(m.result.latents) for m in members)
-        stage_line(
-            f"topk_visuals[{layer}]", time.monotonic() - start, f"{n_latents} latents of {len(members)} member(s)"
-        )
-        for member in members:
-            print(f"  gallery ({member.member_id}): {member.result.index_html}")
-        if pipe.probe is not None:
+        if pipe.probe is not None:  # before the visuals: their galleries show the probes
             start = time.monotonic()
             probed = stages.probes_for_layer(pipe, layer, sweep.csv_path)
             if probed.note:
@@ -146,6 +138,14 @@ def run_pipeline(cmd: RunPipeline) -> str:
             stage_line(f"probe_metrics[{layer}]", time.monotonic() - start, maps or "no patch labels")
             for _, result in probed.members:
                 print(f"  probes: {result.path}")
+        start = time.monotonic()
+        members = stages.visuals_for_layer(pipe, layer, sweep.csv_path)
+        n_latents = sum(len(m.result.latents) for m in members)
+        stage_line(
+            f"topk_visuals[{layer}]", time.monotonic() - start, f"{n_latents} latents of {len(members)} member(s)"
+        )
+        for member in members:
+            print(f"  gallery ({member.member_id}): {member.result.index_html}")
     start = time.monotonic()
     report_path, reports = stages.sweep_report(pipe, csvs)
     found = sum("**Structure found**" in line for rep in reports for line in rep.verdict)

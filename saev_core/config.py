@@ -385,6 +385,9 @@ class VisualsConfig:
     """How many latents to pick at random among those that pass the filters."""
     seed: int = 42
     """Seed of the random selection."""
+    probe: str | None = None
+    """probe.json (`probe`) to show as the gallery's "patch probes" section; default: <checkpoint folder>/probes/
+    probe.json when it exists (where the pipeline's [probe] stage writes it)."""
     device: Device = "auto"
     """Where the SAE runs: auto picks cuda when available."""
 

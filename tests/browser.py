@@ -178,4 +178,6 @@ class Tab:
         return self.js("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete ? i.naturalWidth : 0])")
 
     def row_order(self) -> list[int]:
-        return self.js("Array.from(document.querySelectorAll('#latents tbody tr')).map(r => +r.dataset.latent)")
+        return self.js(
+            "Array.from(document.querySelectorAll('#latents tbody tr[data-latent]')).map(r => +r.dataset.latent)"
+        )

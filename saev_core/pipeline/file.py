@@ -436,7 +436,7 @@ def _visuals_plan(table: dict, source: str) -> VisualsPlan:
         raise UserError(
             f"visuals.max_l0 = {max_l0!r} in {source}: expected a number >= 0 (the best member's L0 bound)."
         )
-    for key in ("ckpt", "images"):
+    for key in ("ckpt", "images", "probe"):  # probe: each member's own probe.json, beside its checkpoint
         if key in table:
             raise UserError(f"visuals.{key} in {source} is set per member by the pipeline; remove it.")
     cfg = from_table(config.VisualsConfig(), table, "visuals", source)

@@ -7,10 +7,10 @@ tiles that box evenly. ``ViewGeometry`` holds the transform's numbers (read once
 original pixel coordinates, with the same integer rounding as torchvision, open_clip and timm.
 
 Overlay. Each pixel whose centre lies in patch ``(r, c)`` of the box gets that patch's colour (a matplotlib
-colormap) with alpha ``max_alpha * clip(value / vmax, 0, 1)``; ``vmax`` is the latent's top value so the ranks of
-one latent compare. Zero, negative and NaN patches, and pixels outside the box, are left exactly as they were.
-The image is first shrunk so that its shortest side is at most ``shortest_side`` (never enlarged), so thousands
-of images render in seconds.
+colormap) with alpha ``max_alpha * clip(value / vmax, 0, 1) ** alpha_gamma``; ``vmax`` is the latent's top value
+so the ranks of one latent compare. Zero, negative and NaN patches, and pixels outside the box, are left exactly as
+they were. The image is first shrunk so that its shortest side is at most ``shortest_side`` (never enlarged), so
+thousands of images render in seconds.
 
 Imports no torch: transforms are recognised by class name and attributes.
 """
@@ -206,6 +206,7 @@ def overlay_heatmap(
     vmax: float,
     cmap: str = "plasma",
     max_alpha: float = 0.6,
+    alpha_gamma: float = 1.0,
     shortest_side: int | None = 224,
     cls_value: float | None = None,
 ) -> Image.Image:
@@ -218,6 +219,8 @@ def overlay_heatmap(
         raise ValueError(f"values has shape {values.shape}, but grid {grid} needs ({rows * cols},)")
     if not 0.0 <= max_alpha <= 1.0:
         raise ValueError(f"max_alpha must be in [0, 1], got {max_alpha}")
+    if not alpha_gamma > 0:
+        raise ValueError(f"alpha_gamma must be positive, got {alpha_gamma}")
     left, top, right, bottom = box
     if not (right > left and bottom > top):
         raise ValueError(f"box {box} is empty; expected (left, top, right, bottom) with right > left, bottom > top")
@@ -237,7 +240,8 @@ def overlay_heatmap(
         return _with_cls_strip(out, cls_value, vmax, cmap)
 
     # Per patch: keep = 1 - alpha and add = alpha * colour, then blown up to pixels by repeating whole blocks.
-    alpha = (strength * max_alpha).astype(np.float32).reshape(rows, cols, 1)
+    # alpha_gamma < 1 lifts the opacity of middling values (the colour still says the value), so weak patches show.
+    alpha = (strength**alpha_gamma * max_alpha).astype(np.float32).reshape(rows, cols, 1)
     colour = colormap_lut(cmap)[np.rint(strength * 255).astype(np.intp)].astype(np.float32).reshape(rows, cols, 3)
     keep = np.repeat(np.repeat(1.0 - alpha, row_runs, axis=0), col_runs, axis=1)
     add = np.repeat(np.repeat(alpha * colour, row_runs, axis=0), col_runs, axis=1)
@@ -251,6 +255,11 @@ CLS_STRIP_FRACTION = 0.06
 """Height of the CLS strip as a fraction of the image height (at least 4 px)."""
 
 
+def cls_strip_height(picture_height: int) -> int:
+    """Height in pixels of the CLS strip under a picture of this height."""
+    return max(4, round(picture_height * CLS_STRIP_FRACTION))
+
+
 def _with_cls_strip(out: np.ndarray, cls_value: float | None, vmax: float, cmap: str) -> Image.Image:
     """The image, with a strip below it showing the CLS token's value (none when cls_value is None)."""
     if cls_value is None:
@@ -259,7 +268,7 @@ def _with_cls_strip(out: np.ndarray, cls_value: float | None, vmax: float, cmap:
     grey = np.full(3, 64.0)
     colour = colormap_lut(cmap)[int(round(strength * 255))].astype(np.float64)
     alpha = strength  # a strip of its own: no image under it to keep visible
-    strip = np.empty((max(4, round(out.shape[0] * CLS_STRIP_FRACTION)), out.shape[1], 3), np.uint8)
+    strip = np.empty((cls_strip_height(out.shape[0]), out.shape[1], 3), np.uint8)
     strip[...] = np.rint(grey * (1 - alpha) + colour * alpha).astype(np.uint8)
     return Image.fromarray(np.concatenate([out, strip], axis=0))
 

@@ -7,6 +7,7 @@ images, and where files go (docs/visuals-format.md):
     <dump_to>/cache/topk.npz            the top-k arrays and statistics (reused when the inputs are the same)
     <dump_to>/cache/selection.json      the selected latents and the filters that chose them
     <dump_to>/neurons/<latent>/<rank>.png, metadata.json
+    <dump_to>/originals/<image>.png     the pictures under the heatmaps, without them (one per store image)
     <dump_to>/index.html                the gallery
 """
 
@@ -29,11 +30,16 @@ from saev_core.nn.checkpoint import check_trained_layer
 from saev_core.record import images
 from saev_core.record import vit as vitlib
 from saev_core.store import ActivationStore, stats
-from saev_core.visuals import association, gallery, heatmaps, top_images
+from saev_core.visuals import association, gallery, heatmaps, patch_classes, top_images
 
 logger = logging.getLogger("saev_core.visuals.render")
 RENDER_SIDE = 224
 """Rendered images have this shortest side (the ViT's own view size), never more than the original."""
+HEATMAP_MAX_ALPHA, HEATMAP_ALPHA_GAMMA = 0.8, 0.5
+"""A patch's opacity is 0.8 * (value / vmax) ** 0.5: weak patches still show (the colour says the value), and the
+original beside the heatmap in the gallery shows what the overlay covers."""
+CLASS_TABLE_LATENTS = 5
+"""Latents per class in the gallery's class table; all of them are rendered."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +50,18 @@ class VisualsResult:
     dump_to: str
     latents: list[int]
     """The selected latents, as rendered."""
-    n_images: int
-    """Heatmaps written."""
+    n_heatmaps: int
+    """Heatmaps written (latents x rendered ranks), not distinct images."""
     cache_reused: bool
     n_alive: int
     d_sae: int
+    probe_json: str | None = None
+    """The probe.json shown in the gallery's "patch probes" section, if any."""
+
+    @property
+    def n_images(self) -> int:
+        """Old name of ``n_heatmaps`` (it counted heatmaps, not images)."""
+        return self.n_heatmaps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,17 +160,34 @@ def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> Visua
         assoc = association.compute(cache, values, inputs.store)
         association.save(assoc, identity, cfg.dump_to, cache.freq > 0)
     logger.info("top-k cache %s (%s)", top_images.cache_path(cfg.dump_to), "reused" if reused else "computed")
-    latents = select_latents(
-        cache, cfg.log_freq_range, cfg.log_value_range, cfg.include_latents, cfg.n_latents, cfg.seed
+    probe = patch_classes.load_probe(cfg.probe, inputs.ckpt_path, inputs.store.metadata.key, inputs.layer, cache.d_sae)
+    class_latents = (
+        None
+        if assoc is None
+        else {
+            name: assoc.top_latents(c, CLASS_TABLE_LATENTS)
+            for c, name in enumerate(assoc.class_names)
+            if assoc.n_images[c] > 0
+        }
     )
-    rows = render_latents(cache, latents, inputs.store, image_root, cfg.dump_to, cfg.n_imgs_per_latent, show_progress)
+    linked = linked_latents(cache, class_latents, probe)
+    latents = select_latents(
+        cache, cfg.log_freq_range, cfg.log_value_range, cfg.include_latents, cfg.n_latents, cfg.seed, linked
+    )
+    rows = render_latents(
+        cache, latents, inputs.store, image_root, cfg.dump_to, cfg.n_imgs_per_latent, show_progress, probe
+    )
     if assoc is not None:
         add_classes(rows, assoc)
+    n_heatmaps = [row["n_heatmaps"] for row in rows]
     atomic_write_json(
         selection_path(cfg.dump_to),
         {
             "latents": latents.tolist(),
-            "n_images": [row["n_images"] for row in rows],
+            "n_heatmaps": n_heatmaps,
+            "n_images": n_heatmaps,
+            "linked_latents": linked,
+            "probe": None if probe is None else probe.path,
             "log_freq_range": cfg.log_freq_range,
             "log_value_range": cfg.log_value_range,
             "include_latents": list(cfg.include_latents),
@@ -179,13 +209,31 @@ def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> Visua
             cfg.log_freq_range,
             cfg.log_value_range,
             title=f"SAE latents: {os.path.basename(os.path.dirname(inputs.ckpt_path))}, layer {inputs.layer}",
-            class_latents=None
-            if assoc is None
-            else {name: assoc.top_latents(c, 5) for c, name in enumerate(assoc.class_names) if assoc.n_images[c] > 0},
+            class_latents=class_latents,
+            probe=None if probe is None else probe.doc,
+            top_k=cfg.top_k,
+            n_per_latent=cfg.n_imgs_per_latent,
         )
     return VisualsResult(
-        index, cfg.dump_to, latents.tolist(), sum(r["n_images"] for r in rows), reused, int(alive.sum()), cache.d_sae
+        index,
+        cfg.dump_to,
+        latents.tolist(),
+        sum(n_heatmaps),
+        reused,
+        int(alive.sum()),
+        cache.d_sae,
+        None if probe is None else probe.path,
     )
+
+
+def linked_latents(
+    cache: top_images.TopKCache, class_latents: dict | None, probe: patch_classes.ProbeView | None
+) -> list[int]:
+    """The latents that the class table and the probe section name and that fire (so they have heatmaps), in
+    increasing id order: the page renders all of them, whatever the selection ranges."""
+    named = {j for best in (class_latents or {}).values() for j, _ in best}
+    named |= set(probe.best_latents() if probe else [])
+    return sorted(j for j in named if cache.freq[j] > 0)
 
 
 def add_classes(rows: list[dict], assoc) -> None:
@@ -210,11 +258,18 @@ def missing_images(dump_to: str) -> list[str]:
     selection = read_json(selection_path(dump_to))
     if selection is None:
         return [f"no {selection_path(dump_to)}: the visuals never finished"]
-    missing = []
-    for latent, n in zip(selection["latents"], selection["n_images"]):
+    missing, originals = [], {}
+    for latent, n in zip(selection["latents"], selection.get("n_heatmaps", selection.get("n_images"))):
         folder = os.path.join(dump_to, gallery.NEURONS_DIR, str(latent))
         names = [f"{rank}.png" for rank in range(n)] + ["metadata.json"]
         missing += [os.path.join(folder, name) for name in names if not os.path.isfile(os.path.join(folder, name))]
+        try:
+            shown = (read_json(os.path.join(folder, "metadata.json")) or {}).get("image_indices", [])[:n]
+        except ValueError:
+            missing.append(f"{os.path.join(folder, 'metadata.json')} (damaged)")
+            shown = []
+        originals.update(dict.fromkeys(os.path.join(dump_to, gallery.original_relpath(i)) for i in shown))
+    missing += [path for path in originals if not os.path.isfile(path)]
     if not os.path.isfile(os.path.join(dump_to, "index.html")):
         missing.append(os.path.join(dump_to, "index.html"))
     return [f"missing {path}" for path in missing]
@@ -252,10 +307,13 @@ def select_latents(
     include_latents=(),
     n_latents: int = 400,
     seed: int = 42,
+    linked=(),
 ) -> Int[np.ndarray, " n"]:
     """``include_latents`` (in the given order), then up to ``n_latents`` others drawn at random (seeded) among the
-    latents whose log10 frequency and log10 mean value lie in the closed ranges, in id order. Dead latents (never
-    fired) are never selected: an included one is skipped with a warning."""
+    latents whose log10 frequency and log10 mean value lie in the closed ranges, in id order, then the ``linked``
+    latents (those the page's class and probe tables name) not already there, in id order: the draw is the same
+    with or without them. Dead latents (never fired) are never selected: an included one is skipped with a
+    warning."""
     alive = cache.freq > 0
     bad = [i for i in include_latents if not 0 <= i < cache.d_sae]
     if bad:
@@ -276,7 +334,9 @@ def select_latents(
     passes[included] = False
     candidates = np.flatnonzero(passes)
     picked = np.random.default_rng(seed).choice(candidates, size=min(n_latents, len(candidates)), replace=False)
-    return np.array([*included, *np.sort(picked).tolist()], dtype=np.int64)
+    chosen = [*included, *np.sort(picked).tolist()]
+    extra = sorted(set(int(j) for j in linked if alive[j]) - set(chosen))
+    return np.array(chosen + extra, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,33 +373,45 @@ def render_latents(
     dump_to: str,
     n_per_latent: int,
     show_progress: bool = False,
+    probe: patch_classes.ProbeView | None = None,
 ) -> list[dict]:
-    """Heatmaps and metadata.json for each latent's best ``n_per_latent`` images; the gallery rows, in order."""
+    """Heatmaps and metadata.json for each latent's best ``n_per_latent`` images, and each of those images once
+    without a heatmap (``originals/``); the gallery rows, in order."""
     meta = store.metadata
     geometry = heatmaps.geometry_of_transform(vitlib.make_img_transform(meta.vit_family, meta.vit_ckpt))
     grid = patch_grid(meta.n_patches_per_img)
-    paths, labels, class_names = store.image_paths(), store.image_labels(), store.class_names
+    paths = store.image_paths()
     load = functools.lru_cache(maxsize=256)(lambda i: load_view(os.path.join(image_root, paths[i]), geometry))
-    jobs = [(int(latent), rank) for latent in latents for rank in range(min(n_per_latent, cache.n_images()[latent]))]
+    counts = {int(j): int(min(n_per_latent, cache.n_images()[j])) for j in latents}
+    jobs = [(latent, rank) for latent, n in counts.items() for rank in range(n)]
+    originals = sorted({int(cache.top_images[latent, rank]) for latent, rank in jobs})
+    views: dict[int, tuple[tuple[int, int], heatmaps.Box]] = {}
 
     def render(job: tuple[int, int]) -> None:
         latent, rank = job
+        if latent < 0:  # an original: the picture the heatmaps are drawn on, as it is
+            img, box = load(rank)
+            views[rank] = (img.size, box)
+            heatmaps.save_png(img, os.path.join(dump_to, gallery.original_relpath(rank)))
+            return
         out = draw_top_image(cache, latent, rank, load(int(cache.top_images[latent, rank])), grid)
         heatmaps.save_png(out, os.path.join(dump_to, gallery.image_relpath(latent, rank)))
 
-    _remove_stale(dump_to, {int(j): min(n_per_latent, int(cache.n_images()[j])) for j in latents})
+    _remove_stale(dump_to, counts, set(originals))
     with (
         concurrent.futures.ThreadPoolExecutor(threads.usable_cpus()) as pool,
-        tqdm(total=len(jobs), unit="img", desc="heatmaps", disable=not show_progress) as bar,
+        tqdm(total=len(jobs) + len(originals), unit="img", desc="heatmaps", disable=not show_progress) as bar,
     ):
-        for _ in pool.map(render, jobs):
+        for _ in pool.map(render, [(-1, i) for i in originals] + jobs):
             bar.update()
-    return [_latent_row(cache, int(latent), n_per_latent, paths, labels, class_names, dump_to) for latent in latents]
+    context = _RowContext(cache, store, dump_to, views, grid, probe)
+    return [context.row(int(latent), counts[int(latent)]) for latent in latents]
 
 
-def _remove_stale(dump_to: str, n_images: dict[int, int]) -> None:
-    """Make neurons/ hold exactly this selection: folders of latents no longer selected and ranks beyond what is
-    rendered now go (only the names this module writes: numeric folders, <rank>.png, metadata.json)."""
+def _remove_stale(dump_to: str, n_images: dict[int, int], originals: set[int] = frozenset()) -> None:
+    """Make neurons/ and originals/ hold exactly this selection: folders of latents no longer selected, ranks
+    beyond what is rendered now and originals no heatmap shows go (only the names this module writes: numeric
+    folders, <rank>.png, metadata.json, <image>.png)."""
     root = os.path.join(dump_to, gallery.NEURONS_DIR)
     os.makedirs(root, exist_ok=True)
     for entry in os.listdir(root):
@@ -356,39 +428,102 @@ def _remove_stale(dump_to: str, n_images: dict[int, int]) -> None:
         for name in os.listdir(folder):
             if name.endswith(".png") and name[:-4].isdigit() and int(name[:-4]) >= n:
                 os.remove(os.path.join(folder, name))
+    plain = os.path.join(dump_to, gallery.ORIGINALS_DIR)
+    os.makedirs(plain, exist_ok=True)
+    for name in os.listdir(plain):
+        if name.endswith(".png") and name[:-4].isdigit() and int(name[:-4]) not in originals:
+            os.remove(os.path.join(plain, name))
 
 
-def _latent_row(cache, latent: int, n_per_latent: int, paths, labels, class_names, dump_to: str) -> dict:
-    """Write the latent's metadata.json and return its gallery row."""
-    n = int(min(n_per_latent, cache.n_images()[latent]))
-    imgs = cache.top_images[latent, :n].tolist()
-    names = [class_names[labels[i]] if 0 <= labels[i] < len(class_names) else "" for i in imgs]
-    log_freq, log_value = math.log10(cache.freq[latent]), math.log10(cache.mean_value[latent])
-    atomic_write_json(
-        inside(dump_to, gallery.NEURONS_DIR, str(latent), "metadata.json", what="latent id"),
-        {
+@dataclasses.dataclass
+class _RowContext:
+    """What every gallery row reads: the cache, the store's image index and patch labels, the rendered pictures'
+    sizes and crop boxes, and the probe."""
+
+    cache: top_images.TopKCache
+    store: ActivationStore
+    dump_to: str
+    views: dict[int, tuple[tuple[int, int], heatmaps.Box]]
+    grid: tuple[int, int]
+    probe: patch_classes.ProbeView | None
+
+    def __post_init__(self):
+        self.paths, self.labels, self.class_names = (
+            self.store.image_paths(),
+            self.store.image_labels(),
+            self.store.class_names,
+        )
+        self.patch_labels, self.patch_names = self.store.patch_labels(), self.store.patch_class_names
+        self.filled = self.cache.n_images()
+
+    def row(self, latent: int, n: int) -> dict:
+        """Write the latent's metadata.json and return its gallery row."""
+        cache = self.cache
+        imgs = cache.top_images[latent, :n].tolist()
+        names = [self.class_names[self.labels[i]] if 0 <= self.labels[i] < len(self.class_names) else "" for i in imgs]
+        log_freq, log_value = math.log10(cache.freq[latent]), math.log10(cache.mean_value[latent])
+        outline = self._outline(latent, imgs)
+        atomic_write_json(
+            inside(self.dump_to, gallery.NEURONS_DIR, str(latent), "metadata.json", what="latent id"),
+            {
+                "latent": latent,
+                "log10_freq": log_freq,
+                "log10_mean_value": log_value,
+                "max_value": float(cache.top_values[latent, 0]),
+                "n_top": int(self.filled[latent]),
+                "image_indices": imgs,
+                "paths": [self.paths[i] for i in imgs],
+                "labels": names,
+                "values": cache.top_values[latent, :n].tolist(),
+                "cls_values": [_finite_or_none(v) for v in cache.top_cls[latent, :n]],
+                "originals": [gallery.original_relpath(i) for i in imgs],
+                "outline": None if outline is None else {"class": outline[0], "source": outline[1]},
+            },
+        )
+        sizes = []
+        for rank, i in enumerate(imgs):
+            width, height = self.views[i][0]
+            strip = heatmaps.cls_strip_height(height) if np.isfinite(cache.top_cls[latent, rank]) else 0
+            sizes.append((width, height, height + strip))
+        row = {
             "latent": latent,
             "log10_freq": log_freq,
             "log10_mean_value": log_value,
             "max_value": float(cache.top_values[latent, 0]),
-            "image_indices": imgs,
-            "paths": [paths[i] for i in imgs],
+            "n_heatmaps": n,
+            "n_top": int(self.filled[latent]),
+            "images": [gallery.image_relpath(latent, rank) for rank in range(n)],
             "labels": names,
-            "values": cache.top_values[latent, :n].tolist(),
-            "cls_values": [_finite_or_none(v) for v in cache.top_cls[latent, :n]],
-        },
-    )
-    return {
-        "latent": latent,
-        "log10_freq": log_freq,
-        "log10_mean_value": log_value,
-        "max_value": float(cache.top_values[latent, 0]),
-        "n_images": n,
-        "images": [gallery.image_relpath(latent, rank) for rank in range(n)],
-        "labels": names,
-        "hist_counts": cache.hist[latent],
-        "hist_edges": top_images.HIST_EDGES,
-    }
+            "originals": [gallery.original_relpath(i) for i in imgs],
+            "sizes": sizes,
+            "hist_counts": cache.hist[latent],
+            "hist_edges": top_images.HIST_EDGES,
+        }
+        if outline is not None:
+            row["outline_class"], row["outline_source"], row["outlines"] = outline
+        if self.probe is not None:
+            row["probe"] = [
+                {"class": c.get("class"), "ap": c.get("ap"), "purity_at_k": c.get("purity_at_k")}
+                for c in self.probe.classes_of(latent)
+            ]
+        return row
+
+    def _outline(self, latent: int, imgs: list[int]) -> tuple[str, str, list[str]] | None:
+        """(class name, why, SVG path per image) of the class outlined on the latent's heatmaps, or None."""
+        labels = self.patch_labels
+        if labels is None or not imgs or labels.shape[1] != self.grid[0] * self.grid[1]:
+            return None
+        rows = labels[imgs].astype(np.int64)
+        found = patch_classes.outline_class(
+            latent, self.probe, self.cache.top_patches[latent, : len(imgs)], rows, self.patch_names
+        )
+        if found is None:
+            return None
+        c, why = found
+        outlines = [
+            patch_classes.outline_path((r == c).reshape(self.grid), self.views[i][1]) for r, i in zip(rows, imgs)
+        ]
+        return self.patch_names[c], why, outlines
 
 
 def draw_top_image(
@@ -406,6 +541,8 @@ def draw_top_image(
         grid,
         box,
         vmax,
+        max_alpha=HEATMAP_MAX_ALPHA,
+        alpha_gamma=HEATMAP_ALPHA_GAMMA,
         shortest_side=None,
         cls_value=_finite_or_none(cache.top_cls[latent, rank]),
     )

@@ -55,7 +55,7 @@ def build_dropped_assets() -> list:
                     gallery.preview_grid(result.dump_to, result.latents[:4], 6), "top images"
                 ),
                 "n_latents": len(result.latents),
-                "n_heatmaps": result.n_images,
+                "n_heatmaps": result.n_heatmaps,
                 "cache_reused": result.cache_reused,
             }
         )

@@ -34,7 +34,7 @@ def build_topk_visuals_asset(
         metadata = {
             "n_members": len(members),
             "n_latents": sum(len(m.result.latents) for m in members),
-            "n_heatmaps": sum(m.result.n_images for m in members),
+            "n_heatmaps": sum(m.result.n_heatmaps for m in members),
         }
         for m in members:
             metadata[f"gallery/{m.member_id}"] = dg.MetadataValue.path(m.result.index_html)

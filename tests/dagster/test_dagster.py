@@ -513,6 +513,7 @@ def test_topk_visuals_renders_every_member_and_its_check_sees_a_deleted_png(pipe
     assert result.success
     (mat,) = result.asset_materializations_for_node("topk_visuals")
     assert mat.metadata["n_members"].value == 2 and mat.metadata["n_latents"].value > 0
+    assert mat.metadata["n_heatmaps"].value >= mat.metadata["n_latents"].value  # heatmaps, not distinct images
     galleries = [v for k, v in mat.metadata.items() if k.startswith("gallery/")]
     assert len(galleries) == 2 and all(
         isinstance(g, dg.PathMetadataValue) and os.path.isfile(g.value) for g in galleries
@@ -902,3 +903,14 @@ def test_probe_metrics_exists_with_a_probe_table_and_notes_a_store_without_label
         "kmeans",
     }
     assert path.startswith(str(tmp_path / "ckpts" / "layer_-1"))
+
+    # The visuals come after the probes, and the probed member's gallery shows them.
+    graph = defs.resolve_asset_graph()
+    parents = {k.to_user_string() for k in graph.get(dg.AssetKey("topk_visuals")).parent_keys}
+    assert parents == {"sae_sweep", "probe_metrics"}
+    (mat,) = materialize(defs, ["topk_visuals"], instance, partition_key="-1").asset_materializations_for_node(
+        "topk_visuals"
+    )
+    member = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    with open(mat.metadata[f"gallery_{member}"].value) as f:
+        assert 'id="probe-classes"' in f.read()

@@ -51,7 +51,7 @@ def make_latents(root, seed=0):
                 "log10_freq": float(freq),
                 "log10_mean_value": float(mean),
                 "max_value": float(values.max()),
-                "n_images": N_PER_LATENT,
+                "n_heatmaps": N_PER_LATENT,
                 "images": images,
                 "labels": labels,
                 "hist_counts": rng.integers(0, 50, 20),
@@ -91,6 +91,8 @@ class PageParser(html.parser.HTMLParser):
         if tag == "tr" and "data-latent" in attrs:
             self._row = int(attrs["data-latent"])
             self.rows[self._row] = []
+        if tag == "tr" and "data-of" in attrs:  # the row of a latent's pictures, under its numbers
+            self._row = int(attrs["data-of"])
         if tag == "img" and self._row is not None:
             self.rows[self._row].append(attrs["src"])
         self._in_caption = tag == "figcaption"
@@ -272,7 +274,7 @@ def test_gallery_in_chromium_loads_every_image_sorts_on_click_and_stays_local(br
     assert tab.row_order() == by["latent"]
     # The rows moved with their images: each row still shows its own latent's files.
     first = tab.js(
-        "Array.from(document.querySelectorAll('#latents tbody tr:first-child img')).map(i => i.getAttribute('src'))"
+        "Array.from(document.querySelectorAll('#latents tbody tr:nth-child(2) img')).map(i => i.getAttribute('src'))"
     )
     assert first == [image_relpath(by["latent"][0], r) for r in range(N_PER_LATENT)]
 

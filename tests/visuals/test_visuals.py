@@ -287,6 +287,7 @@ def test_best_member_is_the_lowest_nmse_under_the_l0_bound():
         ('members = "some"', "visuals.members"),
         ("max_l0 = -1", "visuals.max_l0"),
         ('ckpt = "x.pt"', "set per member"),
+        ('probe = "probe.json"', "visuals.probe in .* is set per member"),
         ("top_kk = 3", "Unknown key 'top_kk'"),
         ('log_freq_range = "wide"', "visuals.log_freq_range"),
     ],
@@ -335,13 +336,21 @@ def test_fewer_images_or_latents_on_a_rerun_leave_no_stale_heatmaps(trained, tmp
     _, _, ckpt = trained
     args = ["--ckpt", ckpt, "--dump-to", str(tmp_path / "v"), "--top-k", "5", "--device", "cpu", *WIDE]
     assert run(capsys, *args, "--n-imgs-per-latent", "4")[0] == 0
+    n_before = len(os.listdir(tmp_path / "v" / "neurons"))
     assert run(capsys, *args, "--n-imgs-per-latent", "2", "--n-latents", "3")[0] == 0
     selection = json.loads((tmp_path / "v" / "cache" / "selection.json").read_text())
     folders = sorted(int(p) for p in os.listdir(tmp_path / "v" / "neurons"))
-    assert folders == sorted(selection["latents"]) and len(folders) == 3
-    for latent, n in zip(selection["latents"], selection["n_images"]):
+    # Three drawn, plus the latents the class table names (the store has classes), which are always shown.
+    drawn = [j for j in selection["latents"] if j not in selection["linked_latents"]]
+    assert folders == sorted(selection["latents"]) and len(drawn) == 3 and len(folders) < n_before
+    shown = set()
+    for latent, n in zip(selection["latents"], selection["n_heatmaps"]):
         pngs = sorted(p for p in os.listdir(tmp_path / "v" / "neurons" / str(latent)) if p.endswith(".png"))
         assert pngs == [f"{r}.png" for r in range(n)] and n <= 2
+        meta = json.loads((tmp_path / "v" / "neurons" / str(latent) / "metadata.json").read_text())
+        shown |= {f"{i}.png" for i in meta["image_indices"]}
+    assert sorted(os.listdir(tmp_path / "v" / "originals")) == sorted(shown)  # no stale originals either
+    assert render.missing_images(str(tmp_path / "v")) == []
 
 
 def test_a_saev_0_1_0_checkpoint_gets_the_stores_normalisation(trained, tmp_path):
