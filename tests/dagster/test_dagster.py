@@ -912,5 +912,5 @@ def test_probe_metrics_exists_with_a_probe_table_and_notes_a_store_without_label
         "topk_visuals"
     )
     member = os.path.basename(os.path.dirname(os.path.dirname(path)))
-    with open(mat.metadata[f"gallery_{member}"].value) as f:
+    with open(mat.metadata[f"gallery/{member}"].value) as f:
         assert 'id="probe-classes"' in f.read()

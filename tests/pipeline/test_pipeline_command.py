@@ -26,10 +26,15 @@ def test_the_pipeline_command_prints_one_line_per_stage_with_its_figures(tmp_pat
         "topk_visuals[0]",
         "sae_sweep[-1]",
         "topk_visuals[-1]",
+        "sweep_report",
     ]
+    report = tmp_path / "ckpts" / "report.md"
+    found = open(report).read().count("**Structure found**")
+    assert stages["sweep_report"] == f"structure found in {found} of {len(LAYERS)} layers"
+    assert f"  report: {report}" in out
     assert re.match(r"[\d.]+ MB at [\d.]+ img/s: ", stages["activations[0, -1]"])
     for layer in LAYERS:
-        sweep = pd.read_csv(tmp_path / "ckpts" / f"layer_{layer}" / "sweep.csv")
+        sweep = pd.read_csv(tmp_path / "ckpts" / f"layer_{layer}" / "sweep.csv", dtype={"member_id": str})
         best = sweep.loc[sweep["nmse"].idxmin()]
         assert stages[f"sae_sweep[{layer}]"] == (
             f"2 members; lowest NMSE {best['nmse']:.4f} at L0 {best['l0']:.1f} ({best['member_id']})"

