@@ -181,3 +181,15 @@ class Tab:
         return self.js(
             "Array.from(document.querySelectorAll('#latents tbody tr[data-latent]')).map(r => +r.dataset.latent)"
         )
+
+
+def chromium_or_skip(unchecked: str = ""):
+    """For a fixture (``yield from chromium_or_skip(...)``): a started Chromium, closed after the test or module; the
+    test is skipped, its reason ending in ``unchecked`` (what goes unchecked), when Debian's chromium is absent."""
+    if not os.path.exists(CHROMIUM):
+        import pytest
+
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium){unchecked}")
+    chromium = Chromium()
+    yield chromium
+    chromium.close()

@@ -1,4 +1,5 @@
-"""Helpers the tests share: small images, a tiny pipeline file, an exact SAE, a tiny recorded-and-trained run.
+"""Helpers the tests share: small images, the `activations` command line, a tiny pipeline file, exact SAEs, a tiny
+recorded-and-trained run, folder comparison, the `dagster dev` command line.
 Imported by name (``from tests.helpers import write_images``), never through conftest.py, so a reader sees where a
 helper comes from."""
 
@@ -20,6 +21,39 @@ def write_images(root, n: int, size=(64, 48)) -> list[str]:
         Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(path)
         rels.append(rel)
     return rels
+
+
+def activations_argv(
+    vit_ckpt: str,
+    data_root,
+    dump_to,
+    *extra: str,
+    family: str | None = "clip",
+    data_kind: str = "image-folder-dataset",
+    data_flags=(),
+) -> list[str]:
+    """The `activations` command line for a folder of images, recorded in this process (no worker processes):
+    ``extra`` flags go before the data subcommand, ``data_flags`` after it; ``family=None`` leaves --vit-family
+    to its default."""
+    return [
+        "activations",
+        *(["--vit-family", family] if family else []),
+        "--vit-ckpt",
+        vit_ckpt,
+        "--dump-to",
+        str(dump_to),
+        "--n-workers",
+        "0",
+        *extra,
+        f"data:{data_kind}",
+        "--data.root",
+        str(data_root),
+        *data_flags,
+    ]
+
+
+TINY_SAE_FLAGS = ["--sae.d-vit", "64", "--sae.exp-factor", "2", "--sae.arch", "topk", "--sae.k", "4"]
+"""`train` flags for the SAE the tiny pipeline trains on the tiny CLIP's 64-wide activations: topk, 128 latents."""
 
 
 def tiny_pipeline_text(root, vit_ckpt: str, layers, max_frac_dead: float = 1.0) -> str:
@@ -89,33 +123,44 @@ def exact_relu_sae(d_vit: int):
     return sae
 
 
+def identity_sae(path, store_path: str, d_vit: int) -> str:
+    """A relu SAE with W_enc = W_dec = I (exp_factor 1, no bias): latent j is relu(x_j), so a planted dimension is a
+    planted latent. Saved with provenance (store, layer -1, patches): a file without any is taken for saev 0.1.0's
+    and given the store's normalisation. Returns the saved path."""
+    import torch
+
+    from saev_core import config, nn
+
+    sae = nn.make_sae(config.SparseAutoencoderConfig(d_vit=d_vit, exp_factor=1, arch="relu"))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d_vit))
+        sae.W_dec.copy_(torch.eye(d_vit))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return nn.dump(path, sae, {"store": store_path, "layer": -1, "token_mode": "patches"})
+
+
 def tiny_run(
-    root, tiny_clip_ckpt: str, n_imgs: int = 16, layer: int = -1, exp_factor: int = 2, vit_ckpt: str | None = None
+    root,
+    tiny_clip_ckpt: str,
+    n_imgs: int = 16,
+    layer: int = -1,
+    exp_factor: int = 2,
+    vit_ckpt: str | None = None,
+    val_frac: float = 0.25,
 ) -> tuple[str, str, str]:
     """(image folder, store path, sae.pt) under ``root``: n_imgs random images in two classes (cat, dog), recorded
-    with the tiny CLIP (``vit_ckpt`` overrides the checkpoint string, e.g. a relative path), one topk SAE trained."""
+    with the tiny CLIP (``vit_ckpt`` overrides the checkpoint string, e.g. a relative path), one topk SAE trained
+    with ``val_frac`` of the images held out."""
     from saev_core import config
     from saev_core.__main__ import main
     from saev_core.train import trainer
 
     root = str(root)
     write_images(os.path.join(root, "imgs"), n_imgs, size=(64, 48))
-    argv = [
-        "activations",
-        "--vit-family",
-        "clip",
-        "--vit-ckpt",
-        vit_ckpt or tiny_clip_ckpt,
-        "--vit-layers",
-        str(layer),
-        "--dump-to",
-        os.path.join(root, "acts"),
-        "--n-workers",
-        "0",
-        "data:image-folder-dataset",
-        "--data.root",
-        os.path.join(root, "imgs"),
-    ]
+    argv = activations_argv(
+        vit_ckpt or tiny_clip_ckpt, os.path.join(root, "imgs"), os.path.join(root, "acts"), "--vit-layers", str(layer)
+    )
     assert main(argv) == 0
     store = next(
         os.path.join(root, "acts", p)
@@ -123,7 +168,7 @@ def tiny_run(
         if os.path.isdir(os.path.join(root, "acts", p))
     )
     cfg = config.TrainConfig(
-        data=config.DataLoadConfig(shard_root=store, layer=layer, val_frac=0.25),
+        data=config.DataLoadConfig(shard_root=store, layer=layer, val_frac=val_frac),
         sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=exp_factor, arch="topk", k=8),
         n_patches=40 * 64,
         sae_batch_size=64,

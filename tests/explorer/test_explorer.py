@@ -8,8 +8,6 @@ Screenshots go to $SAEV_SCREENSHOTS when set."""
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,8 +26,9 @@ from saev_core.pipeline import stages
 from saev_core.pipeline.file import Pipeline, ReportPlan
 from saev_core.train import trainer
 from saev_core.visuals import render, top_images
-from tests.browser import CHROMIUM, Chromium
-from tests.helpers import write_images
+from tests.browser import chromium_or_skip
+from tests.helpers import activations_argv, write_images
+from tests.processes import free_port, stop_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WIDE = dict(log_freq_range=(-10.0, 0.0), log_value_range=(-10.0, 10.0))
@@ -56,27 +55,10 @@ def sweep(tmp_path_factory, tiny_clip_ckpt):
     (<member folder>/probes/probe.json), and the sweep's controls (sweep.csv's columns and controls.json)."""
     root = tmp_path_factory.mktemp("explorer")
     write_seg_folder(root / "seg", 16)
-    assert (
-        main(
-            [
-                "activations",
-                "--vit-family",
-                "clip",
-                "--vit-ckpt",
-                tiny_clip_ckpt,
-                "--vit-layers",
-                "-1",
-                "--dump-to",
-                str(root / "acts"),
-                "--n-workers",
-                "0",
-                "data:seg-folder-dataset",
-                "--data.root",
-                str(root / "seg"),
-            ]
-        )
-        == 0
+    argv = activations_argv(
+        tiny_clip_ckpt, root / "seg", root / "acts", "--vit-layers", "-1", data_kind="seg-folder-dataset"
     )
+    assert main(argv) == 0
     store = str(next(p for p in (root / "acts").iterdir() if p.is_dir()))
     cfgs = [
         config.TrainConfig(
@@ -102,12 +84,6 @@ def sweep(tmp_path_factory, tiny_clip_ckpt):
     pipe = Pipeline(str(root / "pipeline.toml"), config.ActivationsConfig(), report=ReportPlan(kmeans=False))
     stages.layer_controls(pipe, str(root / "ckpts" / "sweep.csv"), fresh=True)
     return root, folder, first, second
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -158,22 +134,13 @@ def launch(sweep, tmp_path):
 
     yield start
     for proc, log in started:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, wait_s=15)
         log.close()
 
 
 @pytest.fixture
 def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)")
-    chromium = Chromium()
-    yield chromium
-    chromium.close()
+    yield from chromium_or_skip()
 
 
 def wait_for(tab, expression: str, timeout: float = 60):

@@ -6,28 +6,16 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from saev_core import config, nn
+from saev_core import config
 from saev_core.store import write_store
 from saev_core.visuals import association, render
+from tests.helpers import identity_sae
 
 N_IMGS, N_PATCHES, D = 40, 4, 8
 PLANTED, CLASS = 3, 1
-
-
-def identity_sae(path, store_path: str) -> str:
-    """A relu SAE with W_enc = W_dec = I: latent j is relu(x_j), so the planted dimension is the planted latent."""
-    sae = nn.make_sae(config.SparseAutoencoderConfig(d_vit=D, exp_factor=1, arch="relu"))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.eye(D))
-        sae.W_dec.copy_(torch.eye(D))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    # With provenance: a file without any is taken for saev 0.1.0's and given the store's normalisation.
-    return nn.dump(path, sae, {"store": store_path, "layer": -1, "token_mode": "patches"})
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +44,7 @@ def planted(tmp_path_factory):
         image_root=str(root / "imgs"),
         vit_ckpt="saev-tiny-clip/none",
     )
-    ckpt = identity_sae(root / "sae.pt", store.path)
+    ckpt = identity_sae(root / "sae.pt", store.path, D)
     return root, store, ckpt, acts, labels
 
 

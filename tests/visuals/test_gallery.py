@@ -15,7 +15,7 @@ from PIL import Image
 
 from saev_core.visuals.gallery import freq_vs_value_png, image_relpath, preview_grid, write_gallery
 from saev_core.visuals.heatmaps import ViewGeometry, overlay_heatmap, save_png
-from tests.browser import CHROMIUM, Chromium
+from tests.browser import chromium_or_skip
 
 N_LATENTS, N_PER_LATENT = 18, 3
 NASTY_LABELS = ['<script>alert("x")</script>', "a & b", "o'clock", "tabby cat"]
@@ -225,11 +225,7 @@ def test_preview_grid_puts_each_latents_top_images_in_its_row(tmp_path):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium); the page is not checked in a browser")
-    chromium = Chromium()
-    yield chromium
-    chromium.close()
+    yield from chromium_or_skip("; the page is not checked in a browser")
 
 
 def test_browser_harness_catches_remote_requests_console_errors_and_broken_images(browser, tmp_path):

@@ -10,14 +10,14 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from saev_core import config, nn
+from saev_core import config
 from saev_core.errors import UserError
 from saev_core.store import write_store
 from saev_core.visuals import render, top_images
-from tests.browser import CHROMIUM, Chromium
+from tests.browser import chromium_or_skip
+from tests.helpers import identity_sae
 
 N_IMGS, GRID, D, SIDE = 30, 4, 12, 32
 N_PATCHES = GRID * GRID
@@ -28,16 +28,6 @@ GRASS = 2
 PROBE_ONLY = 11
 """A latent the planted probe.json names; the selection draws nothing, so only the tables bring it in."""
 TOP_K, N_SHOWN = 8, 3
-
-
-def identity_sae(path, store_path: str) -> str:
-    sae = nn.make_sae(config.SparseAutoencoderConfig(d_vit=D, exp_factor=1, arch="relu"))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.eye(D))
-        sae.W_dec.copy_(torch.eye(D))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return nn.dump(path, sae, {"store": store_path, "layer": -1, "token_mode": "patches"})
 
 
 def planted_probe(store_key: str) -> dict:
@@ -87,7 +77,7 @@ def planted(tmp_path_factory):
         patch_labels=patch_labels,
         patch_class_names=PATCH_NAMES,
     )
-    ckpt = identity_sae(root / "member" / "sae.pt", store.path)
+    ckpt = identity_sae(root / "member" / "sae.pt", store.path, D)
     os.makedirs(root / "member" / "probes")
     (root / "member" / "probes" / "probe.json").write_text(json.dumps(planted_probe(store.metadata.key)))
     return root, store, ckpt, acts, labels, patch_labels
@@ -286,7 +276,7 @@ def test_a_store_without_patch_labels_has_no_outlines(planted, tmp_path):
         image_root=store.metadata.image_root,
         vit_ckpt="saev-tiny-clip/none",
     )
-    ckpt = identity_sae(tmp_path / "sae.pt", plain.path)
+    ckpt = identity_sae(tmp_path / "sae.pt", plain.path, D)
     cfg = visuals_cfg(planted, tmp_path / "v", ckpt=ckpt, data=config.VisualsDataConfig(plain.path, -1, "patches"))
     render.make_visuals(cfg, show_progress=False)
     page = (tmp_path / "v" / "index.html").read_text()
@@ -305,11 +295,7 @@ def test_a_store_without_patch_labels_has_no_outlines(planted, tmp_path):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium); the page is not checked in a browser")
-    chromium = Chromium()
-    yield chromium
-    chromium.close()
+    yield from chromium_or_skip("; the page is not checked in a browser")
 
 
 VISIBLE = "(sel) => Array.from(document.querySelectorAll(sel)).filter(e => e.getClientRects().length > 0).length"

@@ -12,9 +12,8 @@ from PIL import Image
 from saev_core import config, nn
 from saev_core.__main__ import main
 from saev_core.errors import UserError
-from saev_core.train import trainer
 from saev_core.visuals import render, top_images
-from tests.helpers import write_images
+from tests.helpers import tiny_run, write_images
 
 N_IMGS = 12
 
@@ -22,38 +21,7 @@ N_IMGS = 12
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_clip_ckpt):
     """A tiny store of 12 non-square images (64 x 48) and a topk SAE trained on it; (images, store, sae.pt)."""
-    root = tmp_path_factory.mktemp("visuals")
-    write_images(root / "imgs", N_IMGS, size=(64, 48))
-    argv = [
-        "activations",
-        "--vit-family",
-        "clip",
-        "--vit-ckpt",
-        tiny_clip_ckpt,
-        "--vit-layers",
-        "-1",
-        "--dump-to",
-        str(root / "acts"),
-        "--n-workers",
-        "0",
-        "data:image-folder-dataset",
-        "--data.root",
-        str(root / "imgs"),
-    ]
-    assert main(argv) == 0
-    store_path = next(p for p in (root / "acts").iterdir() if p.is_dir())
-    cfg = config.TrainConfig(
-        data=config.DataLoadConfig(shard_root=str(store_path), layer=-1, val_frac=0.2),
-        sae=config.SparseAutoencoderConfig(d_vit=64, exp_factor=2, arch="topk", k=8),
-        n_patches=40 * 64,
-        sae_batch_size=64,
-        n_lr_warmup=5,
-        ckpt_path=str(root / "ckpt"),
-        device="cpu",
-        log_every=1000,
-    )
-    [result] = trainer.train_sweep([cfg], show_progress=False)
-    return root / "imgs", str(store_path), result.ckpt_path
+    return tiny_run(tmp_path_factory.mktemp("visuals"), tiny_clip_ckpt, n_imgs=N_IMGS, val_frac=0.2)
 
 
 def run(capsys, *argv) -> tuple[int, list[str], str]:
