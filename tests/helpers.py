@@ -5,6 +5,7 @@ helper comes from."""
 
 import os
 import pathlib
+import sys
 
 import numpy as np
 from PIL import Image
@@ -179,3 +180,20 @@ def tiny_run(
     )
     [result] = trainer.train_sweep([cfg], show_progress=False)
     return os.path.join(root, "imgs"), store, result.ckpt_path
+
+
+def same_files(left, right) -> bool:
+    """Whether two folders hold the same files with the same bytes, in every subfolder (none only on one side)."""
+    import filecmp
+
+    def same(c: filecmp.dircmp) -> bool:
+        _, diff, errors = filecmp.cmpfiles(c.left, c.right, c.common_files, shallow=False)
+        return not (diff or errors or c.left_only or c.right_only) and all(same(sub) for sub in c.subdirs.values())
+
+    return same(filecmp.dircmp(left, right))
+
+
+def dagster_dev_argv(port: int) -> list[str]:
+    """`dagster dev` on 127.0.0.1:``port`` with the repository's workspace.yaml (run it from the repository root)."""
+    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
+    return [dagster, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]

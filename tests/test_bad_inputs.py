@@ -30,7 +30,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import tiny_pipeline_text, write_images
+from tests.helpers import TINY_SAE_FLAGS, activations_argv, tiny_pipeline_text, write_images
+from tests.processes import free_port, moto_server
 
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
@@ -38,14 +39,7 @@ LAYER = "-1"
 TRAIN_ARGS = [
     "--data.layer",
     LAYER,
-    "--sae.d-vit",
-    "64",
-    "--sae.exp-factor",
-    "2",
-    "--sae.arch",
-    "topk",
-    "--sae.k",
-    "4",
+    *TINY_SAE_FLAGS,
     "--n-patches",
     "1024",
     "--sae-batch-size",
@@ -78,27 +72,18 @@ class World:
     """A --ckpt-path whose training was killed after its step-12 checkpoint (pointer and train_state files)."""
 
     def activations(self, *extra: str, dump_to: str | Path | None = None) -> list[str]:
-        return [
-            "activations",
-            "--vit-family",
-            "clip",
-            "--vit-ckpt",
+        return activations_argv(
             self.vit_ckpt,
+            self.images,
+            dump_to or self.root / "acts",
             "--vit-layers",
             LAYER,
             "--n-patches-per-shard",
             "200",
-            "--n-workers",
-            "0",
             "--device",
             "cpu",
-            "--dump-to",
-            str(dump_to or self.root / "acts"),
             *extra,
-            "data:image-folder-dataset",
-            "--data.root",
-            str(self.images),
-        ]
+        )
 
     def train(self, *extra: str, ckpt_path: str | Path, shard_root: str | None = None) -> list[str]:
         return [
@@ -318,8 +303,9 @@ def cut_pointer_and_states(ckpts: Path) -> None:
         os.remove(path)
 
 
-def poisoned_heldout_store(w: World, t: Path) -> str:
-    """A copy of the good store with NaN in one held-out image (the training split stays clean)."""
+def store_copy_with(w: World, t: Path, value: float, split: str, n_imgs: int | None = None) -> str:
+    """A copy of the good store with activation [1, 3] set to ``value`` in the first ``n_imgs`` (all when None) of
+    the images the default training config puts in ``split`` ("train" or "val")."""
     from saev_core import config
     from saev_core.store import ActivationStore
     from saev_core.store.loader import split_images
@@ -327,30 +313,23 @@ def poisoned_heldout_store(w: World, t: Path) -> str:
     copy = t / "acts" / os.path.basename(w.store)
     shutil.copytree(w.store, copy)
     store = ActivationStore.open(str(copy), mode="r+")
-    _, val = split_images(store, config.DataLoadConfig().val_frac, config.TrainConfig().seed)
+    train, val = split_images(store, config.DataLoadConfig().val_frac, config.TrainConfig().seed)
     arr = store.array(int(LAYER))
-    img = arr[int(val[0])]
-    img[1, 3] = np.nan
-    arr[int(val[0])] = img
+    for image in {"train": train, "val": val}[split][:n_imgs]:
+        img = arr[int(image)]
+        img[1, 3] = value
+        arr[int(image)] = img
     return str(copy)
+
+
+def poisoned_heldout_store(w: World, t: Path) -> str:
+    """A copy of the good store with NaN in one held-out image (the training split stays clean)."""
+    return store_copy_with(w, t, np.nan, "val", n_imgs=1)
 
 
 def huge_value_store(w: World, t: Path) -> str:
     """A copy of the good store with one activation of 3e38 in each training image: finite, its square is not."""
-    from saev_core import config
-    from saev_core.store import ActivationStore
-    from saev_core.store.loader import split_images
-
-    copy = t / "acts" / os.path.basename(w.store)
-    shutil.copytree(w.store, copy)
-    store = ActivationStore.open(str(copy), mode="r+")
-    train, _ = split_images(store, config.DataLoadConfig().val_frac, config.TrainConfig().seed)
-    arr = store.array(int(LAYER))
-    for image in train:
-        img = arr[int(image)]
-        img[1, 3] = 3e38
-        arr[int(image)] = img
-    return str(copy)
+    return store_copy_with(w, t, 3e38, "train")
 
 
 def unlistable_subfolder(w: World, t: Path) -> Call:
@@ -1041,42 +1020,11 @@ def test_ctrl_c_ends_in_one_line_saying_what_is_kept(world: World, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def moto():
     """A moto S3 server on a free loopback port with the bucket ``acts``; yields its URL."""
-    port = free_port()
-    server = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen(
-        [server, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline and proc.poll() is None, "moto_server did not start"
-                time.sleep(0.2)
-        import boto3
-
-        boto3.client(
-            "s3", endpoint_url=url, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
-        ).create_bucket(Bucket="acts")
+    with moto_server("acts") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,8 @@ import pytest
 from saev_core.store import ActivationStore
 from saev_dagster.definitions import PipelineFileError, build_definitions
 from saev_dagster.observation import observe_sources
-from tests.helpers import tiny_pipeline_text, write_images
+from tests.helpers import dagster_dev_argv, same_files, tiny_pipeline_text, write_images
+from tests.processes import stop_group
 
 LAYERS = [0, -1]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -197,7 +197,6 @@ def test_fanned_out_recording_writes_the_bytes_of_one_worker(pipeline_file, tmp_
     """n_workers_fanout = 2: two recording ops in one run fill disjoint block ranges of one store, byte-identical to
     saev_core recording the same config in one go."""
     import dataclasses
-    import filecmp
 
     from saev_core.pipeline.file import load_pipeline
     from saev_core.record import recording
@@ -220,19 +219,8 @@ def test_fanned_out_recording_writes_the_bytes_of_one_worker(pipeline_file, tmp_
     one = recording.record_activations(
         dataclasses.replace(cfg, dump_to=str(tmp_path / "one_worker")), show_progress=False
     )
-
-    def same_tree(c) -> bool:
-        _, diff, errors = filecmp.cmpfiles(c.left, c.right, c.common_files, shallow=False)
-        return (
-            not diff
-            and not errors
-            and not c.left_only
-            and not c.right_only
-            and all(same_tree(sub) for sub in c.subdirs.values())
-        )
-
     assert os.path.basename(one.path) == os.path.basename(fanned.path)
-    assert same_tree(filecmp.dircmp(one.path, fanned.path))
+    assert same_files(one.path, fanned.path)
 
 
 def test_run_config_override_and_clear_failure(pipeline_file):
@@ -318,16 +306,7 @@ def test_dagster_dev_serves_the_asset_graph(tmp_path):
     port = 3000 + os.getpid() % 2000
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     proc = subprocess.Popen(
-        [
-            os.path.join(os.path.dirname(sys.executable), "dagster"),
-            "dev",
-            "-w",
-            "workspace.yaml",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
+        dagster_dev_argv(port),
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
         env=env,
         start_new_session=True,
@@ -354,11 +333,7 @@ def test_dagster_dev_serves_the_asset_graph(tmp_path):
         keys = {"/".join(n["assetKey"]["path"]) for n in nodes["data"]["assetNodes"]}
         assert {"activations", "vit_checkpoint", "image_source"} <= keys
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, wait_s=30)
 
 
 def _materialize_sweep(instance, partition: str):

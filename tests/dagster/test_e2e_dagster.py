@@ -11,9 +11,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -21,7 +19,8 @@ import pytest
 
 from saev_core.store import ActivationStore
 from tests.browser import CHROMIUM, Chromium
-from tests.helpers import tiny_pipeline_text, write_images
+from tests.helpers import dagster_dev_argv, tiny_pipeline_text, write_images
+from tests.processes import free_port
 
 LAYERS = [0, -1]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -98,12 +97,6 @@ PLOT_IN_DIALOG = """Array.from(document.querySelectorAll('[role=dialog] img'))
   .map(i => [i.getAttribute('src').slice(0, 22), i.alt, i.complete ? i.naturalWidth : 0])"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pids_with_env(entry: str) -> list[int]:
     """Our processes whose environment holds ``entry`` (every process dagster dev starts inherits its own)."""
     found = []
@@ -128,16 +121,7 @@ class DagsterDev:
         env = {**os.environ, "DAGSTER_HOME": self.home, "SAEV_PIPELINE": str(pipeline)}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [
-                    os.path.join(os.path.dirname(sys.executable), "dagster"),
-                    "dev",
-                    "-w",
-                    "workspace.yaml",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(self.port),
-                ],
+                dagster_dev_argv(self.port),
                 cwd=REPO,
                 env=env,
                 start_new_session=True,

@@ -9,7 +9,7 @@ import zarr
 from PIL import Image
 
 from saev_core.__main__ import main
-from tests.helpers import write_images
+from tests.helpers import activations_argv, write_images
 
 
 def run(capsys, argv) -> str:
@@ -37,20 +37,7 @@ def folder(tmp_path):
 
 
 def argv(ckpt, root, dump_to, *extra, data=()):
-    return [
-        "activations",
-        "--vit-ckpt",
-        ckpt,
-        "--dump-to",
-        str(dump_to),
-        "--n-workers",
-        "0",
-        *extra,
-        "data:image-folder-dataset",
-        "--data.root",
-        str(root),
-        *data,
-    ]
+    return activations_argv(ckpt, root, dump_to, *extra, family=None, data_flags=data)
 
 
 def test_empty_image_folder(capsys, tmp_path, tiny_clip_ckpt):

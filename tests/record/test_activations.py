@@ -17,27 +17,11 @@ from saev_core.config import ImageFolderDataset
 from saev_core.record import images
 from saev_core.record import vit as vitlib
 from saev_core.store import ActivationStore
-from tests.helpers import write_images
+from tests.helpers import activations_argv, same_files, write_images
 
 
 def record(capsys, ckpt, root, dump_to, *extra, family="clip", data_flags=()) -> str:
-    argv = [
-        "activations",
-        "--vit-family",
-        family,
-        "--vit-ckpt",
-        ckpt,
-        "--dump-to",
-        str(dump_to),
-        "--n-workers",
-        "0",
-        *extra,
-        "data:image-folder-dataset",
-        "--data.root",
-        str(root),
-        *data_flags,
-    ]
-    assert main(argv) == 0
+    assert main(activations_argv(ckpt, root, dump_to, *extra, family=family, data_flags=data_flags)) == 0
     return capsys.readouterr().out.strip().splitlines()[-1]
 
 
@@ -273,25 +257,19 @@ def test_dry_run_refuses_when_the_disk_lacks_room(capsys, tmp_path, tiny_clip_ck
 
 
 def _argv(ckpt, root, dump_to):
-    return [
-        "activations",
-        "--vit-ckpt",
+    return activations_argv(
         ckpt,
+        root,
+        dump_to,
         "--vit-layers",
         "0",
         "-1",
-        "--dump-to",
-        str(dump_to),
         "--n-patches-per-shard",
         str(4 * 50 * 2),
         "--vit-batch-size",
         "2",
-        "--n-workers",
-        "0",
-        "data:image-folder-dataset",
-        "--data.root",
-        str(root),
-    ]
+        family=None,
+    )
 
 
 def _shard_mtimes(path) -> dict[str, int]:
@@ -369,8 +347,6 @@ def test_cli_subprocess_prints_store_path_last(tmp_path, tiny_clip_ckpt):
 
 
 def test_two_workers_on_disjoint_block_ranges_write_the_same_bytes_as_one(tmp_path, tiny_clip_ckpt):
-    import filecmp
-
     from saev_core import config
     from saev_core.record import recording
 
@@ -392,19 +368,7 @@ def test_two_workers_on_disjoint_block_ranges_write_the_same_bytes_as_one(tmp_pa
     assert ActivationStore.open(path).missing_blocks() == [0, 1, 2, 3]
     parts = [recording.record_activations(cfg, show_progress=False, part=(i, 2)) for i in (1, 0)]
     assert [p.n_blocks_written for p in parts] == [2, 2] and ActivationStore.open(path).is_complete
-    cmp = filecmp.dircmp(one.path, path)
-
-    def same_tree(c) -> bool:
-        equal, diff, errors = filecmp.cmpfiles(c.left, c.right, c.common_files, shallow=False)
-        return (
-            not diff
-            and not errors
-            and not c.left_only
-            and not c.right_only
-            and all(same_tree(sub) for sub in c.subdirs.values())
-        )
-
-    assert same_tree(cmp)
+    assert same_files(one.path, path)
     assert recording.block_part(10, 0, 3) == [0, 1, 2, 3] and recording.block_part(10, 2, 3) == [7, 8, 9]
 
 

@@ -15,6 +15,7 @@ from saev_core.record import embedded_seg as seg_set
 from saev_core.record import images, segmentation
 from saev_core.record import vit as vitlib
 from saev_core.store import ActivationStore
+from tests.helpers import activations_argv
 
 
 def tiny_transform():
@@ -137,26 +138,18 @@ def write_seg_folder(root, classes: list[str] | None = ("sky", "road", "tree")) 
 
 def record_seg(capsys, ckpt, root, dump_to, *extra, data_flags=(), status=0) -> str:
     """Record through the CLI; the store's path (the last line printed), or with ``status`` 2 the error line."""
-    argv = [
-        "activations",
-        "--vit-family",
-        "clip",
-        "--vit-ckpt",
+    argv = activations_argv(
         ckpt,
+        root,
+        dump_to,
         "--vit-layers",
         "-1",
-        "--dump-to",
-        str(dump_to),
-        "--n-workers",
-        "0",
         "--device",
         "cpu",
         *extra,
-        "data:seg-folder-dataset",
-        "--data.root",
-        str(root),
-        *data_flags,
-    ]
+        data_kind="seg-folder-dataset",
+        data_flags=data_flags,
+    )
     assert main(argv) == status
     out = capsys.readouterr()
     return (out.out if status == 0 else out.err).strip().splitlines()[-1]
