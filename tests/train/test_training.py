@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -269,6 +270,42 @@ def test_outputs_sweep_csv_provenance_and_finished_members_are_not_retrained(sto
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def planted_train_argv(store: ActivationStore, ckpt, d: int, k: int, exp_factor: int, *flags: str) -> list[str]:
+    """`train` on a planted store's layer -2: a topk SAE, 600 steps of 256 vectors; ``flags`` add to that."""
+    return [
+        "train",
+        "--data.shard-root",
+        store.path,
+        "--data.layer",
+        "-2",
+        "--sae.d-vit",
+        str(d),
+        "--sae.arch",
+        "topk",
+        "--sae.k",
+        str(k),
+        "--sae.exp-factor",
+        str(exp_factor),
+        "--n-patches",
+        str(600 * 256),
+        "--sae-batch-size",
+        "256",
+        "--ckpt-path",
+        str(ckpt),
+        "--device",
+        DEVICE,
+        *flags,
+    ]
+
+
+def best_cosine_per_atom(atoms: np.ndarray, ckpt_path) -> np.ndarray:
+    """For each planted atom [n_atoms, d] (unit rows), its largest cosine with a decoder row of the one SAE trained
+    under ``ckpt_path``: [n_atoms]."""
+    [ckpt] = glob.glob(str(pathlib.Path(ckpt_path) / "*" / "sae.pt"))
+    w = nn.load(ckpt).W_dec.detach().double().numpy()
+    return (atoms @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T).max(axis=1)
+
+
 def test_topk_sae_recovers_a_planted_dictionary_through_the_cli(tmp_path, capsys):
     from saev_core.__main__ import main
 
@@ -282,45 +319,11 @@ def test_topk_sae_recovers_a_planted_dictionary_through_the_cli(tmp_path, capsys
     x = np.einsum("nk,nkd->nd", coef, atoms[which]) + sigma * rng.normal(size=(n, d))
     store = plant(tmp_path / "store", x.reshape(n_imgs, n_tokens, d), imgs_per_shard=n_imgs, key="dict")
 
-    rc = main(
-        [
-            "train",
-            "--data.shard-root",
-            store.path,
-            "--data.layer",
-            "-2",
-            "--sae.d-vit",
-            str(d),
-            "--sae.arch",
-            "topk",
-            "--sae.k",
-            str(k),
-            "--sae.exp-factor",
-            str(2 * n_atoms // d),
-            "--sae.dead-after-n-patches",
-            "20000",
-            "--lr",
-            "3e-3",
-            "--n-lr-warmup",
-            "50",
-            "--n-patches",
-            str(600 * 256),
-            "--sae-batch-size",
-            "256",
-            "--ckpt-path",
-            str(tmp_path / "ckpt"),
-            "--device",
-            DEVICE,
-            "--log-every",
-            "200",
-        ]
-    )
+    flags = ["--sae.dead-after-n-patches", "20000", "--lr", "3e-3", "--n-lr-warmup", "50", "--log-every", "200"]
+    rc = main(planted_train_argv(store, tmp_path / "ckpt", d, k, 2 * n_atoms // d, *flags))
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and out[-1] == str(tmp_path / "ckpt" / "sweep.csv")
-    [ckpt] = glob.glob(str(tmp_path / "ckpt" / "*" / "sae.pt"))
-    w = nn.load(ckpt).W_dec.detach().double().numpy()
-    w /= np.linalg.norm(w, axis=1, keepdims=True)
-    best = (atoms @ w.T).max(axis=1)
+    best = best_cosine_per_atom(atoms, tmp_path / "ckpt")
     assert best.mean() >= 0.9, f"mean max cosine {best.mean():.3f}"
 
 
@@ -821,39 +824,11 @@ def test_defaults_recover_a_planted_dictionary_in_a_short_run(tmp_path, capsys, 
     atoms, x = planted_dictionary(102_400)
     store = plant(tmp_path / "store", x.reshape(1600, 64, 64), imgs_per_shard=1600, key="defaults")
     with caplog.at_level(logging.WARNING, logger="saev_core.train.trainer"):
-        rc = main(
-            [
-                "train",
-                "--data.shard-root",
-                store.path,
-                "--data.layer",
-                "-2",
-                "--sae.d-vit",
-                "64",
-                "--sae.arch",
-                "topk",
-                "--sae.k",
-                "4",
-                "--sae.exp-factor",
-                "4",
-                "--n-patches",
-                str(600 * 256),
-                "--sae-batch-size",
-                "256",
-                "--ckpt-path",
-                str(tmp_path / "ckpt"),
-                "--device",
-                DEVICE,
-                "--log-every",
-                "1000",
-            ]
-        )
+        rc = main(planted_train_argv(store, tmp_path / "ckpt", 64, 4, 4, "--log-every", "1000"))  # no --lr etc.
     assert rc == 0
     notes = [rec.getMessage() for rec in caplog.records if rec.name == "saev_core.train.trainer"]
     assert [n.split(" is not set")[0] for n in notes] == ["--lr", "--n-lr-warmup", "--sae.dead-after-n-patches"]
-    [ckpt] = glob.glob(str(tmp_path / "ckpt" / "*" / "sae.pt"))
-    w = nn.load(ckpt).W_dec.detach().double().numpy()
-    best = (atoms @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T).max(axis=1)
+    best = best_cosine_per_atom(atoms, tmp_path / "ckpt")
     assert best.mean() >= 0.98, f"mean max cosine {best.mean():.3f}"
     assert pd.read_csv(tmp_path / "ckpt" / "sweep.csv")["l0"].item() == pytest.approx(4.0)
 
