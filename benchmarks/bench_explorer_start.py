@@ -20,8 +20,6 @@ temporary folder. The first run after a reboot also pays the page cache; the tab
 import argparse
 import os
 import pathlib
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,12 +30,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.browser import CHROMIUM, Chromium  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.processes import free_port, stop_group  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -85,12 +78,7 @@ def one_run(args, tmp: str, browser: Chromium | None) -> dict:
             out["first_latent_s"] = time.monotonic() - t0
         return out
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, wait_s=15)
         log.close()
 
 

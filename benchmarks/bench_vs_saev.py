@@ -89,31 +89,37 @@ def tuned(args, *flags) -> list[str]:
     return [] if args.defaults else [str(f) for f in flags]
 
 
+def activations_flags(args, vit_ckpt: str, dump_to: str) -> list[str]:
+    """The `activations` flags, the same for both programs (only the checkpoint string and the output differ):
+    ViT-B/32's second-to-last layer on the CPU."""
+    return [
+        "--vit-family",
+        "clip",
+        "--vit-ckpt",
+        vit_ckpt,
+        "--d-vit",
+        "768",
+        "--n-patches-per-img",
+        "49",
+        "--vit-layers",
+        "-2",
+        "--dump-to",
+        dump_to,
+        *tuned(args, "--vit-batch-size", args.vit_batch_size, "--n-workers", args.n_workers),
+        "--n-patches-per-shard",
+        str(args.n_patches_per_shard),
+        "--device",
+        "cpu",
+        "data:image-folder-dataset",
+        "--data.root",
+        args.images,
+    ]
+
+
 def ours(args, stage: str, work: str, state: dict) -> float:
     cmd = [sys.executable, "-m", "saev_core", stage]
     if stage == "activations":
-        cmd += [
-            "--vit-family",
-            "clip",
-            "--vit-ckpt",
-            f"ViT-B-32/{args.vit_path}",
-            "--d-vit",
-            "768",
-            "--n-patches-per-img",
-            "49",
-            "--vit-layers",
-            "-2",
-            "--dump-to",
-            os.path.join(work, "ours-acts"),
-            *tuned(args, "--vit-batch-size", args.vit_batch_size, "--n-workers", args.n_workers),
-            "--n-patches-per-shard",
-            str(args.n_patches_per_shard),
-            "--device",
-            "cpu",
-            "data:image-folder-dataset",
-            "--data.root",
-            args.images,
-        ]
+        cmd += activations_flags(args, f"ViT-B-32/{args.vit_path}", os.path.join(work, "ours-acts"))
     elif stage == "train":
         cmd += [
             "--data.shard-root",
@@ -173,28 +179,7 @@ def saev(args, stage: str, work: str, state: dict) -> float:
     env = {**os.environ, "PYTHONPATH": args.saev_path}
     cmd = [sys.executable, "-m", "saev", stage]
     if stage == "activations":
-        cmd += [
-            "--vit-family",
-            "clip",
-            "--vit-ckpt",
-            f"ViT-B-32/{os.path.basename(args.vit_path)}",
-            "--d-vit",
-            "768",
-            "--n-patches-per-img",
-            "49",
-            "--vit-layers",
-            "-2",
-            "--dump-to",
-            os.path.join(work, "saev-acts"),
-            *tuned(args, "--vit-batch-size", args.vit_batch_size, "--n-workers", args.n_workers),
-            "--n-patches-per-shard",
-            str(args.n_patches_per_shard),
-            "--device",
-            "cpu",
-            "data:image-folder-dataset",
-            "--data.root",
-            args.images,
-        ]
+        cmd += activations_flags(args, f"ViT-B-32/{os.path.basename(args.vit_path)}", os.path.join(work, "saev-acts"))
     elif stage == "train":
         cmd += [
             "--data.shard-root",
