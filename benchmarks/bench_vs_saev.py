@@ -116,38 +116,46 @@ def activations_flags(args, vit_ckpt: str, dump_to: str) -> list[str]:
     ]
 
 
+def train_flags(args, store: str) -> list[str]:
+    """The `train` flags both programs get: the same data, SAE size and schedule, logging every 10 steps, on the CPU
+    (each adds its own: ours the relu architecture, saev its data-loading workers and no wandb)."""
+    return [
+        "--data.shard-root",
+        store,
+        "--data.layer",
+        "-2",
+        "--data.patches",
+        "patches",
+        "--sae.d-vit",
+        "768",
+        "--sae.exp-factor",
+        str(args.exp_factor),
+        "--n-patches",
+        str(args.n_patches),
+        "--sae-batch-size",
+        str(args.sae_batch_size),
+        "--lr",
+        str(args.lr),
+        "--n-lr-warmup",
+        str(args.n_lr_warmup),
+        "--log-every",
+        "10",
+        "--device",
+        "cpu",
+    ]
+
+
 def ours(args, stage: str, work: str, state: dict) -> float:
     cmd = [sys.executable, "-m", "saev_core", stage]
     if stage == "activations":
         cmd += activations_flags(args, f"ViT-B-32/{args.vit_path}", os.path.join(work, "ours-acts"))
     elif stage == "train":
         cmd += [
-            "--data.shard-root",
-            state["ours_store"],
-            "--data.layer",
-            "-2",
-            "--data.patches",
-            "patches",
-            "--sae.d-vit",
-            "768",
-            "--sae.exp-factor",
-            str(args.exp_factor),
+            *train_flags(args, state["ours_store"]),
             "--sae.arch",
             "relu",
-            "--n-patches",
-            str(args.n_patches),
-            "--sae-batch-size",
-            str(args.sae_batch_size),
-            "--lr",
-            str(args.lr),
-            "--n-lr-warmup",
-            str(args.n_lr_warmup),
-            "--log-every",
-            "10",
             "--ckpt-path",
             os.path.join(work, "ours-ckpt"),
-            "--device",
-            "cpu",
         ]
     else:
         cmd += [
@@ -182,30 +190,9 @@ def saev(args, stage: str, work: str, state: dict) -> float:
         cmd += activations_flags(args, f"ViT-B-32/{os.path.basename(args.vit_path)}", os.path.join(work, "saev-acts"))
     elif stage == "train":
         cmd += [
-            "--data.shard-root",
-            state["saev_acts"],
-            "--data.layer",
-            "-2",
-            "--data.patches",
-            "patches",
-            "--sae.d-vit",
-            "768",
-            "--sae.exp-factor",
-            str(args.exp_factor),
-            "--n-patches",
-            str(args.n_patches),
-            "--sae-batch-size",
-            str(args.sae_batch_size),
-            "--lr",
-            str(args.lr),
-            "--n-lr-warmup",
-            str(args.n_lr_warmup),
+            *train_flags(args, state["saev_acts"]),
             *tuned(args, "--n-workers", args.train_workers),
             "--no-track",
-            "--log-every",
-            "10",
-            "--device",
-            "cpu",
             "--ckpt-path",
             os.path.join(work, "saev-ckpt"),
             "--log-to",

@@ -141,6 +141,30 @@ def identity_sae(path, store_path: str, d_vit: int) -> str:
     return nn.dump(path, sae, {"store": store_path, "layer": -1, "token_mode": "patches"})
 
 
+def store_with_class_images(root, acts: np.ndarray, labels: np.ndarray, names: list[str], rng, side: int, **store_kw):
+    """A planted store at ``root/store`` holding ``acts`` [1, n_imgs, n_tokens, d] as layer -1, whose images exist:
+    random side x side pictures drawn from ``rng``, at ``root/imgs/<class name>/<i>.png`` for labels [n_imgs]
+    (indices into ``names``); ``store_kw`` go to write_store (patch labels, for example)."""
+    from saev_core.store import write_store
+
+    root = pathlib.Path(root)
+    paths = [f"{names[label]}/{i}.png" for i, label in enumerate(labels)]
+    for rel in paths:
+        os.makedirs(root / "imgs" / os.path.dirname(rel), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(root / "imgs" / rel)
+    return write_store(
+        str(root / "store"),
+        acts,
+        layers=(-1,),
+        image_paths=paths,
+        labels=labels.tolist(),
+        class_names=names,
+        image_root=str(root / "imgs"),
+        vit_ckpt="saev-tiny-clip/none",
+        **store_kw,
+    )
+
+
 def tiny_run(
     root,
     tiny_clip_ckpt: str,

@@ -95,6 +95,11 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0 for k in a)
 
 
+def train_argv(store: ActivationStore, *flags: str) -> list[str]:
+    """The `train` command line on ``store``'s layer -2 with an SAE as wide as its activations, then ``flags``."""
+    return ["train", "--data.shard-root", store.path, "--data.layer", "-2", "--sae.d-vit", str(D), *flags]
+
+
 def read_jsonl(path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -512,25 +517,21 @@ def test_train_cli_subprocess_prints_the_sweep_csv_last(store, tmp_path):
             sys.executable,
             "-m",
             "saev_core",
-            "train",
-            "--data.shard-root",
-            store.path,
-            "--data.layer",
-            "-2",
-            "--sae.d-vit",
-            str(D),
-            "--sae.arch",
-            "topk",
-            "--sae.exp-factor",
-            "2",
-            "--n-patches",
-            "1024",
-            "--sae-batch-size",
-            "128",
-            "--ckpt-path",
-            str(tmp_path / "ckpts"),
-            "--sweep",
-            str(sweep),
+            *train_argv(
+                store,
+                "--sae.arch",
+                "topk",
+                "--sae.exp-factor",
+                "2",
+                "--n-patches",
+                "1024",
+                "--sae-batch-size",
+                "128",
+                "--ckpt-path",
+                str(tmp_path / "ckpts"),
+                "--sweep",
+                str(sweep),
+            ),
         ],
         capture_output=True,
         text=True,
@@ -545,21 +546,7 @@ def test_train_cli_subprocess_prints_the_sweep_csv_last(store, tmp_path):
 def test_zero_sae_batch_size_is_a_clear_error(store, tmp_path, capsys):
     from saev_core.__main__ import main
 
-    code = main(
-        [
-            "train",
-            "--data.shard-root",
-            store.path,
-            "--data.layer",
-            "-2",
-            "--sae.d-vit",
-            str(D),
-            "--sae-batch-size",
-            "0",
-            "--ckpt-path",
-            str(tmp_path / "ckpts"),
-        ]
-    )
+    code = main(train_argv(store, "--sae-batch-size", "0", "--ckpt-path", str(tmp_path / "ckpts")))
     assert code == 2 and "--sae-batch-size 0" in capsys.readouterr().err
 
 

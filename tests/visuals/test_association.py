@@ -2,17 +2,14 @@
 every AUROC equals sklearn's."""
 
 import json
-import os
 
 import numpy as np
 import pytest
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from saev_core import config
-from saev_core.store import write_store
 from saev_core.visuals import association, render
-from tests.helpers import identity_sae
+from tests.helpers import identity_sae, store_with_class_images
 
 N_IMGS, N_PATCHES, D = 40, 4, 8
 PLANTED, CLASS = 3, 1
@@ -29,21 +26,7 @@ def planted(tmp_path_factory):
     acts[0, :, :, PLANTED] = -1.0
     for i in np.flatnonzero(labels == CLASS):
         acts[0, i, 1 + rng.integers(N_PATCHES), PLANTED] = rng.uniform(0.5, 2.0)
-    names = ["bird", "cat", "dog"]
-    paths = [f"{names[label]}/{i}.png" for i, label in enumerate(labels)]
-    for rel in paths:
-        os.makedirs(root / "imgs" / os.path.dirname(rel), exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "imgs" / rel)
-    store = write_store(
-        str(root / "store"),
-        acts,
-        layers=(-1,),
-        image_paths=paths,
-        labels=labels.tolist(),
-        class_names=names,
-        image_root=str(root / "imgs"),
-        vit_ckpt="saev-tiny-clip/none",
-    )
+    store = store_with_class_images(root, acts, labels, ["bird", "cat", "dog"], rng, side=32)
     ckpt = identity_sae(root / "sae.pt", store.path, D)
     return root, store, ckpt, acts, labels
 

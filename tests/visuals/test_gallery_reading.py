@@ -10,14 +10,13 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from saev_core import config
 from saev_core.errors import UserError
 from saev_core.store import write_store
 from saev_core.visuals import render, top_images
 from tests.browser import chromium_or_skip
-from tests.helpers import identity_sae
+from tests.helpers import identity_sae, store_with_class_images
 
 N_IMGS, GRID, D, SIDE = 30, 4, 12, 32
 N_PATCHES = GRID * GRID
@@ -60,22 +59,8 @@ def planted(tmp_path_factory):
     acts = rng.normal(0, 1, (1, N_IMGS, 1 + N_PATCHES, D)).astype(np.float32)
     acts[0, :, 1:, PLANTED] = np.where(patch_labels == GRASS, rng.uniform(0.5, 2.0, (N_IMGS, N_PATCHES)), -1.0)
     acts[0, :, 1:, PROBE_ONLY] -= 1.5  # fires rarely: outside a narrow selection, so only the probe brings it in
-    names = ["bird", "cat"]
-    paths = [f"{names[label]}/{i}.png" for i, label in enumerate(labels)]
-    for rel in paths:
-        os.makedirs(root / "imgs" / os.path.dirname(rel), exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(root / "imgs" / rel)
-    store = write_store(
-        str(root / "store"),
-        acts,
-        layers=(-1,),
-        image_paths=paths,
-        labels=labels.tolist(),
-        class_names=names,
-        image_root=str(root / "imgs"),
-        vit_ckpt="saev-tiny-clip/none",
-        patch_labels=patch_labels,
-        patch_class_names=PATCH_NAMES,
+    store = store_with_class_images(
+        root, acts, labels, ["bird", "cat"], rng, side=SIDE, patch_labels=patch_labels, patch_class_names=PATCH_NAMES
     )
     ckpt = identity_sae(root / "member" / "sae.pt", store.path, D)
     os.makedirs(root / "member" / "probes")
