@@ -91,6 +91,8 @@ class ActivationsConfig:
     """Images per ViT forward pass."""
     n_workers: int = 2
     """Image-decoding worker processes (0 decodes in the main process)."""
+    n_threads: int | None = None
+    """CPU threads of the ViT's forward pass (None: timed while it runs, as for training; docs/training.md)."""
     n_imgs: int | None = None
     """Record only the first N images of the source (None: all)."""
     dtype: Literal["float32", "float16"] = "float32"
@@ -112,6 +114,7 @@ class ActivationsConfig:
                 "n_patches_per_shard": AT_LEAST_1,
                 "vit_batch_size": AT_LEAST_1,
                 "n_workers": AT_LEAST_0,
+                "n_threads": AT_LEAST_1,
                 "n_imgs": AT_LEAST_1,
                 "seed": SEED,
                 "vit_layers": ANY,

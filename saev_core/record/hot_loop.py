@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saev_core import threads
 from saev_core.record import segmentation
 from saev_core.record.images import BAD_IMAGE
 from saev_core.store import ActivationStore
@@ -188,6 +189,7 @@ def record_batches(
     show_progress: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     on_bad_mask: Callable[[int], None] = lambda i: None,
+    tuner: threads.ThreadTuner | None = None,
 ) -> RecordResult:
     """The hot loop: (pixels, index, label) batches aligned to ``blocks`` -> recorder -> block buffers -> writer.
     For a store with patch labels the batches are (pixels, index, label, patch_labels); a row of ``BAD_MASK``
@@ -196,7 +198,9 @@ def record_batches(
     Each batch is finished (copied into its block buffer, bad images zeroed, a full block handed to the writer)
     one iteration late, so that on a GPU the next forward pass runs while the host does this work.
     An image whose label is BAD_IMAGE gets zero activations and valid=False after ``on_bad_image(index)``
-    (which raises to stop instead)."""
+    (which raises to stop instead). ``tuner`` (default: every usable CPU, timed on the CPU) sets torch's threads
+    from the time of each batch, decoding waits included: the decoding workers share the cores."""
+    tuner = tuner if tuner is not None else threads.tuner_for(None, device)
     dtype = np.dtype(store.metadata.dtype)
     n_todo = sum(end - start for start, end in map(store.layout.block_range, blocks))
     writer, copier = BlockWriter(store), HostCopier(device, dtype)
@@ -225,7 +229,7 @@ def record_batches(
             on_progress(n_done, n_todo)
 
     try:
-        with tqdm(total=n_todo, unit="img", desc="activations", disable=not show_progress) as bar:
+        with threads.apply(tuner), tqdm(total=n_todo, unit="img", desc="activations", disable=not show_progress) as bar:
             for pixels, index, labels, *patch_labels in batches:
                 if with_labels and not patch_labels:
                     raise ValueError(f"{store.path} has patch labels but the batches bring none")
@@ -238,6 +242,8 @@ def record_batches(
                     finish(in_flight)
                 labels_of_batch = np.asarray(patch_labels[0]) if with_labels else None
                 in_flight = _InFlight(buffer, np.asarray(index), np.asarray(labels), handle, labels_of_batch)
+                tuner.step_done(len(index))
+            tuner.settle()
             if in_flight is not None:
                 finish(in_flight)
     finally:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from saev_core import config
+from saev_core import config, threads
 from saev_core.errors import UserError
 from saev_core.files import absolute, is_url, url_filesystem, write_error
 from saev_core.record import images, segmentation
@@ -119,6 +119,7 @@ def _record_into(cfg, store, recorder, source, missing, show_progress, on_progre
         show_progress,
         on_progress,
         on_bad_mask=on_bad_mask,
+        tuner=threads.tuner_for(cfg.n_threads, device),
     )
     if store.is_complete:  # the last writer writes the statistics (a fan-out part may finish before the others)
         stats.write_store_stats(store)
