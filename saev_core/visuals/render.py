@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 from saev_core import config, nn, threads
 from saev_core.errors import UserError
 from saev_core.files import atomic_write_json, check_output_folder, inside, read_json
-from saev_core.nn.checkpoint import check_trained_layer
+from saev_core.nn import trained_on
 from saev_core.record import images
 from saev_core.record import vit as vitlib
-from saev_core.store import ActivationStore, stats
+from saev_core.store import ActivationStore
 from saev_core.visuals import association, gallery, heatmaps, patch_classes, top_images
 
 logger = logging.getLogger("saev_core.visuals.render")
@@ -40,6 +40,10 @@ HEATMAP_MAX_ALPHA, HEATMAP_ALPHA_GAMMA = 0.8, 0.5
 original beside the heatmap in the gallery shows what the overlay covers."""
 CLASS_TABLE_LATENTS = 5
 """Latents per class in the gallery's class table; all of them are rendered."""
+RANKING_MODES = trained_on.TokenModeRule(
+    top_images.RANK_MODES, ", which rank no images; pass --data.patches patches or --data.patches cls."
+)
+"""The SAEs whose latents rank images: trained on patches or on the CLS token."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,43 +81,17 @@ class VisualsInputs:
 
 def resolve_inputs(cfg: config.VisualsConfig, device: str) -> VisualsInputs:
     """Load the SAE and find its store, layer and token mode (flags first, then the checkpoint's provenance)."""
-    sae = nn.load(cfg.ckpt, device=device)
-    ckpt_path = nn.ckpt_file(cfg.ckpt)
-    prov = sae.provenance
-    shard_root = cfg.data.shard_root or prov.get("store")
-    layer = cfg.data.layer if cfg.data.layer is not None else prov.get("layer")
-    patches = cfg.data.patches or prov.get("token_mode")
-    missing = [
-        flag
-        for flag, value in [("--data.shard-root", shard_root), ("--data.layer", layer), ("--data.patches", patches)]
-        if value is None
-    ]
-    if missing:
-        raise UserError(
-            f"The checkpoint {ckpt_path} does not say which activations it was trained on (a saev 0.1.0 file, or one "
-            f"from elsewhere); pass {', '.join(missing)} (the store path, the layer and patches or cls)."
-        )
-    if patches not in top_images.RANK_MODES:
-        raise UserError(
-            f"The SAE {ckpt_path} was trained on {patches} vectors, which rank no images; pass "
-            "--data.patches patches or --data.patches cls."
-        )
-    store = ActivationStore.open(shard_root)
-    if store.d_vit != sae.cfg.d_vit:
-        raise UserError(
-            f"The SAE {ckpt_path} reads {sae.cfg.d_vit}-d activations but the store {shard_root} holds "
-            f"{store.d_vit}-d ones; pass the store the SAE was trained on (--data.shard-root)."
-        )
-    recorded = store.recorded_layer(layer)
-    if cfg.data.layer is not None and not cfg.allow_layer_mismatch:
-        n_blocks = store.metadata.n_blocks_in_vit
-        check_trained_layer(cfg.data.layer, prov, ckpt_path, "--data.layer ", "--allow-layer-mismatch", n_blocks)
-    if sae.saved_no_normalization:
-        stats.set_store_normalization(sae, store, recorded, patches)
-        logger.info(
-            "%s carries no normalisation: using the store's (scale_mean, scale_norm), as saev 0.1.0 trained", ckpt_path
-        )
-    return VisualsInputs(sae, ckpt_path, store, recorded, patches)
+    found = trained_on.resolve(
+        cfg.ckpt,
+        device,
+        cfg.data.shard_root,
+        cfg.data.layer,
+        cfg.data.patches,
+        RANKING_MODES,
+        missing_hint=" (the store path, the layer and patches or cls)",
+        check_layer_flag=not cfg.allow_layer_mismatch,
+    )
+    return VisualsInputs(found.sae, found.ckpt_path, found.store, found.layer, found.token_mode)
 
 
 def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> VisualsResult:
