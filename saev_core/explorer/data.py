@@ -369,19 +369,19 @@ class LatentBook:
 
     def render(self, latent: int, rank: int) -> Image.Image:
         """One heatmap drawn from the cache, as the gallery's are."""
-        from saev_core.visuals import render
+        from saev_core.visuals import latent_images
 
         image = int(self.cache.top_images[latent, rank])
         root = self.selection.get("image_root") or self.store.metadata.image_root
         path = os.path.join(root or "", self.store.image_paths()[image])
-        view = render.load_view(
+        view = latent_images.load_view(
             path,
             self._geometry,
             fix="Have the store's images moved? Render the visuals "
             "again with images:image-folder-dataset --images.root DIR.",
         )
-        return render.draw_top_image(
-            self.cache, latent, rank, view, render.patch_grid(self.store.metadata.n_patches_per_img)
+        return latent_images.draw_top_image(
+            self.cache, latent, rank, view, latent_images.patch_grid(self.store.metadata.n_patches_per_img)
         )
 
     def histogram(self, latent: int) -> Image.Image:
