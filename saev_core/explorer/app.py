@@ -11,7 +11,9 @@ import threading
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.explorer.data import DENSE_FREQ, LatentBook, SweepTable, cache_file, member_visuals_folder
+from saev_core.explorer.latent_book import DENSE_FREQ, LatentBook
+from saev_core.explorer.reading import cache_file
+from saev_core.explorer.sweep import SweepTable, member_visuals_folder
 from saev_core.record import images as imagelib
 
 logger = logging.getLogger("saev_core.explorer")
