@@ -1,7 +1,9 @@
 """One visuals folder as the explorer shows it (``LatentBook``): its top-k cache, class association and selection,
 the member's patch probes and training metrics when they sit beside its checkpoint, the orders of the latent table,
 and each latent's heatmaps, histogram and summary. Each file is read when first needed; importing this module
-imports no torch (nor matplotlib), so the app answers before any of it is read."""
+imports no torch (nor matplotlib), so the app answers before any of it is read, and showing a latent the visuals job
+rendered imports neither torch nor scipy (``topk_cache``, ``association_cache``): only drawing one it did not render
+loads the ViT's resize and crop (open_clip, torch)."""
 
 from __future__ import annotations
 
@@ -40,10 +42,10 @@ class LatentBook:
     metrics when they sit beside its checkpoint, and how to draw its heatmaps. Each file is read when first needed."""
 
     def __init__(self, dump_to: str, ckpt: str | None = None):
-        from saev_core.visuals import top_images
+        from saev_core.visuals import topk_cache
 
         self.dump_to = os.path.abspath(dump_to)
-        cache = top_images.read_cache(self.dump_to)
+        cache = topk_cache.read_cache(self.dump_to)
         if cache is None:
             raise UserError(
                 f"No top-k cache in {self.dump_to} (cache/topk.npz): pass a folder written by `python -m "
@@ -60,7 +62,7 @@ class LatentBook:
 
     def _check_ckpt(self) -> str | None:
         """Why uploads cannot be explained with ``self.ckpt`` (None when they can)."""
-        from saev_core.visuals import top_images
+        from saev_core.visuals import topk_cache
 
         if self.ckpt is None:
             return (
@@ -70,7 +72,7 @@ class LatentBook:
         path = ckpt_file(self.ckpt)
         if not os.path.isfile(path):
             return f"The checkpoint {path} does not exist; pass --ckpt with the SAE of {self.dump_to}."
-        if top_images.file_sha256(path) != self.cache.identity.sae_sha256:
+        if topk_cache.file_sha256(path) != self.cache.identity.sae_sha256:
             return (
                 f"The visuals cache in {self.dump_to} was made from another SAE than {path} (their SHA-256 "
                 "differ), so its latents are not that checkpoint's. Pass --ckpt with the SAE the visuals were "
@@ -82,9 +84,9 @@ class LatentBook:
     @functools.cached_property
     def assoc(self):
         """The latent-class association beside the cache (None when the store has no classes)."""
-        from saev_core.visuals import association
+        from saev_core.visuals import association_cache
 
-        return association.load(self.dump_to, self.cache.identity)
+        return association_cache.load(self.dump_to, self.cache.identity)
 
     @functools.cached_property
     def probes(self) -> PatchProbes | None:
@@ -297,12 +299,12 @@ class LatentBook:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        from saev_core.visuals import top_images
+        from saev_core.visuals import topk_cache
 
         fig = Figure(figsize=(4, 2.2), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        edges = top_images.HIST_EDGES
+        edges = topk_cache.HIST_EDGES
         ax.bar(edges[:-1], self.cache.hist[latent], width=np.diff(edges), align="edge", color="#4c72b0")
         nz = np.flatnonzero(self.cache.hist[latent])
         if len(nz):

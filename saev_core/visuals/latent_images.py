@@ -19,9 +19,10 @@ from saev_core.files import inside
 from saev_core.record import images
 from saev_core.record import vit as vitlib
 from saev_core.store import ActivationStore
-from saev_core.visuals import heatmaps, patch_classes, top_images
+from saev_core.visuals import heatmaps, patch_classes
 from saev_core.visuals.gallery_layout import NEURONS_DIR, ORIGINALS_DIR, image_relpath, original_relpath
 from saev_core.visuals.latent_rows import LatentRows, finite_or_none
+from saev_core.visuals.topk_cache import TopKCache
 
 RENDER_SIDE = 224
 """Rendered images have this shortest side (the ViT's own view size), never more than the original."""
@@ -31,7 +32,7 @@ original beside the heatmap in the gallery shows what the overlay covers."""
 
 
 def render_latents(
-    cache: top_images.TopKCache,
+    cache: TopKCache,
     latents: Int[np.ndarray, " n"],
     store: ActivationStore,
     image_root: str,
@@ -101,7 +102,7 @@ def _remove_stale(dump_to: str, n_images: dict[int, int], originals: set[int] = 
 
 
 def draw_top_image(
-    cache: top_images.TopKCache, latent: int, rank: int, view: tuple[Image.Image, heatmaps.Box], grid: tuple[int, int]
+    cache: TopKCache, latent: int, rank: int, view: tuple[Image.Image, heatmaps.Box], grid: tuple[int, int]
 ) -> Image.Image:
     """The latent's rank-th top image (``load_view``) with its patch values drawn over it and its CLS value below.
 

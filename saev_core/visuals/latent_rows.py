@@ -10,8 +10,9 @@ from jaxtyping import Float
 
 from saev_core.files import atomic_write_json, inside
 from saev_core.store import ActivationStore
-from saev_core.visuals import heatmaps, patch_classes, top_images
+from saev_core.visuals import heatmaps, patch_classes
 from saev_core.visuals.gallery_layout import NEURONS_DIR, image_relpath, original_relpath
+from saev_core.visuals.topk_cache import HIST_EDGES, TopKCache
 
 
 @dataclasses.dataclass
@@ -19,7 +20,7 @@ class LatentRows:
     """What every gallery row reads: the cache, the store's image index and patch labels, the rendered pictures'
     sizes and crop boxes, and the probe."""
 
-    cache: top_images.TopKCache
+    cache: TopKCache
     store: ActivationStore
     dump_to: str
     views: dict[int, tuple[tuple[int, int], heatmaps.Box]]
@@ -76,7 +77,7 @@ class LatentRows:
             "originals": [original_relpath(i) for i in imgs],
             "sizes": sizes,
             "hist_counts": cache.hist[latent],
-            "hist_edges": top_images.HIST_EDGES,
+            "hist_edges": HIST_EDGES,
         }
         if outline is not None:
             row["outline_class"], row["outline_source"], row["outlines"] = outline

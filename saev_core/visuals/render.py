@@ -1,10 +1,10 @@
 """The visuals job: SAE checkpoint + store layer -> top-k cache -> latent selection -> heatmaps -> gallery page.
 
-``python -m saev_core visuals`` and the ``topk_visuals`` Dagster asset both call ``make_visuals``. The pass and its
-cache live in ``top_images``, the class association in ``association``, which latents in ``selection``, their
-pictures in ``latent_images`` (overlays: ``heatmaps``), their gallery rows in ``latent_rows``, the page in
-``gallery``; this module runs them in order, writes the selection and checks a finished folder
-(docs/visuals-format.md):
+``python -m saev_core visuals`` and the ``topk_visuals`` Dagster asset both call ``make_visuals``. The pass lives in
+``top_images`` and its cache in ``topk_cache``, the class association in ``association`` (its files in
+``association_cache``), which latents in ``selection``, their pictures in ``latent_images`` (overlays:
+``heatmaps``), their gallery rows in ``latent_rows``, the page in ``gallery``; this module runs them in order,
+writes the selection and checks a finished folder (docs/visuals-format.md):
 
     <dump_to>/cache/topk.npz            the top-k arrays and statistics (reused when the inputs are the same)
     <dump_to>/cache/selection.json      the selected latents and the filters that chose them
@@ -25,7 +25,17 @@ from saev_core.files import atomic_write_json, check_output_folder, read_json
 from saev_core.nn import trained_on
 from saev_core.record import images
 from saev_core.store import ActivationStore
-from saev_core.visuals import association, gallery, latent_images, latent_rows, patch_classes, selection, top_images
+from saev_core.visuals import (
+    association,
+    association_cache,
+    gallery,
+    latent_images,
+    latent_rows,
+    patch_classes,
+    selection,
+    top_images,
+    topk_cache,
+)
 from saev_core.visuals.gallery_layout import NEURONS_DIR, original_relpath
 
 logger = logging.getLogger("saev_core.visuals.render")
@@ -92,13 +102,13 @@ def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> Visua
     device = config.resolve_device(cfg.device)
     inputs = resolve_inputs(cfg, device)
     image_root = _image_root(cfg, inputs.store)  # checked before the long pass
-    identity = top_images.CacheIdentity(
-        top_images.file_sha256(inputs.ckpt_path), inputs.store.metadata.key, inputs.layer, inputs.patches, cfg.top_k
+    identity = topk_cache.CacheIdentity(
+        topk_cache.file_sha256(inputs.ckpt_path), inputs.store.metadata.key, inputs.layer, inputs.patches, cfg.top_k
     )
-    cache = top_images.load_cache(cfg.dump_to, identity)
+    cache = topk_cache.load_cache(cfg.dump_to, identity)
     reused = cache is not None
     with_classes = association.has_classes(inputs.store)
-    assoc = association.load(cfg.dump_to, identity) if with_classes else None
+    assoc = association_cache.load(cfg.dump_to, identity) if with_classes else None
     values = association.ImageValues(inputs.store, inputs.sae.cfg.d_sae) if with_classes and assoc is None else None
     if cache is None:
         cache = top_images.topk_pass(
@@ -112,7 +122,7 @@ def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> Visua
             show_progress=show_progress,
             on_batch=values,
         )
-        top_images.save_cache(cache, cfg.dump_to)
+        topk_cache.save_cache(cache, cfg.dump_to)
     elif values is not None:  # a cache from before the association, or its file deleted: one pass for the values
         top_images.topk_pass(
             inputs.store,
@@ -127,8 +137,8 @@ def make_visuals(cfg: config.VisualsConfig, show_progress: bool = True) -> Visua
         )
     if values is not None:
         assoc = association.compute(cache, values, inputs.store)
-        association.save(assoc, identity, cfg.dump_to, cache.freq > 0)
-    logger.info("top-k cache %s (%s)", top_images.cache_path(cfg.dump_to), "reused" if reused else "computed")
+        association_cache.save(assoc, identity, cfg.dump_to, cache.freq > 0)
+    logger.info("top-k cache %s (%s)", topk_cache.cache_path(cfg.dump_to), "reused" if reused else "computed")
     probe = patch_classes.load_probe(cfg.probe, inputs.ckpt_path, inputs.store.metadata.key, inputs.layer, cache.d_sae)
     class_latents = (
         None

@@ -7,13 +7,14 @@ import numpy as np
 from jaxtyping import Int
 
 from saev_core.errors import UserError
-from saev_core.visuals import patch_classes, top_images
+from saev_core.visuals import patch_classes
+from saev_core.visuals.topk_cache import TopKCache
 
 logger = logging.getLogger("saev_core.visuals.selection")
 
 
 def select_latents(
-    cache: top_images.TopKCache,
+    cache: TopKCache,
     log_freq_range: tuple[float, float],
     log_value_range: tuple[float, float],
     include_latents=(),
@@ -51,9 +52,7 @@ def select_latents(
     return np.array(chosen + extra, dtype=np.int64)
 
 
-def linked_latents(
-    cache: top_images.TopKCache, class_latents: dict | None, probe: patch_classes.ProbeView | None
-) -> list[int]:
+def linked_latents(cache: TopKCache, class_latents: dict | None, probe: patch_classes.ProbeView | None) -> list[int]:
     """The latents that the class table and the probe section name and that fire (so they have heatmaps), in
     increasing id order: the page renders all of them, whatever the selection ranges."""
     named = {j for best in (class_latents or {}).values() for j, _ in best}
