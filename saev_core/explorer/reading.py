@@ -1,6 +1,6 @@
 """Reading what other jobs wrote, as the explorer needs it: without importing torch where it can be helped (a
-checkpoint's file name, the top-k cache's path), and without failing on a file it can do without (it says what it
-left out instead)."""
+checkpoint's file name and provenance), and without failing on a file it can do without (it says what it left out
+instead)."""
 
 import os
 
@@ -24,12 +24,6 @@ def provenance(ckpt: str | None) -> dict:
 def ckpt_file(path: str) -> str:
     """``nn.ckpt_file`` without importing torch: the path itself, or ``path/sae.pt`` for a member's folder."""
     return os.path.join(path, "sae.pt") if os.path.isdir(path) else path
-
-
-def cache_file(dump_to: str) -> str:
-    """The top-k cache of a visuals folder (``top_images.cache_path``, named here so that checking a folder imports
-    no torch)."""
-    return os.path.join(dump_to, "cache", "topk.npz")
 
 
 def read_optional_json(path: str, what: str) -> tuple[dict | None, str | None]:
