@@ -11,7 +11,7 @@ end) and measures:
       inflate, and whether libtorch is mapped into it yet (/proc/PID/maps);
   (b) **first latent**: wall seconds from ``Popen`` until the page, opened in Debian's headless Chromium as soon as
       the server answers (tests/browser.py), shows the first latent's summary and top images (the page's load reads
-      the visuals cache and draws the histogram).
+      the visuals cache and draws the histogram), and whether libtorch is mapped into the process then.
 
 Nothing is written into the visuals or sweep folders (no member is opened); Gradio's temporary files go to a
 temporary folder. The first run after a reboot also pays the page cache; the table shows every run.
@@ -76,6 +76,7 @@ def one_run(args, tmp: str, browser: Chromium | None) -> dict:
                     raise RuntimeError("no latent shown within 180 s")
                 time.sleep(0.05)
             out["first_latent_s"] = time.monotonic() - t0
+            out["torch_first"] = torch_mapped(proc.pid)
         return out
     finally:
         stop_group(proc, wait_s=15)
@@ -91,14 +92,16 @@ def main() -> None:
     args = parser.parse_args()
     use_browser = not args.no_browser and os.path.exists(CHROMIUM)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; browser: {use_browser}")
-    print("run  answer (s)  CPU at answer (s)  torch loaded at answer  first latent shown (s)")
+    print("run  answer (s)  CPU at answer (s)  torch loaded at answer  first latent shown (s)  torch loaded then")
     with tempfile.TemporaryDirectory() as tmp:
         browser = Chromium() if use_browser else None
         try:
             for i in range(args.runs):
                 r = one_run(args, tmp, browser)
                 first = f"{r['first_latent_s']:.1f}" if "first_latent_s" in r else "-"
-                print(f"{i:3d}  {r['answer_s']:10.1f}  {r['cpu_s']:17.1f}  {str(r['torch']):>22}  {first:>22}")
+                then = str(r.get("torch_first", "-"))
+                answer = f"{i:3d}  {r['answer_s']:10.1f}  {r['cpu_s']:17.1f}  {str(r['torch']):>22}"
+                print(f"{answer}  {first:>22}  {then:>17}")
         finally:
             if browser is not None:
                 browser.close()

@@ -27,7 +27,7 @@ import torch
 
 from saev_core import config
 from saev_core.record import vit as vitlib
-from saev_core.record.recording import block_batches, record_batches
+from saev_core.record.hot_loop import block_batches, record_batches
 from saev_core.store import ActivationStore, arrays_metadata
 
 

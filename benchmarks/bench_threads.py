@@ -5,7 +5,8 @@ Each cell trains the same sweep with ``train_sweep`` on a planted store on disk 
 and reports training steps per second over steps 1..n-1 (the first step is a warm-up for every setting; the
 default's probes of other counts are inside the timed steps). Cells are interleaved round by round, so drift in the
 machine's load hits every setting; the median of ``--repeats`` rounds is kept. The goal (issue 19): default / best
-fixed >= 0.95 idle and >= 1 / 1.5 with a busy core. The load average is printed beside each block because on a
+fixed >= 0.95 idle and >= 1 / 1.5 with a busy core. Beside each cell it prints how many cores other processes kept
+busy meanwhile (the machine's busy time less this process's; the busy block's spinner counts as one), because on a
 shared machine the figures move with it.
 
     .venv/bin/python benchmarks/bench_threads.py [--d-vit 256] [--exp-factor 16] [--batch-size 1024]
@@ -36,6 +37,24 @@ from saev_core.train import trainer  # noqa: E402
 
 def load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """(wall clock, CPU seconds every process on the machine has used, CPU seconds this process has used).
+
+    The load average counts this benchmark's own threads, so it cannot say whether the machine was idle; the
+    machine's busy time (/proc/stat) less this process's own is what other processes took."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    own = os.times()
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return time.perf_counter(), busy, own.user + own.system
+
+
+def others_cores(before: tuple[float, float, float]) -> float:
+    """The cores other processes kept busy on average since ``before`` (from ``cpu_seconds``)."""
+    after = cpu_seconds()
+    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0])
 
 
 def time_run(cfgs: list[config.TrainConfig]) -> tuple[float, collections.Counter]:
@@ -77,7 +96,7 @@ def main() -> None:
         flush=True,
     )
     rates: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
-    loads_seen: dict[str, list[str]] = collections.defaultdict(list)
+    others: dict[str, list[float]] = collections.defaultdict(list)
     chosen: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     with tempfile.TemporaryDirectory() as tmp:
         store = plant_store(os.path.join(tmp, "store"), args)
@@ -86,16 +105,21 @@ def main() -> None:
         for rep in range(args.repeats):
             for where in loads:
                 with busy_core(where == "busy"):
-                    loads_seen[where].append(load())
                     for name, n in settings.items():
+                        before = cpu_seconds()
                         folder = os.path.join(tmp, f"{rep}-{where}-{name}")
                         cfgs = member_cfgs(store, args, args.k, folder, n_threads=n)
                         cfgs = [dataclasses.replace(c, log_every=1) for c in cfgs]  # a time stamp per step
                         rate, counts = time_run(cfgs)
                         rates[where, name].append(rate)
+                        others[where].append(others_cores(before))
                         if n is None:
                             chosen[where] += counts
-                        print(f"  round {rep}: {where:4s} {name:8s} {rate:6.2f} steps/s  load {load()}", flush=True)
+                        print(
+                            f"  round {rep}: {where:4s} {name:8s} {rate:6.2f} steps/s  other processes "
+                            f"{others[where][-1]:.2f} cores",
+                            flush=True,
+                        )
 
     print(f"\n== training steps/s, median of {args.repeats} ==")
     print(f"{'threads':>10} " + " ".join(f"{where:>10}" for where in loads))
@@ -109,10 +133,13 @@ def main() -> None:
     print(f"{'goal':>10} " + " ".join(f"{'>= ' + format(goal.get(w, 0), '.2f'):>10}" for w in loads))
     for w in loads:
         steps = ", ".join(f"{c} steps at {n}" for n, c in sorted(chosen[w].items()))
-        print(f"default, {w}: {steps} (all rounds); load average at the start of each round: {loads_seen[w]}")
+        print(
+            f"default, {w}: {steps} (all rounds); other processes kept {statistics.mean(others[w]):.2f} cores busy "
+            f"on average (most {max(others[w]):.2f})"
+        )
     print(f"load average at the end: {load()}")
-    if "idle" in loads and max(float(x.split("/")[0]) for x in loads_seen["idle"]) > 0.5:
-        print("(the 'idle' block was not idle: other processes held the CPUs, see the load averages above)")
+    if "idle" in loads and max(others["idle"]) > 0.3:
+        print("(the 'idle' block was not idle: other processes held the CPUs, see the cores above)")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@
     (``top_images.save_cache``: npz, fsynced) is timed once, for information; it is not part of the ratio. On a quiet
     2-core machine the defaults take about 9 minutes (12,000 images: ~1 minute per plain pass).
 
-(b) Rendering through ``render.render_latents``, as the job calls it: ``--render-latents`` latents x
+(b) Rendering through ``latent_images.render_latents``, as the job calls it: ``--render-latents`` latents x
     ``--render-per-latent`` images, every one a different JPEG file of ``--width`` x ``--height`` pixels in a
     temporary folder (photo-like pixels: smooth gradients with mild noise), so each render loads and decodes its
     image (no hit in the job's view cache), shrinks it to 224 px shortest side, draws the 7 x 7 overlay with the
@@ -48,10 +48,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from saev_core import config, nn
 from saev_core.store import ActivationStore, write_store  # noqa: E402
 from saev_core.store.shards import ChunkReader, stream_chunks  # noqa: E402
-from saev_core.visuals import (
-    render,  # noqa: E402
-    top_images,
-)
+from saev_core.visuals import latent_images, top_images  # noqa: E402
 
 
 def plant_store(root: str, n_imgs: int, n_tokens: int, d_vit: int) -> ActivationStore:
@@ -190,13 +187,13 @@ def bench_render(args, tmp: str) -> dict:
     )
     latents = np.arange(d_sae)
     t0 = time.perf_counter()  # the first call imports open_clip (the ViT's preprocessing) and builds the colormap
-    render.render_latents(cache, latents[:1], store, image_root, os.path.join(tmp, "render-warm-up"), 1)
+    latent_images.render_latents(cache, latents[:1], store, image_root, os.path.join(tmp, "render-warm-up"), 1)
     first_s = time.perf_counter() - t0
     times = []
     for rep in range(args.repeats):
         dump_to = os.path.join(tmp, f"render-{rep}")
         t0 = time.perf_counter()
-        rows = render.render_latents(cache, latents, store, image_root, dump_to, per_latent)
+        rows = latent_images.render_latents(cache, latents, store, image_root, dump_to, per_latent)
         times.append(time.perf_counter() - t0)
         assert sum(r["n_heatmaps"] for r in rows) == n_files
     with Image.open(os.path.join(tmp, "render-0", "neurons", "0", "0.png")) as img:
@@ -297,7 +294,7 @@ def main() -> None:
         if not args.skip_render:
             r = bench_render(args, tmp)
             print(
-                f"\n== (b) render.render_latents: {r['n']} different {args.width}x{args.height} JPEGs -> "
+                f"\n== (b) latent_images.render_latents: {r['n']} different {args.width}x{args.height} JPEGs -> "
                 f"{r['size'][0]}x{r['size'][1]} PNG (224 px + CLS strip), {os.cpu_count()} threads; "
                 f"best of {args.repeats} =="
             )

@@ -193,7 +193,7 @@ LOCK_FOLDER = textwrap.dedent("""
 """As root a chmod 000 folder is still listed: make it unlistable in the subprocess, as it would be for a user."""
 
 
-TINY_MEMORY = "from saev_core import config\nconfig.available_memory = lambda device: 10_000\n"
+TINY_MEMORY = "from saev_core.config import machine\nmachine.available_memory = lambda device: 10_000\n"
 """The machine has 10 kB free: every memory estimate is above it."""
 
 

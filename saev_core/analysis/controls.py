@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float
 
 from saev_core import config, threads
+from saev_core.analysis.columns import GAINS
 from saev_core.store import ActivationStore, loader, stats
 from saev_core.store.loader import ActivationLoader
 from saev_core.store.shards import ChunkReader, stream_chunks
@@ -39,8 +40,6 @@ KMEANS_BUDGET = 3e11
 768 centroids: about 3 s)."""
 EXACT_NMSE = 1e-6
 """A control this close to 0 reconstructs exactly: nothing to compare against."""
-GAINS = {"pca_nmse_at_l0": "gain_vs_pca", "random_nmse_at_l0": "gain_vs_random", "kmeans_nmse": "gain_vs_kmeans"}
-"""Control column -> the column saying by how much the SAE beats it."""
 
 
 @dataclasses.dataclass(frozen=True)

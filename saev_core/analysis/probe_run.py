@@ -31,7 +31,8 @@ from saev_core import config, nn
 from saev_core.analysis import controls, probes
 from saev_core.errors import UserError
 from saev_core.files import atomic_write_json, check_output_folder
-from saev_core.store import ActivationStore, stats
+from saev_core.nn import trained_on
+from saev_core.store import ActivationStore
 from saev_core.store.loader import split_images
 
 logger = logging.getLogger("saev_core.analysis.probe_run")
@@ -40,6 +41,10 @@ KMEANS_CLUSTERS = 256
 KMEANS_ITERS = 20
 KMEANS_FIT_VECTORS = 8192
 DEFAULT_VAL_FRAC = config.DataLoadConfig().val_frac
+PATCHES_ONLY = trained_on.TokenModeRule(
+    ("patches",), "; patch probes need an SAE trained on patches (--data.patches patches).", default="patches"
+)
+"""Patch probes read patch latents: an SAE trained on CLS or mean-pooled vectors has none."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,33 +68,9 @@ class ProbeInputs:
 
 def resolve_inputs(cfg: config.ProbeConfig, device: str) -> ProbeInputs:
     """The SAE, its store and layer, and its train/val split (flags first, then the checkpoint)."""
-    sae = nn.load(cfg.ckpt, device=device)
-    ckpt_path = nn.ckpt_file(cfg.ckpt)
-    prov = sae.provenance
-    shard_root = cfg.data.shard_root or prov.get("store")
-    layer = cfg.data.layer if cfg.data.layer is not None else prov.get("layer")
-    missing = [flag for flag, v in (("--data.shard-root", shard_root), ("--data.layer", layer)) if v is None]
-    if missing:
-        raise UserError(
-            f"The checkpoint {ckpt_path} does not say which activations it was trained on (a saev 0.1.0 file, or one "
-            f"from elsewhere); pass {', '.join(missing)}."
-        )
-    if prov.get("token_mode", "patches") != "patches":
-        raise UserError(
-            f"The SAE {ckpt_path} was trained on {prov['token_mode']} vectors; patch probes need an SAE trained on "
-            "patches (--data.patches patches)."
-        )
-    store = ActivationStore.open(shard_root)
-    if store.d_vit != sae.cfg.d_vit:
-        raise UserError(
-            f"The SAE {ckpt_path} reads {sae.cfg.d_vit}-d activations but the store {shard_root} holds "
-            f"{store.d_vit}-d ones; pass the store the SAE was trained on (--data.shard-root)."
-        )
-    recorded = store.recorded_layer(layer)
-    if sae.saved_no_normalization:
-        stats.set_store_normalization(sae, store, recorded, "patches")
-    val_frac, seed = _split_settings(ckpt_path, prov, cfg.data)
-    return ProbeInputs(sae, ckpt_path, store, recorded, val_frac, seed)
+    found = trained_on.resolve(cfg.ckpt, device, cfg.data.shard_root, cfg.data.layer, None, PATCHES_ONLY)
+    val_frac, seed = _split_settings(found.ckpt_path, found.provenance, cfg.data)
+    return ProbeInputs(found.sae, found.ckpt_path, found.store, found.layer, val_frac, seed)
 
 
 def _split_settings(ckpt_path: str, prov: dict, data: config.ProbeDataConfig) -> tuple[float, int]:

@@ -10,7 +10,7 @@ import os
 import pandas as pd
 
 from saev_core import config
-from saev_core.analysis import controls, plots
+from saev_core.analysis import columns, controls, plots
 from saev_core.files import atomic_write_bytes, is_url, read_json
 from saev_core.nn import metrics
 
@@ -325,12 +325,7 @@ REPORT_COLUMNS = [
     "sae.k",
     "lr",
     "nmse",
-    "pca_nmse_at_l0",
-    "random_nmse_at_l0",
-    "kmeans_nmse",
-    "gain_vs_pca",
-    "gain_vs_random",
-    "gain_vs_kmeans",
+    *columns.CONTROL_COLUMNS,
     "l0",
     "l0_train",
     "frac_dead_train",
@@ -370,7 +365,7 @@ GLOSSARY = {
 
 
 def markdown_table(table: pd.DataFrame, folder: str | None = None) -> str:
-    shown = table[[c for c in REPORT_COLUMNS if c in table]].copy()
+    shown = table[columns.present(table, REPORT_COLUMNS)].copy()
     if folder is not None and "ckpt" in shown:
         shown["ckpt"] = [relative(p, folder) for p in shown["ckpt"]]
     return shown.to_markdown(index=False, floatfmt=".4g")

@@ -11,8 +11,10 @@ import threading
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.explorer.data import DENSE_FREQ, LatentBook, SweepTable, cache_file, member_visuals_folder
+from saev_core.explorer.latent_book import DENSE_FREQ, LatentBook
+from saev_core.explorer.sweep import SweepTable, member_visuals_folder
 from saev_core.record import images as imagelib
+from saev_core.visuals.topk_cache import cache_path
 
 logger = logging.getLogger("saev_core.explorer")
 
@@ -39,7 +41,7 @@ class Explorer:
 
     def __init__(self, cfg: config.ExploreConfig):
         self.cfg = cfg
-        if not os.path.isfile(cache_file(cfg.visuals)):
+        if not os.path.isfile(cache_path(cfg.visuals)):
             raise UserError(
                 f"No top-k cache in {os.path.abspath(cfg.visuals)} (cache/topk.npz): pass a folder written by "
                 "`python -m saev_core visuals --dump-to DIR`, or run that first."
@@ -71,7 +73,7 @@ class Explorer:
             raise UserError("Pick a member of the sweep first.")
         ckpt = self.sweep.ckpt(member)
         folder = member_visuals_folder(self.book.dump_to, self.sweep.members, member)
-        if not os.path.isfile(cache_file(folder)):
+        if not os.path.isfile(cache_path(folder)):
             from saev_core.visuals import render
 
             if progress is not None:

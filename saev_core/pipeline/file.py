@@ -426,38 +426,34 @@ def _cron_value(text: str, low: int, names: tuple[str, ...]) -> int | None:
 
 def _visuals_plan(table: dict, source: str) -> VisualsPlan:
     table = dict(table)
-    members = table.pop("members", "best")
-    if members not in MEMBER_RULES:
-        raise UserError(
-            f"visuals.members = {members!r} in {source}: expected one of {', '.join(map(repr, MEMBER_RULES))}."
-        )
-    max_l0 = table.pop("max_l0", None)
-    if max_l0 is not None and (not isinstance(max_l0, (int, float)) or isinstance(max_l0, bool) or max_l0 < 0):
-        raise UserError(
-            f"visuals.max_l0 = {max_l0!r} in {source}: expected a number >= 0 (the best member's L0 bound)."
-        )
-    for key in ("ckpt", "images", "probe"):  # probe: each member's own probe.json, beside its checkpoint
-        if key in table:
-            raise UserError(f"visuals.{key} in {source} is set per member by the pipeline; remove it.")
-    cfg = from_table(config.VisualsConfig(), table, "visuals", source)
-    return VisualsPlan(members, None if max_l0 is None else float(max_l0), cfg)
+    # probe: each member's own probe.json, beside its checkpoint
+    members, max_l0 = _member_rule(table, "visuals", source, per_member=("ckpt", "images", "probe"))
+    return VisualsPlan(members, max_l0, from_table(config.VisualsConfig(), table, "visuals", source))
 
 
 def _probe_plan(table: dict, source: str) -> ProbePlan:
     table = dict(table)
+    members, max_l0 = _member_rule(table, "probe", source, per_member=("ckpt", "dump_to", "data"))
+    return ProbePlan(members, max_l0, from_table(config.ProbeConfig(), table, "probe", source))
+
+
+def _member_rule(table: dict, section: str, source: str, per_member: tuple[str, ...]) -> tuple[str, float | None]:
+    """The [visuals] or [probe] table's choice of members (``members``, ``max_l0``), popped from ``table`` and
+    checked; the keys the pipeline sets per member (``per_member``) are refused."""
     members = table.pop("members", "best")
     if members not in MEMBER_RULES:
         raise UserError(
-            f"probe.members = {members!r} in {source}: expected one of {', '.join(map(repr, MEMBER_RULES))}."
+            f"{section}.members = {members!r} in {source}: expected one of {', '.join(map(repr, MEMBER_RULES))}."
         )
     max_l0 = table.pop("max_l0", None)
     if max_l0 is not None and (not isinstance(max_l0, (int, float)) or isinstance(max_l0, bool) or max_l0 < 0):
-        raise UserError(f"probe.max_l0 = {max_l0!r} in {source}: expected a number >= 0 (the best member's L0 bound).")
-    for key in ("ckpt", "dump_to", "data"):
+        raise UserError(
+            f"{section}.max_l0 = {max_l0!r} in {source}: expected a number >= 0 (the best member's L0 bound)."
+        )
+    for key in per_member:
         if key in table:
-            raise UserError(f"probe.{key} in {source} is set per member by the pipeline; remove it.")
-    probe = from_table(config.ProbeConfig(), table, "probe", source)
-    return ProbePlan(members, None if max_l0 is None else float(max_l0), probe)
+            raise UserError(f"{section}.{key} in {source} is set per member by the pipeline; remove it.")
+    return members, None if max_l0 is None else float(max_l0)
 
 
 def _fanout(value, source: str) -> int:

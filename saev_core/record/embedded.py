@@ -97,18 +97,30 @@ def ensure_embedded_images(cfg: config.EmbeddedDataset) -> str:
         raise UserError(f"n_imgs_per_photo is {cfg.n_imgs_per_photo}; it must be at least 1.")
     base = os.path.abspath(os.path.expanduser(cfg.cache_dir or os.path.join(config.cache_dir(), "embedded")))
     n_per = max(cfg.n_imgs_per_photo, math.ceil(MIN_EMBEDDED_IMAGES / len(EMBEDDED_PHOTOS)))
-    final = os.path.join(base, f"{EMBEDDED_VERSION}-n{n_per}")
+
+    def fill(folder: str) -> None:
+        photos = load_photos()
+        # photos that failed to load are made up for by more crops of the others (the fingerprint shows it)
+        per_photo = max(n_per, math.ceil(MIN_EMBEDDED_IMAGES / len(photos)))
+        for name, photo in photos:
+            _write_crops(photo, name, per_photo, os.path.join(folder, name))
+
+    return generate_once(base, f"{EMBEDDED_VERSION}-n{n_per}", EMBEDDED_VERSION, fill)
+
+
+def generate_once(base: str, name: str, version: str, fill: Callable[[str], None]) -> str:
+    """<base>/<name>, made on first use by ``fill(folder)``; an existing one is returned at once (loading nothing).
+
+    ``fill`` writes into a temporary sibling folder, renamed into place only when complete, so a killed generation
+    is never taken for a finished one; temporary folders of generations killed long ago (``version``) are removed."""
+    final = os.path.join(base, name)
     if os.path.isdir(final):  # the reuse path imports nothing: observable sources call it on every tick
         return final
     os.makedirs(base, exist_ok=True)
-    remove_stale_tmp(base, EMBEDDED_VERSION)
-    tmp = os.path.join(base, f".{EMBEDDED_VERSION}-n{n_per}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    remove_stale_tmp(base, version)
+    tmp = os.path.join(base, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        photos = load_photos()
-        # photos that failed to load are made up for by more crops of the others (the fingerprint shows it)
-        n_per = max(n_per, math.ceil(MIN_EMBEDDED_IMAGES / len(photos)))
-        for name, photo in photos:
-            _write_crops(photo, name, n_per, os.path.join(tmp, name))
+        fill(tmp)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -11,15 +11,13 @@ sibling folder and renames it into place only when complete.
 
 import dataclasses
 import os
-import shutil
-import uuid
 
 import numpy as np
 from PIL import Image
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.record.embedded import EMBEDDED_MTIME_NS, load_photos, remove_stale_tmp
+from saev_core.record.embedded import EMBEDDED_MTIME_NS, generate_once, load_photos
 from saev_core.record.segmentation import CLASSES_FILE, IMAGES_DIR, MASKS_DIR
 
 EMBEDDED_SEG_VERSION = "v1"
@@ -150,22 +148,7 @@ def ensure_embedded_seg_images(cfg: config.EmbeddedSegDataset) -> str:
         raise UserError(f"--data.n-imgs {cfg.n_imgs} must be at least 1.")
     base = os.path.abspath(os.path.expanduser(cfg.cache_dir or os.path.join(config.cache_dir(), "embedded-seg")))
     name = f"{EMBEDDED_SEG_VERSION}-n{cfg.n_imgs}"
-    final = os.path.join(base, name)
-    if os.path.isdir(final):  # the reuse path imports nothing: observable sources call it on every tick
-        return final
-    os.makedirs(base, exist_ok=True)
-    remove_stale_tmp(base, EMBEDDED_SEG_VERSION)
-    tmp = os.path.join(base, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        _generate(tmp, cfg.n_imgs)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.isdir(final):  # not a lost race with another process: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return generate_once(base, name, EMBEDDED_SEG_VERSION, lambda folder: _generate(folder, cfg.n_imgs))
 
 
 def _generate(folder: str, n_imgs: int) -> None:

@@ -18,7 +18,7 @@ import json
 import os
 import stat
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -330,11 +330,17 @@ def image_list_fingerprint(source: ImageSource) -> str:
     labels_print = source.patch_labels_fingerprint()
     if labels_print is not None:
         h.update(f"patch-labels {labels_print}\n".encode())
-    for i, rel in enumerate(source.paths):
+    hash_file_stats(h, source.paths, source.abspath)
+    return h.hexdigest()
+
+
+def hash_file_stats(h, rels: Sequence[str], abspath: Callable[[int], str]) -> None:
+    """Add every file's (relative path, size, mtime_ns) to the hashlib hash ``h`` in index order, from a stat (no
+    reads); a file missing at stat time hashes as size and mtime -1."""
+    for i, rel in enumerate(rels):
         try:
-            st = os.stat(source.abspath(i))
+            st = os.stat(abspath(i))
             size, mtime_ns = st.st_size, st.st_mtime_ns
         except OSError:
             size, mtime_ns = -1, -1
         h.update(json.dumps([rel, size, mtime_ns]).encode() + b"\n")
-    return h.hexdigest()

@@ -36,7 +36,7 @@ from PIL import Image
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.record.images import IgnoredFilesWarning, ImageSource, list_source, load_rgb
+from saev_core.record.images import IgnoredFilesWarning, ImageSource, hash_file_stats, list_source, load_rgb
 
 IMAGES_DIR = "images"
 MASKS_DIR = "annotations"
@@ -244,13 +244,7 @@ class SegImageSource(ImageSource):
         in index order: part of the store key, so other masks or classes make another store."""
         h = hashlib.sha256(f"saev-patch-labels-{LABEL_RULE}\n".encode())
         h.update(json.dumps(self.patch_class_names).encode() + b"\n")
-        for i, rel in enumerate(self.mask_paths):
-            try:
-                st = os.stat(self.mask_abspath(i))
-                size, mtime_ns = st.st_size, st.st_mtime_ns
-            except OSError:
-                size, mtime_ns = -1, -1
-            h.update(json.dumps([rel, size, mtime_ns]).encode() + b"\n")
+        hash_file_stats(h, self.mask_paths, self.mask_abspath)
         return h.hexdigest()
 
     def with_patch_labels(self, grid: tuple[int, int]) -> "PatchLabelledImages":

@@ -4,6 +4,7 @@ normalisation statistics and the shuffled loader. The lowest layer above the bas
 
 ``saev_core.store.ActivationStore`` and ``saev_core.store.write_store`` are the documented entry points."""
 
-from saev_core.store.activation_store import ActivationStore, arrays_metadata, layer_name, open_if_created, write_store
+from saev_core.store.activation_store import ActivationStore, layer_name, open_if_created
+from saev_core.store.from_arrays import arrays_metadata, write_store
 
 __all__ = ["ActivationStore", "arrays_metadata", "layer_name", "open_if_created", "write_store"]

@@ -7,18 +7,17 @@ written, so a killed writer never leaves a block that looks complete.
 
 import contextlib
 import functools
-import hashlib
-import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import zarr
 import zarr.errors
 
 from saev_core.errors import UserError
-from saev_core.files import check_url, is_url, join, storage_errors, storage_options, url_filesystem, write_error
+from saev_core.files import check_url, is_url, join, storage_errors, write_error
+from saev_core.store.location import check_local_store_path, zarr_store
 from saev_core.store.metadata import FORMAT_VERSION, Layout, StoreMetadata
 from saev_core.store.shards import PlainShardLayout
 
@@ -61,7 +60,7 @@ class ActivationStore:
         """Open an existing store from a local path or an fsspec URL (s3://, gs://, memory://)."""
         check_url(path_or_url, "The activation store")
         if not is_url(path_or_url):
-            _check_local_store_path(path_or_url)
+            check_local_store_path(path_or_url)
         try:
             with storage_errors(path_or_url, "The activation store"):
                 group = zarr.open_group(zarr_store(path_or_url, mode), mode=mode)
@@ -364,51 +363,6 @@ class ActivationStore:
         return np.asarray(group["mean"][:]), float(group.attrs["scale"])
 
 
-def _check_local_store_path(path: str) -> None:
-    """A local path that is not a store: say what it is instead (missing, a file, a part of a store, the folder of
-    stores above one) and which path to pass."""
-    printed = "Pass the path that `python -m saev_core activations` printed on its last line (<dump_to>/<key>)."
-    if not os.path.isdir(path):
-        what = "is a file, not an activation store" if os.path.exists(path) else "does not exist"
-        raise UserError(f"No activation store at {path!r}: it {what}. {printed}")
-    if _is_store_folder(path):
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    while parent != os.path.dirname(parent):
-        if _is_store_folder(parent):
-            raise UserError(
-                f"{path!r} is a part (an array or group) inside the activation store {parent}; pass "
-                f"the store itself: {parent}"
-            )
-        parent = os.path.dirname(parent)
-    try:
-        stores = sorted(name for name in os.listdir(path) if _is_store_folder(os.path.join(path, name)))
-    except OSError:
-        stores = []
-    if stores:
-        shown = ", ".join(os.path.join(path, s) for s in stores[:3]) + (" ..." if len(stores) > 3 else "")
-        raise UserError(
-            f"{path!r} is the folder that holds activation stores (--dump-to), not a store; pass one "
-            f"of the stores in it: {shown}"
-        )
-    raise UserError(
-        f"No activation store at {path!r}: the folder has no zarr.json with a store's format_version "
-        f"(a recording killed while creating the store leaves that: run it again). {printed}"
-    )
-
-
-def _is_store_folder(folder: str) -> bool:
-    """Whether ``folder`` holds a zarr group whose attributes carry the store's format_version."""
-    try:
-        with open(os.path.join(folder, "zarr.json"), "rb") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(meta, dict) and meta.get("node_type") == "group" and "format_version" in meta.get("attributes", {})
-    )
-
-
 def all_finite(x: np.ndarray) -> bool:
     """Whether x has no NaN or Inf. A BLAS dot product of x with itself (about twice as fast as np.isfinite, and
     it allocates nothing) is finite exactly when x is, unless huge values overflow it: only then check element-wise."""
@@ -417,15 +371,6 @@ def all_finite(x: np.ndarray) -> bool:
         flat = flat.astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         return bool(np.isfinite(np.dot(flat, flat))) or bool(np.isfinite(x).all())
-
-
-def zarr_store(path: str, mode: str):
-    """What zarr opens: a local path or a URL as is, except s3:// URLs, opened over the file system of
-    ``files.url_filesystem`` (bounded connect and read timeouts and retries) so no request waits forever."""
-    if not is_url(path) or not storage_options(path):
-        return path
-    fs, root = url_filesystem(path, asynchronous=True)
-    return zarr.storage.FsspecStore(fs, path=root, read_only=mode == "r")
 
 
 def open_if_created(path: str) -> ActivationStore | None:
@@ -438,130 +383,3 @@ def open_if_created(path: str) -> ActivationStore | None:
     if group.attrs.get("format_version") != FORMAT_VERSION:
         return None
     return ActivationStore(group, path)
-
-
-def arrays_metadata(
-    n_imgs: int,
-    n_tokens: int,
-    d_vit: int,
-    layers: Sequence[int] = (-2,),
-    *,
-    cls_token: bool = True,
-    imgs_per_shard: int | None = None,
-    dtype: str = "float32",
-    fingerprint: str = "arrays",
-    patch_labels_fingerprint: str | None = None,
-    **fields,
-) -> StoreMetadata:
-    """The metadata of a store of activations that did not come from ``record_activations`` (see ``write_store``):
-    ``imgs_per_shard`` images per block (default: one block), ``fingerprint`` standing for the images,
-    ``patch_labels_fingerprint`` for the patch labels (None: the store has none), ``fields`` overriding any other
-    ``StoreMetadata`` field."""
-    prints = {"vit_ckpt": "arrays", "images": fingerprint}
-    if patch_labels_fingerprint is not None:
-        prints["patch_labels"] = patch_labels_fingerprint
-    return StoreMetadata(
-        **{
-            "vit_family": "clip",
-            "vit_ckpt": "arrays/none",
-            "d_vit": d_vit,
-            "layers": tuple(layers),
-            "n_patches_per_img": n_tokens - int(cls_token),
-            "cls_token": cls_token,
-            "n_imgs": n_imgs,
-            "n_patches_per_shard": (imgs_per_shard or n_imgs) * n_tokens * len(layers),
-            "data": {"kind": "arrays"},
-            "seed": 0,
-            "dtype": dtype,
-            "fingerprints": prints,
-            **fields,
-        }
-    )
-
-
-def write_store(
-    root: str,
-    acts: np.ndarray | Callable[[int, int], np.ndarray],
-    layers: Sequence[int] = (-2,),
-    *,
-    shape: tuple[int, int, int] | None = None,
-    cls_token: bool = True,
-    imgs_per_shard: int | None = None,
-    valid: np.ndarray | None = None,
-    image_paths: Sequence[str] | None = None,
-    labels: Sequence[int] | None = None,
-    class_names: Sequence[str] = ("",),
-    dtype: str = "float32",
-    fingerprint: str | None = None,
-    patch_labels: np.ndarray | None = None,
-    patch_class_names: Sequence[str] | None = None,
-    **fields,
-) -> ActivationStore:
-    """A complete store of activations that did not come from ``record_activations``: computed elsewhere, or planted
-    with a known answer in tests and benchmarks.
-
-    ``acts`` is [n_layers, n_imgs, n_tokens, d_vit], or a function (start, end) -> [n_layers, end - start, n_tokens,
-    d_vit] called once per block (then ``shape`` = (n_imgs, n_tokens, d_vit) and ``fingerprint`` are required), so a
-    store larger than memory can be planted. ``fingerprint`` stands for the images (default: a hash of ``acts``), so
-    different data gets a different key. ``patch_labels`` (int [n_imgs, n_patches_per_img], 0 = unlabelled, 1..C)
-    with ``patch_class_names`` (C + 1 names, index 0 "unlabelled"; default "unlabelled", "1", ..., "C") plants
-    per-patch labels; they enter the key. ``fields`` set other ``StoreMetadata`` fields (``resolved_layers``...).
-    """
-    if callable(acts):
-        if shape is None or fingerprint is None:
-            raise ValueError("write_store with a block function needs shape and fingerprint")
-        n_imgs, n_tokens, d_vit = shape
-    else:
-        _, n_imgs, n_tokens, d_vit = acts.shape
-        fingerprint = fingerprint or hashlib.sha256(np.ascontiguousarray(acts).data).hexdigest()[:16]
-    labels_print = None
-    if patch_labels is not None:
-        patch_labels = np.asarray(patch_labels)
-        if patch_labels.shape != (n_imgs, n_tokens - int(cls_token)) or not np.issubdtype(
-            patch_labels.dtype, np.integer
-        ):
-            raise ValueError(
-                f"patch_labels must be integers of shape {(n_imgs, n_tokens - int(cls_token))}, got "
-                f"{patch_labels.dtype} {patch_labels.shape}"
-            )
-        if patch_class_names is None:
-            patch_class_names = ["unlabelled", *map(str, range(1, max(int(patch_labels.max(initial=0)), 1) + 1))]
-        patch_class_names = [str(name) for name in patch_class_names]
-        wide = np.ascontiguousarray(patch_labels, dtype=np.int64)
-        labels_print = (
-            hashlib.sha256(wide.data).hexdigest()[:16]
-            + hashlib.sha256(json.dumps(patch_class_names).encode()).hexdigest()[:16]
-        )
-    elif patch_class_names is not None:
-        raise ValueError("patch_class_names without patch_labels")
-    meta = arrays_metadata(
-        n_imgs,
-        n_tokens,
-        d_vit,
-        layers,
-        cls_token=cls_token,
-        imgs_per_shard=imgs_per_shard,
-        dtype=dtype,
-        fingerprint=fingerprint,
-        patch_labels_fingerprint=labels_print,
-        **fields,
-    )
-    paths = list(image_paths) if image_paths is not None else [f"{i}.png" for i in range(n_imgs)]
-    store = ActivationStore.create(
-        root,
-        meta,
-        paths,
-        list(labels) if labels is not None else [0] * n_imgs,
-        list(class_names),
-        patch_class_names=patch_class_names,
-    )
-    for block in store.missing_blocks():
-        start, end = store.layout.block_range(block)
-        block_acts = acts(start, end) if callable(acts) else acts[:, start:end]
-        store.write_block(
-            block,
-            np.asarray(block_acts, dtype=dtype),
-            None if valid is None else valid[start:end],
-            None if patch_labels is None else patch_labels[start:end],
-        )
-    return store

@@ -2,7 +2,7 @@
 its length (``fit_to_run``). The CPU threads it trains with are chosen while it runs (``saev_core.threads``).
 
 Kept apart from the loop because they are decided once, before any data is read, and are reported to the user (the
-trainer logs every note ``fit_to_run`` returns); docs/training.md explains each rule.
+trainer logs the notes ``fit_to_run`` returns for the members it trains); docs/training.md explains each rule.
 """
 
 import dataclasses

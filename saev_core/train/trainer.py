@@ -6,8 +6,9 @@ schedule, no shared random state), so training K SAEs together gives the weights
 
 Settings left unset that depend on the SAE and the run's length (``lr``, ``n_lr_warmup``,
 ``sae.dead_after_n_patches``) are fitted to the run first (``fitting.fit_to_run``); what was chosen, and any
-explicit setting that does not fit the run, is reported once, in the log and through ``on_note``. Training uses
-``n_threads`` CPU threads, or (unset) the count the steps' own timing picks (``saev_core.threads``).
+explicit setting that does not fit the run, is reported once, in the log and through ``on_note``, for the members
+that train (a finished member is read back and gets no note). Training uses ``n_threads`` CPU threads, or (unset)
+the count the steps' own timing picks (``saev_core.threads``).
 
 Per member and step: lr = ``lr_at(step)`` (linear warm-up over ``n_lr_warmup`` steps, then linear decay that
 reaches 0 just after the last step), ``sae.sparsity_scale = min(1, step / n_sparsity_warmup)``, backward,
@@ -92,13 +93,15 @@ def train_sweep(
 ) -> list[results.MemberResult]:
     """Train every config, one data pass per group; returns one result per config, in input order.
 
-    Unset settings are fitted to each config's run first (``fit_to_run``); each distinct note goes to the log
-    (a warning) and to ``on_note``, once."""
+    Unset settings are fitted to each config's run first (``fit_to_run``); each distinct note of a member that will
+    train goes to the log (a warning) and to ``on_note``, once. A finished member is read back, not trained, so a
+    rerun over a finished sweep says nothing about settings it does not use."""
     for folder in dict.fromkeys(c.ckpt_path for c in cfgs):
         check_output_folder(folder, "--ckpt-path")
     fitted = [fit_to_run(c) for c in cfgs]
     cfgs = [c for c, _ in fitted]
-    for note in dict.fromkeys(note for _, notes in fitted for note in notes):
+    training = [notes for c, notes in fitted if not results.is_finished(os.path.join(c.ckpt_path, member_id(c)))]
+    for note in dict.fromkeys(note for notes in training for note in notes):
         logger.warning(note)
         if on_note is not None:
             on_note(note)

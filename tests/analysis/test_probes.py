@@ -13,7 +13,7 @@ from sklearn.metrics import average_precision_score
 
 from saev_core import config, nn
 from saev_core.__main__ import main
-from saev_core.analysis import probes
+from saev_core.analysis import probe_bins, probe_scores, probes
 from saev_core.store import write_store
 from saev_core.store.loader import split_images
 from tests.helpers import exact_relu_sae
@@ -58,7 +58,7 @@ def test_purity_at_k_counts_the_top_k_and_ties_pro_rata():
 def _accumulate(f_cal, f_train, c_train, f_val, c_val, n_classes, k, n_bins=16):
     rows, cols = np.nonzero(f_cal)
     edges = probes.bin_edges(torch.from_numpy(cols), torch.from_numpy(f_cal[rows, cols]), f_cal.shape[1], n_bins=n_bins)
-    acc = probes._Accumulator(edges, n_classes, k)
+    acc = probe_bins.BinAccumulator(edges, n_classes, k)
     acc.add(torch.from_numpy(f_train), torch.from_numpy(c_train), "train")
     for half in (slice(0, len(f_val) // 2), slice(len(f_val) // 2, None)):  # two batches: the merge is exercised
         acc.add(torch.from_numpy(f_val[half]), torch.from_numpy(c_val[half]), "val")
@@ -85,7 +85,7 @@ def test_binned_ap_and_counts_are_those_of_the_quantised_scores():
             counts = np.bincount(bins[c_val == c], minlength=edges.shape[1] + 1)
             np.testing.assert_array_equal(data.val_count[j, :, c].numpy(), counts)
             pos, total = data.val_count[j, :, c].numpy()[::-1], data.val_count[j].sum(1).numpy()[::-1]
-            binned_ap = float(probes._ap_from_groups(pos, total))
+            binned_ap = float(probe_scores._ap_from_groups(pos, total))
             assert binned_ap == pytest.approx(average_precision_score(c_val == c, bins))
         train_bins = np.searchsorted(edges[j], f_train[:, j], side="left")
         sums = np.bincount(train_bins, weights=f_train[:, j], minlength=edges.shape[1] + 1)
@@ -104,7 +104,7 @@ def test_kept_extremes_give_the_exact_purity_zeros_pro_rata(k):
     for j in range(width):
         for c in range(n_classes):
             for sign in (1.0, -1.0):
-                got = probes._purity(top_v, top_c, data.val_count[j].numpy(), int(zero_bins[j]), j, c, k, sign, k)
+                got = probe_scores._purity(top_v, top_c, data.val_count[j].numpy(), int(zero_bins[j]), j, c, k, sign, k)
                 want = probes.purity_at_k(sign * f_val[:, j], c_val == c, k)
                 assert got == pytest.approx(want), (j, c, sign)
 

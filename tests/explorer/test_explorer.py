@@ -475,6 +475,59 @@ def test_loading_the_app_and_building_it_imports_no_torch(sweep):
     assert done.returncode == 0, done.stderr
 
 
+CACHE_ARRAYS = ("top_values", "top_images", "top_patches", "top_cls", "freq", "mean_value", "hist")
+
+
+def test_showing_a_latent_from_the_cache_imports_neither_torch_nor_scipy_and_reads_what_the_job_wrote(sweep, tmp_path):
+    """What the first latent on screen needs (the cache, the association, the probes, the order, a rendered latent's
+    table row, summary, heatmaps and histogram), read through the data side in a fresh process, imports neither torch
+    nor scipy (nor open_clip); and what it read equals the npz files read here with numpy alone, and what the visuals
+    job's own readers (``top_images``, ``association``: torch and scipy) read."""
+    from saev_core.visuals import association
+
+    _, folder, first, _ = sweep
+    chosen = json.loads(Path(folder, "cache", "selection.json").read_text())
+    rendered, n_rendered = chosen["latents"][0], chosen["n_heatmaps"][0]
+    out = tmp_path / "read.npz"
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from saev_core.explorer import LatentBook\n"
+        f"book = LatentBook({folder!r})\n"
+        "key = book.default_sort()\n"
+        "order = book.order(key)\n"
+        f"latent = book.check_latent({rendered})\n"
+        f"pictures = book.images(latent, {n_rendered})\n"
+        "book.table(key), book.summary(order[0]), book.summary(latent), book.histogram(latent)\n"
+        f"arrays = {{name: getattr(book.cache, name) for name in {CACHE_ARRAYS!r}}}\n"
+        f"np.savez({str(out)!r}, key=key, order=order, auroc=book.assoc.auroc, top_label_counts="
+        "book.assoc.top_label_counts, pictures=np.stack([np.asarray(p) for p, _ in pictures]), **arrays)\n"
+        "loaded = [m for m in ('torch', 'scipy', 'open_clip') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {**os.environ, "PYTHONPATH": REPO}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    with (
+        np.load(out) as got,
+        np.load(os.path.join(folder, "cache", "topk.npz")) as raw,
+        np.load(os.path.join(folder, "cache", "association.npz")) as raw_assoc,
+    ):
+        job_cache, job_assoc = top_images.read_cache(folder), association.load(folder)
+        for name in CACHE_ARRAYS:
+            np.testing.assert_array_equal(got[name], raw[name], err_msg=name)
+            np.testing.assert_array_equal(got[name], getattr(job_cache, name), err_msg=name)
+        for name in ("auroc", "top_label_counts"):
+            np.testing.assert_array_equal(got[name], raw_assoc[name], err_msg=name)
+            np.testing.assert_array_equal(got[name], getattr(job_assoc, name), err_msg=name)
+        assert str(got["key"]) == "best AP"
+        assert got["order"].tolist() == expected_order(folder, first.ckpt_path, "best AP")
+        for rank, picture in enumerate(got["pictures"]):
+            with Image.open(os.path.join(folder, "neurons", str(rendered), f"{rank}.png")) as png:
+                np.testing.assert_array_equal(picture, np.asarray(png.convert("RGB")))
+
+
 def test_a_member_id_that_leaves_its_folder_is_refused_in_the_page_and_nothing_is_written(sweep, tmp_path):
     """A hand-edited sweep.csv whose member id is ``../../escape``: "Open this member's latents" (the app's own
     handler, in-process) shows one message naming the id, and nothing appears outside the visuals folder."""

@@ -134,13 +134,13 @@ def test_pipeline_with_no_layers(capsys, tmp_path):
 
 def test_a_vit_batch_beyond_free_memory_is_refused_before_anything_is_loaded(monkeypatch):
     """The estimate is a lower bound (residual stream + one MLP hidden layer, float32), named in the message."""
-    from saev_core import config
+    from saev_core.config import machine
     from saev_core.errors import UserError
     from saev_core.record import vit
 
     want = 64 * 50 * 768 * 4 * 5  # the documented estimate, by hand
-    monkeypatch.setattr(config, "available_memory", lambda device: want - 1)
+    monkeypatch.setattr(machine, "available_memory", lambda device: want - 1)
     with pytest.raises(UserError, match=r"--vit-batch-size 64: one ViT forward pass .* need about .*Lower"):
         vit.check_forward_memory(64, 50, 768, "cpu", "--vit-batch-size")
-    monkeypatch.setattr(config, "available_memory", lambda device: want)
+    monkeypatch.setattr(machine, "available_memory", lambda device: want)
     vit.check_forward_memory(64, 50, 768, "cpu", "--vit-batch-size")  # exactly enough: allowed

@@ -12,7 +12,7 @@ from PIL import Image
 from saev_core import config, nn
 from saev_core.__main__ import main
 from saev_core.errors import UserError
-from saev_core.visuals import render, top_images
+from saev_core.visuals import render, selection, top_images
 from tests.helpers import tiny_run, write_images
 
 N_IMGS = 12
@@ -200,7 +200,7 @@ def _synthetic_cache(d_sae=200, seed=0) -> top_images.TopKCache:
 
 def test_filters_select_exactly_what_a_plain_recomputation_selects():
     cache = _synthetic_cache()
-    got = render.select_latents(cache, (-5.0, -1.0), (-1.0, 1.0), n_latents=10_000)
+    got = selection.select_latents(cache, (-5.0, -1.0), (-1.0, 1.0), n_latents=10_000)
     want = [
         i
         for i in range(cache.d_sae)
@@ -211,16 +211,16 @@ def test_filters_select_exactly_what_a_plain_recomputation_selects():
 
 def test_n_latents_samples_the_filtered_set_reproducibly_and_includes_come_first():
     cache = _synthetic_cache()
-    everything = set(render.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), n_latents=10_000).tolist())
+    everything = set(selection.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), n_latents=10_000).tolist())
     dead = int(np.flatnonzero(cache.freq == 0)[0])
     alive = sorted(everything)
-    a = render.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(alive[5], dead), n_latents=7, seed=3)
-    b = render.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(alive[5], dead), n_latents=7, seed=3)
+    a = selection.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(alive[5], dead), n_latents=7, seed=3)
+    b = selection.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(alive[5], dead), n_latents=7, seed=3)
     assert a.tolist() == b.tolist()
     assert a[0] == alive[5] and dead not in a.tolist() and len(a) == 8
     assert set(a[1:].tolist()) <= everything - {alive[5]} and sorted(a[1:].tolist()) == a[1:].tolist()
     with pytest.raises(UserError, match="not latents of this SAE"):
-        render.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(cache.d_sae,))
+        selection.select_latents(cache, (-9.0, 9.0), (-9.0, 9.0), include_latents=(cache.d_sae,))
 
 
 # -- the pipeline's [visuals] table ------------------------------------------------------------------------------

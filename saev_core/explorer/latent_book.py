@@ -1,12 +1,12 @@
-"""The explorer's data side: one visuals folder (``LatentBook``) and one sweep (``SweepTable``), read only from the
-files the visuals, train and probe jobs wrote. Imports no Gradio, so it is tested on its own.
-
-Importing it imports no torch (nor matplotlib): the app must answer quickly, so what needs them is imported where it
-is used (a visuals cache is read when the page first asks for it; the ViT only when an upload is explained)."""
+"""One visuals folder as the explorer shows it (``LatentBook``): its top-k cache, class association and selection,
+the member's patch probes and training metrics when they sit beside its checkpoint, the orders of the latent table,
+and each latent's heatmaps, histogram and summary. Each file is read when first needed; importing this module
+imports no torch (nor matplotlib), so the app answers before any of it is read, and showing a latent the visuals job
+rendered imports neither torch nor scipy (``topk_cache``, ``association_cache``): only drawing one it did not render
+loads the ViT's resize and crop (open_clip, torch)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import io
 import math
@@ -18,12 +18,12 @@ from PIL import Image
 
 from saev_core import config
 from saev_core.errors import UserError
-from saev_core.files import inside, read_json
-from saev_core.train.sweep import check_member_id
+from saev_core.explorer.probes import PatchProbes, format_ap, probe_words, probes_path
+from saev_core.explorer.reading import ckpt_file, provenance, read_optional_json
+from saev_core.files import read_json
 
 if TYPE_CHECKING:
     import pandas as pd
-    from jaxtyping import Float, Int
 
 SORT_KEYS = ("best AP", "class selectivity", "frequency", "mean value", "max value", "id")
 """The latent table's orders, in the order offered: "best AP" needs the member's patch probes (probe.json), "class
@@ -37,105 +37,15 @@ _NO_DATA = {
 }
 
 
-def _provenance(ckpt: str | None) -> dict:
-    """A checkpoint's provenance from its header alone (no weights read); {} when there is none or it is unreadable
-    (the caller then says what is missing)."""
-    if ckpt is None:
-        return {}
-    from saev_core.nn import checkpoint
-
-    try:
-        return checkpoint.read_provenance(ckpt)
-    except UserError:
-        return {}
-
-
-def _ckpt_file(path: str) -> str:
-    """``nn.ckpt_file`` without importing torch: the path itself, or ``path/sae.pt`` for a member's folder."""
-    return os.path.join(path, "sae.pt") if os.path.isdir(path) else path
-
-
-def cache_file(dump_to: str) -> str:
-    """The top-k cache of a visuals folder (``top_images.cache_path``, named here so that checking a folder imports
-    no torch)."""
-    return os.path.join(dump_to, "cache", "topk.npz")
-
-
-def read_optional_json(path: str, what: str) -> tuple[dict | None, str | None]:
-    """(the JSON object at ``path``, None), (None, None) when there is no file, or (None, why it was ignored) when it
-    cannot be read: the explorer shows what it has and says what it left out, rather than failing."""
-    try:
-        doc = read_json(path)
-    except (OSError, ValueError) as err:
-        return None, f"{what} {path} cannot be read ({type(err).__name__}: {err}); it is left out."
-    if doc is not None and not isinstance(doc, dict):
-        return None, f"{what} {path} is not a JSON object; it is left out."
-    return doc, None
-
-
-@dataclasses.dataclass(frozen=True)
-class PatchProbes:
-    """A member's patch probes (``<member folder>/probes/probe.json``, written by ``python -m saev_core probe``;
-    docs/probes.md): each class's best latent with its held-out AP and Purity@k, seen per latent."""
-
-    path: str
-    classes: list[dict]
-    """probe.json's per-class rows (``class``, ``best_latent``, ``ap``, ``purity_at_k``, ``weight``, ...)."""
-    k: int | None
-    best_ap: Float[np.ndarray, " d_sae"]
-    """Per latent: the highest AP among the classes whose best latent it is; NaN for a latent that is no class's
-    best latent (or whose classes have no AP)."""
-    best_row: Int[np.ndarray, " d_sae"]
-    """The index into ``classes`` of that class (-1 where ``best_ap`` is NaN)."""
-
-    @classmethod
-    def from_doc(cls, path: str, doc: dict, d_sae: int) -> PatchProbes:
-        rows = [r for r in doc.get("classes") or [] if isinstance(r, dict)]
-        best_ap, best_row = np.full(d_sae, np.nan), np.full(d_sae, -1, dtype=np.int64)
-        for i, row in enumerate(rows):  # file order: among equal APs the class listed first wins
-            j, ap = row.get("best_latent"), row.get("ap")
-            if isinstance(j, int) and 0 <= j < d_sae and isinstance(ap, (int, float)) and not ap <= best_ap[j]:
-                best_ap[j], best_row[j] = float(ap), i
-        return cls(path, rows, doc.get("k"), best_ap, best_row)
-
-    def rows_of(self, latent: int) -> list[dict]:
-        """The classes whose best latent this is, in file order."""
-        return [r for r in self.classes if r.get("best_latent") == latent]
-
-
-def probes_path(ckpt: str) -> str:
-    """Where a member's patch probes are: ``<its checkpoint folder>/probes/probe.json`` (the pipeline's [probe]
-    stage; ``python -m saev_core probe --dump-to <that folder>`` by hand)."""
-    return os.path.join(os.path.dirname(ckpt), "probes", "probe.json")
-
-
-def _probe_words(row: dict, k: int | None) -> str:
-    """One class row of probe.json in words: "sky: AP 0.80, Purity@100 0.97"."""
-    purity = row.get("purity_at_k")
-    words = f"{row.get('class')}: AP {row['ap']:.2f}"
-    if isinstance(purity, (int, float)):
-        words += f", Purity@{k or 'k'} {purity:.2f}"
-    if isinstance(row.get("weight"), (int, float)) and row["weight"] < 0:
-        words += " (inverse: the class is where this latent is low)"
-    return words
-
-
-def _format_ap(row: dict) -> str:
-    """ "sky (0.80)"; a negative probe weight (the class is where the latent is low) says "inverse"."""
-    weight = row.get("weight")
-    inverse = ", inverse" if isinstance(weight, (int, float)) and weight < 0 else ""
-    return f"{row.get('class')} ({row['ap']:.2f}{inverse})"
-
-
 class LatentBook:
     """One visuals folder: its top-k cache, class association and selection, the member's patch probes and training
     metrics when they sit beside its checkpoint, and how to draw its heatmaps. Each file is read when first needed."""
 
     def __init__(self, dump_to: str, ckpt: str | None = None):
-        from saev_core.visuals import top_images
+        from saev_core.visuals import topk_cache
 
         self.dump_to = os.path.abspath(dump_to)
-        cache = top_images.read_cache(self.dump_to)
+        cache = topk_cache.read_cache(self.dump_to)
         if cache is None:
             raise UserError(
                 f"No top-k cache in {self.dump_to} (cache/topk.npz): pass a folder written by `python -m "
@@ -152,17 +62,17 @@ class LatentBook:
 
     def _check_ckpt(self) -> str | None:
         """Why uploads cannot be explained with ``self.ckpt`` (None when they can)."""
-        from saev_core.visuals import top_images
+        from saev_core.visuals import topk_cache
 
         if self.ckpt is None:
             return (
                 "No SAE checkpoint is known for this folder (its selection.json predates that field); pass "
                 "--ckpt to explain uploaded images."
             )
-        path = _ckpt_file(self.ckpt)
+        path = ckpt_file(self.ckpt)
         if not os.path.isfile(path):
             return f"The checkpoint {path} does not exist; pass --ckpt with the SAE of {self.dump_to}."
-        if top_images.file_sha256(path) != self.cache.identity.sae_sha256:
+        if topk_cache.file_sha256(path) != self.cache.identity.sae_sha256:
             return (
                 f"The visuals cache in {self.dump_to} was made from another SAE than {path} (their SHA-256 "
                 "differ), so its latents are not that checkpoint's. Pass --ckpt with the SAE the visuals were "
@@ -174,9 +84,9 @@ class LatentBook:
     @functools.cached_property
     def assoc(self):
         """The latent-class association beside the cache (None when the store has no classes)."""
-        from saev_core.visuals import association
+        from saev_core.visuals import association_cache
 
-        return association.load(self.dump_to, self.cache.identity)
+        return association_cache.load(self.dump_to, self.cache.identity)
 
     @functools.cached_property
     def probes(self) -> PatchProbes | None:
@@ -215,7 +125,7 @@ class LatentBook:
         if self._store is None:
             from saev_core.store import ActivationStore
 
-            path = self.selection.get("store") or _provenance(self.ckpt).get("store")
+            path = self.selection.get("store") or provenance(self.ckpt).get("store")
             if path is None:
                 raise UserError(
                     f"{self.dump_to}/cache/selection.json does not name the store (older visuals); render "
@@ -286,7 +196,7 @@ class LatentBook:
                 row.append(f"{best[0][0]} ({best[0][1]:.2f})" if best else "")
             if self.probes is not None:
                 i = self.probes.best_row[latent]
-                row.append(_format_ap(self.probes.classes[i]) if i >= 0 else "")
+                row.append(format_ap(self.probes.classes[i]) if i >= 0 else "")
             rows.append(row)
         return pd.DataFrame(rows, columns=self.columns())
 
@@ -369,19 +279,19 @@ class LatentBook:
 
     def render(self, latent: int, rank: int) -> Image.Image:
         """One heatmap drawn from the cache, as the gallery's are."""
-        from saev_core.visuals import render
+        from saev_core.visuals import latent_images
 
         image = int(self.cache.top_images[latent, rank])
         root = self.selection.get("image_root") or self.store.metadata.image_root
         path = os.path.join(root or "", self.store.image_paths()[image])
-        view = render.load_view(
+        view = latent_images.load_view(
             path,
             self._geometry,
             fix="Have the store's images moved? Render the visuals "
             "again with images:image-folder-dataset --images.root DIR.",
         )
-        return render.draw_top_image(
-            self.cache, latent, rank, view, render.patch_grid(self.store.metadata.n_patches_per_img)
+        return latent_images.draw_top_image(
+            self.cache, latent, rank, view, latent_images.patch_grid(self.store.metadata.n_patches_per_img)
         )
 
     def histogram(self, latent: int) -> Image.Image:
@@ -389,12 +299,12 @@ class LatentBook:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        from saev_core.visuals import top_images
+        from saev_core.visuals import topk_cache
 
         fig = Figure(figsize=(4, 2.2), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        edges = top_images.HIST_EDGES
+        edges = topk_cache.HIST_EDGES
         ax.bar(edges[:-1], self.cache.hist[latent], width=np.diff(edges), align="edge", color="#4c72b0")
         nz = np.flatnonzero(self.cache.hist[latent])
         if len(nz):
@@ -425,98 +335,10 @@ class LatentBook:
             lines.append(f"Classes by AUROC: {best or '–'}. Classes of its top images: {top or '–'}.")
         if self.probes is not None:
             rows = [r for r in self.probes.rows_of(latent) if isinstance(r.get("ap"), (int, float))]
-            described = "; ".join(_probe_words(r, self.probes.k) for r in rows)
+            described = "; ".join(probe_words(r, self.probes.k) for r in rows)
             lines.append(
                 f"Patch probes (held out): the best latent of {described}."
                 if rows
                 else "Patch probes: no class has this latent as its best."
             )
         return "\n\n".join(lines)
-
-
-TABLE_COLUMNS = (
-    "member_id",
-    "sae.arch",
-    "sae.k",
-    "sae.exp_factor",
-    "lr",
-    "l0",
-    "nmse",
-    "pca_nmse_at_l0",
-    "random_nmse_at_l0",
-    "kmeans_nmse",
-    "gain_vs_pca",
-    "gain_vs_random",
-    "gain_vs_kmeans",
-    "frac_dead_train",
-)
-"""The sweep.csv columns the members table shows, when present (the controls' only after the pipeline added them)."""
-
-
-@dataclasses.dataclass
-class SweepTable:
-    """A sweep's members (``sweep.csv`` in a ``train --ckpt-path`` folder)."""
-
-    folder: str
-
-    def __post_init__(self):
-        import pandas as pd
-
-        path = os.path.join(self.folder, "sweep.csv")
-        if not os.path.isfile(path):
-            raise UserError(f"No sweep.csv in {self.folder}; pass --sweep with a `train --ckpt-path` folder.")
-        self.path = path
-        self.table = pd.read_csv(path, dtype={"member_id": str})  # ids stay text (checked when one is opened)
-        self.notes: list[str] = []
-        controls, note = read_optional_json(os.path.join(self.folder, "controls.json"), "The sweep's controls")
-        self.notes += [note] if note else []
-        pca = (controls or {}).get("pca_nmse")
-        self.pca_nmse = [float(v) for v in pca] if isinstance(pca, list) and pca else None
-        """The PCA baseline's held-out NMSE at 1, 2, ... components (``controls.json`` beside sweep.csv, written by
-        the pipeline's controls; None for a sweep without it)."""
-
-    @property
-    def members(self) -> list[str]:
-        return [str(m) for m in self.table["member_id"]]
-
-    def choices(self) -> list[tuple[str, str]]:
-        return [
-            (
-                f"{r['member_id']} · {r.get('sae.arch', '')} · L0 {r['l0']:.1f} · NMSE {r['nmse']:.3f}",
-                str(r["member_id"]),
-            )
-            for _, r in self.table.iterrows()
-        ]
-
-    def plot(self, member: str | None = None) -> Image.Image:
-        from saev_core.analysis import plots
-
-        pca = None
-        if self.pca_nmse is not None and self.table["l0"].notna().any():
-            pca = plots.pca_curve(self.pca_nmse, float(self.table["l0"].max()))
-        title = f"sweep {os.path.basename(self.folder.rstrip('/'))}"
-        png = plots.l0_vs_nmse_png(self.table, title, pca=pca, chosen=member)
-        return Image.open(io.BytesIO(png)).convert("RGB")
-
-    def rows(self) -> tuple[list[list], list[str]]:
-        """The members table: each member's settings, its held-out L0 and NMSE, the controls' NMSE at its L0 and its
-        gain over each (the fraction by which its NMSE is below the control's), and its dead fraction in training."""
-        cols = [c for c in TABLE_COLUMNS if c in self.table]
-        return self.table[cols].round(4).values.tolist(), cols
-
-    def ckpt(self, member: str) -> str:
-        check_member_id(member, self.path)
-        row = self.table[self.table["member_id"].astype(str) == member]
-        if row.empty:
-            raise UserError(f"{member!r} is not a member of the sweep in {self.folder}.")
-        return str(row.iloc[0]["ckpt"])
-
-
-def member_visuals_folder(visuals: str, members: list[str], member: str) -> str:
-    """Where a member's visuals are (or go): beside the opened folder when that is a member's (the pipeline's
-    ``<dump_to>/layer_<L>/<member_id>`` layout), else ``<visuals>/sweep_members/<member_id>``; a member id that
-    would leave that folder is refused (``files.inside``)."""
-    visuals = os.path.abspath(visuals)
-    if os.path.basename(visuals) in members:
-        return inside(os.path.dirname(visuals), member, what="member id")
-    return inside(os.path.join(visuals, "sweep_members"), member, what="member id")
