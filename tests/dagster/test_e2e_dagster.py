@@ -346,6 +346,16 @@ def test_dagster_dev_backfills_in_one_run_reruns_on_new_weights_and_shows_the_sw
     (first_store,) = {m["store_path"] for m in recorded}
     assert ActivationStore.open(first_store).is_complete  # both recording ops of the fan-out wrote their blocks
 
+    # The automation trains the sweeps on the first store. Wait for that before the new weights: an observation
+    # that lands in the same automation tick as the backfill's materialization can be cancelled by it (eager's
+    # "since last handled" sees both at once), which is a race of this script, not a user's workflow.
+    wait_for(
+        "the automated sae_sweep[-1] on the first store",
+        lambda: any(m["partition"] == "-1" for m in materializations(dagster_dev, "sae_sweep")),
+        deadline,
+        log,
+    )
+
     # New weights in the checkpoint file, replaced atomically as a user's copy would be.
     weights = tmp_path / "tiny.pt"
     save_random_weights("clip", "saev-tiny-clip", tmp_path / "new.pt", seed=5)
@@ -353,7 +363,7 @@ def test_dagster_dev_backfills_in_one_run_reruns_on_new_weights_and_shows_the_sw
     edited_at = time.time()
 
     # The next observation sees them and the automation records every layer again, in one run, into a new store
-    # (its key fingerprints the checkpoint). Meanwhile it trains the sweeps on the first store.
+    # (its key fingerprints the checkpoint).
     def rerun_and_sweep():
         reruns = {}
         for m in materializations(dagster_dev, "activations"):
