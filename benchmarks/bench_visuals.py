@@ -16,7 +16,7 @@
     The ratio is printed for each ``--n-imgs`` given because part of the merge's cost falls as the stream grows
     (once a latent's k slots hold high values few new images beat them, so fewer patch rows are copied); the rest
     of it is paid per batch, over all d_sae x (k + batch) keys, however few images enter. Writing the cache
-    (``top_images.save_cache``: npz, fsynced) is timed once, for information; it is not part of the ratio. On a quiet
+    (``topk_cache.save_cache``: npz, fsynced) is timed once, for information; it is not part of the ratio. On a quiet
     2-core machine the defaults take about 9 minutes (12,000 images: ~1 minute per plain pass).
 
 (b) Rendering through ``latent_images.render_latents``, as the job calls it: ``--render-latents`` latents x
@@ -48,7 +48,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from saev_core import config, nn
 from saev_core.store import ActivationStore, write_store  # noqa: E402
 from saev_core.store.shards import ChunkReader, stream_chunks  # noqa: E402
-from saev_core.visuals import latent_images, top_images  # noqa: E402
+from saev_core.visuals import latent_images, top_images, topk_cache  # noqa: E402
 
 
 def plant_store(root: str, n_imgs: int, n_tokens: int, d_vit: int) -> ActivationStore:
@@ -122,10 +122,10 @@ def bench_pass(args, n_imgs: int, tmp: str) -> dict:
         times["pass_cpu"].append(time.process_time() - c0)
     assert cache.n_vectors == n_imgs * (args.n_tokens - 1)
     t0 = time.perf_counter()
-    top_images.save_cache(cache, os.path.join(tmp, f"dump-{n_imgs}"))
+    topk_cache.save_cache(cache, os.path.join(tmp, f"dump-{n_imgs}"))
     save_s = time.perf_counter() - t0
     full = int((cache.n_images() == args.top_k).sum())
-    cache_mb = os.path.getsize(top_images.cache_path(os.path.join(tmp, f"dump-{n_imgs}"))) / 1e6
+    cache_mb = os.path.getsize(topk_cache.cache_path(os.path.join(tmp, f"dump-{n_imgs}"))) / 1e6
     shutil.rmtree(os.path.join(tmp, f"store-{n_imgs}"), ignore_errors=True)
     return {
         "n_imgs": n_imgs,

@@ -21,14 +21,8 @@ from jaxtyping import Float, Int
 
 from saev_core.errors import UserError
 from saev_core.store import ActivationStore
-from saev_core.visuals import association_cache
 from saev_core.visuals.association_cache import Association
 from saev_core.visuals.topk_cache import TopKCache
-
-# The association's data and files (``association_cache``), under the names its callers have always used.
-ASSOCIATION_VERSION, N_TOP = association_cache.ASSOCIATION_VERSION, association_cache.N_TOP
-npz_path, json_path = association_cache.npz_path, association_cache.json_path
-save, load = association_cache.save, association_cache.load
 
 MAX_MATRIX_BYTES = 1 << 28
 """The [images, latents] float32 matrix is kept under this many bytes (a seeded sample of images beyond: 4,096

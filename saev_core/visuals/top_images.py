@@ -12,7 +12,7 @@ images. Ties go to the lower image index (stable sorts): the result is determini
 
 The cache (``<dump_to>/cache/topk.npz``, one file written atomically, so a killed pass leaves none or an old one)
 holds these arrays plus what made them: the SAE file's content hash, the store key, the layer, the token mode and k.
-Its reader and writer live in ``topk_cache`` (no torch there, for the explorer); their names are kept here too.
+Its reader and writer live in ``topk_cache`` (no torch there, for the explorer).
 Format: docs/visuals-format.md.
 """
 
@@ -30,12 +30,8 @@ from saev_core.errors import UserError
 from saev_core.store import ActivationStore
 from saev_core.store.shards import ChunkReader, stream_chunks
 from saev_core.store.tokens import first_patch
-from saev_core.visuals import topk_cache
 from saev_core.visuals.topk_cache import HIST_EDGES, CacheIdentity, TopKCache
 
-# The cache's reader and writer (``topk_cache``), under the names the callers of the pass have always used.
-CACHE_VERSION, cache_path, file_sha256 = topk_cache.CACHE_VERSION, topk_cache.cache_path, topk_cache.file_sha256
-save_cache, read_cache, load_cache = topk_cache.save_cache, topk_cache.read_cache, topk_cache.load_cache
 RANK_MODES = ("patches", "cls")
 
 

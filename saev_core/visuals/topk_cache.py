@@ -3,7 +3,7 @@ atomically and read back, with the inputs that made it (the SAE file's content h
 token mode and k). Format: docs/visuals-format.md.
 
 Imports neither torch nor scipy, so the explorer shows a latent from the cache without them (``top_images``, which
-runs the pass, imports torch and keeps these names too)."""
+runs the pass, imports torch)."""
 
 import dataclasses
 import hashlib

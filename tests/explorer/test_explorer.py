@@ -25,7 +25,7 @@ from saev_core.errors import UserError
 from saev_core.pipeline import stages
 from saev_core.pipeline.file import Pipeline, ReportPlan
 from saev_core.train import trainer
-from saev_core.visuals import render, top_images
+from saev_core.visuals import render, topk_cache
 from tests.browser import chromium_or_skip
 from tests.helpers import activations_argv, write_images
 from tests.processes import free_port, stop_group
@@ -221,7 +221,7 @@ def test_explorer_in_chromium_browses_sorts_explains_opens_members_and_stays_loc
     port, log = launch()
     origin = f"http://127.0.0.1:{port}/"
     tab = browser.open(origin)
-    cache = top_images.read_cache(folder)
+    cache = topk_cache.read_cache(folder)
 
     # The member has patch probes: the latents come sorted by best AP, each with its patch class; class
     # selectivity is one click away.
@@ -315,7 +315,7 @@ def test_explorer_in_chromium_browses_sorts_explains_opens_members_and_stays_loc
     wait_for(tab, "document.querySelector('button[data-tab-id=latents]').getAttribute('aria-selected') === 'true'")
     wait_for(tab, loaded_images("#latent-images"))
     other_folder = os.path.join(os.path.dirname(folder), second.member_id)
-    assert top_images.read_cache(other_folder).identity.sae_sha256 == top_images.file_sha256(second.ckpt_path)
+    assert topk_cache.read_cache(other_folder).identity.sae_sha256 == topk_cache.file_sha256(second.ckpt_path)
     wait_for(tab, "document.querySelector('#sort input:checked').value === 'class selectivity'")
     assert not tab.js("!!document.querySelector(\"#sort input[value='best AP']\")")
     by_auroc = expected_order(other_folder, second.ckpt_path, "class selectivity")
@@ -387,7 +387,7 @@ def test_best_ap_is_each_latents_best_class_from_a_planted_probe_json(sweep, tmp
     out of range count for nothing; a negative weight is called inverse; the order is by AP, the rest by id."""
     _, folder, first, _ = sweep
     visuals, ckpt = member_copy(tmp_path, folder, first.ckpt_path)
-    alive = [int(j) for j in np.flatnonzero(top_images.read_cache(folder).freq > 0)]
+    alive = [int(j) for j in np.flatnonzero(topk_cache.read_cache(folder).freq > 0)]
     a, b, c = alive[-1], alive[0], alive[1]
     rows = [
         {"class": "sky", "best_latent": a, "ap": 0.4, "purity_at_k": 0.5, "weight": 2.0},
@@ -396,7 +396,7 @@ def test_best_ap_is_each_latents_best_class_from_a_planted_probe_json(sweep, tmp
         {"class": "tree", "best_latent": c, "ap": None, "purity_at_k": None, "weight": 0.0},
         {"class": "wall", "best_latent": 10**6, "ap": 0.99, "purity_at_k": 1.0, "weight": 1.0},
     ]
-    d_sae = top_images.read_cache(folder).d_sae
+    d_sae = topk_cache.read_cache(folder).d_sae
     doc = {"ckpt": str(ckpt), "width": d_sae, "k": 7, "classes": rows}
     (ckpt.parent / "probes").mkdir()
     (ckpt.parent / "probes" / "probe.json").write_text(json.dumps(doc))
@@ -422,7 +422,7 @@ def test_best_ap_is_each_latents_best_class_from_a_planted_probe_json(sweep, tmp
 def test_the_banner_keeps_firing_apart_from_dead_in_training(sweep, tmp_path):
     _, folder, first, _ = sweep
     visuals, ckpt = member_copy(tmp_path, folder, first.ckpt_path)
-    cache = top_images.read_cache(folder)
+    cache = topk_cache.read_cache(folder)
     n_fire = int((cache.freq > 0).sum())
     words = explorer.LatentBook(str(visuals), str(ckpt)).describe()
     assert f"{n_fire} fire on at least one of the store's images" in words and "dead" not in words
@@ -481,9 +481,9 @@ CACHE_ARRAYS = ("top_values", "top_images", "top_patches", "top_cls", "freq", "m
 def test_showing_a_latent_from_the_cache_imports_neither_torch_nor_scipy_and_reads_what_the_job_wrote(sweep, tmp_path):
     """What the first latent on screen needs (the cache, the association, the probes, the order, a rendered latent's
     table row, summary, heatmaps and histogram), read through the data side in a fresh process, imports neither torch
-    nor scipy (nor open_clip); and what it read equals the npz files read here with numpy alone, and what the visuals
-    job's own readers (``top_images``, ``association``: torch and scipy) read."""
-    from saev_core.visuals import association
+    nor scipy (nor open_clip); and what it read equals the npz files read here with numpy alone (the independent
+    reference), and what the cache readers give in this process."""
+    from saev_core.visuals import association_cache
 
     _, folder, first, _ = sweep
     chosen = json.loads(Path(folder, "cache", "selection.json").read_text())
@@ -514,7 +514,7 @@ def test_showing_a_latent_from_the_cache_imports_neither_torch_nor_scipy_and_rea
         np.load(os.path.join(folder, "cache", "topk.npz")) as raw,
         np.load(os.path.join(folder, "cache", "association.npz")) as raw_assoc,
     ):
-        job_cache, job_assoc = top_images.read_cache(folder), association.load(folder)
+        job_cache, job_assoc = topk_cache.read_cache(folder), association_cache.load(folder)
         for name in CACHE_ARRAYS:
             np.testing.assert_array_equal(got[name], raw[name], err_msg=name)
             np.testing.assert_array_equal(got[name], getattr(job_cache, name), err_msg=name)

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from saev_core import config
-from saev_core.visuals import association, render
+from saev_core.visuals import association, association_cache, render
 from tests.helpers import identity_sae, store_with_class_images
 
 N_IMGS, N_PATCHES, D = 40, 4, 8
@@ -49,7 +49,7 @@ def test_planted_latent_ranks_first_for_its_class_with_auroc_one(planted, tmp_pa
     assert best == {"latent": PLANTED, "auroc": 1.0}
     assert out["top_classes_per_latent"][str(PLANTED)][0] == {"class": "cat", "auroc": 1.0}
 
-    assoc = association.load(str(tmp_path / "v"))
+    assoc = association_cache.load(str(tmp_path / "v"))
     # The label distribution of its top images: only cats (it fires on no other image).
     assert assoc.top_label_counts[PLANTED].tolist() == [0, 8, 0]
     # Every AUROC against sklearn, from the image values recomputed plainly (best patch of relu(x)).

@@ -14,7 +14,7 @@ import pytest
 from saev_core import config
 from saev_core.errors import UserError
 from saev_core.store import write_store
-from saev_core.visuals import render, top_images
+from saev_core.visuals import render, top_images, topk_cache
 from tests.browser import chromium_or_skip
 from tests.helpers import identity_sae, store_with_class_images
 
@@ -168,7 +168,7 @@ def test_every_latent_the_class_table_and_probe_name_is_rendered(planted, made):
         e["latent"] for best in assoc["top_latents_per_class"].values() for e in best[: render.CLASS_TABLE_LATENTS]
     }
     named |= {PLANTED, PROBE_ONLY}
-    freq = top_images.read_cache(str(dump_to)).freq
+    freq = topk_cache.read_cache(str(dump_to)).freq
     expected = {j for j in named if freq[j] > 0}
     assert PROBE_ONLY in expected and PLANTED in expected
     assert set(result.latents) == expected  # n_latents=0: nothing drawn, only what the tables name

@@ -9,7 +9,7 @@ import torch
 from saev_core import config, nn
 from saev_core.errors import UserError
 from saev_core.store import write_store
-from saev_core.visuals import top_images
+from saev_core.visuals import top_images, topk_cache
 
 D, N_PATCHES = 8, 6
 
@@ -154,18 +154,18 @@ def test_cache_round_trip_and_refusal(tmp_path):
     ident = identity(store)
     got = top_images.topk_pass(store, -2, "patches", make_sae(), 4, ident)
     dump_to = str(tmp_path / "visuals")
-    assert top_images.load_cache(dump_to, ident) is None
-    top_images.save_cache(got, dump_to)
-    back = top_images.load_cache(dump_to, ident)
+    assert topk_cache.load_cache(dump_to, ident) is None
+    topk_cache.save_cache(got, dump_to)
+    back = topk_cache.load_cache(dump_to, ident)
     for name in ("top_values", "top_images", "top_patches", "top_cls", "freq", "mean_value", "hist"):
         np.testing.assert_array_equal(getattr(back, name), getattr(got, name))
     assert back.n_vectors == got.n_vectors
     other_sae = top_images.CacheIdentity("other-hash", ident.store_key, -2, "patches", 4)
     with pytest.raises(UserError, match="sae_sha256"):
-        top_images.load_cache(dump_to, other_sae)
+        topk_cache.load_cache(dump_to, other_sae)
     other_store = top_images.CacheIdentity("sae-hash", "0123456789abcdef", -2, "patches", 4)
     with pytest.raises(UserError, match="store_key"):
-        top_images.load_cache(dump_to, other_store)
+        topk_cache.load_cache(dump_to, other_store)
 
 
 PEAK_SCRIPT = """

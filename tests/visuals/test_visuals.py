@@ -12,7 +12,7 @@ from PIL import Image
 from saev_core import config, nn
 from saev_core.__main__ import main
 from saev_core.errors import UserError
-from saev_core.visuals import render, selection, top_images
+from saev_core.visuals import render, selection, top_images, topk_cache
 from tests.helpers import tiny_run, write_images
 
 N_IMGS = 12
@@ -53,7 +53,7 @@ def test_cli_renders_every_selected_latent_and_prints_the_gallery_last(trained, 
     assert rc == 0, err
     assert out[-1] == str(dump_to / "index.html") and os.path.isfile(out[-1])
     selection = json.loads((dump_to / "cache" / "selection.json").read_text())
-    cache = top_images.load_cache(str(dump_to), _identity(ckpt, trained[1], 5))
+    cache = topk_cache.load_cache(str(dump_to), _identity(ckpt, trained[1], 5))
     alive = np.flatnonzero(cache.freq > 0)
     assert sorted(selection["latents"]) == alive.tolist()  # the wide ranges keep every live latent
     for latent in selection["latents"]:
@@ -74,7 +74,7 @@ def _identity(ckpt, store_path, k, patches="patches"):
     from saev_core.store import ActivationStore
 
     return top_images.CacheIdentity(
-        top_images.file_sha256(ckpt), ActivationStore.open(store_path).metadata.key, -1, patches, k
+        topk_cache.file_sha256(ckpt), ActivationStore.open(store_path).metadata.key, -1, patches, k
     )
 
 
@@ -115,14 +115,14 @@ def test_a_killed_pass_leaves_no_cache(trained, tmp_path, monkeypatch):
     cfg = config.VisualsConfig(ckpt=ckpt, dump_to=str(tmp_path / "v"), device="cpu")
     with pytest.raises(KeyboardInterrupt):
         render.make_visuals(cfg, show_progress=False)
-    assert not os.path.exists(top_images.cache_path(cfg.dump_to))
+    assert not os.path.exists(topk_cache.cache_path(cfg.dump_to))
     # A kill inside the cache write itself leaves no file either (the rename never happened).
     monkeypatch.setattr(top_images._RunningTopK, "update", real_update)
     monkeypatch.setattr(np, "savez", lambda f, **arrays: (f.write(b"half"), (_ for _ in ()).throw(KeyboardInterrupt)))
     with pytest.raises(KeyboardInterrupt):
         render.make_visuals(cfg, show_progress=False)
-    assert not os.path.exists(top_images.cache_path(cfg.dump_to))
-    assert os.listdir(os.path.dirname(top_images.cache_path(cfg.dump_to))) == []
+    assert not os.path.exists(topk_cache.cache_path(cfg.dump_to))
+    assert os.listdir(os.path.dirname(topk_cache.cache_path(cfg.dump_to))) == []
 
 
 def test_moved_images_work_with_images_root_and_other_images_are_refused(trained, tmp_path, capsys):
